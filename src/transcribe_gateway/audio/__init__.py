@@ -1,0 +1,1 @@
+"""Audio helpers: G.711 and PCM decoding, resampling, voice activity. Pure and synchronous."""

@@ -1,0 +1,176 @@
+"""Voice activity: Silero VAD (the ONNX model shipped in faster-whisper's wheel) run
+frame by frame, and an endpointer that turns speech probabilities into utterances.
+
+Silero runs at about 0.002x real time, so a session runs it inline on the event
+loop: a thread hop per 20 ms chunk would cost more than the model itself.
+faster-whisper's own ``get_speech_timestamps`` works on whole files only, which
+is why the streaming state (LSTM state and 64-sample context) is kept here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from transcribe_gateway.audio.decode import Samples
+
+SAMPLE_RATE: Final = 16000
+FRAME: Final = 512
+"""Samples per Silero frame at 16 kHz (32 ms)."""
+FRAME_MS: Final = FRAME * 1000 // SAMPLE_RATE
+_CONTEXT: Final = 64
+
+
+@functools.cache
+def _silero_session() -> Any:
+    """Load the ONNX model once per process (sessions share it; ``run`` is thread-safe)."""
+    import onnxruntime
+    from faster_whisper.utils import get_assets_path
+
+    opts = onnxruntime.SessionOptions()
+    opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 4
+    path = os.path.join(get_assets_path(), "silero_vad_v6.onnx")
+    return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"], sess_options=opts)
+
+
+def load_vad_model() -> None:
+    """Load Silero now (at server start) rather than on the first session."""
+    _silero_session()
+
+
+class SileroVad:
+    """Speech probability per 32 ms frame of a 16 kHz stream, keeping state across calls."""
+
+    def __init__(self) -> None:
+        self._session = _silero_session()
+        self._h = np.zeros((1, 1, 128), dtype=np.float32)
+        self._c = np.zeros((1, 1, 128), dtype=np.float32)
+        self._context = np.zeros(_CONTEXT, dtype=np.float32)
+        self._pending = np.zeros(0, dtype=np.float32)
+
+    def process(self, samples: Samples) -> npt.NDArray[np.float32]:
+        """Feed samples; return one probability per completed frame."""
+        audio = np.concatenate([self._pending, samples.astype(np.float32) / 32768.0])
+        n = len(audio) // FRAME
+        self._pending = audio[n * FRAME :]
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        frames = audio[: n * FRAME].reshape(n, FRAME)
+        contexts = np.empty((n, _CONTEXT), dtype=np.float32)
+        contexts[0] = self._context
+        contexts[1:] = frames[:-1, -_CONTEXT:]
+        self._context = frames[-1, -_CONTEXT:].copy()
+        batch = np.concatenate([contexts, frames], axis=1)
+        probs, self._h, self._c = self._session.run(
+            None, {"input": batch, "h": self._h, "c": self._c}
+        )
+        return np.asarray(probs, dtype=np.float32).reshape(-1)
+
+
+@dataclass(frozen=True, slots=True)
+class VadEvent:
+    """Speech began or ended at ``sample`` (index in the stream, 16 kHz)."""
+
+    kind: str  # "start" | "end"
+    sample: int
+
+
+class Endpointer:
+    """Hysteresis over frame probabilities: when an utterance starts and ends.
+
+    Args:
+        threshold: probability that counts as speech.
+        min_speech_ms: voiced time needed before speech is declared.
+        endpointing_ms: silence that ends an utterance.
+        prefix_padding_ms: how far before the first voiced frame the utterance starts.
+        max_utterance_ms: an utterance longer than this is cut (Whisper sees 30 s at most).
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.5,
+        min_speech_ms: int = 100,
+        endpointing_ms: int = 500,
+        prefix_padding_ms: int = 300,
+        max_utterance_ms: int = 25000,
+    ) -> None:
+        self._on = threshold
+        self._off = max(threshold - 0.15, 0.01)  # hysteresis, as Silero's own helper does
+        self._min_speech = max(1, -(-min_speech_ms // FRAME_MS))
+        self._min_silence = max(1, -(-endpointing_ms // FRAME_MS))
+        self._pad = prefix_padding_ms * SAMPLE_RATE // 1000
+        self._max_len = max_utterance_ms * SAMPLE_RATE // 1000
+        self._frame = 0  # index of the next frame
+        self.in_speech = False
+        self._voiced_run = 0
+        self._silent_run = 0
+        self._start = 0
+        self._last_voiced_end = 0
+
+    def process(self, probs: npt.NDArray[np.float32]) -> list[VadEvent]:
+        """Feed frame probabilities (in order); return the boundaries they reveal."""
+        events: list[VadEvent] = []
+        for p in probs.tolist():
+            start_sample = self._frame * FRAME
+            self._frame += 1
+            if not self.in_speech:
+                if p >= self._on:
+                    self._voiced_run += 1
+                    if self._voiced_run >= self._min_speech:
+                        first = start_sample - (self._voiced_run - 1) * FRAME
+                        self._begin(max(0, first - self._pad), events)
+                else:
+                    self._voiced_run = 0
+                continue
+            if p >= self._off:
+                self._silent_run = 0
+                self._last_voiced_end = start_sample + FRAME
+            else:
+                self._silent_run += 1
+                if self._silent_run >= self._min_silence:
+                    # End a little after the last voiced frame, so a soft final
+                    # consonant is kept; never past what has been seen.
+                    end = min(self._last_voiced_end + self._pad // 2, start_sample + FRAME)
+                    self._finish(end, events)
+                    continue
+            if start_sample + FRAME - self._start >= self._max_len:
+                self._finish(start_sample + FRAME, events)
+                self._begin(start_sample + FRAME, events)
+        return events
+
+    def _begin(self, sample: int, events: list[VadEvent]) -> None:
+        self.in_speech = True
+        self._voiced_run = 0
+        self._silent_run = 0
+        self._start = sample
+        self._last_voiced_end = self._frame * FRAME
+        events.append(VadEvent("start", sample))
+
+    def _finish(self, sample: int, events: list[VadEvent]) -> None:
+        self.in_speech = False
+        self._voiced_run = 0
+        self._silent_run = 0
+        events.append(VadEvent("end", sample))
+
+
+class VoiceActivity:
+    """Silero + endpointer: feed 16 kHz samples, get utterance boundaries."""
+
+    def __init__(self, endpointer: Endpointer) -> None:
+        self._vad = SileroVad()
+        self.endpointer = endpointer
+
+    @property
+    def in_speech(self) -> bool:
+        return self.endpointer.in_speech
+
+    def process(self, samples: Samples) -> list[VadEvent]:
+        return self.endpointer.process(self._vad.process(samples))

@@ -1,0 +1,109 @@
+"""The ``transcribe-gateway`` command: ``serve``, ``stream`` and ``config check``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from transcribe_gateway.config import DEV_KEY, Settings, load_settings
+from transcribe_gateway.exceptions import ConfigError
+
+
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the gateway (embedded offline engine by default)")
+    p.add_argument("--config", help="TOML config file (env TRANSCRIBE_CONFIG)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument(
+        "--strict-providers",
+        action="store_true",
+        default=None,
+        help="refuse unconfigured cloud providers instead of serving them with LOCAL",
+    )
+    p.add_argument("--profile", choices=["development", "production"])
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["text", "json"])
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        args.config,
+        overrides={
+            "host": args.host,
+            "port": args.port,
+            "strict_providers": args.strict_providers,
+            "profile": args.profile,
+            "log_level": getattr(args, "log_level", None),
+            "log_format": getattr(args, "log_format", None),
+        },
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from transcribe_gateway.server.logs import setup_logging
+    from transcribe_gateway.server.runner import serve
+
+    settings = _settings(args)
+    if not settings.keys():
+        raise ConfigError("api_keys: the production profile needs at least one key")
+    setup_logging(settings.log_level, settings.log_format)
+    host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
+    url = f"ws://{host}:{settings.port}/ws"
+    # The banner goes to the terminal, not the log, so the key is never in log files.
+    print(f"transcribe-gateway: WebSocket URL {url}", file=sys.stderr)
+    if not settings.api_keys:
+        print(
+            f"transcribe-gateway: development key: {DEV_KEY}  (set TRANSCRIBE_API_KEYS to "
+            "use your own)",
+            file=sys.stderr,
+        )
+    print(
+        f"transcribe-gateway: try  transcribe-gateway stream --url {url} ../shared/audio/jfk.flac",
+        file=sys.stderr,
+    )
+    serve(settings)
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    settings = load_settings(args.config)
+    print(f"configuration OK (profile {settings.profile}, port {settings.port})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from transcribe_gateway.client.cli import add_stream_parser
+
+    parser = argparse.ArgumentParser(
+        prog="transcribe-gateway", description="Real-time speech-to-text gateway"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    add_stream_parser(sub)
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    check = config_sub.add_parser("check", help="validate the configuration and exit")
+    check.add_argument("--config", help="TOML config file (env TRANSCRIBE_CONFIG)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "config":
+            return _config_check(args)
+        from transcribe_gateway.client.cli import run_stream
+
+        code: int = asyncio.run(run_stream(args))
+        return code
+    except ConfigError as exc:
+        print(f"transcribe-gateway: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

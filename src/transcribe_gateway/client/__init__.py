@@ -1,0 +1,31 @@
+"""Async Python client SDK and ``stream`` command for the Transcribe WebSocket protocol."""
+
+from transcribe_gateway.client.sdk import (
+    AuthMode,
+    Event,
+    StreamResult,
+    Timings,
+    TranscribeClient,
+    TranscribeClientError,
+    TranscribeConnectionClosed,
+    TranscribeError,
+    TranscribeQuotaExceeded,
+    TranscribeUnauthorized,
+    UnknownEvent,
+    event_to_dict,
+)
+
+__all__ = [
+    "AuthMode",
+    "Event",
+    "StreamResult",
+    "Timings",
+    "TranscribeClient",
+    "TranscribeClientError",
+    "TranscribeConnectionClosed",
+    "TranscribeError",
+    "TranscribeQuotaExceeded",
+    "TranscribeUnauthorized",
+    "UnknownEvent",
+    "event_to_dict",
+]

@@ -1,0 +1,309 @@
+"""``transcribe-gateway stream FILE``: stream an audio file to a server and print the text.
+
+The main ``transcribe-gateway`` command wires :func:`add_stream_parser` and
+:func:`run_stream`; ``python -m transcribe_gateway.client.cli stream FILE``
+runs the same command on its own.
+
+Output: with ``--json`` every server message is one JSON object per line on
+stdout and nothing else goes to stdout.  Otherwise each final is printed as
+``[start-end] text`` (seconds), the current partial is shown on one live line
+when stdout is a terminal (not at all when it is not), and a timing summary
+goes to stderr.  Exit codes: 0 success, 1 server error or abnormal close,
+2 bad arguments or unreadable file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import msgspec
+from websockets.exceptions import InvalidHandshake, InvalidURI
+
+from transcribe_gateway.audio.decode import Samples
+from transcribe_gateway.audio.files import read_audio
+from transcribe_gateway.client.sdk import (
+    Event,
+    StreamResult,
+    TranscribeClient,
+    TranscribeConnectionClosed,
+    TranscribeError,
+    TranscribeUnauthorized,
+    event_to_dict,
+)
+from transcribe_gateway.protocol.messages import (
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    Error,
+    TranscriptionCompleted,
+    TranscriptionPartial,
+)
+
+DEFAULT_URL = "ws://127.0.0.1:8000/ws"
+DEFAULT_KEY = "dev-key"
+RAW_SUFFIXES = frozenset({".raw", ".pcm", ".s16le"})
+CONFIGURE_TIMEOUT_S = 120.0
+"""Bound on waiting for ``session.updated`` (the first load of a local model is slow)."""
+
+EXIT_OK = 0
+EXIT_SERVER = 1
+EXIT_USAGE = 2
+
+_CLEAR_LINE = "\r\x1b[K"
+
+
+def _sample_rate(text: str) -> int:
+    try:
+        rate = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise argparse.ArgumentTypeError(
+            f"must be between {MIN_SAMPLE_RATE} and {MAX_SAMPLE_RATE} Hz, not {rate}"
+        )
+    return rate
+
+
+def add_stream_parser(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse.ArgumentParser:
+    """Add the ``stream`` subcommand.
+
+    Args:
+        subparsers: the object returned by ``ArgumentParser.add_subparsers()``.
+
+    Returns:
+        The new subparser (its namespace is what :func:`run_stream` expects).
+    """
+    parser = subparsers.add_parser(
+        "stream",
+        help="stream an audio file to a transcribe-gateway server and print the transcript",
+        description=(
+            "Stream an audio file (wav, flac, mp3, ogg, or raw pcm16 .raw/.pcm) to a "
+            "Transcribe WebSocket server, in real time unless --fast, and print the "
+            "transcript. Exit codes: 0 ok, 1 server error or abnormal close, 2 bad "
+            "arguments or unreadable file."
+        ),
+    )
+    parser.add_argument("file", metavar="FILE", type=Path, help="audio file to stream")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("TRANSCRIBE_URL", DEFAULT_URL),
+        help=f"WebSocket endpoint (env TRANSCRIBE_URL, default {DEFAULT_URL})",
+    )
+    parser.add_argument(
+        "--key",
+        default=os.environ.get("TRANSCRIBE_API_KEY", DEFAULT_KEY),
+        help=f"API key or token (env TRANSCRIBE_API_KEY, default {DEFAULT_KEY})",
+    )
+    parser.add_argument(
+        "--auth",
+        choices=("header", "message"),
+        default="header",
+        help="send the key as an Authorization header or as a first auth message",
+    )
+    parser.add_argument("--provider", default="LOCAL", help="speech engine (default LOCAL)")
+    parser.add_argument(
+        "--model", default="whisper-tiny.en", help="model name (default whisper-tiny.en)"
+    )
+    parser.add_argument("--language", default="en", help="BCP-47 code or 'multi' (default en)")
+    parser.add_argument("--prompt", default=None, help="bias text: keyterms or context")
+    parser.add_argument(
+        "--rate",
+        type=_sample_rate,
+        default=16000,
+        help="sample rate of raw pcm16 files, and the session rate audio is sent at "
+        "(default 16000)",
+    )
+    parser.add_argument(
+        "--format",
+        dest="audio_format",
+        choices=("pcm16", "mulaw", "alaw"),
+        default="pcm16",
+        help="wire encoding of the audio sent (default pcm16)",
+    )
+    parser.add_argument(
+        "--fast", action="store_true", help="send as fast as possible, not in real time"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print every server message as one JSON object per line on stdout",
+    )
+    return parser
+
+
+class _Printer:
+    """Renders server messages for a person (or as JSON lines)."""
+
+    def __init__(self, *, json_lines: bool, out: TextIO, err: TextIO) -> None:
+        self.json_lines = json_lines
+        self.out = out
+        self.err = err
+        self.live = out.isatty() and not json_lines
+        self._partial_shown = False
+        self.had_error = False
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, Error):
+            self.had_error = True
+            self.error(_describe_error(event))
+        if self.json_lines:
+            self.out.write(msgspec.json.encode(event_to_dict(event)).decode() + "\n")
+            self.out.flush()
+        elif isinstance(event, TranscriptionPartial):
+            if self.live:
+                self.out.write(_CLEAR_LINE + _fit(event.text.strip()))
+                self.out.flush()
+                self._partial_shown = True
+        elif isinstance(event, TranscriptionCompleted):
+            self.clear_live()
+            text = event.text.strip()
+            if text:
+                start, end = event.start_ms / 1000, event.end_ms / 1000
+                self.out.write(f"[{start:.2f}-{end:.2f}] {text}\n")
+                self.out.flush()
+
+    def clear_live(self) -> None:
+        if self._partial_shown:
+            self.out.write(_CLEAR_LINE)
+            self.out.flush()
+            self._partial_shown = False
+
+    def error(self, message: str) -> None:
+        self.clear_live()
+        print(f"error: {message}", file=self.err, flush=True)
+
+
+def _fit(text: str) -> str:
+    """Keep a partial on one terminal line (its most recent words)."""
+    width = max(20, shutil.get_terminal_size().columns - 1)
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def _describe_error(event: Error) -> str:
+    info = event.error
+    field = f" (field {info.field})" if info.field else ""
+    return f"{info.code}: {info.message}{field}"
+
+
+def _summary(result: StreamResult, fast: bool) -> str:
+    t = result.timings
+    pace = "as fast as possible" if fast else "in real time"
+    lines = [f"audio: {result.audio_seconds:.2f} s sent {pace}, {result.wall_seconds:.2f} s wall"]
+    if t.first_partial_s is not None:
+        lines.append(f"time to first partial: {t.first_partial_s:.3f} s")
+    else:
+        lines.append("time to first partial: no partials")
+    median, worst = t.median_final_latency_s, t.max_final_latency_s
+    if median is not None and worst is not None:
+        lines.append(
+            f"final latency: median {median:.3f} s, max {worst:.3f} s "
+            f"over {len(t.final_latencies_s)} final(s)"
+        )
+    else:
+        lines.append("final latency: no finals")
+    closed = result.closed
+    if closed is not None:
+        lines.append(
+            f"session {closed.session.id} closed ({closed.reason}): "
+            f"usage {closed.usage.audio_seconds:.2f} s of audio"
+        )
+    else:
+        lines.append(f"session {result.session_id} ended without session.closed")
+    return "\n".join(lines)
+
+
+def _load(args: argparse.Namespace) -> Samples:
+    path: Path = args.file
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    raw_rate = args.rate if path.suffix.lower() in RAW_SUFFIXES else None
+    samples = read_audio(path, rate=args.rate, raw_rate=raw_rate)
+    if len(samples) == 0:
+        raise ValueError(f"no audio in {path}")
+    return samples
+
+
+async def run_stream(args: argparse.Namespace) -> int:
+    """Run ``stream`` with the namespace parsed by :func:`add_stream_parser`'s parser.
+
+    Args:
+        args: parsed arguments.
+
+    Returns:
+        The exit code: 0 success, 1 server error or abnormal close, 2 bad
+        arguments or unreadable file.
+    """
+    printer = _Printer(json_lines=args.json, out=sys.stdout, err=sys.stderr)
+    try:
+        samples = await asyncio.to_thread(_load, args)
+    except (OSError, ValueError) as exc:
+        printer.error(f"cannot read {args.file}: {exc}")
+        return EXIT_USAGE
+    try:
+        async with TranscribeClient.connect(args.url, args.key, auth=args.auth) as client:
+            try:
+                async with asyncio.timeout(CONFIGURE_TIMEOUT_S):
+                    await client.configure(
+                        provider=args.provider,
+                        model=args.model,
+                        language=args.language,
+                        prompt=args.prompt,
+                        input_audio_format=args.audio_format,
+                        sample_rate=args.rate,
+                    )
+            except TranscribeError:
+                for event in client.drain_events():  # prints the error (and JSON lines)
+                    printer.on_event(event)
+                return EXIT_SERVER
+            result = await client.stream_samples(samples, fast=args.fast, on_event=printer.on_event)
+    except InvalidURI as exc:
+        printer.error(str(exc))
+        return EXIT_USAGE
+    except TranscribeUnauthorized as exc:
+        printer.error(f"unauthorized: the server refused the key ({exc})")
+        return EXIT_SERVER
+    except TranscribeError as exc:  # an error before session.created
+        printer.error(str(exc))
+        return EXIT_SERVER
+    except TranscribeConnectionClosed as exc:
+        printer.error(str(exc))
+        return EXIT_SERVER
+    except TimeoutError:
+        printer.error(f"timed out talking to {args.url}")
+        return EXIT_SERVER
+    except (OSError, InvalidHandshake) as exc:
+        printer.error(f"cannot connect to {args.url}: {exc}")
+        return EXIT_SERVER
+    printer.clear_live()
+    print(_summary(result, args.fast), file=sys.stderr, flush=True)
+    return EXIT_SERVER if printer.had_error else EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point: ``python -m transcribe_gateway.client.cli stream FILE``.
+
+    Args:
+        argv: arguments without the program name; None reads ``sys.argv``.
+
+    Returns:
+        The exit code.
+    """
+    parser = argparse.ArgumentParser(prog="transcribe-gateway")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_stream_parser(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(run_stream(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

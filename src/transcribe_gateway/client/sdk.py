@@ -1,0 +1,941 @@
+"""Async client SDK for the Transcribe WebSocket protocol.
+
+One :class:`TranscribeClient` is one session on one WebSocket::
+
+    async with TranscribeClient.connect(url, api_key) as client:
+        await client.configure(provider="LOCAL", model="whisper-tiny.en")
+        result = await client.stream_file("speech.wav")
+        print(result.transcript)
+
+A background task reads every server frame as soon as it arrives, stamps it
+with a monotonic clock (for the latency figures in :class:`Timings`), wakes
+whoever waits for it (:meth:`TranscribeClient.configure`, the
+``session.created`` wait of :meth:`TranscribeClient.open`) and queues it for
+:meth:`TranscribeClient.events`.  Nothing is lost: every server message,
+including the ``session.created`` and ``session.updated`` that the SDK waited
+for itself, is yielded by :meth:`TranscribeClient.events`, in arrival order.
+
+Frames whose ``type`` this SDK does not know (a newer server), or that fail to
+validate, are yielded as :class:`UnknownEvent` (type + raw payload) instead of
+raising, and logged at debug level; frames that are not JSON objects with a
+string ``type`` are skipped with a warning.
+
+Close codes follow the websockets convention: 1000 and 1001 end
+:meth:`TranscribeClient.events` normally; any other code (4001 unauthorized,
+4029 over quota, 1008, 1011, 1006 lost connection...) raises
+:class:`TranscribeConnectionClosed` (or its subclasses
+:class:`TranscribeUnauthorized` / :class:`TranscribeQuotaExceeded`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import bisect
+import contextlib
+import logging
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import msgspec
+import numpy as np
+from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from transcribe_gateway.audio.decode import (
+    BYTES_PER_SAMPLE,
+    Samples,
+    encode_alaw,
+    encode_mulaw,
+)
+from transcribe_gateway.audio.files import read_audio
+from transcribe_gateway.protocol.messages import (
+    AudioAppend,
+    AudioFormat,
+    Auth,
+    EffectiveConfig,
+    Error,
+    ErrorInfo,
+    FallbackConfig,
+    ServerMessage,
+    SessionClose,
+    SessionClosed,
+    SessionCreated,
+    SessionUpdated,
+    TranscriptionCompleted,
+    TranscriptionPartial,
+    VadConfig,
+    encode,
+    parse_server_message,
+)
+
+__all__ = [
+    "AuthMode",
+    "Event",
+    "StreamResult",
+    "Timings",
+    "TranscribeClient",
+    "TranscribeClientError",
+    "TranscribeConnectionClosed",
+    "TranscribeError",
+    "TranscribeQuotaExceeded",
+    "TranscribeUnauthorized",
+    "UnknownEvent",
+    "event_to_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+AuthMode = Literal["header", "message"]
+USER_AGENT: Final = "transcribe-gateway-client/0.1"
+NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001})
+AUDIO_ERROR_CODES: Final = frozenset({"invalid_audio", "audio_too_large", "session_not_configured"})
+"""``error`` codes about audio chunks: never taken as the answer to ``configure``."""
+
+_CLOSE_MEANINGS: Final = {
+    1000: "normal close",
+    1001: "going away",
+    1006: "connection lost without a close frame",
+    1008: "policy violation",
+    1011: "internal server error",
+    4001: "unauthorized",
+    4029: "too many sessions or over quota",
+}
+
+
+# ---------------------------------------------------------------- exceptions
+
+
+class TranscribeClientError(Exception):
+    """Base class of the exceptions this SDK raises on purpose."""
+
+
+class TranscribeError(TranscribeClientError):
+    """The server answered with an ``error`` message.
+
+    Args:
+        code: the protocol error code, e.g. ``invalid_session_config``.
+        message: the server's human-readable explanation.
+        field: dotted path of the offending field, when the server names one.
+        retryable: whether the server says trying again may help.
+    """
+
+    def __init__(
+        self, code: str, message: str, field: str | None = None, *, retryable: bool = False
+    ) -> None:
+        where = f" (field {field})" if field else ""
+        super().__init__(f"{code}: {message}{where}")
+        self.code = code
+        self.message = message
+        self.field = field
+        self.retryable = retryable
+
+    @classmethod
+    def from_info(cls, info: ErrorInfo) -> TranscribeError:
+        """Build the exception from the ``error`` object of a server message."""
+        return cls(info.code, info.message, info.field, retryable=info.retryable)
+
+
+class TranscribeConnectionClosed(TranscribeClientError):
+    """The WebSocket ended abnormally (any close code but 1000/1001).
+
+    Use :meth:`for_code` to get the most specific subclass.
+
+    Args:
+        code: the WebSocket close code (1006 when the connection dropped).
+        reason: the close reason sent by the server, possibly empty.
+    """
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        meaning = _CLOSE_MEANINGS.get(code, "abnormal close")
+        detail = f": {reason}" if reason else ""
+        super().__init__(f"connection closed with code {code} ({meaning}){detail}")
+        self.code = code
+        self.reason = reason
+
+    @staticmethod
+    def for_code(code: int, reason: str = "") -> TranscribeConnectionClosed:
+        """Return the exception matching a close code.
+
+        Args:
+            code: the WebSocket close code.
+            reason: the close reason.
+
+        Returns:
+            :class:`TranscribeUnauthorized` for 4001,
+            :class:`TranscribeQuotaExceeded` for 4029, else the base class.
+        """
+        if code == 4001:
+            return TranscribeUnauthorized(code, reason)
+        if code == 4029:
+            return TranscribeQuotaExceeded(code, reason)
+        return TranscribeConnectionClosed(code, reason)
+
+
+class TranscribeUnauthorized(TranscribeConnectionClosed):
+    """The key or token was refused (close 4001, or HTTP 401/403 on the upgrade)."""
+
+
+class TranscribeQuotaExceeded(TranscribeConnectionClosed):
+    """Too many concurrent sessions or over quota (close 4029, or HTTP 429)."""
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class UnknownEvent:
+    """A server frame this SDK cannot decode into a known message.
+
+    Attributes:
+        type: the frame's ``type`` field.
+        payload: the whole decoded JSON object, ``type`` included.
+    """
+
+    type: str
+    payload: dict[str, Any]
+
+
+Event = ServerMessage | UnknownEvent
+"""What :meth:`TranscribeClient.events` yields."""
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """Turn an event back into its JSON object (``type`` included).
+
+    Args:
+        event: a message yielded by :meth:`TranscribeClient.events`.
+
+    Returns:
+        A JSON-serializable dict.
+    """
+    if isinstance(event, UnknownEvent):
+        return dict(event.payload)
+    result: dict[str, Any] = msgspec.to_builtins(event)
+    return result
+
+
+def _decode_frame(frame: str | bytes) -> Event | None:
+    try:
+        return parse_server_message(frame)
+    except msgspec.ValidationError as exc:
+        try:
+            raw: Any = msgspec.json.decode(frame)
+        except msgspec.DecodeError:  # pragma: no cover - the first decode parsed it
+            raw = None
+        if isinstance(raw, dict) and isinstance(raw.get("type"), str):
+            logger.debug("unknown or invalid server message %r: %s", raw["type"], exc)
+            return UnknownEvent(type=raw["type"], payload=raw)
+        logger.warning("skipping a server frame without a string 'type': %s", exc)
+        return None
+    except msgspec.DecodeError:
+        logger.warning("skipping a server frame that is not JSON")
+        return None
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(slots=True)
+class Timings:
+    """Latency figures measured on the client's monotonic clock.
+
+    Attributes:
+        first_partial_s: seconds from the first audio chunk sent to the first
+            ``transcription.partial`` received; None if none came.
+        first_final_s: same for the first ``transcription.completed``.
+        final_latencies_s: for each ``transcription.completed``, seconds from
+            the moment the chunk holding its ``end_ms`` was sent to its arrival.
+    """
+
+    first_partial_s: float | None = None
+    first_final_s: float | None = None
+    final_latencies_s: list[float] = field(default_factory=list)
+
+    @property
+    def median_final_latency_s(self) -> float | None:
+        """Median of :attr:`final_latencies_s`, None when there is no final."""
+        return statistics.median(self.final_latencies_s) if self.final_latencies_s else None
+
+    @property
+    def max_final_latency_s(self) -> float | None:
+        """Largest of :attr:`final_latencies_s`, None when there is no final."""
+        return max(self.final_latencies_s) if self.final_latencies_s else None
+
+
+@dataclass(slots=True)
+class StreamResult:
+    """What :meth:`TranscribeClient.stream_samples` collected.
+
+    Attributes:
+        session_id: the server's session id.
+        events: every server message received during the stream, in order.
+        closed: the ``session.closed`` message, None if the socket closed
+            normally without one.
+        close_code: the WebSocket close code, None if the server had not
+            closed the socket shortly after ``session.closed``.
+        audio_seconds: duration of the audio sent.
+        wall_seconds: seconds from the start of sending to the end of the stream.
+        timings: first-partial and per-final latencies.
+    """
+
+    session_id: str
+    events: list[Event]
+    closed: SessionClosed | None
+    close_code: int | None
+    audio_seconds: float
+    wall_seconds: float
+    timings: Timings
+
+    @property
+    def finals(self) -> list[TranscriptionCompleted]:
+        """The ``transcription.completed`` messages, in order."""
+        return [e for e in self.events if isinstance(e, TranscriptionCompleted)]
+
+    @property
+    def errors(self) -> list[ErrorInfo]:
+        """The ``error`` payloads received during the stream."""
+        return [e.error for e in self.events if isinstance(e, Error)]
+
+    @property
+    def transcript(self) -> str:
+        """The final texts joined by spaces."""
+        return " ".join(f.text.strip() for f in self.finals if f.text.strip())
+
+
+# ---------------------------------------------------------------- client
+
+
+@dataclass(slots=True)
+class _Waiter:
+    accepts: Callable[[Event], bool]
+    future: asyncio.Future[Event]
+
+
+class TranscribeClient:
+    """One transcription session over one WebSocket.
+
+    Create it with :meth:`connect` (async context manager) or :meth:`open`;
+    the constructor takes an already open connection and is mostly internal.
+
+    Args:
+        ws: an open ``websockets`` client connection.
+    """
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
+        self._waiters: list[_Waiter] = []
+        self._configure_lock = asyncio.Lock()
+        self._session_id: str | None = None
+        self._config: EffectiveConfig | None = None
+        self._close_code: int | None = None
+        self._close_reason = ""
+        self._reader_error: BaseException | None = None
+        # Timing: cumulative ms of audio sent after each chunk, and when it went out.
+        self._sent_end_ms: list[float] = []
+        self._sent_at: list[float] = []
+        self._sent_ms = 0.0
+        self._first_audio_at: float | None = None
+        self._timings = Timings()
+        self._reader = asyncio.create_task(self._read_loop(), name="transcribe-client-reader")
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        api_key: str,
+        *,
+        auth: AuthMode = "header",
+        open_timeout: float | None = 10.0,
+    ) -> TranscribeClient:
+        """Connect, authenticate and wait for ``session.created``.
+
+        Prefer :meth:`connect`, which also closes the socket; with :meth:`open`
+        call :meth:`aclose` yourself.
+
+        Args:
+            url: the WebSocket endpoint, e.g. ``ws://127.0.0.1:8000/ws``.
+            api_key: an API key or a short-lived token.
+            auth: ``header`` sends ``Authorization: Bearer <key>`` on the
+                upgrade; ``message`` sends ``{"type": "auth", "token": ...}``
+                as the first frame (what browsers must do).
+            open_timeout: seconds for the whole opening (TCP, upgrade,
+                ``session.created``); None waits forever.
+
+        Returns:
+            A client whose :attr:`session_id` is set.
+
+        Raises:
+            TranscribeUnauthorized: the key was refused (4001, HTTP 401/403).
+            TranscribeQuotaExceeded: over quota (4029, HTTP 429).
+            TranscribeConnectionClosed: the server closed before ``session.created``.
+            TranscribeError: the server sent an ``error`` before ``session.created``.
+            TimeoutError: no ``session.created`` within ``open_timeout``.
+            OSError: the server cannot be reached.
+            websockets.exceptions.InvalidHandshake: the upgrade failed otherwise.
+        """
+        if auth not in ("header", "message"):
+            raise ValueError(f"auth must be 'header' or 'message', not {auth!r}")
+        headers = {"Authorization": f"Bearer {api_key}"} if auth == "header" else None
+        async with asyncio.timeout(open_timeout):
+            try:
+                ws = await ws_connect(
+                    url,
+                    additional_headers=headers,
+                    user_agent_header=USER_AGENT,
+                    open_timeout=None,
+                )
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in (401, 403):
+                    raise TranscribeUnauthorized(4001, f"HTTP {status} on upgrade") from exc
+                if status == 429:
+                    raise TranscribeQuotaExceeded(4029, f"HTTP {status} on upgrade") from exc
+                raise
+            client = cls(ws)
+            try:
+                if auth == "message":
+                    await client._send(encode(Auth(token=api_key)))
+                event = await client._wait_for(lambda e: isinstance(e, SessionCreated | Error))
+                if isinstance(event, Error):
+                    raise TranscribeError.from_info(event.error)
+            except BaseException:
+                await client.aclose()
+                raise
+        return client
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(
+        cls,
+        url: str,
+        api_key: str,
+        *,
+        auth: AuthMode = "header",
+        open_timeout: float | None = 10.0,
+    ) -> AsyncIterator[TranscribeClient]:
+        """Open a session for the duration of an ``async with`` block.
+
+        Leaving the block closes the socket (code 1000) without sending
+        ``session.close``; for a graceful end call :meth:`close_session` and
+        drain :meth:`events` first (as :meth:`stream_samples` does).
+
+        Args:
+            url: the WebSocket endpoint, e.g. ``ws://127.0.0.1:8000/ws``.
+            api_key: an API key or a short-lived token.
+            auth: ``header`` or ``message`` (see :meth:`open`).
+            open_timeout: seconds allowed until ``session.created``.
+
+        Returns:
+            An async context manager yielding the connected client.
+
+        Raises:
+            TranscribeUnauthorized: the key was refused.
+            TranscribeConnectionClosed: the server closed before ``session.created``.
+            TimeoutError: no ``session.created`` within ``open_timeout``.
+            OSError: the server cannot be reached.
+        """
+        client = await cls.open(url, api_key, auth=auth, open_timeout=open_timeout)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+    async def aclose(self) -> None:
+        """Close the socket (code 1000) and stop the reader; idempotent."""
+        await self._ws.close()
+        await asyncio.wait({self._reader})
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection has ended (bound it with ``asyncio.timeout``)."""
+        await asyncio.shield(self._reader)
+
+    # ------------------------------------------------------------ properties
+
+    @property
+    def session_id(self) -> str:
+        """The session id from ``session.created`` (``ts_<12 hex>``)."""
+        if self._session_id is None:  # pragma: no cover - open() guarantees it
+            raise RuntimeError("no session.created received yet")
+        return self._session_id
+
+    @property
+    def config(self) -> EffectiveConfig | None:
+        """The effective configuration from the last ``session.updated``."""
+        return self._config
+
+    @property
+    def close_code(self) -> int | None:
+        """The WebSocket close code once the connection ended, else None."""
+        return self._close_code
+
+    @property
+    def close_reason(self) -> str:
+        """The close reason once the connection ended (may be empty)."""
+        return self._close_reason
+
+    @property
+    def audio_seconds_sent(self) -> float:
+        """Seconds of audio sent so far in this session."""
+        return self._sent_ms / 1000.0
+
+    @property
+    def timings(self) -> Timings:
+        """A snapshot of the latency figures measured so far."""
+        t = self._timings
+        return Timings(t.first_partial_s, t.first_final_s, list(t.final_latencies_s))
+
+    # ------------------------------------------------------------ requests
+
+    async def configure(
+        self,
+        *,
+        provider: str = "LOCAL",
+        model: str = "whisper-tiny.en",
+        language: str = "en",
+        prompt: str | None = None,
+        input_audio_format: AudioFormat = "pcm16",
+        sample_rate: int = 16000,
+        endpointing: int | None = None,
+        vad: VadConfig | None = None,
+        fallback: FallbackConfig | None = None,
+    ) -> EffectiveConfig:
+        """Send ``session.update`` and wait for ``session.updated``.
+
+        Options left at None are not sent (the server's defaults apply).
+        Messages that arrive meanwhile stay queued for :meth:`events`.  The
+        server always answers; to bound the wait (loading a model can take
+        seconds) wrap the call in ``asyncio.timeout``.
+
+        Args:
+            provider: ``LOCAL``, ``DEEPGRAM``, ``OPENAI``...
+            model: the provider's model name.
+            language: BCP-47 code or ``multi``.
+            prompt: bias text (keyterms or free context, by provider).
+            input_audio_format: ``pcm16``, ``mulaw`` or ``alaw`` of the audio
+                you will send (:meth:`send_samples` encodes accordingly).
+            sample_rate: Hz of the audio you will send.
+            endpointing: ms of silence that end an utterance.
+            vad: voice-activity tuning.
+            fallback: another provider/model to switch to on failure.
+
+        Returns:
+            The effective configuration (also kept in :attr:`config`).
+
+        Raises:
+            TranscribeError: the server answered with an ``error`` (any code
+                except the audio ones, e.g. ``invalid_session_config`` with
+                ``field`` set); the previous configuration stands.
+            TranscribeConnectionClosed: the connection ended abnormally meanwhile.
+        """
+        session: dict[str, Any] = {
+            "provider": provider,
+            "model": model,
+            "language": language,
+            "input_audio_format": input_audio_format,
+            "sample_rate": sample_rate,
+        }
+        if prompt is not None:
+            session["prompt"] = prompt
+        if endpointing is not None:
+            session["endpointing"] = endpointing
+        if vad is not None:
+            session["vad"] = msgspec.to_builtins(vad)
+        if fallback is not None:
+            session["fallback"] = msgspec.to_builtins(fallback)
+        frame = msgspec.json.encode({"type": "session.update", "session": session}).decode()
+
+        def answers(event: Event) -> bool:
+            if isinstance(event, SessionUpdated):
+                return True
+            return isinstance(event, Error) and event.error.code not in AUDIO_ERROR_CODES
+
+        async with self._configure_lock:
+            waiter = self._add_waiter(answers)
+            try:
+                await self._send(frame)
+            except BaseException:
+                self._drop_waiter(waiter)
+                raise
+            event = await self._await_waiter(waiter)
+        if isinstance(event, Error):
+            raise TranscribeError.from_info(event.error)
+        assert isinstance(event, SessionUpdated)
+        self._config = event.session
+        return event.session
+
+    async def send_audio(self, data: bytes) -> None:
+        """Send one ``audio.append`` chunk (already encoded in the session format).
+
+        Args:
+            data: raw bytes in the configured ``input_audio_format``.
+
+        Raises:
+            ValueError: ``data`` is empty.
+            TranscribeConnectionClosed: the connection is closed.
+        """
+        if not data:
+            raise ValueError("an audio chunk cannot be empty")
+        audio = base64.b64encode(data).decode("ascii")
+        await self._send(encode(AudioAppend(audio=audio)))
+        now = time.monotonic()
+        audio_format, rate = self._audio_format()
+        self._sent_ms += len(data) // BYTES_PER_SAMPLE[audio_format] * 1000.0 / rate
+        if self._first_audio_at is None:
+            self._first_audio_at = now
+        self._sent_end_ms.append(self._sent_ms)
+        self._sent_at.append(now)
+
+    async def send_samples(
+        self, samples: Samples, *, chunk_ms: int = 20, fast: bool = False
+    ) -> None:
+        """Encode int16 samples in the session's format and send them in chunks.
+
+        Real-time pacing sends each chunk when a live source would have it
+        (at the time of its last sample, on a monotonic clock, so it does not
+        drift); ``fast`` sends as fast as the socket takes them.
+
+        Args:
+            samples: mono int16 at the configured ``sample_rate``.
+            chunk_ms: duration of one chunk.
+            fast: do not pace in real time.
+
+        Raises:
+            RuntimeError: :meth:`configure` has not succeeded yet.
+            ValueError: samples are not a 1-D int16 array, or bad ``chunk_ms``.
+            TranscribeConnectionClosed: the connection closed meanwhile.
+        """
+        if self._config is None:
+            raise RuntimeError("call configure() before sending samples")
+        samples = np.asarray(samples)
+        if samples.dtype != np.int16 or samples.ndim != 1:
+            raise ValueError("samples must be a 1-D int16 array")
+        if chunk_ms <= 0:
+            raise ValueError("chunk_ms must be positive")
+        audio_format, rate = self._audio_format()
+        data = _encode_samples(samples, audio_format)
+        width = BYTES_PER_SAMPLE[audio_format]
+        per_chunk = max(1, rate * chunk_ms // 1000)
+        start = time.monotonic()
+        for first in range(0, len(samples), per_chunk):
+            last = min(first + per_chunk, len(samples))
+            if not fast:
+                delay = start + last / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await self.send_audio(data[first * width : last * width])
+
+    async def close_session(self) -> None:
+        """Send ``session.close``: the server finalizes, sends ``session.closed``, closes.
+
+        Raises:
+            TranscribeConnectionClosed: the connection is already closed.
+        """
+        await self._send(encode(SessionClose()))
+
+    # ------------------------------------------------------------ receiving
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Yield every server message, in arrival order, until the socket closes.
+
+        Yields:
+            Decoded server messages (:data:`Event`), :class:`UnknownEvent` for
+            types this SDK does not know.
+
+        Raises:
+            TranscribeConnectionClosed: the socket closed with a code other than
+                1000/1001 (:class:`TranscribeUnauthorized` for 4001).
+        """
+        while True:
+            item = await self._queue.get()
+            if item is None:  # end of stream
+                self._queue.put_nowait(None)  # later iterations end too
+                self._raise_if_abnormal()
+                return
+            yield item
+
+    def drain_events(self) -> list[Event]:
+        """Take the messages already received but not yet iterated, without waiting.
+
+        Returns:
+            The queued messages, in order (empty if none).
+        """
+        drained: list[Event] = []
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is None:  # keep the end-of-stream marker for events()
+                self._queue.put_nowait(None)
+                break
+            drained.append(item)
+        return drained
+
+    async def stream_samples(
+        self,
+        samples: Samples,
+        *,
+        fast: bool = False,
+        chunk_ms: int = 20,
+        on_event: Callable[[Event], None] | None = None,
+        finish_timeout: float | None = 60.0,
+    ) -> StreamResult:
+        """Send audio, then ``session.close``, while collecting events until ``session.closed``.
+
+        Sending and receiving run concurrently; ``on_event`` sees each message
+        as it arrives (including earlier ``session.created``/``session.updated``
+        still queued).
+
+        Args:
+            samples: mono int16 at the configured ``sample_rate``.
+            fast: send as fast as possible instead of in real time.
+            chunk_ms: chunk duration.
+            on_event: called synchronously with each message.
+            finish_timeout: seconds allowed after ``session.close`` for
+                ``session.closed`` (or the close) to come; None waits forever.
+
+        Returns:
+            The collected events and timings.
+
+        Raises:
+            RuntimeError: :meth:`configure` has not succeeded yet.
+            TranscribeConnectionClosed: the socket closed abnormally.
+            TimeoutError: nothing ended the session within ``finish_timeout``.
+        """
+        config = self._config
+        if config is None:
+            raise RuntimeError("call configure() before streaming")
+        samples = np.asarray(samples)
+        if samples.dtype != np.int16 or samples.ndim != 1:
+            raise ValueError("samples must be a 1-D int16 array")
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        events: list[Event] = []
+        closed: SessionClosed | None = None
+
+        async def produce() -> None:
+            try:
+                await self.send_samples(samples, chunk_ms=chunk_ms, fast=fast)
+                await self.close_session()
+            except TranscribeConnectionClosed:
+                logger.debug("connection closed while sending; the receiver reports it")
+
+        def sender_error() -> BaseException | None:
+            return None if sender.cancelled() else sender.exception()
+
+        sender = asyncio.create_task(produce(), name="transcribe-client-sender")
+        armed = True
+        try:
+            async with asyncio.timeout(None) as deadline:
+
+                def arm(_: asyncio.Task[None]) -> None:
+                    # Sending is over: bound the wait for the end, or stop at once
+                    # if sending failed (its exception is raised below).
+                    if not armed:
+                        return
+                    if sender_error() is not None:
+                        deadline.reschedule(loop.time())
+                    elif finish_timeout is not None:
+                        deadline.reschedule(loop.time() + finish_timeout)
+
+                sender.add_done_callback(arm)
+                async for event in self.events():
+                    events.append(event)
+                    if on_event is not None:
+                        on_event(event)
+                    if isinstance(event, SessionClosed):
+                        closed = event
+                        break
+                armed = False
+        except TimeoutError as exc:
+            if sender.done() and (error := sender_error()) is not None:
+                raise error from exc
+            raise TimeoutError(
+                f"no session.closed within {finish_timeout} s of session.close"
+            ) from exc
+        finally:
+            armed = False
+            if not sender.done():
+                sender.cancel()
+            await asyncio.wait({sender})
+        if (error := sender_error()) is not None:
+            raise error
+        wall = time.monotonic() - started
+        if closed is not None:  # the server closes right after; record its code
+            await asyncio.wait({self._reader}, timeout=2.0)
+        return StreamResult(
+            session_id=self.session_id,
+            events=events,
+            closed=closed,
+            close_code=self._close_code,
+            audio_seconds=len(samples) / config.sample_rate,
+            wall_seconds=wall,
+            timings=self.timings,
+        )
+
+    async def stream_file(
+        self,
+        path: str | Path,
+        *,
+        fast: bool = False,
+        raw_rate: int | None = None,
+        chunk_ms: int = 20,
+        on_event: Callable[[Event], None] | None = None,
+        finish_timeout: float | None = 60.0,
+    ) -> StreamResult:
+        """Read an audio file at the session's rate and :meth:`stream_samples` it.
+
+        Args:
+            path: wav, flac, mp3, ogg, or headerless pcm16 (``.raw``/``.pcm``).
+            fast: send as fast as possible instead of in real time.
+            raw_rate: sample rate of a raw pcm16 file (forces raw decoding).
+            chunk_ms: chunk duration.
+            on_event: called synchronously with each message.
+            finish_timeout: see :meth:`stream_samples`.
+
+        Returns:
+            The collected events and timings.
+
+        Raises:
+            RuntimeError: :meth:`configure` has not succeeded yet.
+            ValueError: the file cannot be decoded.
+            OSError: the file cannot be read.
+            TranscribeConnectionClosed: the socket closed abnormally.
+        """
+        if self._config is None:
+            raise RuntimeError("call configure() before streaming")
+        samples = await asyncio.to_thread(
+            read_audio, path, rate=self._config.sample_rate, raw_rate=raw_rate
+        )
+        return await self.stream_samples(
+            samples,
+            fast=fast,
+            chunk_ms=chunk_ms,
+            on_event=on_event,
+            finish_timeout=finish_timeout,
+        )
+
+    # ------------------------------------------------------------ internals
+
+    def _audio_format(self) -> tuple[AudioFormat, int]:
+        if self._config is None:
+            return "pcm16", 16000
+        rate = self._config.sample_rate
+        fmt = self._config.input_audio_format
+        if fmt == "mulaw":
+            return "mulaw", rate
+        if fmt == "alaw":
+            return "alaw", rate
+        return "pcm16", rate
+
+    async def _send(self, frame: str) -> None:
+        try:
+            await self._ws.send(frame)
+        except ConnectionClosed as exc:
+            code, reason = _close_of(exc)
+            raise TranscribeConnectionClosed.for_code(code, reason) from exc
+
+    def _raise_if_abnormal(self) -> None:
+        if self._reader_error is not None:
+            raise self._reader_error
+        code = self._close_code
+        if code is not None and code not in NORMAL_CLOSE_CODES:
+            raise TranscribeConnectionClosed.for_code(code, self._close_reason)
+
+    def _add_waiter(self, accepts: Callable[[Event], bool]) -> _Waiter:
+        waiter = _Waiter(accepts, asyncio.get_running_loop().create_future())
+        if self._reader.done():
+            waiter.future.set_exception(self._ended_exception())
+        else:
+            self._waiters.append(waiter)
+        return waiter
+
+    async def _await_waiter(self, waiter: _Waiter) -> Event:
+        try:
+            return await waiter.future
+        finally:
+            self._drop_waiter(waiter)
+
+    def _drop_waiter(self, waiter: _Waiter) -> None:
+        if waiter in self._waiters:
+            self._waiters.remove(waiter)
+        if waiter.future.done() and not waiter.future.cancelled():
+            waiter.future.exception()  # mark retrieved: no "never retrieved" warning
+        else:
+            waiter.future.cancel()
+
+    async def _wait_for(self, accepts: Callable[[Event], bool]) -> Event:
+        return await self._await_waiter(self._add_waiter(accepts))
+
+    def _ended_exception(self) -> BaseException:
+        if self._reader_error is not None:
+            return self._reader_error
+        return TranscribeConnectionClosed.for_code(self._close_code or 1006, self._close_reason)
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = await self._ws.recv()
+                received = time.monotonic()
+                event = _decode_frame(frame)
+                if event is not None:
+                    self._handle(event, received)
+        except ConnectionClosed as exc:
+            self._close_code, self._close_reason = _close_of(exc)
+        except Exception as exc:  # pragma: no cover - defensive: never lose the end
+            logger.exception("transcribe client reader failed")
+            self._reader_error = exc
+            self._close_code = self._ws.close_code
+            await self._ws.close(1011)
+        finally:
+            self._queue.put_nowait(None)  # end of stream for events()
+            for waiter in self._waiters:
+                if not waiter.future.done():
+                    waiter.future.set_exception(self._ended_exception())
+            self._waiters.clear()
+
+    def _handle(self, event: Event, received: float) -> None:
+        if isinstance(event, SessionCreated):
+            self._session_id = event.session.id
+        elif isinstance(event, TranscriptionPartial):
+            if self._timings.first_partial_s is None and self._first_audio_at is not None:
+                self._timings.first_partial_s = received - self._first_audio_at
+        elif isinstance(event, TranscriptionCompleted):
+            if self._timings.first_final_s is None and self._first_audio_at is not None:
+                self._timings.first_final_s = received - self._first_audio_at
+            sent_at = self._sent_time_of(event.end_ms)
+            if sent_at is not None:
+                self._timings.final_latencies_s.append(received - sent_at)
+        for waiter in list(self._waiters):
+            if not waiter.future.done() and waiter.accepts(event):
+                waiter.future.set_result(event)
+                self._waiters.remove(waiter)
+        self._queue.put_nowait(event)
+
+    def _sent_time_of(self, audio_ms: float) -> float | None:
+        """When the chunk holding the audio up to ``audio_ms`` was sent."""
+        if not self._sent_at:
+            return None
+        index = bisect.bisect_left(self._sent_end_ms, audio_ms - 1e-6)
+        return self._sent_at[min(index, len(self._sent_at) - 1)]
+
+
+def _close_of(exc: ConnectionClosed) -> tuple[int, str]:
+    """Close code and reason received from the server (1006 when none came)."""
+    if exc.rcvd is not None:
+        return int(exc.rcvd.code), exc.rcvd.reason
+    return 1006, ""
+
+
+def _encode_samples(samples: Samples, audio_format: AudioFormat) -> bytes:
+    if audio_format == "mulaw":
+        return encode_mulaw(samples)
+    if audio_format == "alaw":
+        return encode_alaw(samples)
+    return samples.astype("<i2", copy=False).tobytes()

@@ -1,0 +1,159 @@
+"""Server settings: defaults, a TOML file, then environment variables (env wins), then flags.
+
+Validated once at start with msgspec, so a bad value fails fast with a message
+that names the setting (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+from transcribe_gateway.exceptions import ConfigError
+
+DEV_KEY: Final = "dev-key"
+"""Key accepted in the development profile when no key is configured."""
+
+
+class LocalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The embedded offline engine."""
+
+    default_model: str = "whisper-tiny.en"
+    workers: Annotated[int, msgspec.Meta(ge=0, le=256)] = 0
+    """Decode threads; 0 = one per CPU core."""
+    whisper_models: dict[str, str] = msgspec.field(default_factory=dict)
+    """Extra Whisper models: name -> CTranslate2 directory or hub name (e.g. ``base.en``)."""
+    allow_downloads: bool = True
+    """Let faster-whisper fetch a hub model by name (needs the internet)."""
+    whisper_beam_size: Annotated[int, msgspec.Meta(ge=1, le=10)] = 5
+    partial_interval_ms: Annotated[int, msgspec.Meta(ge=100, le=10000)] = 700
+    """How often the open utterance is re-decoded for a partial (skipped when busy)."""
+    max_sessions_per_worker: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 12
+    """Whisper sessions admitted per decode worker before new ones are refused."""
+    sphinx_sessions_per_worker: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 4
+    max_utterance_ms: Annotated[int, msgspec.Meta(ge=1000, le=30000)] = 25000
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    profile: Literal["development", "production"] = "development"
+    strict_providers: bool = False
+    """Refuse (``provider_unavailable``) a provider that is not configured instead of using LOCAL."""
+    api_keys: list[str] = msgspec.field(default_factory=list)
+    auth_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+    idle_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 30.0
+    drain_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 15.0
+    """Grace period to finish pending audio on ``session.close``, idle close and SIGTERM."""
+    max_chunk_bytes: Annotated[int, msgspec.Meta(ge=320, le=16 * 1024 * 1024)] = 128 * 1024
+    """Largest decoded ``audio.append`` chunk; above it: ``audio_too_large``."""
+    max_message_bytes: Annotated[int, msgspec.Meta(ge=4096, le=64 * 1024 * 1024)] = 1024 * 1024
+    """Largest text frame; above it the connection is closed with 1008."""
+    outgoing_queue: Annotated[int, msgspec.Meta(ge=8, le=100000)] = 512
+    """Messages waiting for a slow client before it is closed (partials are dropped first)."""
+    endpointing_ms: Annotated[int, msgspec.Meta(ge=10, le=10000)] = 500
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    max_sessions_per_key: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Concurrent sessions one key may hold (0 = no limit); over it: close 4029."""
+    plugins: list[str] = msgspec.field(default_factory=list)
+    """Extra provider classes as ``module:Class`` (besides the entry point group)."""
+    local: LocalSettings = msgspec.field(default_factory=LocalSettings)
+    providers: dict[str, dict[str, str]] = msgspec.field(default_factory=dict)
+    """Per cloud provider settings (``api_key``, ``base_url``), e.g. ``[providers.DEEPGRAM]``."""
+
+    def keys(self) -> list[str]:
+        """The API keys in force; the development profile falls back to :data:`DEV_KEY`."""
+        if self.api_keys:
+            return list(self.api_keys)
+        return [DEV_KEY] if self.profile == "development" else []
+
+    def provider_setting(self, provider: str, name: str) -> str | None:
+        """A cloud provider's setting: ``<PROVIDER>_<NAME>`` env var, else the config file."""
+        env = os.environ.get(f"{provider}_{name.upper()}")
+        if env:
+            return env
+        return self.providers.get(provider, {}).get(name)
+
+
+# Environment variables that override the file: name -> (section path, kind).
+_ENV: Final[dict[str, tuple[tuple[str, ...], str]]] = {
+    "TRANSCRIBE_HOST": (("host",), "str"),
+    "TRANSCRIBE_PORT": (("port",), "int"),
+    "TRANSCRIBE_PROFILE": (("profile",), "str"),
+    "TRANSCRIBE_STRICT_PROVIDERS": (("strict_providers",), "bool"),
+    "TRANSCRIBE_API_KEYS": (("api_keys",), "list"),
+    "TRANSCRIBE_AUTH_TIMEOUT_S": (("auth_timeout_s",), "float"),
+    "TRANSCRIBE_IDLE_TIMEOUT_S": (("idle_timeout_s",), "float"),
+    "TRANSCRIBE_DRAIN_TIMEOUT_S": (("drain_timeout_s",), "float"),
+    "TRANSCRIBE_MAX_CHUNK_BYTES": (("max_chunk_bytes",), "int"),
+    "TRANSCRIBE_MAX_MESSAGE_BYTES": (("max_message_bytes",), "int"),
+    "TRANSCRIBE_ENDPOINTING_MS": (("endpointing_ms",), "int"),
+    "TRANSCRIBE_MAX_SESSIONS_PER_KEY": (("max_sessions_per_key",), "int"),
+    "TRANSCRIBE_PLUGINS": (("plugins",), "list"),
+    "TRANSCRIBE_LOG_LEVEL": (("log_level",), "str"),
+    "TRANSCRIBE_LOG_FORMAT": (("log_format",), "str"),
+    "TRANSCRIBE_LOCAL_WORKERS": (("local", "workers"), "int"),
+    "TRANSCRIBE_LOCAL_DEFAULT_MODEL": (("local", "default_model"), "str"),
+    "TRANSCRIBE_LOCAL_ALLOW_DOWNLOADS": (("local", "allow_downloads"), "bool"),
+    "TRANSCRIBE_LOCAL_PARTIAL_INTERVAL_MS": (("local", "partial_interval_ms"), "int"),
+    "TRANSCRIBE_LOCAL_MAX_SESSIONS_PER_WORKER": (("local", "max_sessions_per_worker"), "int"),
+}
+
+
+def _env_value(name: str, raw: str, kind: str) -> Any:
+    if kind == "list":
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    if kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off", ""}:
+            return False
+        raise ConfigError(f"{name}={raw!r}: expected true or false")
+    if kind in {"int", "float"}:
+        try:
+            return int(raw) if kind == "int" else float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r}: expected a number") from None
+    return raw
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings: file, then environment, then ``overrides`` (CLI flags).
+
+    Raises:
+        ConfigError: unreadable file or a bad value, naming the setting.
+    """
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    path = path or environ.get("TRANSCRIBE_CONFIG")
+    if path:
+        try:
+            data = msgspec.toml.decode(Path(path).read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for name, (where, kind) in _ENV.items():
+        if name in environ:
+            target = data
+            for part in where[:-1]:
+                target = target.setdefault(part, {})
+            target[where[-1]] = _env_value(name, environ[name], kind)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    try:
+        return msgspec.convert(data, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid setting: {exc}") from None

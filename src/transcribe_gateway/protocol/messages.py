@@ -1,0 +1,267 @@
+"""Wire messages of the Transcribe protocol: typed structs, parse and serialize.
+
+Client messages are decoded straight into a tagged union with msgspec, which
+validates types, ranges and unknown fields in one pass (the hot path is one
+``audio.append`` every 20 ms per session, so a fast decoder matters).  When
+that fails, :func:`parse_client_message` re-reads the frame slowly to pick the
+error code and name the bad field.  Server messages are structs encoded by
+:func:`encode`.  Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+
+AUDIO_FORMATS: Final = ("pcm16", "mulaw", "alaw")
+MIN_SAMPLE_RATE: Final = 8000
+MAX_SAMPLE_RATE: Final = 48000
+
+AudioFormat = Literal["pcm16", "mulaw", "alaw"]
+
+
+class _Strict(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Base of client structs: unknown fields are an error (PROTOCOL.md)."""
+
+
+# ---------------------------------------------------------------- client side
+
+
+class VadConfig(_Strict, frozen=True, omit_defaults=True):
+    """Optional voice-activity tuning (names follow OpenAI's ``server_vad``)."""
+
+    threshold: Annotated[float, msgspec.Meta(ge=0.05, le=0.95)] | None = None
+    """Speech probability above which a frame is speech (default 0.5)."""
+    prefix_padding_ms: Annotated[int, msgspec.Meta(ge=0, le=2000)] | None = None
+    """Audio kept before the detected start of speech (default 300)."""
+    min_speech_ms: Annotated[int, msgspec.Meta(ge=0, le=2000)] | None = None
+    """Shortest voiced stretch that counts as speech (default 100)."""
+
+
+class FallbackConfig(_Strict, frozen=True):
+    """Another engine to switch to if the first one fails."""
+
+    provider: str
+    model: str
+
+
+class SessionConfig(_Strict, frozen=True):
+    """The ``session`` object of ``session.update``."""
+
+    provider: str
+    model: str
+    language: str = "en"
+    prompt: str | None = None
+    input_audio_format: AudioFormat = "pcm16"
+    sample_rate: Annotated[int, msgspec.Meta(ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE)] = 16000
+    endpointing: Annotated[int, msgspec.Meta(ge=10, le=10000)] | None = None
+    """Milliseconds of silence that end an utterance."""
+    vad: VadConfig | None = None
+    fallback: FallbackConfig | None = None
+
+
+class Auth(_Strict, frozen=True, tag="auth", tag_field="type"):
+    token: str
+
+
+class SessionUpdate(_Strict, frozen=True, tag="session.update", tag_field="type"):
+    session: SessionConfig
+
+
+class AudioAppend(_Strict, frozen=True, tag="audio.append", tag_field="type"):
+    audio: str
+
+
+class SessionClose(_Strict, frozen=True, tag="session.close", tag_field="type"):
+    pass
+
+
+ClientMessage = Auth | SessionUpdate | AudioAppend | SessionClose
+CLIENT_TYPES: Final = ("auth", "session.update", "audio.append", "session.close")
+
+
+class ParseError(Exception):
+    """A client frame that cannot be used; becomes an ``error`` event.
+
+    Args:
+        code: the protocol error code.
+        message: human-readable reason.
+        field: dotted path of the offending field, when there is one.
+    """
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+_decoder: Final[msgspec.json.Decoder[ClientMessage]] = msgspec.json.Decoder(ClientMessage)
+_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
+
+
+def parse_client_message(text: str | bytes) -> ClientMessage:
+    """Decode one client frame.
+
+    Raises:
+        ParseError: with ``invalid_message`` (not JSON, no/unknown ``type``),
+            ``invalid_session_config`` (bad ``session.update``, naming the
+            field) or ``invalid_audio`` (bad ``audio.append``).
+    """
+    try:
+        return _decoder.decode(text)
+    except msgspec.ValidationError as exc:
+        raise _diagnose(text, str(exc)) from None
+    except msgspec.DecodeError:
+        raise ParseError("invalid_message", "frame is not valid JSON") from None
+
+
+def _diagnose(text: str | bytes, detail: str) -> ParseError:
+    """Slow path: work out which message was meant and what is wrong with it."""
+    try:
+        raw: Any = msgspec.json.decode(text)
+    except msgspec.DecodeError:  # pragma: no cover - the fast path caught it
+        return ParseError("invalid_message", "frame is not valid JSON")
+    if not isinstance(raw, dict):
+        return ParseError("invalid_message", "a message must be a JSON object with a 'type'")
+    kind = raw.get("type")
+    if not isinstance(kind, str) or kind not in CLIENT_TYPES:
+        shown = repr(kind)[:60]
+        return ParseError(
+            "invalid_message",
+            f"unknown message type {shown}; expected one of {', '.join(CLIENT_TYPES)}",
+            "type",
+        )
+    match = _PATH.search(detail)
+    field = match.group("path") if match else None
+    reason = _PATH.sub("", detail)
+    named = _FIELD.search(reason)
+    if named:  # unknown or missing field: point at the field itself, not its parent
+        field = f"{field}.{named.group(1)}" if field else named.group(1)
+    if kind == "session.update":
+        where = f" at {field}" if field else ""
+        return ParseError(
+            "invalid_session_config", f"invalid session.update{where}: {reason}", field
+        )
+    if kind == "audio.append":
+        return ParseError("invalid_audio", f"invalid audio.append: {reason}", field)
+    return ParseError("invalid_message", f"invalid {kind}: {reason}", field)
+
+
+# ---------------------------------------------------------------- server side
+
+
+class _Out(msgspec.Struct, tag_field="type", omit_defaults=True):
+    """Base of server messages."""
+
+
+class SessionInfo(msgspec.Struct):
+    id: str
+
+
+class EffectiveConfig(msgspec.Struct, omit_defaults=True):
+    """What really serves the session, defaults filled in."""
+
+    provider: str
+    model: str
+    language: str
+    input_audio_format: str
+    sample_rate: int
+    endpointing: int
+    prompt: str | None = None
+    vad: VadConfig | None = None
+    fallback: FallbackConfig | None = None
+    requested_provider: str | None = None
+    """Set when another engine than the one asked for serves the session."""
+    requested_model: str | None = None
+    notice: str | None = None
+    """Plain-words explanation of any substitution."""
+    unsupported: list[str] = msgspec.field(default_factory=list)
+    """Options the serving engine cannot honour (reported, never silently dropped)."""
+
+
+class Word(msgspec.Struct, omit_defaults=True):
+    word: str
+    start_ms: int
+    end_ms: int
+    confidence: float | None = None
+
+
+class Usage(msgspec.Struct):
+    audio_seconds: float
+
+
+class ErrorInfo(msgspec.Struct, omit_defaults=True):
+    code: str
+    message: str
+    field: str | None = None
+    retryable: bool = False
+
+
+class SessionCreated(_Out, tag="session.created"):
+    session: SessionInfo
+
+
+class SessionUpdated(_Out, tag="session.updated"):
+    session: EffectiveConfig
+
+
+class SpeechStarted(_Out, tag="speech.started"):
+    utterance_id: str
+    audio_start_ms: int
+
+
+class SpeechStopped(_Out, tag="speech.stopped"):
+    utterance_id: str
+    audio_end_ms: int
+
+
+class TranscriptionPartial(_Out, tag="transcription.partial"):
+    utterance_id: str
+    text: str
+
+
+class TranscriptionCompleted(_Out, tag="transcription.completed"):
+    utterance_id: str
+    text: str
+    start_ms: int
+    end_ms: int
+    words: list[Word] = msgspec.field(default_factory=list)
+
+
+class Error(_Out, tag="error"):
+    error: ErrorInfo
+
+
+class SessionClosed(_Out, tag="session.closed"):
+    session: SessionInfo
+    usage: Usage
+    reason: str
+
+
+ServerMessage = (
+    SessionCreated
+    | SessionUpdated
+    | SpeechStarted
+    | SpeechStopped
+    | TranscriptionPartial
+    | TranscriptionCompleted
+    | Error
+    | SessionClosed
+)
+
+_encoder: Final = msgspec.json.Encoder()
+_server_decoder: Final[msgspec.json.Decoder[ServerMessage]] = msgspec.json.Decoder(ServerMessage)
+
+
+def encode(message: ServerMessage | ClientMessage) -> str:
+    """Serialize a message to the text of one frame."""
+    return _encoder.encode(message).decode()
+
+
+def parse_server_message(text: str | bytes) -> ServerMessage:
+    """Decode one server frame (used by the client SDK)."""
+    return _server_decoder.decode(text)

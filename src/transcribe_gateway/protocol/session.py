@@ -1,0 +1,273 @@
+"""The session state machine, sans I/O.
+
+Text frames go in through :meth:`Session.receive_text`; the caller then drains
+:meth:`Session.events_received` (what the client asked for) and
+:meth:`Session.data_to_send` (frames to write).  When :attr:`Session.close_code`
+is set, the caller writes what is pending and closes the socket with it.  No
+socket, timer or event loop here, so tests feed strings and compare lists.
+
+States::
+
+    AWAITING_AUTH --auth ok--> AWAITING_CONFIG --valid session.update--> STREAMING
+          |                         |                                      |
+          +--bad/missing key--> CLOSED (4001)   session.close --> DRAINING --> CLOSED (1000)
+
+Recoverable mistakes (bad base64, bad config, audio before configuration) are
+answered with an ``error`` frame and the state does not change.
+"""
+
+from __future__ import annotations
+
+import binascii
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+from transcribe_gateway.protocol import messages as m
+
+UNAUTHORIZED: Final = 4001
+TOO_MANY: Final = 4029
+NORMAL: Final = 1000
+POLICY: Final = 1008
+INTERNAL: Final = 1011
+
+
+class State(enum.Enum):
+    AWAITING_AUTH = "awaiting_auth"
+    AWAITING_CONFIG = "awaiting_config"
+    STREAMING = "streaming"
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+class InvalidState(Exception):
+    """A ``send_*`` method was called in a state that does not allow it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Configure:
+    config: m.SessionConfig
+
+
+@dataclass(frozen=True, slots=True)
+class AudioReceived:
+    data: bytes
+    """Wire-format audio (pcm16/mulaw/alaw bytes), already validated."""
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRequested:
+    pass
+
+
+Event = Authenticate | Configure | AudioReceived | CloseRequested
+
+
+class Session:
+    """Protocol state of one connection.
+
+    Args:
+        session_id: ``ts_`` + 12 hex digits.
+        authenticated: the upgrade request carried a valid key already.
+        max_chunk_bytes: largest decoded audio chunk accepted.
+        max_message_bytes: frames above this close the connection with 1008.
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        authenticated: bool,
+        max_chunk_bytes: int = 128 * 1024,
+        max_message_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.id = session_id
+        """The session id sent in ``session.created``."""
+        self.state = State.AWAITING_AUTH
+        self.max_chunk_bytes = max_chunk_bytes
+        self.max_message_bytes = max_message_bytes
+        # base64 of max_chunk_bytes, so an oversized chunk is refused before decoding
+        self._max_b64 = 4 * -(-max_chunk_bytes // 3)
+        self.audio_format = "pcm16"
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._events: list[Event] = []
+        self._out: list[str] = []
+        if authenticated:
+            self.accept_auth()
+
+    # ------------------------------------------------------------------ input
+
+    def receive_text(self, text: str) -> None:
+        """Take one text frame from the client."""
+        if self.state is State.CLOSED:
+            return
+        if len(text) > self.max_message_bytes:
+            self.fail(POLICY, "message too big")
+            return
+        try:
+            message = m.parse_client_message(text)
+        except m.ParseError as exc:
+            if self.state is State.AWAITING_AUTH:
+                self.fail(UNAUTHORIZED, "Unauthorized")
+            else:
+                self.send_error(exc.code, exc.message, field=exc.field)
+            return
+        if self.state is State.AWAITING_AUTH:
+            if isinstance(message, m.Auth):
+                self._events.append(Authenticate(message.token))
+            else:
+                self.fail(UNAUTHORIZED, "Unauthorized")
+            return
+        if isinstance(message, m.AudioAppend):
+            self._receive_audio(message.audio)
+        elif isinstance(message, m.SessionUpdate):
+            if self.state is State.DRAINING:
+                self.send_error("session_closing", "session.close was received; no more updates")
+            else:
+                self._events.append(Configure(message.session))
+        elif isinstance(message, m.SessionClose):
+            if self.state in (State.AWAITING_CONFIG, State.STREAMING):
+                self.state = State.DRAINING
+                self._events.append(CloseRequested())
+        else:  # a second auth message
+            self.send_error("invalid_message", "already authenticated")
+
+    def receive_bytes(self, data: bytes) -> None:
+        """Take one binary frame: the protocol only has JSON text frames."""
+        if self.state is State.AWAITING_AUTH:
+            self.fail(UNAUTHORIZED, "Unauthorized")
+        elif len(data) > self.max_message_bytes:
+            self.fail(POLICY, "message too big")
+        else:
+            self.send_error(
+                "invalid_message",
+                "binary frames are not part of the protocol; send audio as "
+                '{"type": "audio.append", "audio": "<base64>"}',
+            )
+
+    def _receive_audio(self, audio: str) -> None:
+        if self.state is State.AWAITING_CONFIG:
+            self.send_error(
+                "session_not_configured", "send session.update before audio.append; chunk dropped"
+            )
+            return
+        if self.state is State.DRAINING:
+            self.send_error("session_closing", "session.close was received; chunk dropped")
+            return
+        if len(audio) > self._max_b64:
+            self.send_error(
+                "audio_too_large",
+                f"audio chunk is over the {self.max_chunk_bytes}-byte limit; chunk dropped "
+                "(send 20-100 ms per audio.append)",
+            )
+            return
+        try:
+            data = binascii.a2b_base64(audio, strict_mode=True)
+        except (binascii.Error, ValueError):
+            self.send_error("invalid_audio", "audio is not valid base64; chunk dropped")
+            return
+        if not data:
+            self.send_error("invalid_audio", "audio chunk is empty; chunk dropped")
+        elif len(data) > self.max_chunk_bytes:
+            self.send_error(
+                "audio_too_large",
+                f"audio chunk is over the {self.max_chunk_bytes}-byte limit; chunk dropped",
+            )
+        elif self.audio_format == "pcm16" and len(data) % 2:
+            self.send_error(
+                "invalid_audio", "pcm16 audio chunk has an odd number of bytes; chunk dropped"
+            )
+        else:
+            self._events.append(AudioReceived(data))
+
+    def events_received(self) -> list[Event]:
+        """Events parsed since the last call (in order)."""
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> list[str]:
+        """Frames to write since the last call (in order)."""
+        out, self._out = self._out, []
+        return out
+
+    # ------------------------------------------------------------ transitions
+
+    def accept_auth(self) -> None:
+        """The key is valid: send ``session.created``."""
+        self._expect(State.AWAITING_AUTH)
+        self.state = State.AWAITING_CONFIG
+        self._send(m.SessionCreated(m.SessionInfo(self.id)))
+
+    def reject_auth(self) -> None:
+        """The key is wrong: close with 4001."""
+        self.fail(UNAUTHORIZED, "Unauthorized")
+
+    def reject_over_quota(self, message: str) -> None:
+        """The key is valid but over its session limit: ``error`` then close 4029."""
+        self._expect(State.AWAITING_AUTH)
+        self._send(m.Error(m.ErrorInfo("too_many_sessions", message, retryable=True)))
+        self.fail(TOO_MANY, "Too many sessions")
+
+    def accept_config(self, effective: m.EffectiveConfig) -> None:
+        """A ``session.update`` was applied: send ``session.updated``."""
+        if self.state not in (State.AWAITING_CONFIG, State.STREAMING):
+            raise InvalidState(f"cannot accept a configuration in state {self.state.value}")
+        self.state = State.STREAMING
+        self.audio_format = effective.input_audio_format
+        self._send(m.SessionUpdated(effective))
+
+    def start_draining(self) -> None:
+        """The server ends the session (idle timeout, shutdown): stop taking audio."""
+        if self.state in (State.AWAITING_CONFIG, State.STREAMING):
+            self.state = State.DRAINING
+
+    def send_closed(self, audio_seconds: float, reason: str) -> None:
+        """Last message of a graceful end, then close 1000."""
+        if self.state is State.CLOSED:
+            raise InvalidState("session is already closed")
+        self._send(
+            m.SessionClosed(m.SessionInfo(self.id), m.Usage(round(audio_seconds, 3)), reason)
+        )
+        self.state = State.CLOSED
+        self.close_code, self.close_reason = NORMAL, ""
+
+    def fail(self, code: int, reason: str) -> None:
+        """End the connection without ``session.closed`` (auth, abuse, internal error)."""
+        if self.state is State.CLOSED:
+            return
+        self.state = State.CLOSED
+        self.close_code, self.close_reason = code, reason
+
+    # ----------------------------------------------------------------- output
+
+    def send_error(
+        self, code: str, message: str, *, field: str | None = None, retryable: bool = False
+    ) -> None:
+        if self.state is State.CLOSED:
+            return
+        self._send(m.Error(m.ErrorInfo(code, message, field, retryable)))
+
+    def send_event(
+        self,
+        event: m.SpeechStarted
+        | m.SpeechStopped
+        | m.TranscriptionPartial
+        | m.TranscriptionCompleted,
+    ) -> None:
+        """Forward a speech event (only while configured and not closed)."""
+        if self.state not in (State.STREAMING, State.DRAINING):
+            raise InvalidState(f"cannot send {type(event).__name__} in state {self.state.value}")
+        self._send(event)
+
+    def _send(self, message: m.ServerMessage) -> None:
+        self._out.append(m.encode(message))
+
+    def _expect(self, state: State) -> None:
+        if self.state is not state:
+            raise InvalidState(f"expected state {state.value}, not {self.state.value}")

@@ -1,0 +1,1 @@
+"""Speech engines behind one interface (:mod:`.base`), one module per engine."""

@@ -1,0 +1,244 @@
+"""The provider interface: one speech engine behind one small API.
+
+An :class:`STT` is created once per server and knows its models and whether it
+can serve (credentials present, weights loaded).  For each session it opens a
+:class:`RecognizeStream`: audio goes in with :meth:`RecognizeStream.push_audio`
+(int16 mono at the rate the engine asked for), :class:`SpeechEvent` objects come
+out by iterating the stream.  :meth:`RecognizeStream.end_input` finalizes what
+is pending and makes iteration stop after the last event;
+:meth:`RecognizeStream.aclose` drops everything at once.
+
+Adapters subclass :class:`RecognizeStream` and write :meth:`RecognizeStream._run`
+plus :meth:`RecognizeStream._on_audio`; the base class owns the task, the bounded
+event channel and the error path, so every provider behaves the same way when
+it fails: iteration raises :class:`~transcribe_gateway.exceptions.ProviderError`.
+
+Providers are found through the ``transcribe_gateway.providers`` entry point
+group (see :mod:`transcribe_gateway.providers.registry`).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import enum
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Final
+
+from transcribe_gateway.audio.decode import Samples
+from transcribe_gateway.exceptions import ProviderError
+
+if TYPE_CHECKING:
+    from transcribe_gateway.config import Settings
+
+EVENT_QUEUE_SIZE: Final = 256
+
+
+class SpeechEventType(enum.Enum):
+    SPEECH_STARTED = "speech_started"
+    PARTIAL = "partial"
+    FINAL = "final"
+    SPEECH_STOPPED = "speech_stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class WordTiming:
+    word: str
+    start_ms: int
+    end_ms: int
+    confidence: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechEvent:
+    """One thing the engine noticed.
+
+    Times are milliseconds from the first sample pushed into this stream.
+    ``utterance`` numbers the stream's utterances from 0; the connection maps
+    them to the session's utterance ids.
+    """
+
+    type: SpeechEventType
+    utterance: int
+    text: str = ""
+    start_ms: int = 0
+    end_ms: int = 0
+    words: tuple[WordTiming, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOptions:
+    """What a session asks of the engine (defaults already filled in)."""
+
+    model: str
+    language: str = "en"
+    prompt: str | None = None
+    sample_rate: int = 16000
+    """Rate of the audio pushed into the stream: the engine's own ``input_rate``."""
+    endpointing_ms: int = 500
+    vad_threshold: float = 0.5
+    vad_prefix_padding_ms: int = 300
+    vad_min_speech_ms: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model an engine offers, and what it can honour."""
+
+    name: str
+    description: str = ""
+    languages: tuple[str, ...] | None = None
+    """Supported BCP-47 languages; ``None`` means any (with ``multi`` for auto-detect)."""
+    input_rate: int = 16000
+    """Sample rate the engine wants; the session resamples to it."""
+    supports_prompt: bool = True
+    supports_endpointing: bool = True
+    supports_vad: bool = True
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class STT(abc.ABC):
+    """A speech engine (one per server process)."""
+
+    provider: ClassVar[str]
+    """Name used in ``session.provider``, e.g. ``LOCAL``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @abc.abstractmethod
+    def models(self) -> Sequence[ModelInfo]:
+        """Models this engine offers."""
+
+    def unavailable_reason(self) -> str | None:
+        """``None`` when the engine can serve, else why not (e.g. a missing key)."""
+        return None
+
+    def find_model(self, name: str) -> ModelInfo | None:
+        """The model called ``name``, if this engine offers it."""
+        return next((m for m in self.models() if m.name == name), None)
+
+    async def start(self) -> None:
+        """Prepare at server start (load weights, warm up).  Default: nothing."""
+
+    def is_ready(self) -> bool:
+        """Whether :meth:`start` finished."""
+        return True
+
+    @abc.abstractmethod
+    async def open_stream(self, options: StreamOptions) -> RecognizeStream:
+        """Open a recognition stream for one session.
+
+        Raises:
+            ProviderUnavailable: the engine cannot take another session now.
+            ProviderError: the engine could not be reached or refused.
+        """
+
+    async def aclose(self) -> None:
+        """Release everything at server shutdown.  Default: nothing."""
+
+
+class RecognizeStream(abc.ABC):
+    """One session's recognition: audio in, :class:`SpeechEvent` out.
+
+    The event channel is bounded; an adapter that produces faster than the
+    session consumes waits in :meth:`_emit`.
+    """
+
+    def __init__(self, stt: STT, options: StreamOptions) -> None:
+        self._stt = stt
+        self._options = options
+        self._events: asyncio.Queue[SpeechEvent | BaseException | None] = asyncio.Queue(
+            EVENT_QUEUE_SIZE
+        )
+        self._input_ended = False
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def options(self) -> StreamOptions:
+        return self._options
+
+    def start(self) -> None:
+        """Start the adapter's main task (called by :meth:`STT.open_stream`)."""
+        self._task = asyncio.get_running_loop().create_task(
+            self._main(), name=f"{self._stt.provider}-stream"
+        )
+
+    async def _main(self) -> None:
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            raise
+        except ProviderError as exc:
+            await self._events.put(exc)
+        except Exception as exc:  # translated once, here, for every adapter
+            error = ProviderError(self._stt.provider, f"internal engine error: {exc!r}")
+            error.__cause__ = exc
+            await self._events.put(error)
+        else:
+            await self._events.put(None)
+
+    @abc.abstractmethod
+    async def _run(self) -> None:
+        """Produce events with :meth:`_emit` until the input has ended and all is final."""
+
+    @abc.abstractmethod
+    async def _on_audio(self, samples: Samples) -> None:
+        """Take one chunk (may wait: that is the backpressure)."""
+
+    async def _on_end_input(self) -> None:
+        """Called once when no more audio will come."""
+
+    async def _emit(self, event: SpeechEvent) -> None:
+        await self._events.put(event)
+
+    @property
+    def input_ended(self) -> bool:
+        return self._input_ended
+
+    async def push_audio(self, samples: Samples) -> None:
+        """Send int16 mono samples at ``options.sample_rate``.
+
+        Raises:
+            RuntimeError: after :meth:`end_input` or :meth:`aclose`.
+        """
+        if self._input_ended or self._closed:
+            raise RuntimeError("stream input has ended")
+        await self._on_audio(samples)
+
+    async def end_input(self) -> None:
+        """No more audio: finalize pending speech; iteration ends after the last event."""
+        if self._input_ended or self._closed:
+            return
+        self._input_ended = True
+        await self._on_end_input()
+
+    def __aiter__(self) -> AsyncIterator[SpeechEvent]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[SpeechEvent]:
+        while True:
+            item = await self._events.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def aclose(self) -> None:
+        """Stop at once and free every resource (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._input_ended = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        await self._on_close()
+
+    async def _on_close(self) -> None:
+        """Free adapter resources (called once, after the main task is gone)."""

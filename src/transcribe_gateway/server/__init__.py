@@ -1,0 +1,1 @@
+"""The asyncio server: HTTP app, WebSocket connections, auth, shutdown."""

@@ -1,0 +1,79 @@
+"""Run the app under uvicorn, with a graceful SIGTERM drain.
+
+uvicorn's own shutdown closes open WebSockets with 1012 at once; a gateway must
+first let every session finalize its pending audio and send ``session.closed``.
+So the first SIGTERM/SIGINT stops accepting and drains (bounded by
+``drain_timeout_s``), then lets uvicorn shut down; a second signal forces it.
+The process then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+
+from transcribe_gateway.config import Settings
+from transcribe_gateway.server.app import Gateway, create_app
+
+log = logging.getLogger(__name__)
+
+
+class GatewayServer(uvicorn.Server):
+    """uvicorn server whose exit signal drains the gateway first."""
+
+    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+        self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)  # type: ignore[arg-type]
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded in _captured_signals: uvicorn would re-raise it after
+        # shutdown and the process would die by the signal instead of exiting 0.
+        if self._drain_task is not None or self._loop is None:
+            self.should_exit = True
+            if self._drain_task is not None:
+                self.force_exit = True
+            return
+        log.info("signal received; draining", extra={"signal": signal.Signals(sig).name})
+        self._drain_task = self._loop.create_task(self._drain())
+
+    async def _drain(self) -> None:
+        for server in getattr(self, "servers", []):
+            server.close()  # stop accepting new connections
+        try:
+            await self.gateway.drain(self.gateway.settings.drain_timeout_s)
+        finally:
+            self.should_exit = True
+
+
+def build_server(settings: Settings) -> GatewayServer:
+    gateway = Gateway(settings)
+    app = create_app(settings, gateway)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        # Frames between max_message_bytes and 4x it reach the session and get a
+        # 1008 close; beyond that the WebSocket layer itself closes with 1009.
+        ws_max_size=4 * settings.max_message_bytes,
+        ws_per_message_deflate=False,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    return GatewayServer(config, gateway)
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT (blocking)."""
+    build_server(settings).run()

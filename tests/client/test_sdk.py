@@ -1,0 +1,483 @@
+"""The client SDK against a small scripted server on a real socket.
+
+:class:`FakeGateway` speaks just enough of PROTOCOL.md to exercise the SDK: it
+checks auth (header or first message), answers ``session.update`` (rejecting
+unknown providers with ``invalid_session_config``), decodes every
+``audio.append`` and records it, emits one utterance per second of audio
+(``speech.started``, partials, ``transcription.completed``, ``speech.stopped``)
+and ends with ``session.closed`` + close 1000 on ``session.close``.  It is
+reused by ``test_cli.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from transcribe_gateway.audio.decode import encode_mulaw
+from transcribe_gateway.client import (
+    TranscribeClient,
+    TranscribeConnectionClosed,
+    TranscribeError,
+    TranscribeQuotaExceeded,
+    TranscribeUnauthorized,
+    UnknownEvent,
+    event_to_dict,
+)
+from transcribe_gateway.protocol.messages import (
+    Error,
+    FallbackConfig,
+    SessionClosed,
+    SessionCreated,
+    SessionUpdated,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptionCompleted,
+    TranscriptionPartial,
+    VadConfig,
+)
+
+GOOD_KEY = "good-key"
+SESSION_ID = "ts_0123456789ab"
+
+
+@dataclass
+class Recorded:
+    """What one connection sent to the fake server."""
+
+    path: str
+    authorization: str | None
+    frames: list[dict[str, Any]] = field(default_factory=list)
+    chunks: list[bytes] = field(default_factory=list)
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def types(self) -> list[str]:
+        return [f["type"] for f in self.frames]
+
+    @property
+    def updates(self) -> list[dict[str, Any]]:
+        return [f["session"] for f in self.frames if f["type"] == "session.update"]
+
+
+@dataclass
+class FakeGateway:
+    """A scripted stand-in for the real server (see the module docstring)."""
+
+    url: str = ""
+    key: str = GOOD_KEY
+    utterance_ms: int = 1000
+    partial_every_ms: int = 200
+    extra_before_updated: list[dict[str, Any]] = field(default_factory=list)
+    abort_after_ms: float | None = None
+    abort_code: int = 1011
+    sessions: list[Recorded] = field(default_factory=list)
+
+    async def handler(self, ws: ServerConnection) -> None:
+        rec = Recorded(ws.request.path if ws.request else "", None)
+        if ws.request is not None:
+            rec.authorization = ws.request.headers.get("Authorization")
+        self.sessions.append(rec)
+        try:
+            await self._serve(ws, rec)
+        except ConnectionClosed:
+            pass
+        finally:
+            rec.finished.set()
+
+    async def recorded(self, index: int = 0) -> Recorded:
+        """The frames of one connection, once its handler has read them all."""
+        rec = self.sessions[index]
+        await asyncio.wait_for(rec.finished.wait(), 5)
+        return rec
+
+    async def _serve(self, ws: ServerConnection, rec: Recorded) -> None:
+        async def send(message: dict[str, Any]) -> None:
+            # The client may close first: keep reading what it had already sent.
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(json.dumps(message))
+
+        token: str | None
+        if rec.authorization is not None:
+            token = rec.authorization.removeprefix("Bearer ")
+        else:
+            first = json.loads(await ws.recv())
+            rec.frames.append(first)
+            token = first.get("token") if first.get("type") == "auth" else None
+        if token != self.key:
+            await ws.close(4001, "Unauthorized")
+            return
+        await send({"type": "session.created", "session": {"id": SESSION_ID}})
+
+        config: dict[str, Any] | None = None
+        audio_ms = 0.0
+        utterance = 0
+        utt_start = 0.0
+        started = False
+        partials = 0
+        async for raw in ws:
+            msg = json.loads(raw)
+            rec.frames.append(msg)
+            kind = msg["type"]
+            if kind == "session.update":
+                for frame in self.extra_before_updated:
+                    await send(frame)
+                session = msg["session"]
+                if session.get("provider") != "LOCAL":
+                    await send(
+                        {
+                            "type": "error",
+                            "error": {
+                                "code": "invalid_session_config",
+                                "message": "unknown provider",
+                                "field": "session.provider",
+                            },
+                        }
+                    )
+                    continue
+                config = {
+                    "language": "en",
+                    "input_audio_format": "pcm16",
+                    "sample_rate": 16000,
+                    "endpointing": 500,
+                    **session,
+                }
+                await send({"type": "session.updated", "session": config})
+            elif kind == "audio.append":
+                data = base64.b64decode(msg["audio"], validate=True)
+                rec.chunks.append(data)
+                if config is None:
+                    await send(
+                        {
+                            "type": "error",
+                            "error": {"code": "session_not_configured", "message": "no config"},
+                        }
+                    )
+                    continue
+                width = 2 if config["input_audio_format"] == "pcm16" else 1
+                audio_ms += len(data) / width * 1000 / config["sample_rate"]
+                if self.abort_after_ms is not None and audio_ms >= self.abort_after_ms:
+                    # Keep reading while closing: unread frames would pause the
+                    # transport and stall the closing handshake.
+                    closing = asyncio.create_task(ws.close(self.abort_code, "scripted failure"))
+                    async for _ in ws:
+                        pass
+                    await closing
+                    return
+                uid = f"utt_{utterance}"
+                if not started:
+                    started = True
+                    await send(
+                        {
+                            "type": "speech.started",
+                            "utterance_id": uid,
+                            "audio_start_ms": int(utt_start),
+                        }
+                    )
+                while (
+                    audio_ms - utt_start >= (partials + 1) * self.partial_every_ms
+                    and (partials + 1) * self.partial_every_ms < self.utterance_ms
+                ):
+                    partials += 1
+                    await send(
+                        {
+                            "type": "transcription.partial",
+                            "utterance_id": uid,
+                            "text": " ".join(["word"] * partials),
+                        }
+                    )
+                if audio_ms - utt_start >= self.utterance_ms:
+                    end = utt_start + self.utterance_ms
+                    await self._final(send, uid, utterance, utt_start, end)
+                    utterance, utt_start, started, partials = utterance + 1, end, False, 0
+            elif kind == "session.close":
+                if started:
+                    uid = f"utt_{utterance}"
+                    await self._final(send, uid, utterance, utt_start, audio_ms)
+                await send(
+                    {
+                        "type": "session.closed",
+                        "session": {"id": SESSION_ID},
+                        "usage": {"audio_seconds": round(audio_ms / 1000, 3)},
+                        "reason": "client_close",
+                    }
+                )
+                await ws.close(1000)
+                return
+
+    @staticmethod
+    async def _final(send: Any, uid: str, n: int, start: float, end: float) -> None:
+        await send(
+            {
+                "type": "transcription.completed",
+                "utterance_id": uid,
+                "text": f"utterance {n}",
+                "start_ms": int(start),
+                "end_ms": int(end),
+                "words": [
+                    {
+                        "word": "utterance",
+                        "start_ms": int(start),
+                        "end_ms": int(end),
+                        "confidence": 0.9,
+                    }
+                ],
+            }
+        )
+        await send({"type": "speech.stopped", "utterance_id": uid, "audio_end_ms": int(end)})
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[FakeGateway]:
+    gw = FakeGateway()
+    async with serve(gw.handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        gw.url = f"ws://127.0.0.1:{port}/ws"
+        yield gw
+
+
+def tone(seconds: float, rate: int = 16000) -> np.ndarray[Any, np.dtype[np.int16]]:
+    t = np.arange(int(seconds * rate)) / rate
+    return (np.sin(2 * np.pi * 440 * t) * 8000).astype(np.int16)
+
+
+# ---------------------------------------------------------------- auth
+
+
+async def test_header_auth(gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+        assert client.session_id == SESSION_ID
+    rec = await gateway.recorded()
+    assert rec.path == "/ws"
+    assert rec.authorization == f"Bearer {GOOD_KEY}"
+    assert rec.frames == []
+
+
+async def test_message_auth_sends_auth_first(gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(gateway.url, GOOD_KEY, auth="message") as client:
+        assert client.session_id == SESSION_ID
+        await client.configure()
+    rec = await gateway.recorded()
+    assert rec.authorization is None
+    assert rec.frames[0] == {"type": "auth", "token": GOOD_KEY}
+    assert rec.types == ["auth", "session.update"]
+
+
+@pytest.mark.parametrize("auth", ["header", "message"])
+async def test_bad_key_raises_unauthorized(gateway: FakeGateway, auth: Any) -> None:
+    with pytest.raises(TranscribeUnauthorized) as caught:
+        async with TranscribeClient.connect(gateway.url, "wrong", auth=auth):
+            pytest.fail("must not get a session")
+    assert caught.value.code == 4001
+    assert caught.value.reason == "Unauthorized"
+    assert isinstance(caught.value, TranscribeConnectionClosed)
+    assert "unauthorized" in str(caught.value)
+
+
+def test_close_code_mapping() -> None:
+    assert isinstance(TranscribeConnectionClosed.for_code(4001), TranscribeUnauthorized)
+    assert isinstance(TranscribeConnectionClosed.for_code(4029), TranscribeQuotaExceeded)
+    other = TranscribeConnectionClosed.for_code(1011, "boom")
+    assert type(other) is TranscribeConnectionClosed
+    assert (other.code, other.reason) == (1011, "boom")
+
+
+# ---------------------------------------------------------------- configure
+
+
+async def test_configure_sends_fields_and_returns_effective(gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+        effective = await client.configure(
+            model="whisper-base.en",
+            prompt="Kubernetes, gRPC",
+            input_audio_format="mulaw",
+            sample_rate=8000,
+            endpointing=300,
+            vad=VadConfig(threshold=0.6),
+            fallback=FallbackConfig(provider="LOCAL", model="whisper-tiny.en"),
+        )
+        assert client.config == effective
+    assert effective.input_audio_format == "mulaw"
+    assert effective.sample_rate == 8000
+    assert effective.endpointing == 300
+    assert (await gateway.recorded()).updates == [
+        {
+            "provider": "LOCAL",
+            "model": "whisper-base.en",
+            "language": "en",
+            "input_audio_format": "mulaw",
+            "sample_rate": 8000,
+            "prompt": "Kubernetes, gRPC",
+            "endpointing": 300,
+            "vad": {"threshold": 0.6},
+            "fallback": {"provider": "LOCAL", "model": "whisper-tiny.en"},
+        }
+    ]
+
+
+async def test_configure_omits_unset_options(gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+        await client.configure()
+    assert (await gateway.recorded()).updates == [
+        {
+            "provider": "LOCAL",
+            "model": "whisper-tiny.en",
+            "language": "en",
+            "input_audio_format": "pcm16",
+            "sample_rate": 16000,
+        }
+    ]
+
+
+async def test_configure_error_raises_and_session_goes_on(gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+        with pytest.raises(TranscribeError) as caught:
+            await client.configure(provider="NOPE")
+        assert caught.value.code == "invalid_session_config"
+        assert caught.value.field == "session.provider"
+        assert client.config is None
+        effective = await client.configure()
+        assert effective.provider == "LOCAL"
+
+
+async def test_events_during_configure_are_kept_in_order(gateway: FakeGateway) -> None:
+    audio_error = {"type": "error", "error": {"code": "invalid_audio", "message": "odd length"}}
+    future = {"type": "session.future_thing", "x": 1}
+    gateway.extra_before_updated = [audio_error, future]
+    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+        effective = await client.configure()  # the audio error is not its answer
+        assert effective.model == "whisper-tiny.en"
+        drained = client.drain_events()
+        assert client.drain_events() == []
+    assert [type(e) for e in drained] == [SessionCreated, Error, UnknownEvent, SessionUpdated]
+    unknown = drained[2]
+    assert isinstance(unknown, UnknownEvent)
+    assert unknown.type == "session.future_thing"
+    assert event_to_dict(unknown) == future
+    assert event_to_dict(drained[1]) == audio_error
+
+
+# ---------------------------------------------------------------- audio and events
+
+
+async def test_send_audio_is_base64_of_the_bytes(gateway: FakeGateway) -> None:
+    payloads = [b"\x01\x02" * 160, b"\xff\xfe" * 7]
+    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+        await client.configure()
+        for data in payloads:
+            await client.send_audio(data)
+        with pytest.raises(ValueError):
+            await client.send_audio(b"")
+        await client.close_session()
+        await asyncio.wait_for(client.wait_closed(), 5)
+        assert client.close_code == 1000
+    rec = await gateway.recorded()
+    assert rec.chunks == payloads
+    assert rec.types[-1] == "session.close"
+    assert all(set(f) == {"type", "audio"} for f in rec.frames if f["type"] == "audio.append")
+
+
+async def test_send_samples_encodes_mulaw(gateway: FakeGateway) -> None:
+    samples = tone(0.5, 8000)
+    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+        with pytest.raises(RuntimeError):
+            await client.send_samples(samples)
+        await client.configure(input_audio_format="mulaw", sample_rate=8000)
+        await client.send_samples(samples, fast=True)
+        assert client.audio_seconds_sent == pytest.approx(0.5)
+        with pytest.raises(ValueError):
+            await client.send_samples(samples.astype(np.float32), fast=True)
+    chunks = (await gateway.recorded()).chunks
+    assert {len(c) for c in chunks} == {160}  # 20 ms of 8 kHz, one byte per sample
+    assert b"".join(chunks) == encode_mulaw(samples)
+
+
+async def test_event_order_and_normal_end(gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+        await client.configure()
+        await client.send_samples(tone(1.0), fast=True)
+        await client.close_session()
+        seen = [event async for event in client.events()]
+        assert [event async for event in client.events()] == []  # ended for good
+        assert client.close_code == 1000
+    kinds = [type(e) for e in seen]
+    assert kinds[:2] == [SessionCreated, SessionUpdated]
+    assert kinds[2] is SpeechStarted
+    assert kinds[3:7] == [TranscriptionPartial] * 4
+    assert kinds[7:] == [TranscriptionCompleted, SpeechStopped, SessionClosed]
+    final = seen[7]
+    assert isinstance(final, TranscriptionCompleted)
+    assert (final.start_ms, final.end_ms, final.text) == (0, 1000, "utterance 0")
+    assert final.words[0].confidence == pytest.approx(0.9)
+    closed = seen[-1]
+    assert isinstance(closed, SessionClosed)
+    assert closed.usage.audio_seconds == pytest.approx(1.0)
+
+
+async def test_abnormal_close_raises_after_delivering_events(gateway: FakeGateway) -> None:
+    gateway.abort_after_ms = 300
+    seen: list[Any] = []
+    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+        await client.configure()
+        with pytest.raises(TranscribeConnectionClosed) as caught:
+            await client.stream_samples(tone(1.0), fast=True, on_event=seen.append)
+        assert client.close_code == 1011
+    assert caught.value.code == 1011
+    assert not isinstance(caught.value, TranscribeUnauthorized)
+    assert "internal server error" in str(caught.value)
+    assert [type(e) for e in seen][:3] == [SessionCreated, SessionUpdated, SpeechStarted]
+
+
+# ---------------------------------------------------------------- streaming
+
+
+async def _stream(gateway: FakeGateway, *, fast: bool) -> tuple[float, Any]:
+    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+        await client.configure()
+        begin = time.monotonic()
+        result = await client.stream_samples(tone(1.0), fast=fast)
+        return time.monotonic() - begin, result
+
+
+async def test_stream_real_time_pacing_and_timings(gateway: FakeGateway) -> None:
+    paced, result = await _stream(gateway, fast=False)
+    fast, fast_result = await _stream(gateway, fast=True)
+    assert 0.9 <= paced < 5
+    assert fast < paced / 3
+    for res in (result, fast_result):
+        assert res.session_id == SESSION_ID
+        assert res.closed is not None and res.closed.reason == "client_close"
+        assert res.close_code == 1000
+        assert res.audio_seconds == pytest.approx(1.0)
+        assert res.transcript == "utterance 0"
+        assert res.errors == []
+        assert isinstance(res.events[-1], SessionClosed)
+    recorded = [await gateway.recorded(i) for i in range(2)]
+    assert [r.types[-1] for r in recorded] == ["session.close", "session.close"]
+    assert all(len(c) == 640 for c in recorded[0].chunks)
+    timings = result.timings
+    # The first partial comes after 200 ms of audio: ~0.18 s after the first chunk.
+    assert timings.first_partial_s is not None and 0.1 < timings.first_partial_s < 0.9
+    assert len(timings.final_latencies_s) == 1
+    assert 0 <= timings.final_latencies_s[0] < 0.5
+    assert timings.median_final_latency_s == timings.max_final_latency_s
+
+
+async def test_stream_file_reads_at_session_rate(gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+        await client.configure(sample_rate=8000)
+        result = await client.stream_file("/work/shared/audio/goforward.raw", fast=True)
+    assert result.audio_seconds == pytest.approx(89160 / 2 / 16000, abs=0.01)
+    assert len(result.finals) == 3
+    assert {len(c) for c in (await gateway.recorded()).chunks[:-1]} == {320}  # 20 ms at 8 kHz

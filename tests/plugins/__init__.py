@@ -1,0 +1,1 @@
+"""Provider plugins used by tests, loaded with TRANSCRIBE_PLUGINS."""

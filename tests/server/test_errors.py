@@ -1,0 +1,295 @@
+"""Every error code and close code of PROTOCOL.md, each followed by proof the session goes on."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+import websockets
+from websockets.asyncio.client import ClientConnection
+
+from tests.conftest import TEST_KEYS, GatewayProcess
+from tests.server.wsutil import collect, connect, open_session, recv, send_audio
+
+GOOD_CHUNK = json.dumps({"type": "audio.append", "audio": base64.b64encode(bytes(640)).decode()})
+
+
+async def expect_error(ws: ClientConnection, code: str) -> dict[str, Any]:
+    msg = await recv(ws, 10)
+    assert msg["type"] == "error", msg
+    assert msg["error"]["code"] == code, msg
+    assert msg["error"]["message"]
+    return msg
+
+
+async def still_works(ws: ClientConnection) -> None:
+    """A valid chunk is accepted silently and the session closes cleanly with usage."""
+    await ws.send(GOOD_CHUNK)
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws, 30)
+    assert messages[-1]["type"] == "session.closed", messages
+    assert messages[-1]["usage"]["audio_seconds"] >= 0.02
+    assert not [m for m in messages if m["type"] == "error"], messages
+    assert ws.close_code == 1000
+
+
+class TestInvalidMessage:
+    @pytest.mark.parametrize(
+        "frame", ["{not json", "[1, 2]", '{"type": "bogus"}', '{"no_type": 1}', '"text"']
+    )
+    async def test_bad_frame_gets_invalid_message(
+        self, gateway: GatewayProcess, frame: str
+    ) -> None:
+        ws, _ = await open_session(gateway.url)
+        await ws.send(frame)
+        await expect_error(ws, "invalid_message")
+        await still_works(ws)
+
+    async def test_binary_frame_gets_invalid_message(self, gateway: GatewayProcess) -> None:
+        ws, _ = await open_session(gateway.url)
+        await ws.send(bytes(640))
+        await expect_error(ws, "invalid_message")
+        await still_works(ws)
+
+
+class TestInvalidSessionConfig:
+    @pytest.mark.parametrize(
+        ("session", "field"),
+        [
+            ({"provider": "NOPE", "model": "x"}, "session.provider"),
+            ({"provider": "LOCAL", "model": "nope"}, "session.model"),
+            ({"provider": "DEEPGRAM", "model": "whisper-tiny.en"}, "session.model"),
+            (
+                {"provider": "LOCAL", "model": "whisper-tiny.en", "sample_rate": 7999},
+                "session.sample_rate",
+            ),
+            (
+                {"provider": "LOCAL", "model": "whisper-tiny.en", "sample_rate": 48001},
+                "session.sample_rate",
+            ),
+            (
+                {"provider": "LOCAL", "model": "whisper-tiny.en", "sample_rate": "16000"},
+                "session.sample_rate",
+            ),
+            (
+                {"provider": "LOCAL", "model": "whisper-tiny.en", "input_audio_format": "opus"},
+                "session.input_audio_format",
+            ),
+            (
+                {"provider": "LOCAL", "model": "whisper-tiny.en", "language": "fr"},
+                "session.language",
+            ),
+            ({"provider": "LOCAL", "model": "whisper-tiny.en", "colour": "blue"}, "session.colour"),
+            ({"provider": "LOCAL"}, "session.model"),
+            (
+                {"provider": "LOCAL", "model": "whisper-tiny.en", "endpointing": -5},
+                "session.endpointing",
+            ),
+            (
+                {"provider": "LOCAL", "model": "whisper-tiny.en", "vad": {"threshold": 2}},
+                "session.vad.threshold",
+            ),
+        ],
+    )
+    async def test_bad_config_names_the_field_and_previous_config_stands(
+        self, gateway: GatewayProcess, session: dict[str, Any], field: str
+    ) -> None:
+        ws, updated = await open_session(gateway.url, sample_rate=8000)
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
+        err = await expect_error(ws, "invalid_session_config")
+        assert err["error"].get("field") == field, err
+        # The previous configuration (8 kHz) stands: 20 ms at 8 kHz = 320 bytes, 0.02 s.
+        await ws.send(
+            json.dumps({"type": "audio.append", "audio": base64.b64encode(bytes(320)).decode()})
+        )
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 30)
+        assert messages[-1]["usage"]["audio_seconds"] == pytest.approx(0.02)
+
+    async def test_bad_first_config_leaves_session_unconfigured(
+        self, gateway: GatewayProcess
+    ) -> None:
+        ws = await connect(gateway.url)
+        await recv(ws)
+        await ws.send(
+            json.dumps({"type": "session.update", "session": {"provider": "X", "model": "y"}})
+        )
+        await expect_error(ws, "invalid_session_config")
+        await ws.send(GOOD_CHUNK)
+        await expect_error(ws, "session_not_configured")
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {"provider": "LOCAL", "model": "whisper-tiny.en"},
+                }
+            )
+        )
+        assert (await recv(ws))["type"] == "session.updated"
+        await still_works(ws)
+
+
+class TestAudioErrors:
+    @pytest.mark.parametrize(
+        ("audio", "code"),
+        [
+            ("!!!notbase64!!!", "invalid_audio"),
+            ("QUJD=", "invalid_audio"),  # bad padding
+            ("", "invalid_audio"),  # empty chunk
+            (base64.b64encode(bytes(641)).decode(), "invalid_audio"),  # odd pcm16
+            (base64.b64encode(bytes(128 * 1024 + 2)).decode(), "audio_too_large"),
+        ],
+    )
+    async def test_bad_chunk_is_dropped_with_error(
+        self, gateway: GatewayProcess, audio: str, code: str
+    ) -> None:
+        ws, _ = await open_session(gateway.url)
+        await ws.send(json.dumps({"type": "audio.append", "audio": audio}))
+        await expect_error(ws, code)
+        await still_works(ws)
+
+    async def test_chunk_at_the_limit_is_accepted(self, gateway: GatewayProcess) -> None:
+        ws, _ = await open_session(gateway.url)
+        await ws.send(
+            json.dumps(
+                {"type": "audio.append", "audio": base64.b64encode(bytes(128 * 1024)).decode()}
+            )
+        )
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 60)
+        assert messages[-1]["usage"]["audio_seconds"] == pytest.approx(4.096)
+        assert not [m for m in messages if m["type"] == "error"]
+
+    async def test_odd_length_is_fine_for_mulaw(self, gateway: GatewayProcess) -> None:
+        ws, _ = await open_session(gateway.url, input_audio_format="mulaw", sample_rate=8000)
+        await ws.send(
+            json.dumps({"type": "audio.append", "audio": base64.b64encode(bytes(161)).decode()})
+        )
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 30)
+        assert messages[-1]["usage"]["audio_seconds"] == pytest.approx(161 / 8000, abs=1e-3)
+
+    async def test_audio_before_configuration(self, gateway: GatewayProcess) -> None:
+        ws = await connect(gateway.url)
+        await recv(ws)
+        await ws.send(GOOD_CHUNK)
+        await expect_error(ws, "session_not_configured")
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {"provider": "LOCAL", "model": "whisper-tiny.en"},
+                }
+            )
+        )
+        assert (await recv(ws))["type"] == "session.updated"
+        await still_works(ws)
+
+
+class TestProviderErrors:
+    async def test_missing_local_model_gets_provider_unavailable(
+        self, gateway: GatewayProcess
+    ) -> None:
+        ws, _ = await open_session(gateway.url)
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {"provider": "LOCAL", "model": "whisper-base.en"},
+                }
+            )
+        )
+        err = await expect_error(ws, "provider_unavailable")
+        assert "whisper-base.en" in err["error"]["message"]
+        assert "whisper_models" in err["error"]["message"]  # says what to set
+        await still_works(ws)
+
+    async def test_provider_failure_mid_stream_gets_provider_error_and_session_stays(
+        self, gateway: GatewayProcess
+    ) -> None:
+        ws, _ = await open_session(gateway.url, provider="FAULTY", model="fail-after-audio")
+        await send_audio(ws, np.zeros(16000, dtype=np.int16))
+        err = await expect_error(ws, "provider_error")
+        assert "FAULTY" in err["error"]["message"]
+        # Audio without an engine is reported (not silently dropped) ...
+        await ws.send(GOOD_CHUNK)
+        await expect_error(ws, "provider_error")
+        # ... and a new session.update brings the session back.
+        await ws.send(
+            json.dumps(
+                {"type": "session.update", "session": {"provider": "FAULTY", "model": "echo"}}
+            )
+        )
+        assert (await recv(ws))["type"] == "session.updated"
+        await send_audio(ws, np.zeros(8000, dtype=np.int16))
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 30)
+        assert [m["text"] for m in messages if m["type"] == "transcription.completed"] == [
+            "chunk 0"
+        ]
+        assert messages[-1]["type"] == "session.closed"
+
+    async def test_finalize_that_never_returns_is_bounded(self, gateway: GatewayProcess) -> None:
+        ws, _ = await open_session(gateway.url, provider="FAULTY", model="hang-on-finalize")
+        await send_audio(ws, np.zeros(8000, dtype=np.int16))
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 20)  # the server's drain timeout is 4 s
+        kinds = [m["type"] for m in messages]
+        assert "transcription.completed" in kinds
+        assert messages[-2]["type"] == "error" and messages[-2]["error"]["code"] == "provider_error"
+        assert kinds[-1] == "session.closed"
+        assert ws.close_code == 1000
+
+    async def test_engine_bug_closes_1011_and_server_goes_on(self, gateway: GatewayProcess) -> None:
+        ws, _ = await open_session(gateway.url)
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {"provider": "FAULTY", "model": "crash-on-open"},
+                }
+            )
+        )
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await recv(ws, 10)
+        assert ws.close_code == 1011
+        ws2, _ = await open_session(gateway.url)
+        await still_works(ws2)
+
+
+class TestCloseCodes:
+    async def test_frame_far_over_the_limit_closes_1008(self, gateway: GatewayProcess) -> None:
+        ws, _ = await open_session(gateway.url)
+        await ws.send(json.dumps({"type": "audio.append", "audio": "A" * (2 * 1024 * 1024)}))
+        with pytest.raises(websockets.ConnectionClosed):
+            await recv(ws, 10)
+        assert ws.close_code == 1008
+
+    async def test_too_many_sessions_for_a_key_closes_4029_with_error_first(self) -> None:
+        server = GatewayProcess(
+            "quota",
+            env={
+                "TRANSCRIBE_MAX_SESSIONS_PER_KEY": "2",
+                "TRANSCRIBE_LOCAL_DEFAULT_MODEL": "pocketsphinx-en-us",
+            },
+        )
+        try:
+            held = [await connect(server.url) for _ in range(2)]
+            for ws in held:
+                assert (await recv(ws))["type"] == "session.created"
+            extra = await connect(server.url)
+            await expect_error(extra, "too_many_sessions")
+            with pytest.raises(websockets.ConnectionClosed):
+                await recv(extra, 5)
+            assert extra.close_code == 4029
+            other_key = await connect(server.url, TEST_KEYS[1])  # another key is not affected
+            assert (await recv(other_key))["type"] == "session.created"
+            await held[0].close()
+            again = await connect(server.url)
+            assert (await recv(again))["type"] == "session.created"
+        finally:
+            assert server.stop() == 0
