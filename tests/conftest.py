@@ -43,7 +43,7 @@ class GatewayProcess:
             "TRANSCRIBE_AUTH_TIMEOUT_S": "1.5",
             "TRANSCRIBE_IDLE_TIMEOUT_S": "3",
             "TRANSCRIBE_LOCAL_ALLOW_DOWNLOADS": "false",
-            "TRANSCRIBE_DRAIN_TIMEOUT_S": "4",
+            "TRANSCRIBE_DRAIN_TIMEOUT_S": "5",
             "TRANSCRIBE_PLUGINS": "tests.plugins.faulty:FaultySTT",
             "PYTHONPATH": str(ROOT),
             "HF_HUB_OFFLINE": "1",

@@ -142,18 +142,28 @@ def load_settings(
             data = msgspec.toml.decode(Path(path).read_bytes())
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except msgspec.DecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid TOML (UTF-8): {exc}") from None
     for name, (where, kind) in _ENV.items():
         if name in environ:
             target = data
             for part in where[:-1]:
                 target = target.setdefault(part, {})
+                if not isinstance(target, dict):
+                    raise ConfigError(f"{part}: expected a table (needed for {name})")
             target[where[-1]] = _env_value(name, environ[name], kind)
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = value
     try:
-        return msgspec.convert(data, Settings)
+        settings = msgspec.convert(data, Settings)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid setting: {exc}") from None
+    # A chunk at the limit must fit in a frame as base64 plus its JSON envelope.
+    if 4 * -(-settings.max_chunk_bytes // 3) + 64 > settings.max_message_bytes:
+        raise ConfigError(
+            "max_chunk_bytes: its base64 form must fit in max_message_bytes "
+            f"({settings.max_chunk_bytes} bytes of audio need about "
+            f"{4 * -(-settings.max_chunk_bytes // 3) + 64} bytes per frame)"
+        )
+    return settings

@@ -20,9 +20,9 @@ from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.client.cli import _Printer, add_stream_parser, main, run_stream
 from transcribe_gateway.protocol.messages import TranscriptionCompleted, TranscriptionPartial
 
-from .test_sdk import GOOD_KEY, SESSION_ID, FakeGateway, gateway
+from .test_sdk import GOOD_KEY, SESSION_ID, FakeGateway, fake_gateway
 
-__all__ = ["gateway"]  # the fixture, shared with test_sdk
+__all__ = ["fake_gateway"]  # the fixture, shared with test_sdk
 
 AUDIO = Path("/work/shared/audio")
 GOFORWARD = AUDIO / "goforward.raw"
@@ -38,9 +38,9 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 async def test_json_output_is_one_object_per_line(
-    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+    fake_gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = parse(str(GOFORWARD), "--url", gateway.url, "--key", GOOD_KEY, "--fast", "--json")
+    args = parse(str(GOFORWARD), "--url", fake_gateway.url, "--key", GOOD_KEY, "--fast", "--json")
     assert await run_stream(args) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -52,7 +52,7 @@ async def test_json_output_is_one_object_per_line(
     assert kinds.count("transcription.completed") == 3  # 2.79 s: one per second
     assert events[0]["session"]["id"] == SESSION_ID
     assert events[-1]["usage"]["audio_seconds"] == pytest.approx(2.786, abs=0.01)
-    rec = await gateway.recorded()
+    rec = await fake_gateway.recorded()
     assert rec.authorization == f"Bearer {GOOD_KEY}"
     assert rec.types[-1] == "session.close"
     sent = np.frombuffer(b"".join(rec.chunks), dtype="<i2")
@@ -60,9 +60,11 @@ async def test_json_output_is_one_object_per_line(
 
 
 async def test_human_output_on_flac(
-    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+    fake_gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = parse(str(JFK), "--url", gateway.url, "--key", GOOD_KEY, "--fast", "--auth", "message")
+    args = parse(
+        str(JFK), "--url", fake_gateway.url, "--key", GOOD_KEY, "--fast", "--auth", "message"
+    )
     assert await run_stream(args) == 0
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
@@ -73,21 +75,21 @@ async def test_human_output_on_flac(
     assert "time to first partial:" in captured.err
     assert "final latency: median" in captured.err
     assert f"session {SESSION_ID} closed (client_close): usage 11.00 s" in captured.err
-    rec = await gateway.recorded()
+    rec = await fake_gateway.recorded()
     assert rec.frames[0] == {"type": "auth", "token": GOOD_KEY}
 
 
 async def test_mulaw_format_and_rate(
-    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+    fake_gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = parse(
         str(GOFORWARD),
-        *("--url", gateway.url, "--key", GOOD_KEY, "--fast"),
+        *("--url", fake_gateway.url, "--key", GOOD_KEY, "--fast"),
         *("--format", "mulaw", "--rate", "8000", "--model", "m", "--prompt", "go, forward"),
     )
     assert await run_stream(args) == 0
     capsys.readouterr()
-    rec = await gateway.recorded()
+    rec = await fake_gateway.recorded()
     assert rec.updates == [
         {
             "provider": "LOCAL",
@@ -104,21 +106,21 @@ async def test_mulaw_format_and_rate(
 
 
 async def test_missing_file_exits_2_without_connecting(
-    gateway: FakeGateway, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    fake_gateway: FakeGateway, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    args = parse(str(tmp_path / "nope.wav"), "--url", gateway.url)
+    args = parse(str(tmp_path / "nope.wav"), "--url", fake_gateway.url)
     assert await run_stream(args) == 2
     assert "nope.wav" in capsys.readouterr().err
     garbage = tmp_path / "garbage.wav"
     garbage.write_bytes(b"not audio at all")
-    assert await run_stream(parse(str(garbage), "--url", gateway.url)) == 2
-    assert gateway.sessions == []
+    assert await run_stream(parse(str(garbage), "--url", fake_gateway.url)) == 2
+    assert fake_gateway.sessions == []
 
 
 async def test_server_errors_exit_1(
-    gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+    fake_gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = (str(GOFORWARD), "--url", gateway.url, "--fast")
+    base = (str(GOFORWARD), "--url", fake_gateway.url, "--fast")
     assert await run_stream(parse(*base, "--key", "wrong")) == 1
     assert "unauthorized" in capsys.readouterr().err
 
@@ -129,7 +131,7 @@ async def test_server_errors_exit_1(
     kinds = [json.loads(line)["type"] for line in captured.out.splitlines()]
     assert kinds == ["session.created", "error"]
 
-    gateway.abort_after_ms = 500
+    fake_gateway.abort_after_ms = 500
     assert await run_stream(parse(*base, "--key", GOOD_KEY)) == 1
     assert "1011" in capsys.readouterr().err
 

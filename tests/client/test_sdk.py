@@ -82,6 +82,7 @@ class FakeGateway:
     extra_before_updated: list[dict[str, Any]] = field(default_factory=list)
     abort_after_ms: float | None = None
     abort_code: int = 1011
+    ignore_close: bool = False
     sessions: list[Recorded] = field(default_factory=list)
 
     async def handler(self, ws: ServerConnection) -> None:
@@ -201,7 +202,7 @@ class FakeGateway:
                     end = utt_start + self.utterance_ms
                     await self._final(send, uid, utterance, utt_start, end)
                     utterance, utt_start, started, partials = utterance + 1, end, False, 0
-            elif kind == "session.close":
+            elif kind == "session.close" and not self.ignore_close:
                 if started:
                     uid = f"utt_{utterance}"
                     await self._final(send, uid, utterance, utt_start, audio_ms)
@@ -239,7 +240,7 @@ class FakeGateway:
 
 
 @pytest.fixture
-async def gateway() -> AsyncIterator[FakeGateway]:
+async def fake_gateway() -> AsyncIterator[FakeGateway]:
     gw = FakeGateway()
     async with serve(gw.handler, "127.0.0.1", 0) as server:
         port = next(iter(server.sockets)).getsockname()[1]
@@ -255,29 +256,29 @@ def tone(seconds: float, rate: int = 16000) -> np.ndarray[Any, np.dtype[np.int16
 # ---------------------------------------------------------------- auth
 
 
-async def test_header_auth(gateway: FakeGateway) -> None:
-    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+async def test_header_auth(fake_gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         assert client.session_id == SESSION_ID
-    rec = await gateway.recorded()
+    rec = await fake_gateway.recorded()
     assert rec.path == "/ws"
     assert rec.authorization == f"Bearer {GOOD_KEY}"
     assert rec.frames == []
 
 
-async def test_message_auth_sends_auth_first(gateway: FakeGateway) -> None:
-    async with TranscribeClient.connect(gateway.url, GOOD_KEY, auth="message") as client:
+async def test_message_auth_sends_auth_first(fake_gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY, auth="message") as client:
         assert client.session_id == SESSION_ID
         await client.configure()
-    rec = await gateway.recorded()
+    rec = await fake_gateway.recorded()
     assert rec.authorization is None
     assert rec.frames[0] == {"type": "auth", "token": GOOD_KEY}
     assert rec.types == ["auth", "session.update"]
 
 
 @pytest.mark.parametrize("auth", ["header", "message"])
-async def test_bad_key_raises_unauthorized(gateway: FakeGateway, auth: Any) -> None:
+async def test_bad_key_raises_unauthorized(fake_gateway: FakeGateway, auth: Any) -> None:
     with pytest.raises(TranscribeUnauthorized) as caught:
-        async with TranscribeClient.connect(gateway.url, "wrong", auth=auth):
+        async with TranscribeClient.connect(fake_gateway.url, "wrong", auth=auth):
             pytest.fail("must not get a session")
     assert caught.value.code == 4001
     assert caught.value.reason == "Unauthorized"
@@ -296,8 +297,8 @@ def test_close_code_mapping() -> None:
 # ---------------------------------------------------------------- configure
 
 
-async def test_configure_sends_fields_and_returns_effective(gateway: FakeGateway) -> None:
-    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+async def test_configure_sends_fields_and_returns_effective(fake_gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         effective = await client.configure(
             model="whisper-base.en",
             prompt="Kubernetes, gRPC",
@@ -311,7 +312,7 @@ async def test_configure_sends_fields_and_returns_effective(gateway: FakeGateway
     assert effective.input_audio_format == "mulaw"
     assert effective.sample_rate == 8000
     assert effective.endpointing == 300
-    assert (await gateway.recorded()).updates == [
+    assert (await fake_gateway.recorded()).updates == [
         {
             "provider": "LOCAL",
             "model": "whisper-base.en",
@@ -326,10 +327,10 @@ async def test_configure_sends_fields_and_returns_effective(gateway: FakeGateway
     ]
 
 
-async def test_configure_omits_unset_options(gateway: FakeGateway) -> None:
-    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+async def test_configure_omits_unset_options(fake_gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         await client.configure()
-    assert (await gateway.recorded()).updates == [
+    assert (await fake_gateway.recorded()).updates == [
         {
             "provider": "LOCAL",
             "model": "whisper-tiny.en",
@@ -340,8 +341,8 @@ async def test_configure_omits_unset_options(gateway: FakeGateway) -> None:
     ]
 
 
-async def test_configure_error_raises_and_session_goes_on(gateway: FakeGateway) -> None:
-    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+async def test_configure_error_raises_and_session_goes_on(fake_gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         with pytest.raises(TranscribeError) as caught:
             await client.configure(provider="NOPE")
         assert caught.value.code == "invalid_session_config"
@@ -351,11 +352,11 @@ async def test_configure_error_raises_and_session_goes_on(gateway: FakeGateway) 
         assert effective.provider == "LOCAL"
 
 
-async def test_events_during_configure_are_kept_in_order(gateway: FakeGateway) -> None:
+async def test_events_during_configure_are_kept_in_order(fake_gateway: FakeGateway) -> None:
     audio_error = {"type": "error", "error": {"code": "invalid_audio", "message": "odd length"}}
     future = {"type": "session.future_thing", "x": 1}
-    gateway.extra_before_updated = [audio_error, future]
-    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+    fake_gateway.extra_before_updated = [audio_error, future]
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         effective = await client.configure()  # the audio error is not its answer
         assert effective.model == "whisper-tiny.en"
         drained = client.drain_events()
@@ -371,9 +372,9 @@ async def test_events_during_configure_are_kept_in_order(gateway: FakeGateway) -
 # ---------------------------------------------------------------- audio and events
 
 
-async def test_send_audio_is_base64_of_the_bytes(gateway: FakeGateway) -> None:
+async def test_send_audio_is_base64_of_the_bytes(fake_gateway: FakeGateway) -> None:
     payloads = [b"\x01\x02" * 160, b"\xff\xfe" * 7]
-    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         await client.configure()
         for data in payloads:
             await client.send_audio(data)
@@ -382,15 +383,15 @@ async def test_send_audio_is_base64_of_the_bytes(gateway: FakeGateway) -> None:
         await client.close_session()
         await asyncio.wait_for(client.wait_closed(), 5)
         assert client.close_code == 1000
-    rec = await gateway.recorded()
+    rec = await fake_gateway.recorded()
     assert rec.chunks == payloads
     assert rec.types[-1] == "session.close"
     assert all(set(f) == {"type", "audio"} for f in rec.frames if f["type"] == "audio.append")
 
 
-async def test_send_samples_encodes_mulaw(gateway: FakeGateway) -> None:
+async def test_send_samples_encodes_mulaw(fake_gateway: FakeGateway) -> None:
     samples = tone(0.5, 8000)
-    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         with pytest.raises(RuntimeError):
             await client.send_samples(samples)
         await client.configure(input_audio_format="mulaw", sample_rate=8000)
@@ -398,13 +399,13 @@ async def test_send_samples_encodes_mulaw(gateway: FakeGateway) -> None:
         assert client.audio_seconds_sent == pytest.approx(0.5)
         with pytest.raises(ValueError):
             await client.send_samples(samples.astype(np.float32), fast=True)
-    chunks = (await gateway.recorded()).chunks
+    chunks = (await fake_gateway.recorded()).chunks
     assert {len(c) for c in chunks} == {160}  # 20 ms of 8 kHz, one byte per sample
     assert b"".join(chunks) == encode_mulaw(samples)
 
 
-async def test_event_order_and_normal_end(gateway: FakeGateway) -> None:
-    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+async def test_event_order_and_normal_end(fake_gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         await client.configure()
         await client.send_samples(tone(1.0), fast=True)
         await client.close_session()
@@ -425,10 +426,10 @@ async def test_event_order_and_normal_end(gateway: FakeGateway) -> None:
     assert closed.usage.audio_seconds == pytest.approx(1.0)
 
 
-async def test_abnormal_close_raises_after_delivering_events(gateway: FakeGateway) -> None:
-    gateway.abort_after_ms = 300
+async def test_abnormal_close_raises_after_delivering_events(fake_gateway: FakeGateway) -> None:
+    fake_gateway.abort_after_ms = 300
     seen: list[Any] = []
-    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         await client.configure()
         with pytest.raises(TranscribeConnectionClosed) as caught:
             await client.stream_samples(tone(1.0), fast=True, on_event=seen.append)
@@ -442,17 +443,17 @@ async def test_abnormal_close_raises_after_delivering_events(gateway: FakeGatewa
 # ---------------------------------------------------------------- streaming
 
 
-async def _stream(gateway: FakeGateway, *, fast: bool) -> tuple[float, Any]:
-    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+async def _stream(fake_gateway: FakeGateway, *, fast: bool) -> tuple[float, Any]:
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         await client.configure()
         begin = time.monotonic()
         result = await client.stream_samples(tone(1.0), fast=fast)
         return time.monotonic() - begin, result
 
 
-async def test_stream_real_time_pacing_and_timings(gateway: FakeGateway) -> None:
-    paced, result = await _stream(gateway, fast=False)
-    fast, fast_result = await _stream(gateway, fast=True)
+async def test_stream_real_time_pacing_and_timings(fake_gateway: FakeGateway) -> None:
+    paced, result = await _stream(fake_gateway, fast=False)
+    fast, fast_result = await _stream(fake_gateway, fast=True)
     assert 0.9 <= paced < 5
     assert fast < paced / 3
     for res in (result, fast_result):
@@ -463,7 +464,7 @@ async def test_stream_real_time_pacing_and_timings(gateway: FakeGateway) -> None
         assert res.transcript == "utterance 0"
         assert res.errors == []
         assert isinstance(res.events[-1], SessionClosed)
-    recorded = [await gateway.recorded(i) for i in range(2)]
+    recorded = [await fake_gateway.recorded(i) for i in range(2)]
     assert [r.types[-1] for r in recorded] == ["session.close", "session.close"]
     assert all(len(c) == 640 for c in recorded[0].chunks)
     timings = result.timings
@@ -474,10 +475,20 @@ async def test_stream_real_time_pacing_and_timings(gateway: FakeGateway) -> None
     assert timings.median_final_latency_s == timings.max_final_latency_s
 
 
-async def test_stream_file_reads_at_session_rate(gateway: FakeGateway) -> None:
-    async with TranscribeClient.connect(gateway.url, GOOD_KEY) as client:
+async def test_stream_file_reads_at_session_rate(fake_gateway: FakeGateway) -> None:
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         await client.configure(sample_rate=8000)
         result = await client.stream_file("/work/shared/audio/goforward.raw", fast=True)
     assert result.audio_seconds == pytest.approx(89160 / 2 / 16000, abs=0.01)
     assert len(result.finals) == 3
-    assert {len(c) for c in (await gateway.recorded()).chunks[:-1]} == {320}  # 20 ms at 8 kHz
+    assert {len(c) for c in (await fake_gateway.recorded()).chunks[:-1]} == {320}  # 20 ms at 8 kHz
+
+
+async def test_stream_times_out_without_session_closed(fake_gateway: FakeGateway) -> None:
+    fake_gateway.ignore_close = True
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
+        await client.configure()
+        begin = time.monotonic()
+        with pytest.raises(TimeoutError, match=r"no session\.closed"):
+            await client.stream_samples(tone(0.2), fast=True, finish_timeout=0.2)
+        assert time.monotonic() - begin < 2

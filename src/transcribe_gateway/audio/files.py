@@ -22,11 +22,14 @@ def read_audio(path: str | Path, *, rate: int = 16000, raw_rate: int | None = No
         raw_rate: the sample rate of a raw pcm16 file (default 16000).
 
     Raises:
-        ValueError: the file cannot be decoded.
+        ValueError: the file is missing, unreadable or cannot be decoded.
     """
     path = Path(path)
     if raw_rate is not None or path.suffix.lower() in {".raw", ".pcm", ".s16le"}:
-        data = np.fromfile(path, dtype="<i2").astype(np.int16)
+        try:
+            data = np.fromfile(path, dtype="<i2").astype(np.int16)
+        except OSError as exc:
+            raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from exc
         return resample(data, raw_rate or 16000, rate)
     try:
         audio, file_rate = soundfile.read(path, dtype="int16", always_2d=True)

@@ -114,6 +114,7 @@ class Endpointer:
         self._silent_run = 0
         self._start = 0
         self._last_voiced_end = 0
+        self._last_end = 0  # a new utterance never starts before the previous one ended
 
     def process(self, probs: npt.NDArray[np.float32]) -> list[VadEvent]:
         """Feed frame probabilities (in order); return the boundaries they reveal."""
@@ -126,7 +127,7 @@ class Endpointer:
                     self._voiced_run += 1
                     if self._voiced_run >= self._min_speech:
                         first = start_sample - (self._voiced_run - 1) * FRAME
-                        self._begin(max(0, first - self._pad), events)
+                        self._begin(max(self._last_end, first - self._pad), events)
                 else:
                     self._voiced_run = 0
                 continue
@@ -156,6 +157,7 @@ class Endpointer:
 
     def _finish(self, sample: int, events: list[VadEvent]) -> None:
         self.in_speech = False
+        self._last_end = sample
         self._voiced_run = 0
         self._silent_run = 0
         events.append(VadEvent("end", sample))

@@ -8,8 +8,9 @@ Output: with ``--json`` every server message is one JSON object per line on
 stdout and nothing else goes to stdout.  Otherwise each final is printed as
 ``[start-end] text`` (seconds), the current partial is shown on one live line
 when stdout is a terminal (not at all when it is not), and a timing summary
-goes to stderr.  Exit codes: 0 success, 1 server error or abnormal close,
-2 bad arguments or unreadable file.
+goes to stderr.  Server ``error`` messages are always reported on stderr too.
+Exit codes: 0 success, 1 server error (any ``error`` message) or abnormal
+close, 2 bad arguments or unreadable file.
 """
 
 from __future__ import annotations

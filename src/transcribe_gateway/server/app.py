@@ -20,6 +20,9 @@ from transcribe_gateway.server.connection import Connection
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_LINGER_S = 0.5
+"""On SIGTERM, audio still arriving this long is transcribed too (frames in flight)."""
+
 
 class Gateway:
     """Everything the connections share: settings, engines, keys, live sessions."""
@@ -43,7 +46,7 @@ class Gateway:
         live = list(self.connections)
         log.info("draining", extra={"sessions": len(live)})
         for conn in live:
-            conn.begin_end("shutdown")
+            conn.begin_end("shutdown", linger_s=SHUTDOWN_LINGER_S)
         waiters = [asyncio.create_task(conn.closed.wait()) for conn in live]
         if waiters:
             await asyncio.wait(waiters, timeout=grace_s)

@@ -73,6 +73,8 @@ class _Engine:
     offset_ms: int
     generation: int
     pump: asyncio.Task[None] | None = None
+    last_event_at: float = 0.0
+    """Monotonic time of the stream's last event (drain progress)."""
 
 
 class Connection:
@@ -323,18 +325,28 @@ class Connection:
             await engine.stream.end_input()
 
     async def _drain(self, engine: _Engine) -> None:
-        """Wait (bounded) for an engine whose input ended to deliver its last events."""
+        """Wait for an engine whose input ended to deliver its last events.
+
+        The bound is on silence, not on the total: each event restarts the
+        ``drain_timeout_s`` clock, so a busy engine working through a backlog
+        is given its time while one that stopped answering is cut off.
+        """
+        started = time.monotonic()
         try:
-            if engine.pump is not None:
-                await asyncio.wait_for(asyncio.shield(engine.pump), self.settings.drain_timeout_s)
-        except TimeoutError:
-            self.session.send_error(
-                "provider_error",
-                f"{self.effective.provider if self.effective else 'engine'}: timed out "
-                f"finalizing the last {self.settings.drain_timeout_s:g} s of audio",
-                retryable=True,
-            )
-            self._flush()
+            while engine.pump is not None and not engine.pump.done():
+                quiet_since = max(started, engine.last_event_at)
+                remaining = self.settings.drain_timeout_s - (time.monotonic() - quiet_since)
+                if remaining <= 0:
+                    self.session.send_error(
+                        "provider_error",
+                        f"{self.effective.provider if self.effective else 'engine'}: no answer "
+                        f"for {self.settings.drain_timeout_s:g} s while finalizing; the rest of "
+                        "the audio could not be transcribed",
+                        retryable=True,
+                    )
+                    self._flush()
+                    break
+                await asyncio.wait({engine.pump}, timeout=remaining)
         finally:
             await self._retire(engine, finalize=False)
 
@@ -367,6 +379,7 @@ class Connection:
     async def _pump(self, engine: _Engine) -> None:
         try:
             async for event in engine.stream:
+                engine.last_event_at = time.monotonic()
                 self._forward(engine, event)
                 self._flush()
         except ProviderError as exc:
@@ -408,13 +421,23 @@ class Connection:
 
     # ----------------------------------------------------------------- ending
 
-    def begin_end(self, reason: str) -> None:
-        """End gracefully: finalize pending audio, ``session.closed``, close 1000."""
-        if self._ending is None and self.session.state is not State.CLOSED:
-            self.session.start_draining()
-            self._ending = asyncio.create_task(self._end(reason), name=f"{self.id}-end")
+    def begin_end(self, reason: str, *, linger_s: float = 0.0) -> None:
+        """End gracefully: finalize pending audio, ``session.closed``, close 1000.
 
-    async def _end(self, reason: str) -> None:
+        Args:
+            reason: reported in ``session.closed``.
+            linger_s: keep taking audio this long first, so frames the client
+                sent before a server-side end (shutdown) are still transcribed.
+        """
+        if self._ending is None and self.session.state is not State.CLOSED:
+            if not linger_s:
+                self.session.start_draining()
+            self._ending = asyncio.create_task(self._end(reason, linger_s), name=f"{self.id}-end")
+
+    async def _end(self, reason: str, linger_s: float = 0.0) -> None:
+        if linger_s:
+            await asyncio.sleep(linger_s)
+            self.session.start_draining()
         engine, self._engine = self._engine, None
         if engine is not None:
             await self._finish_input(engine)

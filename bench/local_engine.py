@@ -1,0 +1,230 @@
+"""Benchmark of the embedded engine (LOCAL): accuracy, latency, real-time factor, sessions per core.
+
+Run by hand (never in CI), from the repository root:
+
+    .venv/bin/python bench/local_engine.py [--model whisper-tiny.en] [--sessions 1,2,4,8,12,16]
+
+It starts a real gateway process (pinned to core 0 with ``taskset`` for the
+capacity part, one decode worker) and streams ``../shared/audio`` through
+``/ws`` in real time, 20 ms chunks, as a phone or a browser would.  Latencies are
+measured on the client: the wall time a final arrived minus the wall time the
+audio of its end (``end_ms``) was sent, less the endpointing silence.  Results
+are printed as a Markdown block for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import websockets
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+from tests.conftest import free_port  # noqa: E402
+from tests.textnorm import LIBRIVOX, SHARED_AUDIO, corpus_wer, references  # noqa: E402
+from transcribe_gateway.audio.files import read_audio  # noqa: E402
+
+KEY = "bench-key"
+ENDPOINTING_MS = 500
+
+
+@dataclass
+class SessionResult:
+    name: str
+    text: str = ""
+    first_partial_s: float | None = None
+    final_latencies_s: list[float] = field(default_factory=list)
+    partials: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+def start_server(workers: int, cpus: str | None) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "TRANSCRIBE_API_KEYS": KEY,
+        "TRANSCRIBE_LOCAL_WORKERS": str(workers),
+        "TRANSCRIBE_LOCAL_MAX_SESSIONS_PER_WORKER": "1000",
+        "TRANSCRIBE_LOG_LEVEL": "warning",
+        "PYTHONPATH": str(ROOT / "src"),
+    }
+    cmd = [sys.executable, "-m", "transcribe_gateway", "serve", "--port", str(port)]
+    if cpus:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                if json.loads(r.read())["ready"]:
+                    return proc, f"ws://127.0.0.1:{port}/ws"
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+async def stream_one(url: str, name: str, samples: np.ndarray, model: str) -> SessionResult:
+    result = SessionResult(name)
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        await ws.recv()
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {"provider": "LOCAL", "model": model, "endpointing": ENDPOINTING_MS},
+                }
+            )
+        )
+        updated = json.loads(await ws.recv())
+        if updated["type"] != "session.updated":
+            result.errors.append(updated["error"]["code"])
+            return result
+        data = samples.astype("<i2").tobytes()
+        start = time.monotonic()
+        speech_start_wall: dict[str, float] = {}
+        texts: list[str] = []
+
+        def sent_at(audio_ms: float) -> float:
+            return start + audio_ms / 1000.0
+
+        async def receive() -> None:
+            async for raw in ws:
+                msg = json.loads(raw)
+                now = time.monotonic()
+                kind = msg["type"]
+                if kind == "speech.started":
+                    speech_start_wall[msg["utterance_id"]] = sent_at(msg["audio_start_ms"])
+                elif kind == "transcription.partial":
+                    result.partials += 1
+                    if result.first_partial_s is None and msg["utterance_id"] in speech_start_wall:
+                        result.first_partial_s = now - speech_start_wall[msg["utterance_id"]]
+                elif kind == "transcription.completed":
+                    texts.append(msg["text"])
+                    latency = now - sent_at(msg["end_ms"]) - ENDPOINTING_MS / 1000
+                    result.final_latencies_s.append(latency)
+                elif kind == "error":
+                    result.errors.append(msg["error"]["code"])
+
+        receiver = asyncio.create_task(receive())
+        for n, i in enumerate(range(0, len(data), 640)):
+            chunk = base64.b64encode(data[i : i + 640]).decode()
+            await ws.send(json.dumps({"type": "audio.append", "audio": chunk}))
+            delay = start + (n + 1) * 0.02 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await ws.send(json.dumps({"type": "session.close"}))
+        await asyncio.wait_for(receiver, 120)
+        result.text = " ".join(texts)
+    return result
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+async def run_sessions(url: str, model: str, n: int, clips: dict[str, np.ndarray]) -> list[SessionResult]:
+    names = list(clips)
+    chosen = [names[i % len(names)] for i in range(n)]
+    return await asyncio.gather(*(stream_one(url, c, clips[c], model) for c in chosen))
+
+
+def batch_figures(model: str, clips: dict[str, np.ndarray], refs: dict[str, str]) -> tuple[float, float, float]:
+    """WER LibriVox, WER all, and CPU real-time factor of batch decoding on one thread."""
+    texts: dict[str, str] = {}
+    cpu = audio = 0.0
+    if model.startswith("whisper"):
+        from transcribe_gateway.providers.local_whisper import WhisperEngine, resolve_whisper_model
+
+        engine = WhisperEngine(model, resolve_whisper_model(model, {}, False), 1)
+        engine.transcribe(clips[next(iter(clips))], final=True)  # warm-up
+        for name, samples in clips.items():
+            t = time.process_time()
+            texts[name] = engine.transcribe(samples, final=True).text
+            cpu += time.process_time() - t
+            audio += len(samples) / 16000
+    else:
+        from pocketsphinx import Decoder
+
+        decoder = Decoder(fwdflat=False, bestpath=False, loglevel="FATAL")
+        for name, samples in clips.items():
+            t = time.process_time()
+            decoder.start_utt()
+            decoder.process_raw(samples.astype("<i2").tobytes(), False, True)
+            decoder.end_utt()
+            hyp = decoder.hyp()
+            texts[name] = hyp.hypstr if hyp else ""
+            cpu += time.process_time() - t
+            audio += len(samples) / 16000
+    lib = corpus_wer([(refs[n], texts[n]) for n in LIBRIVOX])
+    every = corpus_wer([(refs[n], texts[n]) for n in refs])
+    return lib, every, cpu / audio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="whisper-tiny.en")
+    parser.add_argument("--sessions", default="1,2,4,6,8,12")
+    args = parser.parse_args()
+    refs = references()
+    trail = np.zeros(16000, dtype=np.int16)
+    clips = {n: np.concatenate([read_audio(SHARED_AUDIO / n), trail]) for n in refs}
+
+    lib_b, all_b, rtf = batch_figures(args.model, clips, refs)
+    print(f"## LOCAL {args.model}\n")
+    print(f"batch (one thread): WER LibriVox {lib_b:.3f}, all files {all_b:.3f}, CPU real-time factor {rtf:.3f}")
+
+    # Streaming accuracy and single-session latency: both cores, one session at a time.
+    proc, url = start_server(workers=0, cpus=None)
+    try:
+        solo = [asyncio.run(stream_one(url, n, clips[n], args.model)) for n in refs]
+    finally:
+        proc.terminate()
+        proc.wait()
+    texts = {r.name: r.text for r in solo}
+    lib_s = corpus_wer([(refs[n], texts[n]) for n in LIBRIVOX])
+    all_s = corpus_wer([(refs[n], texts[n]) for n in refs])
+    firsts = [r.first_partial_s for r in solo if r.first_partial_s is not None]
+    finals = [x for r in solo for x in r.final_latencies_s]
+    print(f"streaming (real time, one session at a time): WER LibriVox {lib_s:.3f} ({lib_s / max(lib_b, 1e-9):.2f}x batch), "
+          f"all files {all_s:.3f} ({all_s / max(all_b, 1e-9):.2f}x batch)")
+    print(f"time to first partial after speech onset: median {statistics.median(firsts) if firsts else float('nan'):.3f} s")
+    print(f"time to final after end of speech, excluding {ENDPOINTING_MS} ms endpointing: "
+          f"median {statistics.median(finals):.3f} s, p95 {pct(finals, 0.95):.3f} s\n")
+
+    # Capacity: the server pinned to one core with one decode worker.
+    print("| sessions on 1 core | final latency p50 (s) | p95 (s) | partials/session | WER | errors |")
+    print("|---|---|---|---|---|---|")
+    proc, url = start_server(workers=1, cpus="0")
+    try:
+        for n in [int(x) for x in args.sessions.split(",")]:
+            results = asyncio.run(run_sessions(url, args.model, n, clips))
+            lat = [x for r in results for x in r.final_latencies_s]
+            wer = corpus_wer([(refs[r.name], r.text) for r in results])
+            errors = sum(len(r.errors) for r in results)
+            parts = statistics.mean(r.partials for r in results)
+            print(f"| {n} | {pct(lat, 0.5):.3f} | {pct(lat, 0.95):.3f} | {parts:.1f} | {wer:.3f} | {errors} |")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+if __name__ == "__main__":
+    main()

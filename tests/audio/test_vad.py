@@ -1,0 +1,240 @@
+"""Voice activity (PROTOCOL.md "speech.started" / "speech.stopped", ``endpointing`` and
+``vad`` tuning): Silero on real speech, and the endpointer on scripted probabilities."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from transcribe_gateway.audio.decode import Samples
+from transcribe_gateway.audio.files import read_audio
+from transcribe_gateway.audio.vad import (
+    FRAME,
+    SAMPLE_RATE,
+    Endpointer,
+    SileroVad,
+    VadEvent,
+    VoiceActivity,
+)
+
+AUDIO = Path(__file__).resolve().parents[3] / "shared" / "audio"
+SPEECH = ["goforward.raw", "jfk.flac", "sense_and_sensibility_01_austen_64kb-0870.wav"]
+SECOND = SAMPLE_RATE
+
+
+@functools.cache
+def speech(name: str, silence_s: float = 1.0) -> Samples:
+    """A shared file at 16 kHz followed by digital silence; missing audio fails, never skips."""
+    path = AUDIO / name
+    assert path.is_file(), f"{path} is missing: the tests need ../shared/audio beside the repo"
+    samples = read_audio(path)
+    return np.concatenate([samples, np.zeros(int(silence_s * SECOND), dtype=np.int16)])
+
+
+def detect(samples: Samples, chunk_ms: float = 20, **options: int) -> list[tuple[str, int]]:
+    activity = VoiceActivity(Endpointer(**options))
+    step = max(1, int(chunk_ms * SECOND / 1000))
+    events: list[VadEvent] = []
+    for i in range(0, len(samples), step):
+        events += activity.process(samples[i : i + step])
+    assert activity.in_speech == (bool(events) and events[-1].kind == "start")
+    return [(e.kind, e.sample) for e in events]
+
+
+def loud_span(samples: Samples, fraction: float = 0.2) -> tuple[int, int]:
+    """First and last sample of 20 ms frames whose RMS is over ``fraction`` of the loudest."""
+    n = len(samples) // 320
+    frames = samples[: n * 320].reshape(n, 320).astype(np.float64)
+    rms = np.sqrt((frames**2).mean(axis=1))
+    loud = np.flatnonzero(rms > fraction * rms.max())
+    return int(loud[0]) * 320, (int(loud[-1]) + 1) * 320
+
+
+def assert_alternating(events: list[tuple[str, int]]) -> None:
+    kinds = [kind for kind, _ in events]
+    assert kinds == ["start", "end"] * (len(kinds) // 2), events
+    samples = [sample for _, sample in events]
+    assert samples == sorted(samples), events
+
+
+class TestSileroOnSpeech:
+    @pytest.mark.parametrize("name", SPEECH)
+    def test_vad_reports_alternating_events(self, name: str) -> None:
+        events = detect(speech(name))
+        assert len(events) >= 2
+        assert_alternating(events)
+
+    @pytest.mark.parametrize("name", SPEECH)
+    def test_vad_brackets_the_words(self, name: str) -> None:
+        samples = speech(name)
+        first_word, last_word = loud_span(samples)
+        events = detect(samples)
+        start, end = events[0][1], events[-1][1]
+        assert start <= first_word, (start, first_word)
+        assert end >= last_word, (end, last_word)
+        # ...and not by much: the padding is 300 ms, the rest is quiet breath.
+        assert first_word - start < SECOND
+        assert end - last_word < SECOND
+        assert end <= len(samples)
+
+    def test_vad_finds_one_utterance_in_a_command(self) -> None:
+        assert len(detect(speech("goforward.raw"))) == 2
+
+    def test_vad_splits_jfk_at_short_endpointing(self) -> None:
+        samples = speech("jfk.flac", silence_s=2.0)
+        short = detect(samples, endpointing_ms=500)
+        long = detect(samples, endpointing_ms=1500)
+        assert_alternating(short)
+        assert_alternating(long)
+        assert len(short) // 2 >= 3  # "...fellow Americans / ask not / what your country..."
+        assert 1 <= len(long) // 2 < len(short) // 2
+        # Same speech, so the same outer bounds.
+        assert abs(short[0][1] - long[0][1]) <= FRAME
+
+    @pytest.mark.parametrize("chunk_ms", [7, 100, 1000])
+    @pytest.mark.parametrize("name", ["jfk.flac", "goforward.raw"])
+    def test_vad_does_not_depend_on_chunk_size(self, name: str, chunk_ms: int) -> None:
+        samples = speech(name)
+        assert detect(samples, chunk_ms) == detect(samples, 20)
+
+    def test_vad_takes_a_whole_file_at_once(self) -> None:
+        samples = speech("jfk.flac")
+        activity = VoiceActivity(Endpointer())
+        whole = [(e.kind, e.sample) for e in activity.process(samples)]
+        assert whole == detect(samples, 20)
+
+    def test_silero_probabilities_do_not_depend_on_chunk_size(self) -> None:
+        samples = speech("goforward.raw")
+
+        def probs(step: int) -> npt.NDArray[np.float32]:
+            vad = SileroVad()
+            return np.concatenate(
+                [vad.process(samples[i : i + step]) for i in range(0, len(samples), step)]
+            )
+
+        a, b = probs(320), probs(1601)
+        assert len(a) == len(b) == len(samples) // FRAME
+        np.testing.assert_allclose(a, b, atol=1e-4)
+        assert a.max() > 0.9 and a.min() < 0.1
+
+    def test_vad_cuts_long_utterances(self) -> None:
+        samples = speech("sense_and_sensibility_01_austen_64kb-0870.wav")
+        events = detect(samples, max_utterance_ms=2000)
+        assert_alternating(events)
+        assert len(events) // 2 >= 3
+        starts = dict.fromkeys(s for k, s in events if k == "start")
+        cuts = [s for k, s in events if k == "end" and s in starts]
+        assert len(cuts) >= 2  # an end and a new start at the same sample
+        for (_, start), (_, end) in zip(events[::2], events[1::2], strict=True):
+            assert end - start <= 2 * SECOND + FRAME
+
+
+class TestSileroOnNonSpeech:
+    def test_vad_ignores_digital_silence(self) -> None:
+        assert detect(np.zeros(5 * SECOND, dtype=np.int16)) == []
+
+    @pytest.mark.parametrize("std", [30.0, 100.0])
+    def test_vad_ignores_low_white_noise(self, std: float) -> None:
+        rng = np.random.default_rng(20240601)
+        noise = np.clip(rng.normal(0, std, 5 * SECOND), -32768, 32767).astype(np.int16)
+        assert detect(noise) == []
+
+    def test_vad_ignores_empty_chunks(self) -> None:
+        activity = VoiceActivity(Endpointer())
+        assert activity.process(np.zeros(0, dtype=np.int16)) == []
+        assert not activity.in_speech
+
+
+# ----------------------------------------------------- endpointer on its own
+
+
+def probs(*runs: tuple[float, int]) -> npt.NDArray[np.float32]:
+    """Frame probabilities from (value, number of frames) runs."""
+    return np.concatenate([np.full(n, p, dtype=np.float32) for p, n in runs])
+
+
+def endpoint(p: npt.NDArray[np.float32], **options: Any) -> list[tuple[str, int]]:
+    return [(e.kind, e.sample) for e in Endpointer(**options).process(p)]
+
+
+class TestEndpointer:
+    def test_endpointer_reports_one_utterance(self) -> None:
+        # 32 ms frames: speech from frame 20 to 49, then silence.
+        events = endpoint(probs((0.0, 20), (0.9, 30), (0.0, 40)))
+        pad = 300 * SAMPLE_RATE // 1000
+        assert events[0] == ("start", 20 * FRAME - pad)
+        assert events[1][0] == "end"
+        # Ends after the last voiced frame (plus half the padding), once 500 ms of silence passed.
+        assert events[1][1] == 50 * FRAME + pad // 2
+        assert len(events) == 2
+
+    def test_endpointer_ignores_blips_shorter_than_min_speech(self) -> None:
+        # min_speech_ms=100 needs 4 frames of 32 ms.
+        assert endpoint(probs((0.0, 10), (0.9, 3), (0.0, 40))) == []
+        assert endpoint(probs((0.0, 10), (0.9, 4), (0.0, 40)))[0][0] == "start"
+
+    def test_endpointer_holds_through_short_pauses(self) -> None:
+        # 320 ms of silence is under the 500 ms endpointing.
+        events = endpoint(probs((0.9, 20), (0.0, 10), (0.9, 20), (0.0, 40)))
+        assert [k for k, _ in events] == ["start", "end"]
+
+    def test_endpointer_splits_on_long_pauses(self) -> None:
+        events = endpoint(probs((0.9, 20), (0.0, 30), (0.9, 20), (0.0, 40)))
+        assert [k for k, _ in events] == ["start", "end", "start", "end"]
+
+    def test_endpointer_uses_hysteresis(self) -> None:
+        # 0.4 is under the 0.5 start threshold but over the 0.35 stop threshold.
+        assert endpoint(probs((0.4, 50))) == []
+        events = endpoint(probs((0.9, 10), (0.4, 50), (0.0, 40)))
+        assert [k for k, _ in events] == ["start", "end"]
+        assert events[1][1] >= 60 * FRAME
+
+    def test_endpointer_never_starts_before_the_stream(self) -> None:
+        assert endpoint(probs((0.9, 10), (0.0, 30)))[0] == ("start", 0)
+
+    def test_endpointer_never_ends_past_what_it_saw(self) -> None:
+        events = endpoint(probs((0.9, 10), (0.0, 1)), endpointing_ms=10)
+        assert events[-1] == ("end", 11 * FRAME)
+
+    def test_endpointer_cuts_at_max_utterance(self) -> None:
+        events = endpoint(probs((0.9, 100)), max_utterance_ms=1000, prefix_padding_ms=0)
+        limit = 1000 * SAMPLE_RATE // 1000
+        assert events[0] == ("start", 0)
+        cut = -(-limit // FRAME) * FRAME  # the first frame boundary at or past 1 s
+        assert events == [
+            ("start", 0),
+            ("end", cut),
+            ("start", cut),
+            ("end", 2 * cut),
+            ("start", 2 * cut),
+            ("end", 3 * cut),
+            ("start", 3 * cut),
+        ]
+
+    def test_endpointer_is_incremental(self) -> None:
+        p = probs((0.0, 7), (0.9, 33), (0.0, 20), (0.8, 9), (0.0, 30))
+        endpointer = Endpointer()
+        split = [
+            (e.kind, e.sample) for i in range(len(p)) for e in endpointer.process(p[i : i + 1])
+        ]
+        assert split == endpoint(p)
+
+    @pytest.mark.parametrize(
+        ("endpointing_ms", "prefix_padding_ms"), [(10, 300), (300, 300), (500, 1000)]
+    )
+    def test_endpointer_never_overlaps_utterances(
+        self, endpointing_ms: int, prefix_padding_ms: int
+    ) -> None:
+        silence = -(-endpointing_ms // 32)
+        events = endpoint(
+            probs((0.9, 10), (0.0, silence), (0.9, 10), (0.0, 70)),
+            endpointing_ms=endpointing_ms,
+            prefix_padding_ms=prefix_padding_ms,
+        )
+        assert [k for k, _ in events] == ["start", "end", "start", "end"]
+        assert_alternating(events)

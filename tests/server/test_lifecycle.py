@@ -1,0 +1,170 @@
+"""Session lifecycle: close flush, idle timeout, vanished clients, SIGTERM drain, health."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import websockets
+
+from tests.conftest import GatewayProcess
+from tests.server.wsutil import collect, finals, open_session, recv, send_audio
+from tests.textnorm import normalize
+from transcribe_gateway.audio.files import read_audio
+
+
+async def wait_for_sessions(server: GatewayProcess, count: int, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        health = server.health()
+        if health["sessions"] == count or time.monotonic() > deadline:
+            return health
+        await asyncio.sleep(0.1)
+
+
+class TestSessionClose:
+    async def test_close_right_after_speech_loses_no_trailing_words(
+        self, gateway: GatewayProcess, shared_audio
+    ) -> None:
+        # The file ends right after "meters": no silence for the VAD to end on.
+        audio = read_audio(shared_audio / "goforward.raw")
+        ws, _ = await open_session(gateway.url)
+        await send_audio(ws, audio[: int(2.35 * 16000)])
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 60)
+        assert normalize(finals(messages)) == "go forward ten meters"
+        closed = messages[-1]
+        assert closed["type"] == "session.closed"
+        assert closed["reason"] == "client_close"
+        assert closed["usage"]["audio_seconds"] == pytest.approx(2.35, abs=0.02)
+        assert ws.close_code == 1000
+        # Order for the utterance: started, partial*, completed, stopped, then closed.
+        kinds = [m["type"] for m in messages if m["type"] != "transcription.partial"]
+        assert kinds == [
+            "speech.started",
+            "transcription.completed",
+            "speech.stopped",
+            "session.closed",
+        ]
+
+    async def test_completed_carries_timing_and_words(
+        self, gateway: GatewayProcess, shared_audio
+    ) -> None:
+        audio = read_audio(shared_audio / "goforward.raw")
+        ws, _ = await open_session(gateway.url)
+        await send_audio(ws, np.concatenate([audio, np.zeros(16000, np.int16)]))
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 60)
+        (done,) = [m for m in messages if m["type"] == "transcription.completed"]
+        (started,) = [m for m in messages if m["type"] == "speech.started"]
+        (stopped,) = [m for m in messages if m["type"] == "speech.stopped"]
+        assert done["utterance_id"] == started["utterance_id"] == stopped["utterance_id"]
+        assert 0 <= done["start_ms"] < 600 and 2000 < done["end_ms"] < 3500
+        words = done["words"]
+        assert [normalize(w["word"]) for w in words] == ["go", "forward", "ten", "meters"]
+        for w in words:
+            assert done["start_ms"] <= w["start_ms"] <= w["end_ms"] <= done["end_ms"] + 50
+            assert 0.0 <= w["confidence"] <= 1.0
+        assert [w["start_ms"] for w in words] == sorted(w["start_ms"] for w in words)
+
+    async def test_close_before_configuration(self, gateway: GatewayProcess) -> None:
+        ws = await websockets.connect(
+            gateway.url, additional_headers={"Authorization": "Bearer test-key-alpha-0123456789"}
+        )
+        await recv(ws)
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 10)
+        assert [m["type"] for m in messages] == ["session.closed"]
+        assert messages[0]["usage"]["audio_seconds"] == 0
+        assert ws.close_code == 1000
+
+
+class TestIdleTimeout:
+    async def test_listening_client_gets_final_then_closed(
+        self, gateway: GatewayProcess, shared_audio
+    ) -> None:
+        # A client that sends its audio and only listens (the public docs' example) still ends.
+        audio = read_audio(shared_audio / "goforward.raw")
+        ws, _ = await open_session(gateway.url)
+        await send_audio(ws, audio)
+        started = time.monotonic()
+        messages = await collect(ws, 30)
+        waited = time.monotonic() - started
+        assert normalize(finals(messages)) == "go forward ten meters"
+        assert messages[-1]["type"] == "session.closed"
+        assert messages[-1]["reason"] == "idle_timeout"
+        assert ws.close_code == 1000
+        assert 2.5 < waited < 15  # idle timeout is 3 s in the test server
+
+    async def test_unconfigured_idle_session_is_closed(self, gateway: GatewayProcess) -> None:
+        ws = await websockets.connect(
+            gateway.url, additional_headers={"Authorization": "Bearer test-key-alpha-0123456789"}
+        )
+        await recv(ws)
+        messages = await collect(ws, 15)
+        assert [m["type"] for m in messages] == ["session.closed"]
+        assert messages[0]["reason"] == "idle_timeout"
+
+
+class TestVanishedClient:
+    async def test_killed_client_leaves_no_session_or_engine_behind(
+        self, gateway: GatewayProcess, shared_audio
+    ) -> None:
+        before = await wait_for_sessions(gateway, 0)
+        assert before["sessions"] == 0
+        audio = read_audio(shared_audio / "sense_and_sensibility_01_austen_64kb-0870.wav")
+        sockets = []
+        for model in ("whisper-tiny.en", "pocketsphinx-en-us"):
+            ws, _ = await open_session(gateway.url, model=model)
+            await send_audio(ws, audio[: 3 * 16000])  # mid-utterance
+            sockets.append(ws)
+        during = gateway.health()
+        assert during["sessions"] == 2
+        assert during["streams"]["LOCAL"] == {"whisper": 1, "sphinx": 1}
+        for ws in sockets:
+            ws.transport.abort()  # no close frame: the client just vanishes
+        after = await wait_for_sessions(gateway, 0)
+        assert after["sessions"] == 0
+        assert after["streams"]["LOCAL"] == {"whisper": 0, "sphinx": 0}
+        # ...and the server still serves.
+        ws, _ = await open_session(gateway.url)
+        await ws.close()
+
+
+class TestHealth:
+    def test_healthz(self, gateway: GatewayProcess) -> None:
+        with urllib.request.urlopen(f"{gateway.http}/healthz", timeout=5) as r:
+            body = json.loads(r.read())
+        assert r.status == 200
+        assert body["status"] == "ok" and body["ready"] is True
+
+
+class TestShutdown:
+    async def test_sigterm_drains_open_sessions_and_exits_0(self, shared_audio) -> None:
+        server = GatewayProcess(
+            "sigterm", env={"TRANSCRIBE_IDLE_TIMEOUT_S": "60", "TRANSCRIBE_DRAIN_TIMEOUT_S": "20"}
+        )
+        try:
+            audio = read_audio(shared_audio / "goforward.raw")[: int(2.35 * 16000)]
+            clients = []
+            for _ in range(3):
+                ws, _ = await open_session(server.url)
+                await send_audio(ws, audio)
+                clients.append(ws)
+            server.proc.send_signal(signal.SIGTERM)
+            results = await asyncio.gather(*(collect(ws, 60) for ws in clients))
+            for ws, messages in zip(clients, results, strict=True):
+                assert normalize(finals(messages)) == "go forward ten meters"
+                assert messages[-1]["type"] == "session.closed"
+                assert messages[-1]["reason"] == "shutdown"
+                assert ws.close_code == 1000
+            assert server.proc.wait(30) == 0
+        finally:
+            server.stop()
+        with pytest.raises(OSError):
+            await websockets.connect(server.url, open_timeout=2)

@@ -1,0 +1,123 @@
+"""Which engine serves a session: cloud providers without credentials, strict mode, options."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import GatewayProcess
+from tests.server.wsutil import collect, connect, finals, open_session, recv, send_audio
+from transcribe_gateway.audio.files import read_audio
+
+CLOUD = [
+    ("DEEPGRAM", "nova-3"),
+    ("DEEPGRAM", "flux-general-en"),
+    ("OPENAI", "gpt-4o-transcribe"),
+    ("CARTESIA", "ink-whisper"),
+    ("ELEVENLABS", "scribe-v2-realtime"),
+    ("SONIOX", "stt-rt-v4"),
+    ("QWEN3", "qwen3-asr-flash-realtime"),
+]
+
+
+class TestDevelopmentProfile:
+    @pytest.mark.parametrize(("provider", "model"), CLOUD)
+    async def test_unconfigured_cloud_provider_is_served_by_local_and_says_so(
+        self, gateway: GatewayProcess, provider: str, model: str
+    ) -> None:
+        ws, updated = await open_session(gateway.url, provider=provider, model=model)
+        session = updated["session"]
+        assert session["provider"] == "LOCAL"
+        assert session["model"] == "whisper-tiny.en"
+        assert session["requested_provider"] == provider
+        assert session["requested_model"] == model
+        assert f"{provider}_API_KEY" in session["notice"]
+        await ws.close()
+
+    async def test_substitute_reports_what_it_cannot_honour(self, gateway: GatewayProcess) -> None:
+        ws, updated = await open_session(
+            gateway.url, provider="DEEPGRAM", model="nova-3", language="de"
+        )
+        session = updated["session"]
+        assert session["language"] == "en"
+        assert any(item.startswith("language=de") for item in session["unsupported"])
+        await ws.close()
+
+    async def test_effective_config_fills_defaults(self, gateway: GatewayProcess) -> None:
+        ws, updated = await open_session(gateway.url)
+        assert updated["session"] == {
+            "provider": "LOCAL",
+            "model": "whisper-tiny.en",
+            "language": "en",
+            "input_audio_format": "pcm16",
+            "sample_rate": 16000,
+            "endpointing": 500,
+        }
+        await ws.close()
+
+
+class TestStrictProviders:
+    async def test_strict_server_refuses_unconfigured_provider(self) -> None:
+        server = GatewayProcess("strict", args=["--strict-providers"])
+        try:
+            ws = await connect(server.url)
+            await recv(ws)
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {"provider": "OPENAI", "model": "gpt-4o-transcribe"},
+                    }
+                )
+            )
+            err = await recv(ws)
+            assert err["type"] == "error"
+            assert err["error"]["code"] == "provider_unavailable"
+            assert "OPENAI_API_KEY" in err["error"]["message"]
+            # The session stays open and can pick an engine this server has.
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "session.update",
+                        "session": {"provider": "LOCAL", "model": "pocketsphinx-en-us"},
+                    }
+                )
+            )
+            assert (await recv(ws))["session"]["provider"] == "LOCAL"
+            await ws.close()
+        finally:
+            assert server.stop() == 0
+
+
+class TestOptions:
+    async def test_prompt_biases_whisper(self, gateway: GatewayProcess, shared_audio) -> None:
+        audio = np.concatenate(
+            [read_audio(shared_audio / "cards-002.wav"), np.zeros(16000, np.int16)]
+        )
+        texts = {}
+        for prompt in (None, "clubs"):
+            extra = {"prompt": prompt} if prompt else {}
+            ws, updated = await open_session(gateway.url, **extra)
+            assert updated["session"].get("prompt") == prompt
+            await send_audio(ws, audio)
+            await ws.send(json.dumps({"type": "session.close"}))
+            texts[prompt] = finals(await collect(ws, 60)).lower()
+        # Unprompted, tiny.en hears "queen of clothes"; the keyterm fixes it.
+        assert "clothes" in texts[None]
+        assert "clubs" in texts["clubs"]
+
+    async def test_endpointing_changes_segmentation(
+        self, gateway: GatewayProcess, shared_audio
+    ) -> None:
+        audio = np.concatenate([read_audio(shared_audio / "jfk.flac"), np.zeros(16000, np.int16)])
+        counts = {}
+        for endpointing in (300, 2000):
+            ws, updated = await open_session(gateway.url, endpointing=endpointing)
+            assert updated["session"]["endpointing"] == endpointing
+            await send_audio(ws, audio)
+            await ws.send(json.dumps({"type": "session.close"}))
+            messages = await collect(ws, 60)
+            counts[endpointing] = sum(m["type"] == "speech.stopped" for m in messages)
+        assert counts[300] >= 4 > counts[2000] >= 1
