@@ -34,6 +34,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from tests.conftest import free_port  # noqa: E402
 from tests.textnorm import LIBRIVOX, SHARED_AUDIO, corpus_wer, references  # noqa: E402
+
 from transcribe_gateway.audio.files import read_audio  # noqa: E402
 
 KEY = "bench-key"
@@ -140,13 +141,17 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-async def run_sessions(url: str, model: str, n: int, clips: dict[str, np.ndarray]) -> list[SessionResult]:
+async def run_sessions(
+    url: str, model: str, n: int, clips: dict[str, np.ndarray]
+) -> list[SessionResult]:
     names = list(clips)
     chosen = [names[i % len(names)] for i in range(n)]
     return await asyncio.gather(*(stream_one(url, c, clips[c], model) for c in chosen))
 
 
-def batch_figures(model: str, clips: dict[str, np.ndarray], refs: dict[str, str]) -> tuple[float, float, float]:
+def batch_figures(
+    model: str, clips: dict[str, np.ndarray], refs: dict[str, str]
+) -> tuple[float, float, float]:
     """WER LibriVox, WER all, and CPU real-time factor of batch decoding on one thread."""
     texts: dict[str, str] = {}
     cpu = audio = 0.0
@@ -179,7 +184,9 @@ def batch_figures(model: str, clips: dict[str, np.ndarray], refs: dict[str, str]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="whisper-tiny.en")
     parser.add_argument("--sessions", default="1,2,4,6,8,12")
     args = parser.parse_args()
@@ -189,7 +196,9 @@ def main() -> None:
 
     lib_b, all_b, rtf = batch_figures(args.model, clips, refs)
     print(f"## LOCAL {args.model}\n")
-    print(f"batch (one thread): WER LibriVox {lib_b:.3f}, all files {all_b:.3f}, CPU real-time factor {rtf:.3f}")
+    print(
+        f"batch (one thread): WER LibriVox {lib_b:.3f}, all files {all_b:.3f}, CPU real-time factor {rtf:.3f}"
+    )
 
     # Streaming accuracy and single-session latency: both cores, one session at a time.
     proc, url = start_server(workers=0, cpus=None)
@@ -203,14 +212,22 @@ def main() -> None:
     all_s = corpus_wer([(refs[n], texts[n]) for n in refs])
     firsts = [r.first_partial_s for r in solo if r.first_partial_s is not None]
     finals = [x for r in solo for x in r.final_latencies_s]
-    print(f"streaming (real time, one session at a time): WER LibriVox {lib_s:.3f} ({lib_s / max(lib_b, 1e-9):.2f}x batch), "
-          f"all files {all_s:.3f} ({all_s / max(all_b, 1e-9):.2f}x batch)")
-    print(f"time to first partial after speech onset: median {statistics.median(firsts) if firsts else float('nan'):.3f} s")
-    print(f"time to final after end of speech, excluding {ENDPOINTING_MS} ms endpointing: "
-          f"median {statistics.median(finals):.3f} s, p95 {pct(finals, 0.95):.3f} s\n")
+    print(
+        f"streaming (real time, one session at a time): WER LibriVox {lib_s:.3f} ({lib_s / max(lib_b, 1e-9):.2f}x batch), "
+        f"all files {all_s:.3f} ({all_s / max(all_b, 1e-9):.2f}x batch)"
+    )
+    print(
+        f"time to first partial after speech onset: median {statistics.median(firsts) if firsts else float('nan'):.3f} s"
+    )
+    print(
+        f"time to final after end of speech, excluding {ENDPOINTING_MS} ms endpointing: "
+        f"median {statistics.median(finals):.3f} s, p95 {pct(finals, 0.95):.3f} s\n"
+    )
 
     # Capacity: the server pinned to one core with one decode worker.
-    print("| sessions on 1 core | final latency p50 (s) | p95 (s) | partials/session | WER | errors |")
+    print(
+        "| sessions on 1 core | final latency p50 (s) | p95 (s) | partials/session | WER | errors |"
+    )
     print("|---|---|---|---|---|---|")
     proc, url = start_server(workers=1, cpus="0")
     try:
@@ -220,7 +237,9 @@ def main() -> None:
             wer = corpus_wer([(refs[r.name], r.text) for r in results])
             errors = sum(len(r.errors) for r in results)
             parts = statistics.mean(r.partials for r in results)
-            print(f"| {n} | {pct(lat, 0.5):.3f} | {pct(lat, 0.95):.3f} | {parts:.1f} | {wer:.3f} | {errors} |")
+            print(
+                f"| {n} | {pct(lat, 0.5):.3f} | {pct(lat, 0.95):.3f} | {parts:.1f} | {wer:.3f} | {errors} |"
+            )
     finally:
         proc.terminate()
         proc.wait()

@@ -44,6 +44,8 @@ class GatewayProcess:
             "TRANSCRIBE_IDLE_TIMEOUT_S": "3",
             "TRANSCRIBE_LOCAL_ALLOW_DOWNLOADS": "false",
             "TRANSCRIBE_DRAIN_TIMEOUT_S": "5",
+            # Room for the 20-concurrent-sessions test on a 2-core machine (default: 8 per core).
+            "TRANSCRIBE_LOCAL_MAX_SESSIONS_PER_WORKER": "12",
             "TRANSCRIBE_PLUGINS": "tests.plugins.faulty:FaultySTT",
             "PYTHONPATH": str(ROOT),
             "HF_HUB_OFFLINE": "1",

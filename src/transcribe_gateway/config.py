@@ -32,8 +32,9 @@ class LocalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     whisper_beam_size: Annotated[int, msgspec.Meta(ge=1, le=10)] = 5
     partial_interval_ms: Annotated[int, msgspec.Meta(ge=100, le=10000)] = 700
     """How often the open utterance is re-decoded for a partial (skipped when busy)."""
-    max_sessions_per_worker: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 12
-    """Whisper sessions admitted per decode worker before new ones are refused."""
+    max_sessions_per_worker: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 8
+    """Whisper sessions admitted per decode worker (measured in BENCHMARKS.md: final
+    latency holds up to 8 real-time talkers per core, and doubles at 12)."""
     sphinx_sessions_per_worker: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 4
     max_utterance_ms: Annotated[int, msgspec.Meta(ge=1000, le=30000)] = 25000
 
@@ -43,7 +44,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     profile: Literal["development", "production"] = "development"
     strict_providers: bool = False
-    """Refuse (``provider_unavailable``) a provider that is not configured instead of using LOCAL."""
+    """Refuse (``provider_unavailable``) an unconfigured provider instead of using LOCAL."""
     api_keys: list[str] = msgspec.field(default_factory=list)
     auth_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 30.0

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import SHARED_AUDIO
 from transcribe_gateway.audio.decode import encode_mulaw
 from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.client.cli import _Printer, add_stream_parser, main, run_stream
@@ -24,7 +25,7 @@ from .test_sdk import GOOD_KEY, SESSION_ID, FakeGateway, fake_gateway
 
 __all__ = ["fake_gateway"]  # the fixture, shared with test_sdk
 
-AUDIO = Path("/work/shared/audio")
+AUDIO = SHARED_AUDIO
 GOFORWARD = AUDIO / "goforward.raw"
 JFK = AUDIO / "jfk.flac"
 SRC = Path(__file__).resolve().parents[2] / "src"

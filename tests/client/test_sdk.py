@@ -25,6 +25,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from tests.conftest import SHARED_AUDIO
 from transcribe_gateway.audio.decode import encode_mulaw
 from transcribe_gateway.client import (
     TranscribeClient,
@@ -478,7 +479,7 @@ async def test_stream_real_time_pacing_and_timings(fake_gateway: FakeGateway) ->
 async def test_stream_file_reads_at_session_rate(fake_gateway: FakeGateway) -> None:
     async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         await client.configure(sample_rate=8000)
-        result = await client.stream_file("/work/shared/audio/goforward.raw", fast=True)
+        result = await client.stream_file(SHARED_AUDIO / "goforward.raw", fast=True)
     assert result.audio_seconds == pytest.approx(89160 / 2 / 16000, abs=0.01)
     assert len(result.finals) == 3
     assert {len(c) for c in (await fake_gateway.recorded()).chunks[:-1]} == {320}  # 20 ms at 8 kHz

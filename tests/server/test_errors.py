@@ -97,7 +97,7 @@ class TestInvalidSessionConfig:
     async def test_bad_config_names_the_field_and_previous_config_stands(
         self, gateway: GatewayProcess, session: dict[str, Any], field: str
     ) -> None:
-        ws, updated = await open_session(gateway.url, sample_rate=8000)
+        ws, _updated = await open_session(gateway.url, sample_rate=8000)
         await ws.send(json.dumps({"type": "session.update", "session": session}))
         err = await expect_error(ws, "invalid_session_config")
         assert err["error"].get("field") == field, err

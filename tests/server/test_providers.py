@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import numpy as np
@@ -121,3 +122,32 @@ class TestOptions:
             messages = await collect(ws, 60)
             counts[endpointing] = sum(m["type"] == "speech.stopped" for m in messages)
         assert counts[300] >= 4 > counts[2000] >= 1
+
+
+class TestCapacity:
+    async def test_saturated_engine_refuses_new_sessions_with_a_retryable_error(self) -> None:
+        server = GatewayProcess(
+            "capacity",
+            env={"TRANSCRIBE_LOCAL_WORKERS": "1", "TRANSCRIBE_LOCAL_MAX_SESSIONS_PER_WORKER": "2"},
+        )
+        try:
+            held = [(await open_session(server.url))[0] for _ in range(2)]
+            ws = await connect(server.url)
+            await recv(ws)
+            update = {"provider": "LOCAL", "model": "whisper-tiny.en"}
+            await ws.send(json.dumps({"type": "session.update", "session": update}))
+            err = await recv(ws)
+            assert err["type"] == "error"
+            assert err["error"]["code"] == "provider_unavailable"
+            assert err["error"]["retryable"] is True
+            assert "capacity" in err["error"]["message"]
+            # Once a session ends, the same client is admitted.
+            await held[0].close()
+            for _ in range(50):
+                if server.health()["streams"]["LOCAL"]["whisper"] < 2:
+                    break
+                await asyncio.sleep(0.1)
+            await ws.send(json.dumps({"type": "session.update", "session": update}))
+            assert (await recv(ws))["type"] == "session.updated"
+        finally:
+            assert server.stop() == 0

@@ -109,7 +109,8 @@ class Session:
             return
         # Counted in UTF-8 bytes; audio frames are ASCII, so the common case is cheap.
         if len(text) > self.max_message_bytes or (
-            not text.isascii() and len(text.encode("utf-8", "surrogatepass")) > self.max_message_bytes
+            not text.isascii()
+            and len(text.encode("utf-8", "surrogatepass")) > self.max_message_bytes
         ):
             self.fail(POLICY, "message too big")
             return

@@ -71,6 +71,8 @@ FRAMES_PER_SECOND: Final = 100
 """pocketsphinx's frame rate (10 ms shift)."""
 MAX_BACKLOG_MS: Final = 3000
 """Undecoded audio a stream may hold before ``push_audio`` waits (backpressure)."""
+RESCORE_MAX_MS: Final = 10000
+"""Utterances up to this long get their final from a second, whole-utterance pass."""
 KEYTERM_BOOST: Final = 1000.0
 """Unigram probability of a keyterm, relative to the uniform one (1/vocabulary)."""
 MAX_KEYTERMS: Final = 100
@@ -78,7 +80,7 @@ MAX_KEYTERMS: Final = 100
 _ALIAS: Final = "__keyterm{}__"
 _ALIAS_RE: Final = re.compile(r"__keyterm(\d+)__")
 _ALTERNATE: Final = re.compile(r"\(\d+\)$")
-_STRIP: Final = ",;:!?\"()[]{}"
+_STRIP: Final = ',;:!?"()[]{}'
 
 
 # -- keyterms -------------------------------------------------------------------
@@ -208,12 +210,25 @@ class SphinxDecoder:
         hyp = self._decoder.hyp()
         return self._words_text(hyp.hypstr.split()) if hyp is not None else ""
 
-    def finish(self) -> Result:
-        """End the current utterance; its final text and words (times from its start)."""
-        if not self._in_utt:
+    def finish(self, utterance: bytes | None = None) -> Result:
+        """End the current utterance; its final text and words (times from its start).
+
+        Args:
+            utterance: the whole utterance's audio, to decode it again in one
+                pass with the cepstral mean of the utterance itself (see the
+                module docstring); ``None`` keeps the incremental result.
+        """
+        if self._in_utt:
+            self._decoder.end_utt()
+            self._in_utt = False
+        elif utterance is None:
             return Result("", ())
-        self._decoder.end_utt()
-        self._in_utt = False
+        if utterance is not None:
+            self._decoder.start_utt()
+            try:
+                self._decoder.process_raw(utterance, False, True)
+            finally:
+                self._decoder.end_utt()
         words: list[WordTiming] = []
         for seg in self._decoder.seg():
             start_ms = seg.start_frame * 1000 // FRAMES_PER_SECOND
@@ -305,6 +320,7 @@ class SphinxStream(RecognizeStream):
             (options.vad_prefix_padding_ms + options.vad_min_speech_ms + 500) * SAMPLE_RATE // 1000
         )
         self._max_backlog = MAX_BACKLOG_MS * SAMPLE_RATE // 1000
+        self._rescore_max = RESCORE_MAX_MS * SAMPLE_RATE // 1000
         self._chunks: list[Samples] = []
         self._buf_start = 0  # stream index of the first buffered sample
         self._pos = 0  # samples pushed so far
@@ -358,18 +374,17 @@ class SphinxStream(RecognizeStream):
             self._end_utterance(self._pos)
         self._wake.set()
 
-    def _frontier(self) -> int:
-        """Stream index of the first sample the decoder still needs."""
-        return min((u.fed for u in self._utterances), default=self._pos)
-
     def _backlog(self) -> int:
-        return self._pos - self._frontier()
+        """Samples the decoder has not seen yet."""
+        return self._pos - min((u.fed for u in self._utterances), default=self._pos)
 
     def _stopped(self) -> bool:
         return self._closed or self._task is None or self._task.done()
 
     def _trim(self) -> None:
-        keep_from = min(self._frontier(), self._pos - self._keep)
+        # Unfinished utterances keep all their audio, for the final pass.
+        needed = min((u.start for u in self._utterances), default=self._pos)
+        keep_from = min(needed, self._pos - self._keep)
         drop = keep_from - self._buf_start
         if drop <= 0 or not self._chunks:
             return
@@ -410,6 +425,9 @@ class SphinxStream(RecognizeStream):
                         )
                     )
                 stop = utterance.end if utterance.end is not None else self._pos
+                if utterance.end is not None and self._rescores(utterance):
+                    # Its end is known: the final pass decodes it all anyway.
+                    utterance.fed = utterance.end
                 if stop > utterance.fed:
                     await self._decode(decoder, utterance, stop)
                 elif utterance.end is not None:
@@ -436,9 +454,14 @@ class SphinxStream(RecognizeStream):
             utterance.partial = text
             await self._emit(SpeechEvent(SpeechEventType.PARTIAL, utterance.index, text=text))
 
+    def _rescores(self, utterance: _Utterance) -> bool:
+        end = utterance.end if utterance.end is not None else self._pos
+        return end - utterance.start <= self._rescore_max
+
     async def _finish(self, decoder: SphinxDecoder, utterance: _Utterance) -> None:
-        result = await self._pool.run(decoder.finish)
         end = utterance.end if utterance.end is not None else utterance.fed
+        audio = self._take(utterance.start, end) if self._rescores(utterance) else None
+        result = await self._pool.run(lambda: decoder.finish(audio))
         start_ms, end_ms = _ms(utterance.start), _ms(end)
         if result.text:
             words = tuple(

@@ -244,7 +244,8 @@ class WhisperStream(RecognizeStream):
     async def _begin_utterance(self, sample: int) -> None:
         self._utterance += 1
         self._utt_start = max(sample, self._buf_start)
-        self._last_partial_at = self._utt_start
+        # The first partial is due as soon as there is MIN_PARTIAL_SAMPLES of speech.
+        self._last_partial_at = self._utt_start + MIN_PARTIAL_SAMPLES - self._partial_every
         self._partial_text = ""
         await self._emit(
             SpeechEvent(SpeechEventType.SPEECH_STARTED, self._utterance, start_ms=_ms(sample))

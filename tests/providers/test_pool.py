@@ -1,0 +1,53 @@
+"""The decode pool: finals wait for a worker, partials skip, saturation is visible."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from transcribe_gateway.providers.pool import DecodePool
+
+
+async def test_try_run_skips_when_every_worker_is_busy() -> None:
+    pool = DecodePool(1)
+    gate = threading.Event()
+    busy = asyncio.create_task(pool.run(gate.wait))
+    await asyncio.sleep(0.05)
+    assert pool.busy == 1
+    assert await pool.try_run(lambda: "partial") is None  # skipped, not queued
+    gate.set()
+    assert await busy is True
+    assert await pool.try_run(lambda: "partial") == "partial"
+    pool.shutdown()
+
+
+async def test_run_waits_and_saturation_counts_waiters() -> None:
+    pool = DecodePool(2)
+    gate = threading.Event()
+    running = [asyncio.create_task(pool.run(gate.wait)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert not pool.saturated
+    waiting = [asyncio.create_task(pool.run(lambda: 1)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert pool.waiting == 2 and pool.saturated
+    # A waiter in line also stops partials from jumping the queue.
+    assert await pool.try_run(lambda: 2) is None
+    gate.set()
+    assert await asyncio.gather(*running, *waiting) == [True, True, 1, 1]
+    assert pool.busy == 0 and pool.waiting == 0 and not pool.saturated
+    pool.shutdown()
+
+
+async def test_cancelled_caller_keeps_the_slot_until_the_thread_ends() -> None:
+    pool = DecodePool(1)
+    gate = threading.Event()
+    task = asyncio.create_task(pool.run(gate.wait))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.sleep(0.05)
+    assert pool.busy == 1  # the thread is still decoding: its slot is not free
+    gate.set()
+    await asyncio.sleep(0.1)
+    assert pool.busy == 0
+    assert await pool.try_run(lambda: "free") == "free"
+    pool.shutdown()
