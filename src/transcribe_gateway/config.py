@@ -35,7 +35,9 @@ class LocalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_sessions_per_worker: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 8
     """Whisper sessions admitted per decode worker (measured in BENCHMARKS.md: final
     latency holds up to 8 real-time talkers per core, and doubles at 12)."""
-    sphinx_sessions_per_worker: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 4
+    sphinx_sessions_per_worker: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 2
+    """pocketsphinx sessions per worker: continuous speech costs ~0.4 core-seconds a
+    second (a live pass for partials and a second pass for finals)."""
     max_utterance_ms: Annotated[int, msgspec.Meta(ge=1000, le=30000)] = 25000
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from transcribe_gateway.providers.pool import DecodePool
+import pytest
+
+from transcribe_gateway.providers import pool as pool_module
+from transcribe_gateway.providers.pool import MAX_QUEUE_DELAY_S, DecodePool
 
 
 async def test_try_run_skips_when_every_worker_is_busy() -> None:
@@ -21,7 +24,8 @@ async def test_try_run_skips_when_every_worker_is_busy() -> None:
     pool.shutdown()
 
 
-async def test_run_waits_and_saturation_counts_waiters() -> None:
+async def test_run_waits_and_saturation_counts_waiters(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module, "STUCK_QUEUE_DELAY_S", 0.2)
     pool = DecodePool(2)
     gate = threading.Event()
     running = [asyncio.create_task(pool.run(gate.wait)) for _ in range(2)]
@@ -29,7 +33,10 @@ async def test_run_waits_and_saturation_counts_waiters() -> None:
     assert not pool.saturated
     waiting = [asyncio.create_task(pool.run(lambda: 1)) for _ in range(2)]
     await asyncio.sleep(0.05)
-    assert pool.waiting == 2 and pool.saturated
+    assert pool.waiting == 2
+    assert not pool.saturated  # a queue that just formed is not saturation...
+    await asyncio.sleep(0.3)
+    assert pool.saturated  # ...work stuck in line is (STUCK_QUEUE_DELAY_S is 0.2 here)
     # A waiter in line also stops partials from jumping the queue.
     assert await pool.try_run(lambda: 2) is None
     gate.set()
@@ -50,4 +57,23 @@ async def test_cancelled_caller_keeps_the_slot_until_the_thread_ends() -> None:
     await asyncio.sleep(0.1)
     assert pool.busy == 0
     assert await pool.try_run(lambda: "free") == "free"
+    pool.shutdown()
+
+
+async def test_saturation_follows_the_average_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = DecodePool(1)
+    assert not pool.saturated
+    gate = threading.Event()
+    first = asyncio.create_task(pool.run(gate.wait))
+    await asyncio.sleep(0.05)
+    queued = [asyncio.create_task(pool.run(lambda: None)) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    monkeypatch.setattr(pool_module, "MAX_QUEUE_DELAY_S", 0.02)
+    pool.average_wait = 0.05  # as after a congested minute
+    assert pool.saturated  # recent decodes waited too long and all workers are busy
+    gate.set()
+    await asyncio.gather(first, *queued)
+    assert pool.average_wait > 0.02
+    assert not pool.saturated  # an idle pool admits again, whatever the past average
+    assert MAX_QUEUE_DELAY_S == 1.0  # the production threshold is unchanged
     pool.shutdown()

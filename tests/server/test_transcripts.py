@@ -77,11 +77,17 @@ def batch_whisper(shared_audio: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
-async def stream_all(url: str, shared_audio: Path, **kwargs) -> dict[str, str]:
+async def stream_all(
+    url: str, shared_audio: Path, *, at_once: int = 12, **kwargs
+) -> dict[str, str]:
     names = list(REFS)
-    texts = await asyncio.gather(
-        *(transcribe_stream(url, load(shared_audio, n), **kwargs) for n in names)
-    )
+    gate = asyncio.Semaphore(at_once)
+
+    async def one(name: str) -> str:
+        async with gate:
+            return await transcribe_stream(url, load(shared_audio, name), **kwargs)
+
+    texts = await asyncio.gather(*(one(n) for n in names))
     return dict(zip(names, texts, strict=True))
 
 
@@ -123,6 +129,8 @@ class TestWhisperAccuracy:
         )
         assert s <= 0.15
         assert s <= b * 1.05 + 1e-9
+        # Over all files (jfk cut into utterances, short commands) measured 0.110.
+        assert wer(streamed, list(REFS)) <= 0.14
 
     async def test_other_sample_rates_are_resampled(
         self, gateway: GatewayProcess, shared_audio
@@ -145,15 +153,71 @@ class TestWhisperAccuracy:
         assert encode_alaw  # the same codec the test helper used
 
 
+@pytest.fixture(scope="module")
+def batch_sphinx(shared_audio: Path) -> dict[str, tuple[str, str]]:
+    """Batch pocketsphinx (each whole file one utterance): name -> (pcm16 16 kHz, mu-law 8 kHz)."""
+    from pocketsphinx import Decoder
+
+    # full_utt=True normalizes each file with its own cepstral mean, so one decoder serves all.
+    decoder = Decoder(fwdflat=False, bestpath=False, loglevel="FATAL")
+
+    def decode(samples: np.ndarray) -> str:
+        decoder.start_utt()
+        decoder.process_raw(samples.astype("<i2").tobytes(), False, True)
+        decoder.end_utt()
+        hyp = decoder.hyp()
+        return hyp.hypstr if hyp else ""
+
+    out = {}
+    for name in REFS:
+        clean = load(shared_audio, name)
+        out[name] = (decode(clean), decode(resample(phone(clean), 8000, 16000)))
+    return out
+
+
+COMMANDS = [n for n in REFS if n.startswith("cards") or n == "goforward.raw"]
+
+
 class TestSphinxAccuracy:
-    async def test_sphinx_streaming(self, gateway: GatewayProcess, shared_audio) -> None:
-        streamed = await stream_all(gateway.url, shared_audio, model="pocketsphinx-en-us")
-        commands = [n for n in REFS if n.startswith("cards") or n == "goforward.raw"]
-        print(
-            f"sphinx librivox {wer(streamed, LIBRIVOX):.3f} commands {wer(streamed, commands):.3f}"
+    # Continuous speech costs pocketsphinx ~0.4 core-seconds per second (a live pass
+    # for partials, a second pass for finals): 4 live sessions fit on 2 cores.
+    async def test_sphinx_streaming_pcm16(
+        self, gateway: GatewayProcess, shared_audio, batch_sphinx
+    ) -> None:
+        streamed = await stream_all(
+            gateway.url, shared_audio, at_once=4, model="pocketsphinx-en-us", realtime=1.0
         )
-        assert wer(streamed, LIBRIVOX) <= 0.40
-        assert wer(streamed, commands) <= 0.15
+        batch = {n: t[0] for n, t in batch_sphinx.items()}
+        everything = list(REFS)
+        print(
+            f"sphinx pcm16: librivox stream {wer(streamed, LIBRIVOX):.3f} batch {wer(batch, LIBRIVOX):.3f}; "
+            f"commands stream {wer(streamed, COMMANDS):.3f} batch {wer(batch, COMMANDS):.3f}; "
+            f"all stream {wer(streamed, everything):.3f} batch {wer(batch, everything):.3f}"
+        )
+        assert wer(streamed, LIBRIVOX) <= 0.28
+        assert wer(streamed, COMMANDS) <= 0.10
+        assert wer(streamed, everything) <= wer(batch, everything) * 1.05 + 1e-9
+
+    async def test_sphinx_streaming_mulaw_8k(
+        self, gateway: GatewayProcess, shared_audio, batch_sphinx
+    ) -> None:
+        streamed = await stream_all(
+            gateway.url,
+            shared_audio,
+            at_once=4,
+            model="pocketsphinx-en-us",
+            realtime=1.0,
+            rate=8000,
+            fmt="mulaw",
+        )
+        batch = {n: t[1] for n, t in batch_sphinx.items()}
+        everything = list(REFS)
+        print(
+            f"sphinx mulaw-8k: commands stream {wer(streamed, COMMANDS):.3f} batch {wer(batch, COMMANDS):.3f}; "
+            f"all stream {wer(streamed, everything):.3f} batch {wer(batch, everything):.3f}"
+        )
+        assert wer(streamed, everything) <= wer(batch, everything) * 1.05 + 1e-9
+        assert wer(streamed, everything) <= 0.50  # measured 0.43: 8 kHz phone audio is hard for it
 
 
 class TestConcurrency:

@@ -238,6 +238,13 @@ class RecognizeStream(abc.ABC):
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        # Wake a consumer still iterating: nothing more will come.
+        while True:
+            try:
+                self._events.put_nowait(None)
+                break
+            except asyncio.QueueFull:
+                self._events.get_nowait()
         await self._on_close()
 
     async def _on_close(self) -> None:

@@ -9,8 +9,9 @@ Models:
 
 All sessions share one :class:`~transcribe_gateway.providers.pool.DecodePool`.
 Admission control refuses a new session (``provider_unavailable``, retryable)
-when the engine is at its session cap or finals are already queueing, rather
-than letting every session fall behind real time.
+when the engine is at its session cap or work has waited over a second for a
+worker (finals falling behind real time), rather than letting every session
+fall behind.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ class LocalSTT(STT):
         if self.pool.saturated:
             raise ProviderUnavailable(
                 "LOCAL",
-                "the embedded engine is saturated (final decodes are queueing behind real "
-                "time); try again later or use another provider",
+                "the embedded engine is saturated (decodes wait over a second for a worker, "
+                "behind real time); try again later or use another provider",
             )
 
     def _release(self, family: str) -> None:

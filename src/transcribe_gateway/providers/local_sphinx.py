@@ -1,22 +1,42 @@
 """Streaming pocketsphinx 5 (model ``pocketsphinx-en-us``) for the LOCAL provider.
 
-pocketsphinx is incremental, so unlike Whisper nothing is re-decoded:
+How a stream works:
 
 * Silero VAD (the same :class:`~transcribe_gateway.audio.vad.VoiceActivity` as the
   Whisper stream) cuts the stream into utterances, so both LOCAL models report
-  ``speech.started``/``speech.stopped`` the same way; a pre-roll of
-  ``vad_prefix_padding_ms`` is kept so an utterance's first phone is not lost;
-* each stream owns one ``Decoder``, created on a pool worker (~0.33 s, ~90 MB) and
-  reused for all its utterances: its cepstral mean carries over, and a fresh
-  decoder per utterance is clearly less accurate (``../shared/ENGINES.md``);
-* the audio that arrived since the previous call goes to the decoder in one
-  ``process_raw`` call on a pool worker (one call in flight per stream: a
-  ``Decoder`` is not thread-safe); when ``hyp()`` changes, that is a partial;
-* at the endpoint ``end_utt()`` gives the final and ``seg()`` the word times.
-  ``fwdflat`` and ``bestpath`` are off: ``end_utt`` drops from ~280 ms to ~15 ms
-  at no loss of accuracy here, and with ``bestpath`` on the words got worse. The
-  price is that pocketsphinx then has no posterior (every probability is 1.0),
-  so words carry no confidence (``None``) rather than a meaningless one.
+  ``speech.started``/``speech.stopped`` the same way; an utterance starts
+  ``vad_prefix_padding_ms`` before its first voiced frame (pre-roll), so its
+  first phone is not lost;
+* each stream owns one ``Decoder``, created on a pool worker (~0.33 s, ~90 MB)
+  and reused for all its utterances;
+* the audio that arrived since the previous call (at least ``MIN_BATCH_MS``)
+  goes to the decoder in one ``process_raw`` call on a pool worker, one call in
+  flight per stream (a ``Decoder`` is not thread-safe); when ``hyp()`` changes,
+  that is a partial;
+* at the endpoint ``end_utt()``; the final comes from a second pass (below) and
+  ``seg()`` gives the word times.
+
+``fwdflat`` and ``bestpath`` are off: ``end_utt`` drops from ~280 ms to ~15 ms
+(``../shared/ENGINES.md``), and with ``bestpath`` on the words got worse here.
+Without ``bestpath`` pocketsphinx has no posterior (every probability reads
+1.0), so words carry no confidence (``None``) rather than a meaningless one.
+
+The second pass, and why. The acoustic model wants cepstral mean normalization
+(CMN) over the whole utterance; once audio is fed in pieces, pocketsphinx
+switches to *live* CMN for good, starting from a prior mean (the model's
+``cmninit``, then the running mean) that moves only slowly. Measured on the
+shared recordings, whose means are far from that prior, live decoding gave 28-32%
+WER on the short commands (``goforward``, ``cards-*``) and 35% on LibriVox with a
+fresh decoder, against 4% and 21% when each utterance is normalized with its own
+mean; a mean off by 8 (Euclidean, over 13 cepstra) already doubles the command
+WER, and consecutive utterances differed by 11 to 35. So at the endpoint the
+stream recovers the utterance's own mean from the decoder's live statistics
+(:meth:`SphinxDecoder._utterance_mean`), sets it, and decodes the utterance again
+in one call. Utterances up to ``RESCORE_MAX_MS`` get this; longer ones (where live
+CMN has adapted anyway) keep the incremental result. Cost: the decoding CPU
+roughly doubles, and a final comes ~0.1-0.25 x the utterance's length after the
+endpoint instead of ~15 ms. Partials keep the live result (they use the previous
+utterance's mean as prior, so they improve after the first utterance).
 
 Every event comes from the stream's task, in order: ``SPEECH_STARTED``,
 ``PARTIAL``\\*, ``FINAL`` (when there is text), ``SPEECH_STOPPED``, one
@@ -26,19 +46,21 @@ utterance after the other. A client faster than the decoder waits in
 Keyterms (``session.prompt``, comma separated). pocketsphinx offers keyword
 spotting (``add_kws``/``add_keyphrase``), but that search replaces the language
 model: it would output the keyterms and nothing else, so it cannot bias a
-transcription. Its n-gram model cannot be re-weighted for a word it already
-knows either (``NGramModel.add_word`` leaves an existing word's probability as
-it is). What works is adding a *new* word: each usable keyterm becomes a
-dictionary entry with its dictionary pronunciation (a phrase: its words'
-pronunciations joined) and a unigram ``KEYTERM_BOOST`` times the uniform
-probability; the decoder then takes that boosted path when the audio fits, and
-the stream writes the keyterm back as its words. That also makes recognizable
-the ~53,000 dictionary words that the language model lacks (``github``,
-``aalsmeer``...). A keyterm with a word missing from the CMU dictionary cannot
-be used (pocketsphinx has no grapheme-to-phoneme): it is left out, logged, and
-listed in :attr:`SphinxStream.ignored_keyterms`; :func:`plan_keyterms` lets a
-caller check a prompt beforehand. Only the first pronunciation of each word is
-used for the boosted path (the plain path keeps all of them).
+transcription. Its n-gram model cannot re-weight a word it already knows either
+(``NGramModel.add_word`` leaves an existing word's probability as it was). What
+works is adding a *new* word: each usable keyterm becomes a dictionary entry
+with its dictionary pronunciation (a phrase: its words' pronunciations joined)
+and a unigram ``KEYTERM_BOOST`` times the uniform probability; the decoder takes
+that path when the audio fits, and the stream writes the keyterm back as its
+words. On LibriVox, keyterms from the text brought WER from 21% to 14%
+("prudently", "ill-disposed" recovered); unrelated keyterms changed nothing.
+This also makes recognizable the ~53,000 dictionary words the language model
+lacks (``github``...). A keyterm with a word missing from the CMU dictionary
+cannot be used (pocketsphinx has no grapheme-to-phoneme): it is left out, logged,
+and listed in :attr:`SphinxStream.ignored_keyterms`; :func:`plan_keyterms` lets a
+caller check a prompt beforehand. A hyphenated word missing from the dictionary
+is pronounced as its parts. Only the first pronunciation of each word is used
+for the boosted path (the plain path keeps all of them).
 """
 
 from __future__ import annotations
@@ -52,6 +74,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 
 from transcribe_gateway.audio.decode import Samples
 from transcribe_gateway.audio.vad import SAMPLE_RATE, Endpointer, VoiceActivity
@@ -67,16 +90,26 @@ from transcribe_gateway.providers.pool import DecodePool
 
 log = logging.getLogger(__name__)
 
-FRAMES_PER_SECOND: Final = 100
-"""pocketsphinx's frame rate (10 ms shift)."""
 MAX_BACKLOG_MS: Final = 3000
 """Undecoded audio a stream may hold before ``push_audio`` waits (backpressure)."""
+MIN_BATCH_MS: Final = 100
+"""Least audio per incremental decode call (fewer thread hops, at most ~10 partials/s)."""
 RESCORE_MAX_MS: Final = 10000
-"""Utterances up to this long get their final from a second, whole-utterance pass."""
+"""Utterances up to this long get their final from a second pass with their own CMN."""
 KEYTERM_BOOST: Final = 1000.0
-"""Unigram probability of a keyterm, relative to the uniform one (1/vocabulary)."""
+"""Unigram probability of a keyterm, relative to the uniform one (1/vocabulary).
+
+100 helped less, 10,000 started turning "for" into the keyterm "four"."""
 MAX_KEYTERMS: Final = 100
 """Keyterms used at most; the rest are ignored (each one enlarges the search)."""
+
+FRAMES_PER_SECOND: Final = 100
+"""pocketsphinx's frame rate (10 ms shift)."""
+CMN_WINDOW: Final = 500
+"""Frames of weight pocketsphinx's live CMN gives its prior mean (``CMN_WIN`` in cmn.h)."""
+_FRAME_SHIFT: Final = SAMPLE_RATE // FRAMES_PER_SECOND
+_FRAME_WINDOW: Final = 410
+"""Samples in one analysis window (25.625 ms at 16 kHz, pocketsphinx's default)."""
 _ALIAS: Final = "__keyterm{}__"
 _ALIAS_RE: Final = re.compile(r"__keyterm(\d+)__")
 _ALTERNATE: Final = re.compile(r"\(\d+\)$")
@@ -95,7 +128,7 @@ class Keyterm:
     phones: str
     """Pronunciation of the whole term (ARPABET, space separated)."""
     word_phones: tuple[int, ...]
-    """Phone count of each word (to split a phrase's time among its words)."""
+    """Phone count of each word (to share a phrase's time among its words)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +140,7 @@ class KeytermPlan:
 
 
 def parse_keyterms(prompt: str | None) -> list[str]:
-    """Split a comma-separated prompt into distinct, normalized keyterms."""
+    """Split a comma-separated prompt into distinct, lower-case keyterms."""
     terms: list[str] = []
     for raw in (prompt or "").split(","):
         words = (w.strip(_STRIP) for w in raw.lower().split())
@@ -126,37 +159,51 @@ def plan_keyterms(prompt: str | None, lookup: Callable[[str], str | None]) -> Ke
             in the dictionary (``Decoder.lookup_word``).
 
     Returns:
-        The usable keyterms (at most :data:`MAX_KEYTERMS`) and the ignored ones.
-        A hyphenated word missing from the dictionary is pronounced as its parts
-        (``ill-disposed`` -> ``ill disposed``).
+        The usable keyterms (at most :data:`MAX_KEYTERMS`) and the ignored ones
+        (a word missing from the dictionary, or over the limit).
     """
     usable: list[Keyterm] = []
     ignored: list[str] = []
     for term in parse_keyterms(prompt):
-        words: list[str] = []
-        prons: list[str] = []
+        pronounced: list[tuple[str, str]] = []
         for token in term.split():
-            word = token if lookup(token) else token.strip(".") or token
-            phones = lookup(word)
-            if phones:
-                words.append(word)
-                prons.append(phones)
-                continue
-            parts = [p for p in word.split("-") if p]
-            part_phones = [lookup(p) for p in parts] if len(parts) > 1 else [None]
-            if all(part_phones):
-                words.extend(parts)
-                prons.extend(p for p in part_phones if p)
-                continue
-            words = []
-            break
-        if not words or len(usable) >= MAX_KEYTERMS:
+            found = _pronounce(token, lookup)
+            if found is None:
+                pronounced = []
+                break
+            pronounced.extend(found)
+        if not pronounced or len(usable) >= MAX_KEYTERMS:
             ignored.append(term)
             continue
+        text = " ".join(w for w, _ in pronounced)
+        if any(k.text == text for k in usable):
+            continue
         usable.append(
-            Keyterm(" ".join(words), " ".join(prons), tuple(len(p.split()) for p in prons))
+            Keyterm(
+                text,
+                " ".join(p for _, p in pronounced),
+                tuple(len(p.split()) for _, p in pronounced),
+            )
         )
     return KeytermPlan(tuple(usable), tuple(ignored))
+
+
+def _pronounce(token: str, lookup: Callable[[str], str | None]) -> list[tuple[str, str]] | None:
+    """``[(word, phones)]`` for one written word, or ``None`` if it cannot be said."""
+    for word in dict.fromkeys((token, token.strip("."))):
+        phones = lookup(word) if word else None
+        if phones:
+            return [(word, phones)]
+    parts = [p for p in token.strip(".").split("-") if p]
+    if len(parts) < 2:
+        return None
+    out: list[tuple[str, str]] = []
+    for part in parts:
+        phones = lookup(part)
+        if not phones:
+            return None
+        out.append((part, phones))
+    return out
 
 
 # -- the decoder (blocking: runs on pool workers, one call at a time) -----------
@@ -180,9 +227,10 @@ class SphinxDecoder:
     def __init__(self, prompt: str | None = None) -> None:
         from pocketsphinx import Decoder
 
-        # loglevel FATAL: pocketsphinx writes its INFO/WARN lines to stderr otherwise.
+        # loglevel FATAL: pocketsphinx writes INFO/WARN lines to stderr otherwise.
         self._decoder: Any = Decoder(fwdflat=False, bestpath=False, loglevel="FATAL")
         self._in_utt = False
+        self._prior: npt.NDArray[np.float64] | None = None
         self.plan = plan_keyterms(prompt, self._decoder.lookup_word)
         """Keyterms used and ignored."""
         if self.plan.usable:
@@ -191,52 +239,83 @@ class SphinxDecoder:
     def _add_keyterms(self, keyterms: Sequence[Keyterm]) -> None:
         decoder = self._decoder
         lm = decoder.get_lm()
-        # The unigram must exist with its boost before the dictionary adds the
-        # word (which would add it to the model at the uniform probability).
-        for i, term in enumerate(keyterms):
+        # The unigram must exist, boosted, before the dictionary gets the word:
+        # add_word would otherwise put it in the model at the uniform probability.
+        for i in range(len(keyterms)):
             lm.add_word(_ALIAS.format(i), KEYTERM_BOOST)
         for i, term in enumerate(keyterms):
             decoder.add_word(_ALIAS.format(i), term.phones, False)
-        # Rebuild the search over the updated dictionary and model.
+        # A search over the updated dictionary and model (~0.2 s).
         decoder.add_lm("keyterms", lm)
         decoder.activate_search("keyterms")
 
-    def feed(self, audio: bytes) -> str:
-        """Decode more of the current utterance (starting one if needed); the text so far."""
+    def feed(self, samples: Samples) -> str:
+        """Decode more of the current utterance (starting one if needed); its text so far."""
         if not self._in_utt:
+            prior = self._decoder.get_cmn()
+            # Gives the prior exactly CMN_WINDOW frames of weight again, so that
+            # the utterance's own mean can be recovered at its end.
+            self._decoder.set_cmn(prior)
+            self._prior = _parse_cmn(prior)
             self._decoder.start_utt()
             self._in_utt = True
-        self._decoder.process_raw(audio, False, False)
+        self._decoder.process_raw(_pcm(samples), False, False)
         hyp = self._decoder.hyp()
-        return self._words_text(hyp.hypstr.split()) if hyp is not None else ""
+        return self._text(hyp.hypstr.split()) if hyp is not None else ""
 
-    def finish(self, utterance: bytes | None = None) -> Result:
+    def finish(self, fed: Samples | None = None, length: int = 0) -> Result:
         """End the current utterance; its final text and words (times from its start).
 
         Args:
-            utterance: the whole utterance's audio, to decode it again in one
-                pass with the cepstral mean of the utterance itself (see the
-                module docstring); ``None`` keeps the incremental result.
+            fed: all the audio :meth:`feed` got for this utterance, to decode its
+                first ``length`` samples (the utterance; the rest is silence that
+                came before the endpoint was known) once more with the
+                utterance's own cepstral mean. ``None`` keeps the live result.
+            length: samples of ``fed`` to decode again.
         """
-        if self._in_utt:
-            self._decoder.end_utt()
-            self._in_utt = False
-        elif utterance is None:
+        if not self._in_utt:
             return Result("", ())
-        if utterance is not None:
+        self._decoder.end_utt()
+        self._in_utt = False
+        mean = self._utterance_mean(fed) if fed is not None else None
+        if fed is not None and mean is not None:
+            self._decoder.set_cmn(mean)
             self._decoder.start_utt()
             try:
-                self._decoder.process_raw(utterance, False, True)
+                self._decoder.process_raw(_pcm(fed[:length]), False, True)
             finally:
                 self._decoder.end_utt()
         words: list[WordTiming] = []
         for seg in self._decoder.seg():
             start_ms = seg.start_frame * 1000 // FRAMES_PER_SECOND
-            end_ms = (seg.end_frame + 1) * 1000 // FRAMES_PER_SECOND
+            end_ms = (seg.end_frame + 1) * 1000 // FRAMES_PER_SECOND  # end_frame is inclusive
             words.extend(self._timed_words(str(seg.word), start_ms, end_ms))
         return Result(" ".join(w.word for w in words), tuple(words))
 
-    def _words_text(self, tokens: Iterable[str]) -> str:
+    def _utterance_mean(self, fed: Samples) -> str | None:
+        """The cepstral mean of the utterance just decoded live, as ``set_cmn`` wants it.
+
+        Live CMN (pocketsphinx's cmn_live.c) keeps ``sum = CMN_WINDOW * prior +
+        sum(frames)`` over ``CMN_WINDOW + frames``, skipping frames of zero
+        energy (digital silence), so the utterance's own mean can be solved for.
+        Exact up to ~3 s (300 frames); beyond, pocketsphinx rescales its window
+        mid-utterance and the result is a close approximation.
+        """
+        if self._prior is None:
+            return None
+        counted = self._decoder.n_frames() - _silent_frames(fed)
+        if counted <= 0:
+            return None
+        # update=True: end_utt leaves the mean as it was if the last frames were silent.
+        after = _parse_cmn(self._decoder.get_cmn(True))
+        if after.shape != self._prior.shape:
+            return None
+        mean = (after * (CMN_WINDOW + counted) - self._prior * CMN_WINDOW) / counted
+        if not np.all(np.isfinite(mean)):
+            return None
+        return ",".join(f"{x:.4f}" for x in mean)
+
+    def _text(self, tokens: Iterable[str]) -> str:
         out: list[str] = []
         for token in tokens:
             word = _ALTERNATE.sub("", token)
@@ -252,9 +331,8 @@ class SphinxDecoder:
             return []
         term = self._keyterm(word)
         if term is None or len(term.word_phones) == 1:
-            # No posterior without bestpath: confidence unknown.
             return [WordTiming(term.text if term else word, start_ms, end_ms)]
-        # A phrase is one decoder word: share its span by phone count.
+        # A phrase is one decoder word: share its span among its words by phone count.
         total = sum(term.word_phones)
         out: list[WordTiming] = []
         at = 0
@@ -269,9 +347,28 @@ class SphinxDecoder:
         return self.plan.usable[int(match.group(1))] if match else None
 
 
+def _pcm(samples: Samples) -> bytes:
+    return samples.astype("<i2", copy=False).tobytes()
+
+
+def _parse_cmn(text: str) -> npt.NDArray[np.float64]:
+    return np.array([float(x) for x in text.split(",")], dtype=np.float64)
+
+
+def _silent_frames(samples: Samples) -> int:
+    """Frames (10 ms shift, 25.6 ms window) whose samples are all zero."""
+    n = len(samples) // _FRAME_SHIFT
+    if n == 0:
+        return 0
+    nonzero = np.concatenate([[0], np.cumsum(samples != 0)])
+    starts = np.arange(n) * _FRAME_SHIFT
+    ends = np.minimum(starts + _FRAME_WINDOW, len(samples))
+    return int(np.count_nonzero(nonzero[ends] == nonzero[starts]))
+
+
 def _is_filler(word: str) -> bool:
-    # <s>, </s>, <sil>, [NOISE], [SPEECH], and +XXX+ fillers of other models.
-    return word.startswith(("<", "[", "+")) or not word
+    # <s>, </s>, <sil>, [NOISE], [SPEECH]; +NOISE+-style fillers of other models.
+    return not word or word.startswith(("<", "[", "+"))
 
 
 # -- the stream (event loop) ----------------------------------------------------
@@ -282,16 +379,26 @@ class _Utterance:
     index: int
     start: int
     """Stream index of its first sample."""
+    fed: int
+    """Stream index up to which its audio went to the decoder."""
     end: int | None = None
     """Stream index after its last sample; ``None`` while it is open."""
-    fed: int = 0
-    """Stream index up to which its audio went to the decoder."""
     announced: bool = False
     partial: str = ""
 
 
 class SphinxStream(RecognizeStream):
-    """VAD-segmented incremental recognition with one pocketsphinx decoder."""
+    """VAD-segmented incremental recognition with one pocketsphinx decoder.
+
+    Args:
+        stt: the engine (``LocalSTT``).
+        options: the session's options; ``prompt`` holds keyterms.
+        pool: the shared decode threads.
+        max_utterance_ms: an utterance longer than this is cut.
+        on_close: called once, when the stream is closed.
+        rescore_max_ms: utterances up to this long get a second pass for their
+            final (see the module docstring); 0 turns it off.
+    """
 
     def __init__(
         self,
@@ -301,10 +408,11 @@ class SphinxStream(RecognizeStream):
         *,
         max_utterance_ms: int,
         on_close: Callable[[], None],
+        rescore_max_ms: int = RESCORE_MAX_MS,
     ) -> None:
         super().__init__(stt, options)
         self._pool = pool
-        self._on_close_cb = on_close
+        self._on_close_cb: Callable[[], None] | None = on_close
         self._activity = VoiceActivity(
             Endpointer(
                 threshold=options.vad_threshold,
@@ -314,29 +422,30 @@ class SphinxStream(RecognizeStream):
                 max_utterance_ms=max_utterance_ms,
             )
         )
-        # Enough history for an utterance start, which the VAD dates back by the
+        # History kept between utterances: the VAD dates a start back by the
         # prefix padding plus the voiced time it needs before deciding.
         self._keep = (
             (options.vad_prefix_padding_ms + options.vad_min_speech_ms + 500) * SAMPLE_RATE // 1000
         )
         self._max_backlog = MAX_BACKLOG_MS * SAMPLE_RATE // 1000
-        self._rescore_max = RESCORE_MAX_MS * SAMPLE_RATE // 1000
+        self._min_batch = MIN_BATCH_MS * SAMPLE_RATE // 1000
+        self._rescore_max = rescore_max_ms * SAMPLE_RATE // 1000
         self._chunks: list[Samples] = []
         self._buf_start = 0  # stream index of the first buffered sample
         self._pos = 0  # samples pushed so far
         self._count = 0  # utterances begun
         self._last_end = 0
         self._utterances: deque[_Utterance] = deque()
+        """Utterances not final yet, oldest first (the task works on the first)."""
         self._wake = asyncio.Event()
         """Set when there is something new for the task (audio, an endpoint, the end)."""
         self._progress = asyncio.Event()
         """Set when the task decoded something or stopped (releases backpressure)."""
         self._decoder: SphinxDecoder | None = None
-        self._close_called = False
         self.keyterms: tuple[str, ...] = ()
         """Keyterms in use (known once the decoder is ready)."""
         self.ignored_keyterms: tuple[str, ...] = ()
-        """Keyterms that cannot be used (a word missing from the dictionary)."""
+        """Keyterms that cannot be used (known once the decoder is ready)."""
 
     # -- input side (event loop) ------------------------------------------------
 
@@ -352,12 +461,13 @@ class SphinxStream(RecognizeStream):
                 self._end_utterance(event.sample)
         self._trim()
         self._wake.set()
-        # Backpressure: wait while the decoder is too far behind.
+        # Backpressure: the client waits while the decoder is too far behind.
         while self._backlog() > self._max_backlog and not self._stopped():
             self._progress.clear()
             await self._progress.wait()
 
     def _begin_utterance(self, sample: int) -> None:
+        # Never before the previous utterance's end: no audio is decoded twice.
         start = max(sample, self._buf_start, self._last_end)
         self._utterances.append(_Utterance(self._count, start, fed=start))
         self._count += 1
@@ -375,42 +485,48 @@ class SphinxStream(RecognizeStream):
         self._wake.set()
 
     def _backlog(self) -> int:
-        """Samples the decoder has not seen yet."""
+        """Samples pushed that the decoder has not seen yet."""
         return self._pos - min((u.fed for u in self._utterances), default=self._pos)
 
     def _stopped(self) -> bool:
         return self._closed or self._task is None or self._task.done()
 
+    def _rescores(self, utterance: _Utterance) -> bool:
+        end = utterance.end if utterance.end is not None else self._pos
+        return end - utterance.start <= self._rescore_max
+
     def _trim(self) -> None:
-        # Unfinished utterances keep all their audio, for the final pass.
-        needed = min((u.start for u in self._utterances), default=self._pos)
-        keep_from = min(needed, self._pos - self._keep)
-        drop = keep_from - self._buf_start
+        # An utterance still to be decoded again keeps its audio from its start.
+        needed = min(
+            (u.start if self._rescores(u) else u.fed for u in self._utterances),
+            default=self._pos,
+        )
+        drop = min(needed, self._pos - self._keep) - self._buf_start
         if drop <= 0 or not self._chunks:
             return
         buffered = np.concatenate(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
         self._chunks = [buffered[drop:]]
         self._buf_start += min(drop, len(buffered))
 
-    def _take(self, start: int, end: int) -> bytes:
-        """The buffered samples ``[start, end)`` as pcm16 bytes."""
+    def _take(self, start: int, end: int) -> Samples:
+        """A copy of the buffered samples ``[start, end)``."""
         buffered = np.concatenate(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
         self._chunks = [buffered]
-        lo = max(0, start - self._buf_start)
-        hi = max(0, end - self._buf_start)
-        return buffered[lo:hi].astype("<i2", copy=False).tobytes()
+        return buffered[max(0, start - self._buf_start) : max(0, end - self._buf_start)].copy()
 
     # -- output side (the stream's task) -----------------------------------------
 
     async def _run(self) -> None:
+        prompt = self._options.prompt
+        # Created while speech may already be starting: SPEECH_STARTED need not wait.
+        creating = asyncio.ensure_future(self._pool.run(lambda: SphinxDecoder(prompt)))
+        creating.add_done_callback(self._report_keyterms)
         try:
-            prompt = self._options.prompt
-            decoder = await self._pool.run(lambda: SphinxDecoder(prompt))
-            self._decoder = decoder
-            self._report_keyterms(decoder.plan)
             while True:
                 if not self._utterances:
                     if self._input_ended:
+                        # Normally long done; a failure to load is reported all the same.
+                        await creating
                         return
                     await self._wait()
                     continue
@@ -424,17 +540,20 @@ class SphinxStream(RecognizeStream):
                             start_ms=_ms(utterance.start),
                         )
                     )
+                if self._decoder is None:
+                    self._decoder = await creating
                 stop = utterance.end if utterance.end is not None else self._pos
-                if utterance.end is not None and self._rescores(utterance):
-                    # Its end is known: the final pass decodes it all anyway.
-                    utterance.fed = utterance.end
-                if stop > utterance.fed:
-                    await self._decode(decoder, utterance, stop)
+                ready = utterance.end is not None or stop - utterance.fed >= self._min_batch
+                if stop > utterance.fed and ready:
+                    await self._decode(self._decoder, utterance, stop)
                 elif utterance.end is not None:
-                    await self._finish(decoder, utterance)
+                    await self._finish(self._decoder, utterance)
                 else:
                     await self._wait()
         finally:
+            # A decode still running on a worker keeps its own reference to the
+            # decoder, which is freed when that call returns.
+            creating.cancel()
             self._decoder = None
             self._progress.set()
 
@@ -454,14 +573,12 @@ class SphinxStream(RecognizeStream):
             utterance.partial = text
             await self._emit(SpeechEvent(SpeechEventType.PARTIAL, utterance.index, text=text))
 
-    def _rescores(self, utterance: _Utterance) -> bool:
-        end = utterance.end if utterance.end is not None else self._pos
-        return end - utterance.start <= self._rescore_max
-
     async def _finish(self, decoder: SphinxDecoder, utterance: _Utterance) -> None:
         end = utterance.end if utterance.end is not None else utterance.fed
-        audio = self._take(utterance.start, end) if self._rescores(utterance) else None
-        result = await self._pool.run(lambda: decoder.finish(audio))
+        # The decoder saw up to ``fed``: also the silence that ended the utterance.
+        fed = self._take(utterance.start, utterance.fed) if self._rescores(utterance) else None
+        length = end - utterance.start
+        result = await self._pool.run(lambda: decoder.finish(fed, length))
         start_ms, end_ms = _ms(utterance.start), _ms(end)
         if result.text:
             words = tuple(
@@ -490,25 +607,27 @@ class SphinxStream(RecognizeStream):
         self._trim()
         self._progress.set()
 
-    def _report_keyterms(self, plan: KeytermPlan) -> None:
+    def _report_keyterms(self, creating: asyncio.Future[SphinxDecoder]) -> None:
+        if creating.cancelled() or creating.exception() is not None:
+            return
+        plan = creating.result().plan
         self.keyterms = tuple(k.text for k in plan.usable)
         self.ignored_keyterms = plan.ignored
         if plan.ignored:
             log.warning(
-                "pocketsphinx: keyterms ignored (a word is not in its dictionary)",
+                "pocketsphinx: keyterms ignored (a word not in its dictionary, "
+                f"or over {MAX_KEYTERMS} keyterms)",
                 extra={"keyterms": list(plan.ignored)},
             )
 
     async def _on_close(self) -> None:
-        # A decode still running on a worker keeps its own reference to the
-        # decoder, which is freed when that call returns.
         self._decoder = None
         self._utterances.clear()
         self._chunks = []
         self._progress.set()
-        if not self._close_called:
-            self._close_called = True
-            self._on_close_cb()
+        callback, self._on_close_cb = self._on_close_cb, None
+        if callback is not None:
+            callback()
 
 
 def _ms(sample: int) -> int:

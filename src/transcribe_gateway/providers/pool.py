@@ -8,8 +8,11 @@ Two ways in:
 * :meth:`DecodePool.try_run` runs only if a worker is free right now, else
   returns ``None`` (partials: skip a round rather than queue behind real time).
 
-``saturated`` tells admission control that finals are already queueing, so a
-new session would only make every session fall behind.
+``saturated`` tells admission control that decodes are waiting for a worker
+for longer than real time allows: the recent average wait is over
+:data:`MAX_QUEUE_DELAY_S`, or something has waited :data:`STUCK_QUEUE_DELAY_S`.
+A new session would then only make every session fall behind.  A short burst
+(sessions starting or finishing utterances at the same moment) does not count.
 """
 
 from __future__ import annotations
@@ -19,9 +22,15 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Final, TypeVar
 
 T = TypeVar("T")
+
+MAX_QUEUE_DELAY_S: Final = 1.0
+"""Average wait for a worker (recent decodes) above which the pool is saturated."""
+STUCK_QUEUE_DELAY_S: Final = 3.0
+"""Wait of a single decode still in line above which the pool is saturated."""
+_SMOOTHING: Final = 0.2
 
 
 class DecodePool:
@@ -37,23 +46,41 @@ class DecodePool:
         self._slots = asyncio.Semaphore(self.workers)
         self.busy = 0
         """Workers running a decode now."""
-        self.waiting = 0
-        """Decodes waiting for a worker."""
+        self._waiting_since: dict[int, float] = {}
+        self._tickets = 0
+        self.average_wait = 0.0
+        """Exponential moving average of the time decodes waited for a worker."""
         self.busy_seconds = 0.0
         """Total time workers spent decoding (for benchmarks and metrics)."""
 
     @property
+    def waiting(self) -> int:
+        """Decodes waiting for a worker."""
+        return len(self._waiting_since)
+
+    @property
     def saturated(self) -> bool:
-        """True when more decodes wait than there are workers."""
-        return self.waiting >= self.workers
+        """True when decodes wait for a worker longer than real time allows."""
+        if not self._waiting_since and self.busy < self.workers:
+            return False  # a free worker now: whatever the past average says
+        if self.average_wait > MAX_QUEUE_DELAY_S:
+            return True
+        if not self._waiting_since:
+            return False
+        oldest = min(self._waiting_since.values())
+        return time.monotonic() - oldest > STUCK_QUEUE_DELAY_S
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on a worker, waiting for one if all are busy."""
-        self.waiting += 1
+        self._tickets += 1
+        ticket = self._tickets
+        since = self._waiting_since[ticket] = time.monotonic()
         try:
             await self._slots.acquire()
         finally:
-            self.waiting -= 1
+            del self._waiting_since[ticket]
+        waited = time.monotonic() - since
+        self.average_wait += _SMOOTHING * (waited - self.average_wait)
         return await self._run_holding_slot(fn)
 
     async def try_run(self, fn: Callable[[], T]) -> T | None:

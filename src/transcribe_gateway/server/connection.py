@@ -104,6 +104,7 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._ending: asyncio.Task[None] | None = None
         self._last_activity = time.monotonic()
+        self._pushing = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self._last_no_engine_error = 0.0
         self._log = logging.LoggerAdapter(log, {"session_id": self.session.id})
@@ -370,9 +371,15 @@ class Connection:
             return
         converted = engine.resampler.push(samples)
         if len(converted):
-            # RuntimeError: the stream failed meanwhile; its pump reports the error.
-            with contextlib.suppress(RuntimeError):
-                await engine.stream.push_audio(converted)
+            # While the engine holds us back (backpressure) the client is not idle.
+            self._pushing = True
+            try:
+                # RuntimeError: the stream failed meanwhile; its pump reports the error.
+                with contextlib.suppress(RuntimeError):
+                    await engine.stream.push_audio(converted)
+            finally:
+                self._pushing = False
+                self._last_activity = time.monotonic()
 
     # ------------------------------------------------------------------ events
 
@@ -463,6 +470,8 @@ class Connection:
         # One timer per idle period, re-armed lazily: no timer churn per chunk.
         idle_for = time.monotonic() - self._last_activity
         remaining = self.settings.idle_timeout_s - idle_for
+        if self._pushing:
+            remaining = self.settings.idle_timeout_s
         if remaining > 0.01:
             self._arm_idle(remaining)
             return
