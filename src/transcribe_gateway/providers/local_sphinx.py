@@ -614,11 +614,13 @@ class SphinxStream(RecognizeStream):
         self.keyterms = tuple(k.text for k in plan.usable)
         self.ignored_keyterms = plan.ignored
         if plan.ignored:
-            log.warning(
+            # The terms themselves are client content: logged only at debug level.
+            log.info(
                 "pocketsphinx: keyterms ignored (a word not in its dictionary, "
                 f"or over {MAX_KEYTERMS} keyterms)",
-                extra={"keyterms": list(plan.ignored)},
+                extra={"ignored": len(plan.ignored)},
             )
+            log.debug("ignored keyterms", extra={"keyterms": list(plan.ignored)})
 
     async def _on_close(self) -> None:
         self._decoder = None
