@@ -136,6 +136,21 @@ class TestVanishedClient:
         await ws.close()
 
 
+    async def test_client_vanishing_while_its_session_drains_frees_it_at_once(
+        self, gateway: GatewayProcess
+    ) -> None:
+        await wait_for_sessions(gateway, 0)
+        # An engine that never finishes: draining would take the 5 s drain timeout.
+        ws, _ = await open_session(gateway.url, provider="FAULTY", model="hang-on-finalize")
+        await send_audio(ws, np.zeros(8000, np.int16))
+        await ws.send(json.dumps({"type": "session.close"}))
+        await asyncio.sleep(0.2)
+        ws.transport.abort()
+        started = time.monotonic()
+        assert (await wait_for_sessions(gateway, 0, timeout=4))["sessions"] == 0
+        assert time.monotonic() - started < 2.0
+
+
 class TestHealth:
     def test_healthz(self, gateway: GatewayProcess) -> None:
         with urllib.request.urlopen(f"{gateway.http}/healthz", timeout=5) as r:

@@ -128,8 +128,9 @@ class Connection:
             elif "authorization" in self.ws.headers:
                 self._authenticate(bearer_token(self.ws.headers["authorization"]) or "")
             self._flush()
-            await self._read_loop()
-            await self._wait_writer()
+            if await self._read_loop():
+                await self._wait_writer()
+            # else the client is gone: nothing to finish for it, free everything now.
         except Exception:
             self._log.exception("connection failed")
             self.session.fail(INTERNAL, "internal error")
@@ -138,7 +139,8 @@ class Connection:
         finally:
             await self._cleanup()
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self) -> bool:
+        """Read frames until the session closes (True) or the client disconnects (False)."""
         session = self.session
         auth_deadline = time.monotonic() + self.settings.auth_timeout_s
         while session.close_code is None:
@@ -150,12 +152,12 @@ class Connection:
                     self._log.info("auth timeout")
                     session.fail(UNAUTHORIZED, "Unauthorized")
                     self._flush()
-                    return
+                    return True
             else:
                 message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 self._log.info("client disconnected", extra={"code": message.get("code")})
-                return
+                return False
             text = message.get("text")
             if text is not None:
                 session.receive_text(text)
@@ -171,15 +173,11 @@ class Connection:
                 elif isinstance(event, CloseRequested):
                     self.begin_end("client_close")
             self._flush()
+        return True
 
     async def _wait_writer(self) -> None:
-        """Let the writer send what is queued and close the socket."""
-        if self.session.close_code is not None and self._ending is None:
-            self._out_put_close()
-        if self._ending is not None:
-            with contextlib.suppress(Exception):
-                await self._ending
-        if self._writer is not None and self.session.close_code is not None:
+        """Let the writer send what is queued (the close is queued last) and close."""
+        if self._writer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._writer), 5.0)
 
