@@ -58,6 +58,7 @@ def start_server(workers: int, cpus: str | None) -> tuple[subprocess.Popen[bytes
         "TRANSCRIBE_API_KEYS": KEY,
         "TRANSCRIBE_LOCAL_WORKERS": str(workers),
         "TRANSCRIBE_LOCAL_MAX_SESSIONS_PER_WORKER": "1000",
+        "TRANSCRIBE_LOCAL_SPHINX_SESSIONS_PER_WORKER": "1000",
         "TRANSCRIBE_LOG_LEVEL": "warning",
         "PYTHONPATH": str(ROOT / "src"),
     }

@@ -105,6 +105,7 @@ _ENV: Final[dict[str, tuple[tuple[str, ...], str]]] = {
     "TRANSCRIBE_LOCAL_ALLOW_DOWNLOADS": (("local", "allow_downloads"), "bool"),
     "TRANSCRIBE_LOCAL_PARTIAL_INTERVAL_MS": (("local", "partial_interval_ms"), "int"),
     "TRANSCRIBE_LOCAL_MAX_SESSIONS_PER_WORKER": (("local", "max_sessions_per_worker"), "int"),
+    "TRANSCRIBE_LOCAL_SPHINX_SESSIONS_PER_WORKER": (("local", "sphinx_sessions_per_worker"), "int"),
 }
 
 

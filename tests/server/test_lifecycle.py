@@ -135,7 +135,6 @@ class TestVanishedClient:
         ws, _ = await open_session(gateway.url)
         await ws.close()
 
-
     async def test_client_vanishing_while_its_session_drains_frees_it_at_once(
         self, gateway: GatewayProcess
     ) -> None:

@@ -45,7 +45,10 @@ async def transcribe_stream(
     fmt: str = "pcm16",
     realtime: float = 0.0,
 ) -> str:
-    ws, updated = await open_session(url, model=model, sample_rate=rate, input_audio_format=fmt)
+    # Files are sent faster than real time: a busy engine may ask us to retry.
+    ws, updated = await open_session(
+        url, retry_busy=True, model=model, sample_rate=rate, input_audio_format=fmt
+    )
     assert updated["session"]["sample_rate"] == rate
     if fmt == "mulaw":
         wire = resample(samples, 16000, 8000) if rate == 8000 else samples

@@ -41,14 +41,26 @@ async def recv_type(ws: ClientConnection, kind: str, timeout: float = 30.0) -> d
             return msg
 
 
-async def open_session(url: str, **session: Any) -> tuple[ClientConnection, dict[str, Any]]:
-    """Connect with the header, configure, return the socket and session.updated."""
+async def open_session(
+    url: str, *, retry_busy: bool = False, **session: Any
+) -> tuple[ClientConnection, dict[str, Any]]:
+    """Connect with the header, configure, return the socket and session.updated.
+
+    With ``retry_busy``, a retryable ``provider_unavailable`` (the engine is busy)
+    is retried for up to 30 s, as a client following the protocol would.
+    """
     ws = await connect(url)
     created = await recv(ws)
     assert created["type"] == "session.created", created
     config = {"provider": "LOCAL", "model": "whisper-tiny.en", **session}
-    await ws.send(json.dumps({"type": "session.update", "session": config}))
-    updated = await recv(ws)
+    deadline = time.monotonic() + 30
+    while True:
+        await ws.send(json.dumps({"type": "session.update", "session": config}))
+        updated = await recv(ws)
+        busy = updated["type"] == "error" and updated["error"].get("retryable")
+        if not (retry_busy and busy and time.monotonic() < deadline):
+            break
+        await asyncio.sleep(0.5)
     assert updated["type"] == "session.updated", updated
     return ws, updated
 

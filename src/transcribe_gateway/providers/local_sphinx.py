@@ -76,8 +76,9 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from transcribe_gateway.audio.buffer import AudioBuffer
 from transcribe_gateway.audio.decode import Samples
-from transcribe_gateway.audio.vad import SAMPLE_RATE, Endpointer, VoiceActivity
+from transcribe_gateway.audio.vad import SAMPLE_RATE
 from transcribe_gateway.providers.base import (
     STT,
     RecognizeStream,
@@ -86,6 +87,7 @@ from transcribe_gateway.providers.base import (
     StreamOptions,
     WordTiming,
 )
+from transcribe_gateway.providers.local_common import voice_activity
 from transcribe_gateway.providers.pool import DecodePool
 
 log = logging.getLogger(__name__)
@@ -413,15 +415,7 @@ class SphinxStream(RecognizeStream):
         super().__init__(stt, options)
         self._pool = pool
         self._on_close_cb: Callable[[], None] | None = on_close
-        self._activity = VoiceActivity(
-            Endpointer(
-                threshold=options.vad_threshold,
-                min_speech_ms=options.vad_min_speech_ms,
-                endpointing_ms=options.endpointing_ms,
-                prefix_padding_ms=options.vad_prefix_padding_ms,
-                max_utterance_ms=max_utterance_ms,
-            )
-        )
+        self._activity = voice_activity(options, max_utterance_ms)
         # History kept between utterances: the VAD dates a start back by the
         # prefix padding plus the voiced time it needs before deciding.
         self._keep = (
@@ -430,9 +424,7 @@ class SphinxStream(RecognizeStream):
         self._max_backlog = MAX_BACKLOG_MS * SAMPLE_RATE // 1000
         self._min_batch = MIN_BATCH_MS * SAMPLE_RATE // 1000
         self._rescore_max = rescore_max_ms * SAMPLE_RATE // 1000
-        self._chunks: list[Samples] = []
-        self._buf_start = 0  # stream index of the first buffered sample
-        self._pos = 0  # samples pushed so far
+        self._audio = AudioBuffer()
         self._count = 0  # utterances begun
         self._last_end = 0
         self._utterances: deque[_Utterance] = deque()
@@ -452,8 +444,7 @@ class SphinxStream(RecognizeStream):
     async def _on_audio(self, samples: Samples) -> None:
         if len(samples) == 0:
             return
-        self._chunks.append(samples)
-        self._pos += len(samples)
+        self._audio.append(samples)
         for event in self._activity.process(samples):
             if event.kind == "start":
                 self._begin_utterance(event.sample)
@@ -468,7 +459,7 @@ class SphinxStream(RecognizeStream):
 
     def _begin_utterance(self, sample: int) -> None:
         # Never before the previous utterance's end: no audio is decoded twice.
-        start = max(sample, self._buf_start, self._last_end)
+        start = max(sample, self._audio.start, self._last_end)
         self._utterances.append(_Utterance(self._count, start, fed=start))
         self._count += 1
 
@@ -481,38 +472,27 @@ class SphinxStream(RecognizeStream):
         if self._activity.in_speech:
             # Trailing speech with no silence after it: finalize up to the last sample.
             self._activity.endpointer.in_speech = False
-            self._end_utterance(self._pos)
+            self._end_utterance(self._audio.end)
         self._wake.set()
 
     def _backlog(self) -> int:
         """Samples pushed that the decoder has not seen yet."""
-        return self._pos - min((u.fed for u in self._utterances), default=self._pos)
+        return self._audio.end - min((u.fed for u in self._utterances), default=self._audio.end)
 
     def _stopped(self) -> bool:
         return self._closed or self._task is None or self._task.done()
 
     def _rescores(self, utterance: _Utterance) -> bool:
-        end = utterance.end if utterance.end is not None else self._pos
+        end = utterance.end if utterance.end is not None else self._audio.end
         return end - utterance.start <= self._rescore_max
 
     def _trim(self) -> None:
         # An utterance still to be decoded again keeps its audio from its start.
         needed = min(
             (u.start if self._rescores(u) else u.fed for u in self._utterances),
-            default=self._pos,
+            default=self._audio.end,
         )
-        drop = min(needed, self._pos - self._keep) - self._buf_start
-        if drop <= 0 or not self._chunks:
-            return
-        buffered = np.concatenate(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
-        self._chunks = [buffered[drop:]]
-        self._buf_start += min(drop, len(buffered))
-
-    def _take(self, start: int, end: int) -> Samples:
-        """A copy of the buffered samples ``[start, end)``."""
-        buffered = np.concatenate(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
-        self._chunks = [buffered]
-        return buffered[max(0, start - self._buf_start) : max(0, end - self._buf_start)].copy()
+        self._audio.discard_before(min(needed, self._audio.end - self._keep))
 
     # -- output side (the stream's task) -----------------------------------------
 
@@ -542,7 +522,7 @@ class SphinxStream(RecognizeStream):
                     )
                 if self._decoder is None:
                     self._decoder = await creating
-                stop = utterance.end if utterance.end is not None else self._pos
+                stop = utterance.end if utterance.end is not None else self._audio.end
                 ready = utterance.end is not None or stop - utterance.fed >= self._min_batch
                 if stop > utterance.fed and ready:
                     await self._decode(self._decoder, utterance, stop)
@@ -562,7 +542,7 @@ class SphinxStream(RecognizeStream):
         await self._wake.wait()
 
     async def _decode(self, decoder: SphinxDecoder, utterance: _Utterance, stop: int) -> None:
-        audio = self._take(utterance.fed, stop)
+        audio = self._audio.slice(utterance.fed, stop)
         utterance.fed = stop
         self._trim()
         text = await self._pool.run(lambda: decoder.feed(audio))
@@ -576,7 +556,9 @@ class SphinxStream(RecognizeStream):
     async def _finish(self, decoder: SphinxDecoder, utterance: _Utterance) -> None:
         end = utterance.end if utterance.end is not None else utterance.fed
         # The decoder saw up to ``fed``: also the silence that ended the utterance.
-        fed = self._take(utterance.start, utterance.fed) if self._rescores(utterance) else None
+        fed = (
+            self._audio.slice(utterance.start, utterance.fed) if self._rescores(utterance) else None
+        )
         length = end - utterance.start
         result = await self._pool.run(lambda: decoder.finish(fed, length))
         start_ms, end_ms = _ms(utterance.start), _ms(end)
@@ -625,7 +607,7 @@ class SphinxStream(RecognizeStream):
     async def _on_close(self) -> None:
         self._decoder = None
         self._utterances.clear()
-        self._chunks = []
+        self._audio.clear()
         self._progress.set()
         callback, self._on_close_cb = self._on_close_cb, None
         if callback is not None:

@@ -28,8 +28,9 @@ from typing import Any, Final
 
 import numpy as np
 
+from transcribe_gateway.audio.buffer import AudioBuffer
 from transcribe_gateway.audio.decode import Samples
-from transcribe_gateway.audio.vad import SAMPLE_RATE, Endpointer, VoiceActivity
+from transcribe_gateway.audio.vad import SAMPLE_RATE
 from transcribe_gateway.exceptions import ProviderUnavailable
 from transcribe_gateway.providers.base import (
     STT,
@@ -39,6 +40,7 @@ from transcribe_gateway.providers.base import (
     StreamOptions,
     WordTiming,
 )
+from transcribe_gateway.providers.local_common import voice_activity
 from transcribe_gateway.providers.pool import DecodePool
 
 log = logging.getLogger(__name__)
@@ -202,19 +204,9 @@ class WhisperStream(RecognizeStream):
         self._partial_every = partial_interval_ms * SAMPLE_RATE // 1000
         self._on_close_cb = on_close
         self._language = whisper_language(options.language)
-        self._activity = VoiceActivity(
-            Endpointer(
-                threshold=options.vad_threshold,
-                min_speech_ms=options.vad_min_speech_ms,
-                endpointing_ms=options.endpointing_ms,
-                prefix_padding_ms=options.vad_prefix_padding_ms,
-                max_utterance_ms=max_utterance_ms,
-            )
-        )
+        self._activity = voice_activity(options, max_utterance_ms)
         self._keep = (options.vad_prefix_padding_ms + 1000) * SAMPLE_RATE // 1000
-        self._chunks: list[Samples] = []
-        self._buf_start = 0  # stream index of the first buffered sample
-        self._pos = 0  # samples pushed so far
+        self._audio = AudioBuffer()
         self._utterance = -1
         self._utt_start = 0
         self._last_partial_at = 0
@@ -229,8 +221,7 @@ class WhisperStream(RecognizeStream):
     async def _on_audio(self, samples: Samples) -> None:
         if len(samples) == 0:
             return
-        self._chunks.append(samples)
-        self._pos += len(samples)
+        self._audio.append(samples)
         for event in self._activity.process(samples):
             if event.kind == "start":
                 await self._begin_utterance(event.sample)
@@ -239,11 +230,11 @@ class WhisperStream(RecognizeStream):
         if self._activity.in_speech:
             self._maybe_partial()
         else:
-            self._trim(self._pos - self._keep)
+            self._audio.discard_before(self._audio.end - self._keep)
 
     async def _begin_utterance(self, sample: int) -> None:
         self._utterance += 1
-        self._utt_start = max(sample, self._buf_start)
+        self._utt_start = max(sample, self._audio.start)
         # The first partial is due as soon as there is MIN_PARTIAL_SAMPLES of speech.
         self._last_partial_at = self._utt_start + MIN_PARTIAL_SAMPLES - self._partial_every
         self._partial_text = ""
@@ -252,36 +243,21 @@ class WhisperStream(RecognizeStream):
         )
 
     async def _end_utterance(self, sample: int) -> None:
-        audio = self._slice(self._utt_start, sample)
+        audio = self._audio.slice(self._utt_start, sample)
         # Waits while FINAL_QUEUE utterances are pending: the backpressure.
         await self._finals.put((self._utterance, self._utt_start, sample, audio))
-        self._trim(sample)
-
-    def _slice(self, start: int, end: int) -> Samples:
-        buffered = np.concatenate(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
-        self._chunks = [buffered]
-        return buffered[max(0, start - self._buf_start) : max(0, end - self._buf_start)].copy()
-
-    def _trim(self, keep_from: int) -> None:
-        drop = keep_from - self._buf_start
-        if drop <= 0 or not self._chunks:
-            return
-        buffered = np.concatenate(self._chunks) if len(self._chunks) != 1 else self._chunks[0]
-        self._chunks = [buffered[drop:]]
-        self._buf_start += min(drop, len(buffered))
+        self._audio.discard_before(sample)
 
     def _maybe_partial(self) -> None:
         if self._partial_task is not None and not self._partial_task.done():
             return
-        if self._pos - self._last_partial_at < self._partial_every:
+        now = self._audio.end
+        if now - self._last_partial_at < self._partial_every:
             return
-        if (
-            self._pos - self._utt_start < MIN_PARTIAL_SAMPLES
-            or self._pool.busy >= self._pool.workers
-        ):
+        if now - self._utt_start < MIN_PARTIAL_SAMPLES or self._pool.busy >= self._pool.workers:
             return
-        self._last_partial_at = self._pos
-        audio = self._slice(self._utt_start, self._pos)
+        self._last_partial_at = now
+        audio = self._audio.slice(self._utt_start, now)
         self._partial_task = asyncio.get_running_loop().create_task(
             self._partial(self._utterance, audio), name="whisper-partial"
         )
@@ -303,8 +279,8 @@ class WhisperStream(RecognizeStream):
         if self._activity.in_speech:
             # Trailing speech with no silence after it: finalize up to the last sample.
             self._activity.endpointer.in_speech = False
-            await self._end_utterance(self._pos)
-        self._chunks = []
+            await self._end_utterance(self._audio.end)
+        self._audio.clear()
         await self._finals.put(None)
 
     # -- output side ------------------------------------------------------------
@@ -342,7 +318,7 @@ class WhisperStream(RecognizeStream):
             self._partial_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._partial_task
-        self._chunks = []
+        self._audio.clear()
         self._on_close_cb()
 
 

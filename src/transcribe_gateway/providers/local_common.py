@@ -1,0 +1,19 @@
+"""What the embedded engines' streams share: voice activity from the stream options."""
+
+from __future__ import annotations
+
+from transcribe_gateway.audio.vad import Endpointer, VoiceActivity
+from transcribe_gateway.providers.base import StreamOptions
+
+
+def voice_activity(options: StreamOptions, max_utterance_ms: int) -> VoiceActivity:
+    """Silero VAD with the session's endpointing and VAD settings."""
+    return VoiceActivity(
+        Endpointer(
+            threshold=options.vad_threshold,
+            min_speech_ms=options.vad_min_speech_ms,
+            endpointing_ms=options.endpointing_ms,
+            prefix_padding_ms=options.vad_prefix_padding_ms,
+            max_utterance_ms=max_utterance_ms,
+        )
+    )
