@@ -37,24 +37,20 @@ async def test_sdk_first_message_auth_and_bad_key(gateway: GatewayProcess) -> No
             pass
 
 
-def test_stream_command_prints_finals_and_timings(gateway: GatewayProcess) -> None:
-    env = {**os.environ, "TRANSCRIBE_API_KEY": TEST_KEYS[0]}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "transcribe_gateway",
-            "stream",
-            "--url",
-            gateway.url,
-            str(SHARED_AUDIO / "jfk.flac"),
-        ],
+def run_cli(gateway: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """``transcribe-gateway stream --url <gateway> ARGS`` as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "transcribe_gateway", "stream", "--url", gateway.url, *args],
         capture_output=True,
         text=True,
         timeout=120,
-        env=env,
+        env={**os.environ, "TRANSCRIBE_API_KEY": TEST_KEYS[0]},
         cwd=ROOT,
     )
+
+
+def test_stream_command_prints_finals_and_timings(gateway: GatewayProcess) -> None:
+    run = run_cli(gateway, str(SHARED_AUDIO / "jfk.flac"))
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
     assert len(lines) == 4 and all(line.startswith("[") for line in lines), run.stdout
@@ -63,28 +59,15 @@ def test_stream_command_prints_finals_and_timings(gateway: GatewayProcess) -> No
 
 
 def test_stream_command_json(gateway: GatewayProcess) -> None:
-    env = {**os.environ, "TRANSCRIBE_API_KEY": TEST_KEYS[0]}
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "transcribe_gateway",
-            "stream",
-            "--url",
-            gateway.url,
-            "--fast",
-            "--json",
-            "--format",
-            "mulaw",
-            "--rate",
-            "8000",
-            str(SHARED_AUDIO / "cards-001.wav"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=ROOT,
+    run = run_cli(
+        gateway,
+        "--fast",
+        "--json",
+        "--format",
+        "mulaw",
+        "--rate",
+        "8000",
+        str(SHARED_AUDIO / "cards-001.wav"),
     )
     assert run.returncode == 0, run.stderr
     events = [json.loads(line) for line in run.stdout.splitlines()]

@@ -137,15 +137,33 @@ class Endpointer:
             else:
                 self._silent_run += 1
                 if self._silent_run >= self._min_silence:
-                    # End a little after the last voiced frame, so a soft final
-                    # consonant is kept; never past what has been seen.
-                    end = min(self._last_voiced_end + self._pad // 2, start_sample + FRAME)
-                    self._finish(end, events)
+                    self._finish(self._end_after_silence(), events)
                     continue
             if start_sample + FRAME - self._start >= self._max_len:
                 self._finish(start_sample + FRAME, events)
                 self._begin(start_sample + FRAME, events)
         return events
+
+    def _end_after_silence(self) -> int:
+        # A little after the last voiced frame, so a soft final consonant is
+        # kept; never past the frame that completes the endpointing silence.
+        return self._last_voiced_end + min(self._pad // 2, self._min_silence * FRAME)
+
+    @property
+    def silence_ms(self) -> int:
+        """Silence heard since the last voiced frame of the open utterance (0 if none)."""
+        return self._silent_run * FRAME_MS if self.in_speech else 0
+
+    @property
+    def pending_end(self) -> int | None:
+        """Where the open utterance ends if the silence now heard reaches the endpoint.
+
+        ``None`` while speech is going on.  Lets an engine start its final decode
+        early, during the endpointing silence, and keep it if no speech resumes.
+        """
+        if not self.in_speech or not self._silent_run:
+            return None
+        return self._end_after_silence()
 
     def _begin(self, sample: int, events: list[VadEvent]) -> None:
         self.in_speech = True

@@ -1,0 +1,86 @@
+"""The Whisper stream in process: segmentation, speculative finals, trailing speech."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from tests.conftest import SHARED_AUDIO
+from tests.textnorm import normalize
+from transcribe_gateway.audio.files import read_audio
+from transcribe_gateway.config import Settings
+from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, StreamOptions
+from transcribe_gateway.providers.local import LocalSTT
+from transcribe_gateway.providers.local_whisper import WhisperStream
+
+
+@pytest.fixture(scope="module")
+async def stt() -> LocalSTT:
+    engine = LocalSTT(Settings())
+    await engine.start()
+    return engine
+
+
+async def run(
+    stt: LocalSTT, audio: np.ndarray, **options: int
+) -> tuple[WhisperStream, list[SpeechEvent]]:
+    stream = await stt.open_stream(StreamOptions(model="whisper-tiny.en", **options))
+    assert isinstance(stream, WhisperStream)
+    events: list[SpeechEvent] = []
+
+    async def collect() -> None:
+        async for event in stream:
+            events.append(event)
+
+    collector = asyncio.create_task(collect())
+    for i in range(0, len(audio), 320):
+        await stream.push_audio(audio[i : i + 320])
+        await asyncio.sleep(0)  # let the decode tasks start, as a live stream would
+    await stream.end_input()
+    await asyncio.wait_for(collector, 60)
+    await stream.aclose()
+    return stream, events
+
+
+def finals(events: list[SpeechEvent]) -> list[SpeechEvent]:
+    return [e for e in events if e.type is SpeechEventType.FINAL]
+
+
+async def test_final_is_decoded_during_the_endpointing_silence(stt: LocalSTT) -> None:
+    audio = np.concatenate([read_audio(SHARED_AUDIO / "goforward.raw"), np.zeros(16000, np.int16)])
+    stream, events = await run(stt, audio)
+    (final,) = finals(events)
+    assert normalize(final.text) == "go forward ten meters"
+    assert stream.early_finals == 1  # the speculative decode became the final
+    assert stt.active["whisper"] == 0
+
+
+async def test_speculation_is_dropped_when_speech_resumes(stt: LocalSTT) -> None:
+    # Two phrases 350 ms apart: longer than the speculation point, shorter than
+    # the 500 ms endpointing, so they are one utterance and the guess is wrong.
+    words = read_audio(SHARED_AUDIO / "goforward.raw")
+    gap = np.zeros(int(0.35 * 16000), np.int16)
+    cards = read_audio(SHARED_AUDIO / "cards-001.wav")
+    audio = np.concatenate([words[: int(2.35 * 16000)], gap, cards, np.zeros(16000, np.int16)])
+    stream, events = await run(stt, audio)
+    text = normalize(" ".join(f.text for f in finals(events)))
+    assert text.startswith("go forward ten meters ten of")  # "clubs" is often heard "close"
+    starts = [e for e in events if e.type is SpeechEventType.SPEECH_STARTED]
+    assert len(finals(events)) == len(starts)  # the dropped guess was never emitted
+    if len(starts) == 1:  # one utterance: its final covers both phrases
+        assert finals(events)[0].end_ms > 2350 + 350
+        assert stream.early_finals <= 1
+
+
+async def test_trailing_speech_is_finalized_at_end_of_input(stt: LocalSTT) -> None:
+    audio = read_audio(SHARED_AUDIO / "goforward.raw")[: int(2.35 * 16000)]
+    _, events = await run(stt, audio)
+    assert normalize(" ".join(f.text for f in finals(events))) == "go forward ten meters"
+    kinds = [e.type for e in events if e.type is not SpeechEventType.PARTIAL]
+    assert kinds == [
+        SpeechEventType.SPEECH_STARTED,
+        SpeechEventType.FINAL,
+        SpeechEventType.SPEECH_STOPPED,
+    ]
