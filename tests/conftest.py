@@ -37,6 +37,10 @@ class GatewayProcess:
         self.http = f"http://127.0.0.1:{self.port}"
         ARTIFACTS.mkdir(exist_ok=True)
         self.log_path = ARTIFACTS / f"server-{name}.log"
+        # Each server gets a fresh store file (never the default ./transcribe-gateway.db).
+        self.store_path = ARTIFACTS / f"store-{name}.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{self.store_path}{suffix}").unlink(missing_ok=True)
         full_env = {
             **os.environ,
             "TRANSCRIBE_API_KEYS": ",".join(TEST_KEYS),
@@ -49,6 +53,7 @@ class GatewayProcess:
             "TRANSCRIBE_PLUGINS": "tests.plugins.faulty:FaultySTT",
             "PYTHONPATH": str(ROOT),
             "HF_HUB_OFFLINE": "1",
+            "TRANSCRIBE_STORE_PATH": str(self.store_path),
             **(env or {}),
         }
         self._log = self.log_path.open("wb")

@@ -1,4 +1,4 @@
-"""The ``transcribe-gateway`` command: ``serve``, ``stream`` and ``config check``."""
+"""The ``transcribe-gateway`` command: serve, stream, config check, keys, usage."""
 
 from __future__ import annotations
 
@@ -63,6 +63,11 @@ def _serve(args: argparse.Namespace) -> int:
         f"transcribe-gateway: try  transcribe-gateway stream --url {url} ../shared/audio/jfk.flac",
         file=sys.stderr,
     )
+    if settings.profile == "development":
+        print(
+            f"transcribe-gateway: demo page http://{host}:{settings.port}/  (local development)",
+            file=sys.stderr,
+        )
     serve(settings)
     return 0
 
@@ -82,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     add_stream_parser(sub)
+    from transcribe_gateway.store.cli import add_parsers as add_store_parsers
+
+    add_store_parsers(sub)
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     check = config_sub.add_parser("check", help="validate the configuration and exit")
@@ -96,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args)
         if args.command == "config":
             return _config_check(args)
+        if args.command in ("keys", "usage"):
+            from transcribe_gateway.store import cli as store_cli
+
+            return store_cli.run_keys(args) if args.command == "keys" else store_cli.run_usage(args)
         from transcribe_gateway.client.cli import run_stream
 
         code: int = asyncio.run(run_stream(args))

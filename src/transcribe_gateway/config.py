@@ -41,6 +41,21 @@ class LocalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_utterance_ms: Annotated[int, msgspec.Meta(ge=1000, le=30000)] = 25000
 
 
+class StoreSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Where keys, usage and (with several replicas) live limits are kept."""
+
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    """``sqlite``: one file, one gateway process; ``redis``: shared by N replicas."""
+    path: str = "./transcribe-gateway.db"
+    """SQLite file (created on first use)."""
+    redis_url: str = ""
+    """e.g. ``redis://localhost:6379/0`` (required with ``backend = "redis"``)."""
+    lease_ttl_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 30.0
+    """A session slot held by a replica that died is freed after this long."""
+    recheck_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 2.0
+    """How often open sessions' keys are re-checked (revocation, expiry, quota)."""
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
@@ -49,6 +64,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Refuse (``provider_unavailable``) an unconfigured provider instead of using LOCAL."""
     api_keys: list[str] = msgspec.field(default_factory=list)
     auth_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
+    token_secret: str = ""
+    """HMAC secret of the short-lived session tokens; replicas must share it (empty: random)."""
+    token_max_ttl_s: Annotated[int, msgspec.Meta(ge=1, le=86400)] = 300
+    """Longest TTL ``POST /v1/tokens`` grants."""
     idle_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86400)] = 30.0
     drain_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 15.0
     """Grace period to finish pending audio on ``session.close``, idle close and SIGTERM."""
@@ -66,6 +85,15 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     plugins: list[str] = msgspec.field(default_factory=list)
     """Extra provider classes as ``module:Class`` (besides the entry point group)."""
     local: LocalSettings = msgspec.field(default_factory=LocalSettings)
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+    provider_connect_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+    """Longest wait to connect to a cloud provider and finish its handshake."""
+    provider_response_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
+    """A provider that answers nothing for this long while it should is failed (fallback)."""
+    provider_finalize_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 5.0
+    """Longest wait for a provider to flush its last words after the end of the audio."""
+    fallback_buffer_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 120.0
+    """Audio kept since the last final for replay into a fallback (oldest dropped beyond)."""
     providers: dict[str, dict[str, str]] = msgspec.field(default_factory=dict)
     """Per cloud provider settings (``api_key``, ``base_url``), e.g. ``[providers.DEEPGRAM]``."""
 
@@ -91,6 +119,8 @@ _ENV: Final[dict[str, tuple[tuple[str, ...], str]]] = {
     "TRANSCRIBE_STRICT_PROVIDERS": (("strict_providers",), "bool"),
     "TRANSCRIBE_API_KEYS": (("api_keys",), "list"),
     "TRANSCRIBE_AUTH_TIMEOUT_S": (("auth_timeout_s",), "float"),
+    "TRANSCRIBE_TOKEN_SECRET": (("token_secret",), "str"),
+    "TRANSCRIBE_TOKEN_MAX_TTL_S": (("token_max_ttl_s",), "int"),
     "TRANSCRIBE_IDLE_TIMEOUT_S": (("idle_timeout_s",), "float"),
     "TRANSCRIBE_DRAIN_TIMEOUT_S": (("drain_timeout_s",), "float"),
     "TRANSCRIBE_MAX_CHUNK_BYTES": (("max_chunk_bytes",), "int"),
@@ -98,8 +128,17 @@ _ENV: Final[dict[str, tuple[tuple[str, ...], str]]] = {
     "TRANSCRIBE_ENDPOINTING_MS": (("endpointing_ms",), "int"),
     "TRANSCRIBE_MAX_SESSIONS_PER_KEY": (("max_sessions_per_key",), "int"),
     "TRANSCRIBE_PLUGINS": (("plugins",), "list"),
+    "TRANSCRIBE_PROVIDER_CONNECT_TIMEOUT_S": (("provider_connect_timeout_s",), "float"),
+    "TRANSCRIBE_PROVIDER_RESPONSE_TIMEOUT_S": (("provider_response_timeout_s",), "float"),
+    "TRANSCRIBE_PROVIDER_FINALIZE_TIMEOUT_S": (("provider_finalize_timeout_s",), "float"),
+    "TRANSCRIBE_FALLBACK_BUFFER_S": (("fallback_buffer_s",), "float"),
     "TRANSCRIBE_LOG_LEVEL": (("log_level",), "str"),
     "TRANSCRIBE_LOG_FORMAT": (("log_format",), "str"),
+    "TRANSCRIBE_STORE_BACKEND": (("store", "backend"), "str"),
+    "TRANSCRIBE_STORE_PATH": (("store", "path"), "str"),
+    "TRANSCRIBE_REDIS_URL": (("store", "redis_url"), "str"),
+    "TRANSCRIBE_STORE_LEASE_TTL_S": (("store", "lease_ttl_s"), "float"),
+    "TRANSCRIBE_STORE_RECHECK_INTERVAL_S": (("store", "recheck_interval_s"), "float"),
     "TRANSCRIBE_LOCAL_WORKERS": (("local", "workers"), "int"),
     "TRANSCRIBE_LOCAL_DEFAULT_MODEL": (("local", "default_model"), "str"),
     "TRANSCRIBE_LOCAL_ALLOW_DOWNLOADS": (("local", "allow_downloads"), "bool"),
@@ -163,6 +202,10 @@ def load_settings(
         settings = msgspec.convert(data, Settings)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid setting: {exc}") from None
+    if settings.store.backend == "redis" and not settings.store.redis_url:
+        raise ConfigError(
+            'store.redis_url: required with store.backend = "redis" (TRANSCRIBE_REDIS_URL)'
+        )
     # A chunk at the limit must fit in a frame as base64 plus its JSON envelope.
     if 4 * -(-settings.max_chunk_bytes // 3) + 64 > settings.max_message_bytes:
         raise ConfigError(

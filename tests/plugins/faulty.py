@@ -7,7 +7,8 @@ ways a real engine can.  The model name picks the failure:
 * ``fail-after-audio``: raises ``ProviderError`` once 0.5 s of audio arrived;
 * ``hang-on-finalize``: echoes a final per 0.5 s of audio but never finishes
   after ``end_input`` (a finalize that never returns);
-* ``crash-on-open``: ``open_stream`` raises a plain exception (a bug).
+* ``crash-on-open``: ``open_stream`` raises a plain exception (a bug);
+* ``refuse-on-open``: ``open_stream`` fails as a provider refusing the key does.
 * ``echo``: a final per 0.5 s of audio, text = the count, and a clean end.
 """
 
@@ -34,12 +35,14 @@ class FaultySTT(STT):
     provider = "FAULTY"
 
     def models(self) -> Sequence[ModelInfo]:
-        names = ("fail-after-audio", "hang-on-finalize", "crash-on-open", "echo")
+        names = ("fail-after-audio", "hang-on-finalize", "crash-on-open", "refuse-on-open", "echo")
         return [ModelInfo(n, supports_prompt=False) for n in names]
 
     async def open_stream(self, options: StreamOptions) -> RecognizeStream:
         if options.model == "crash-on-open":
             raise RuntimeError("bug in the engine")
+        if options.model == "refuse-on-open":
+            raise ProviderError("FAULTY", "authentication refused (HTTP 401)", retryable=False)
         stream = FaultyStream(self, options)
         stream.start()
         return stream

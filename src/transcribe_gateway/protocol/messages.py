@@ -101,6 +101,7 @@ class ParseError(Exception):
 _decoder: Final[msgspec.json.Decoder[ClientMessage]] = msgspec.json.Decoder(ClientMessage)
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _FIELD = re.compile(r"(?:unknown|missing required) field `([^`]*)`")
+_TOO_DEEP: Final = "frame is nested too deeply"
 
 
 def parse_client_message(text: str | bytes) -> ClientMessage:
@@ -114,9 +115,25 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
     try:
         return _decoder.decode(text)
     except msgspec.ValidationError as exc:
-        raise _diagnose(text, str(exc)) from None
-    except msgspec.DecodeError:
+        try:
+            diagnosed = _diagnose(text, str(exc))
+        except RecursionError:
+            diagnosed = ParseError("invalid_message", _TOO_DEEP)
+        raise diagnosed from None
+    except (msgspec.DecodeError, UnicodeEncodeError):  # a str with lone surrogates
         raise ParseError("invalid_message", "frame is not valid JSON") from None
+    except RecursionError:
+        # msgspec recurses per nesting level: a few KB of "[[[[" would otherwise
+        # escape as an internal error (found by tests/reliability fuzzing).
+        raise ParseError("invalid_message", _TOO_DEEP) from None
+
+
+_MAX_ECHO: Final = 200
+"""Longest piece of client input echoed back in an error."""
+
+
+def _clip(text: str, limit: int = _MAX_ECHO) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _diagnose(text: str | bytes, detail: str) -> ParseError:
@@ -141,6 +158,9 @@ def _diagnose(text: str | bytes, detail: str) -> ParseError:
     named = _FIELD.search(reason)
     if named:  # unknown or missing field: point at the field itself, not its parent
         field = f"{field}.{named.group(1)}" if field else named.group(1)
+    # A client's field names are echoed: clipped, so a huge name is not an amplifier.
+    field = _clip(field) if field is not None else None
+    reason = _clip(reason, 2 * _MAX_ECHO)
     if kind == "session.update":
         where = f" at {field}" if field else ""
         return ParseError(

@@ -226,6 +226,11 @@ class Session:
         self.audio_format = effective.input_audio_format
         self._send(m.SessionUpdated(effective))
 
+    def announce_config(self, effective: m.EffectiveConfig) -> None:
+        """The server changed what serves the session (a fallback took over)."""
+        if self.state in (State.STREAMING, State.DRAINING):
+            self._send(m.SessionUpdated(effective))
+
     def start_draining(self) -> None:
         """The server ends the session (idle timeout, shutdown): stop taking audio."""
         if self.state in (State.AWAITING_CONFIG, State.STREAMING):

@@ -6,7 +6,7 @@ subclass), so a third-party package adds an engine by declaring one entry
 point.  :data:`CATALOG` lists the providers of the public Transcribe service,
 so a request for one whose adapter or credentials are missing is told so
 clearly: in the development profile it is served by LOCAL (and
-``session.updated`` says so), with ``strict_providers`` it is refused.
+``session.updated`` says so), with ``strict_providers`` (or in production) it is refused.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ class ProviderRegistry:
                 f"unknown model {model!r} for {provider}; expected one of {', '.join(models)}",
                 "session.model",
             )
-        reason = stt.unavailable_reason() if stt else self._missing_reason(provider)
+        reason = stt.unavailable_reason() if stt else self.missing_reason(provider)
         if stt is not None and info is not None and reason is None:
             if info.languages is not None and language.split("-")[0] not in info.languages:
                 raise ResolutionError(
@@ -142,7 +142,7 @@ class ProviderRegistry:
                     "session.language",
                 )
             return Resolution(stt, info)
-        if self.settings.strict_providers:
+        if self.settings.strict_providers or self.settings.profile == "production":
             raise ResolutionError(
                 "provider_unavailable", f"{provider} is not available on this server: {reason}"
             )
@@ -162,7 +162,8 @@ class ProviderRegistry:
             ),
         )
 
-    def _missing_reason(self, provider: str) -> str:
+    def missing_reason(self, provider: str) -> str:
+        """Why a catalog provider with no installed adapter cannot serve."""
         if self.settings.provider_setting(provider, "api_key"):
             return "no adapter for it is installed in this build"
         return f"{CREDENTIAL_ENV[provider]} is not set"

@@ -26,6 +26,10 @@ class KeyChecker:
     def __len__(self) -> int:
         return len(self._digests)
 
+    def has_fingerprint(self, fp: str) -> bool:
+        """Whether a configured key has this :func:`fingerprint` (a session token's key)."""
+        return any(hmac.compare_digest(d.hex()[:8], fp) for d in self._digests)
+
     def verify(self, presented: str) -> bool:
         digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
         found = False

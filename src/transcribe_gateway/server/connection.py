@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
 from starlette.websockets import WebSocket
 
 from transcribe_gateway.audio.decode import decode_audio
@@ -47,8 +48,11 @@ from transcribe_gateway.providers.base import (
     SpeechEventType,
     StreamOptions,
 )
-from transcribe_gateway.providers.registry import ResolutionError
-from transcribe_gateway.server.auth import bearer_token, fingerprint
+from transcribe_gateway.providers.registry import Resolution, ResolutionError
+from transcribe_gateway.server import metrics, tokens
+from transcribe_gateway.server.auth import bearer_token
+from transcribe_gateway.server.limits import Grant, Refusal, SessionLimits, Verdict
+from transcribe_gateway.server.replay import ReplayBuffer
 
 if TYPE_CHECKING:
     from transcribe_gateway.server.app import Gateway
@@ -57,11 +61,21 @@ log = logging.getLogger(__name__)
 
 _PARTIAL_PREFIX: Final = '{"type":"transcription.partial"'
 _CLOSE: Final = object()
+_CLOSE_REASONS: Final = {4001: "unauthorized", 4029: "over_limit", 1008: "policy", 1011: "error"}
 SERVICE_RESTART: Final = 1012
 
 
 def new_session_id() -> str:
     return "ts_" + secrets.token_hex(6)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """An engine chosen for the session: how to open it and what to announce."""
+
+    resolution: Resolution
+    options: StreamOptions
+    effective: m.EffectiveConfig
 
 
 @dataclass(slots=True)
@@ -72,6 +86,8 @@ class _Engine:
     resampler: Resampler
     offset_ms: int
     generation: int
+    can_fall_back: bool = False
+    """Whether this stream's failure switches the session to its fallback."""
     pump: asyncio.Task[None] | None = None
     last_event_at: float = 0.0
     """Monotonic time of the stream's last event (drain progress)."""
@@ -91,6 +107,12 @@ class Connection:
             max_message_bytes=self.settings.max_message_bytes,
         )
         self.key_id: str | None = None
+        self.grant: Grant | None = None
+        """The accepted key and its limits (set by authentication)."""
+        self._limits: SessionLimits | None = None
+        self.end_reason = ""
+        """Why the session ended (metrics, usage); empty while it runs."""
+        self._latency = metrics.LatencyTracker()
         self.config: m.SessionConfig | None = None
         self.effective: m.EffectiveConfig | None = None
         self.audio_seconds = 0.0
@@ -99,7 +121,16 @@ class Connection:
         self._retired: set[asyncio.Task[None]] = set()
         self._generation = 0
         self._utterance_ids: dict[tuple[int, int], str] = {}
+        self._utterance_ended: set[tuple[int, int]] = set()
+        """Utterances whose final or speech.stopped was sent (forgotten after both)."""
+        self._open_partials: dict[tuple[int, int], tuple[str, str, int]] = {}
+        """Utterances with a partial but no final yet: (utterance id, text, start ms)."""
         self._utterances = 0
+        self._fallback: _Plan | None = None
+        self._replay: ReplayBuffer | None = None
+        """Audio since the last final, kept while a fallback is configured."""
+        self._switching = False
+        self._samples_received = 0
         self._out: asyncio.Queue[object] = asyncio.Queue(self.settings.outgoing_queue)
         self._writer: asyncio.Task[None] | None = None
         self._ending: asyncio.Task[None] | None = None
@@ -126,7 +157,7 @@ class Connection:
             if self.gateway.draining:
                 self.session.fail(SERVICE_RESTART, "server shutting down")
             elif "authorization" in self.ws.headers:
-                self._authenticate(bearer_token(self.ws.headers["authorization"]) or "")
+                await self._authenticate(bearer_token(self.ws.headers["authorization"]) or "")
             self._flush()
             if await self._read_loop():
                 await self._wait_writer()
@@ -158,6 +189,8 @@ class Connection:
             if message["type"] == "websocket.disconnect":
                 self._log.info("client disconnected", extra={"code": message.get("code")})
                 return False
+            if self._limits is not None and not self._admit_message():
+                continue  # over the key's message rate: refused unparsed
             text = message.get("text")
             if text is not None:
                 session.receive_text(text)
@@ -169,7 +202,7 @@ class Connection:
                 elif isinstance(event, Configure):
                     await self._configure(event.config)
                 elif isinstance(event, Authenticate):
-                    self._authenticate(event.token)
+                    await self._authenticate(event.token)
                 elif isinstance(event, CloseRequested):
                     self.begin_end("client_close")
             self._flush()
@@ -195,6 +228,7 @@ class Connection:
         for task in tasks:
             with contextlib.suppress(BaseException):
                 await task
+        await self._release()
         self.closed.set()
         self._log.info(
             "session ended",
@@ -203,23 +237,111 @@ class Connection:
 
     # ------------------------------------------------------------------- auth
 
-    def _authenticate(self, token: str) -> None:
-        if self.gateway.keys.verify(token):
-            key_id = fingerprint(token)
-            limit = self.settings.max_sessions_per_key
-            if limit and sum(c.key_id == key_id for c in self.gateway.connections) >= limit:
-                self.session.reject_over_quota(
-                    f"this key already has {limit} open sessions (max_sessions_per_key)"
-                )
-                return
-            self.key_id = key_id
-            self.session.accept_auth()
-            self._touch()
-            self._log.info("session created", extra={"key": self.key_id})
-        else:
+    async def _authenticate(self, token: str) -> None:
+        try:
+            if tokens.looks_like_token(token):  # a short-lived session token (browsers)
+                gw = self.gateway
+                outcome = await tokens.admit(gw.tokens, gw.admission, token, self.id)
+            else:
+                outcome = await self.gateway.admission.authenticate(token, self.id)
+        except Exception:  # store unreachable: refuse rather than let anyone in
+            self._log.warning("key check failed", exc_info=True)
+            outcome = Refusal("unavailable", "the key store did not answer; retry later", INTERNAL)
+        if self.session.state is not State.AWAITING_AUTH:  # closed meanwhile (shutdown)
+            if isinstance(outcome, Grant):
+                await self.gateway.store.release_slot(outcome.key_id, self.id)
+            return
+        if isinstance(outcome, Refusal):
             # Never log the presented key, not even a fingerprint of a wrong one.
-            self._log.info("unauthorized")
-            self.session.reject_auth()
+            self._log.info("refused", extra={"reason": outcome.code or "unauthorized"})
+            if not outcome.code:
+                self.session.reject_auth()
+            elif outcome.code == "too_many_sessions":
+                self.session.reject_over_quota(outcome.message)
+            else:
+                self.session.send_error(
+                    outcome.code, outcome.message, retryable=outcome.code == "unavailable"
+                )
+                reason = {UNAUTHORIZED: "Unauthorized", INTERNAL: "internal error"}
+                self.session.fail(outcome.close_code, reason.get(outcome.close_code, "Over quota"))
+            return
+        self.grant, self.key_id = outcome, outcome.key_id
+        self._limits = SessionLimits(outcome)
+        metrics.active_sessions.inc()
+        self.session.accept_auth()
+        self._touch()
+        self._log.info("session created", extra={"key": self.key_id})
+
+    def terminate(self, code: int, error_code: str, message: str) -> None:
+        """End now for a key-level reason (revoked, over quota): ``error``, then close ``code``.
+
+        Pending audio is not finalized: the key may no longer be served.
+        """
+        if self.session.state is State.CLOSED:
+            return
+        self._log.info("session terminated", extra={"reason": error_code})
+        self.end_reason = error_code
+        self.session.send_error(error_code, message)
+        self.session.fail(code, "Unauthorized" if code == UNAUTHORIZED else "Over quota")
+        self._flush()
+
+    def _admit_message(self) -> bool:
+        """Count a client message against its key's rate; False when it is refused."""
+        assert self._limits is not None
+        verdict = self.gateway.admission.check_message(self._limits)
+        if verdict is Verdict.ACCEPT:
+            return True
+        if verdict is Verdict.ABUSE:
+            self._log.warning("message flood far over the rate limit; closing")
+            self.end_reason = "rate_abuse"
+            self.session.fail(1008, "message rate far over the limit")
+        elif verdict is Verdict.DROP_AND_WARN:
+            rate = self._limits.grant.limits.messages_per_second
+            self.session.send_error(
+                "rate_limited",
+                f"over this key's {rate:g} messages per second; messages are dropped "
+                "until the rate falls (one such error per second)",
+                retryable=True,
+            )
+        self._flush()
+        return False
+
+    def _meter(self, seconds: float) -> None:
+        """Count received audio (metrics, the key's audio quota)."""
+        self._latency.on_audio(self.audio_seconds)
+        if self.effective is not None:
+            metrics.audio_seconds.labels(provider=self.effective.provider).inc(seconds)
+        if self._limits is not None and self._limits.add_audio(seconds):
+            grant = self._limits.grant
+            self.terminate(
+                4029,
+                "quota_exceeded",
+                f"this key used its {grant.limits.audio_minutes:g} audio minutes "
+                f"for {grant.period_id}",
+            )
+
+    async def _release(self) -> None:
+        """Count the ended session, free its slot and write its usage record."""
+        code = self.session.close_code
+        reason = self.end_reason or (
+            _CLOSE_REASONS.get(code, f"close_{code}") if code else "client_disconnected"
+        )
+        metrics.sessions.labels(reason=reason).inc()
+        if self.grant is None:
+            return
+        metrics.active_sessions.dec()
+        effective = self.effective
+        try:
+            await self.gateway.admission.end(
+                self.grant,
+                self.id,
+                effective.provider if effective else "",
+                effective.model if effective else "",
+                reason,
+                self.audio_seconds,
+            )
+        except Exception:
+            self._log.warning("usage not recorded", exc_info=True)
 
     # ------------------------------------------------------------- configure
 
@@ -227,12 +349,48 @@ class Connection:
         registry = self.gateway.registry
         try:
             resolution = registry.resolve(config.provider, config.model, config.language)
+            fallback = None
             if config.fallback is not None:
                 fb = config.fallback
-                registry.resolve(fb.provider, fb.model, config.language)
+                fallback = registry.resolve(fb.provider, fb.model, config.language)
         except ResolutionError as exc:
             self.session.send_error(exc.code, exc.message, field=exc.field)
             return
+        plan = self._plan(config, resolution)
+        fallback_plan = self._plan(config, fallback) if fallback is not None else None
+        try:
+            stream = await resolution.stt.open_stream(plan.options)
+        except ProviderError as exc:
+            if fallback_plan is None:
+                self.session.send_error(exc.code, str(exc), retryable=exc.retryable)
+                return
+            self._report_failure(exc, fallback_plan)
+            plan, fallback_plan = self._switched_plan(fallback_plan, exc, config.model), None
+            try:
+                stream = await plan.resolution.stt.open_stream(plan.options)
+            except ProviderError as exc2:
+                self.session.send_error(exc2.code, str(exc2), retryable=exc2.retryable)
+                return
+        if self._engine is not None:  # reconfiguration: finish the old stream in the background
+            await self._retire(self._engine, finalize=True)
+        self.config = config
+        self._fallback = fallback_plan
+        self._replay = (
+            ReplayBuffer(config.sample_rate, self.settings.fallback_buffer_s)
+            if fallback_plan is not None
+            else None
+        )
+        self._engine = self._start_engine(plan, stream, can_fall_back=fallback_plan is not None)
+        self.effective = plan.effective
+        self.session.accept_config(plan.effective)
+        self._touch()
+        self._log.info(
+            "session configured",
+            extra={"provider": plan.effective.provider, "model": plan.effective.model},
+        )
+
+    def _plan(self, config: m.SessionConfig, resolution: Resolution) -> _Plan:
+        """The stream options and effective config for ``resolution`` serving ``config``."""
         model = resolution.model
         unsupported: list[str] = []
         language = config.language
@@ -247,8 +405,6 @@ class Connection:
             unsupported.append("vad")
         if config.endpointing is not None and not model.supports_endpointing:
             unsupported.append("endpointing")
-        if config.fallback is not None:
-            unsupported.append("fallback (provider fallback is not implemented in this build)")
         vad = config.vad or m.VadConfig()
         endpointing = config.endpointing or self.settings.endpointing_ms
         options = StreamOptions(
@@ -263,24 +419,7 @@ class Connection:
             ),
             vad_min_speech_ms=vad.min_speech_ms if vad.min_speech_ms is not None else 100,
         )
-        try:
-            stream = await resolution.stt.open_stream(options)
-        except ProviderError as exc:
-            self.session.send_error(exc.code, str(exc), retryable=exc.retryable)
-            return
-        if self._engine is not None:  # reconfiguration: finish the old stream in the background
-            await self._retire(self._engine, finalize=True)
-        self._generation += 1
-        engine = _Engine(
-            stream,
-            Resampler(config.sample_rate, model.input_rate),
-            offset_ms=round(self.audio_seconds * 1000),
-            generation=self._generation,
-        )
-        engine.pump = asyncio.create_task(self._pump(engine), name=f"{self.id}-pump")
-        self._engine = engine
-        self.config = config
-        self.effective = m.EffectiveConfig(
+        effective = m.EffectiveConfig(
             provider=resolution.stt.provider,
             model=model.name,
             language=language,
@@ -295,12 +434,93 @@ class Connection:
             notice=resolution.notice,
             unsupported=unsupported,
         )
-        self.session.accept_config(self.effective)
-        self._touch()
-        self._log.info(
-            "session configured",
-            extra={"provider": self.effective.provider, "model": model.name},
+        return _Plan(resolution, options, effective)
+
+    def _switched_plan(self, plan: _Plan, exc: ProviderError, requested_model: str) -> _Plan:
+        """``plan`` (the fallback) announced as serving in place of the failed provider."""
+        effective = msgspec.structs.replace(
+            plan.effective,
+            requested_provider=exc.provider,
+            requested_model=requested_model,
+            notice=f"{exc.provider} failed ({exc.reason}); this session is served by its "
+            f"fallback {plan.effective.provider}/{plan.effective.model}",
         )
+        return _Plan(plan.resolution, plan.options, effective)
+
+    def _report_failure(self, exc: ProviderError, fallback: _Plan) -> None:
+        self._log.warning(
+            "provider failed; switching to fallback",
+            extra={"reason": exc.reason, "fallback": fallback.effective.provider},
+        )
+        self.session.send_error(
+            "provider_error",
+            f"{exc}; switching to the fallback "
+            f"{fallback.effective.provider}/{fallback.effective.model}",
+            retryable=exc.retryable,
+        )
+        self._flush()
+
+    def _start_engine(
+        self, plan: _Plan, stream: RecognizeStream, *, can_fall_back: bool
+    ) -> _Engine:
+        assert self.config is not None
+        self._generation += 1
+        engine = _Engine(
+            stream,
+            Resampler(self.config.sample_rate, plan.options.sample_rate),
+            offset_ms=round(self.audio_seconds * 1000),
+            generation=self._generation,
+            can_fall_back=can_fall_back,
+        )
+        engine.pump = asyncio.create_task(self._pump(engine), name=f"{self.id}-pump")
+        return engine
+
+    async def _fall_back(self, failed: _Engine, exc: ProviderError) -> bool:
+        """Replace a failed engine by the fallback and replay the audio not yet final.
+
+        Runs in the failed engine's pump task, so whoever waits for that pump
+        (the ending task) also waits for the switch.  Audio arriving meanwhile
+        goes into the replay buffer, which is drained until it is empty before
+        the new engine takes the live audio: nothing is skipped or sent twice.
+        """
+        plan, replay = self._fallback, self._replay
+        if plan is None or replay is None or not failed.can_fall_back:
+            return False
+        self._fallback = None  # one switch per configuration
+        self._report_failure(exc, plan)
+        metrics.fallbacks.labels(
+            from_provider=exc.provider, to_provider=plan.effective.provider
+        ).inc()
+        if self._engine is failed:
+            self._engine = None
+        self._switching = True
+        try:
+            assert self.config is not None
+            plan = self._switched_plan(plan, exc, self.config.model)
+            try:
+                stream = await plan.resolution.stt.open_stream(plan.options)
+            except ProviderError as exc2:
+                self.session.send_error(exc2.code, str(exc2), retryable=exc2.retryable)
+                self._flush_open_partials(failed)
+                return True
+            engine = self._start_engine(plan, stream, can_fall_back=False)
+            engine.offset_ms = replay.start_ms
+            index = 0
+            while index < len(replay):  # grows while we wait: caught up when equal
+                converted = engine.resampler.push(replay.chunk(index))
+                index += 1
+                if len(converted):
+                    with contextlib.suppress(RuntimeError):
+                        await engine.stream.push_audio(converted)
+            self._engine = engine
+            self.effective = plan.effective
+            self.session.announce_config(plan.effective)
+            self._flush()
+            return True
+        finally:
+            self._switching = False
+            self._replay = None
+            replay.clear()
 
     async def _retire(self, engine: _Engine, *, finalize: bool) -> None:
         """Stop feeding ``engine``; with ``finalize`` let it finish its pending audio."""
@@ -354,10 +574,19 @@ class Connection:
     async def _on_audio(self, data: bytes) -> None:
         assert self.config is not None, "the session only accepts audio once configured"
         samples = decode_audio(data, self.config.input_audio_format)
-        self.audio_seconds += len(samples) / self.config.sample_rate
+        if self._replay is not None:
+            self._replay.append(self._samples_received, samples)
+        self._samples_received += len(samples)
+        seconds = len(samples) / self.config.sample_rate
+        self.audio_seconds += seconds
+        self._meter(seconds)
+        if self.session.close_code is not None:
+            return  # over the audio quota
         self._touch()
         engine = self._engine
         if engine is None:
+            if self._switching:
+                return  # the fallback takes this chunk from the replay buffer
             now = time.monotonic()
             if now - self._last_no_engine_error > 1.0:  # one error a second, not one a chunk
                 self._last_no_engine_error = now
@@ -388,15 +617,37 @@ class Connection:
                 self._forward(engine, event)
                 self._flush()
         except ProviderError as exc:
+            metrics.provider_errors.labels(provider=exc.provider).inc()
+            if await self._fall_back(engine, exc):
+                return
             self._log.warning("provider failed", extra={"reason": exc.reason})
+            self._flush_open_partials(engine)
             self.session.send_error(exc.code, str(exc), retryable=exc.retryable)
             if self._engine is engine:
                 self._engine = None
             self._flush()
 
+    def _flush_open_partials(self, engine: _Engine) -> None:
+        """A provider died mid-utterance with no fallback: its last partial becomes the final.
+
+        Unconfirmed words are better than lost ones; the client can tell them
+        from a provider final by the ``error`` that follows.
+        """
+        end_ms = round(self.audio_seconds * 1000)
+        for key, (utterance_id, text, start_ms) in list(self._open_partials.items()):
+            if key[0] != engine.generation:
+                continue
+            del self._open_partials[key]
+            if self.session.state in (State.STREAMING, State.DRAINING):
+                self.session.send_event(
+                    m.TranscriptionCompleted(utterance_id, text, start_ms, end_ms, [])
+                )
+                self.session.send_event(m.SpeechStopped(utterance_id, end_ms))
+
     def _forward(self, engine: _Engine, event: SpeechEvent) -> None:
         if self.session.state not in (State.STREAMING, State.DRAINING):
             return
+        self._latency.observe(engine.generation, event, engine.offset_ms)
         key = (engine.generation, event.utterance)
         utterance_id = self._utterance_ids.get(key)
         if utterance_id is None:
@@ -406,6 +657,9 @@ class Connection:
         kind = event.type
         if kind is SpeechEventType.PARTIAL:
             self.session.send_event(m.TranscriptionPartial(utterance_id, event.text))
+            opened = self._open_partials.get(key)
+            start_ms = opened[2] if opened else event.start_ms + offset
+            self._open_partials[key] = (utterance_id, event.text, start_ms)
         elif kind is SpeechEventType.FINAL:
             words = [
                 m.Word(w.word, w.start_ms + offset, w.end_ms + offset, w.confidence)
@@ -416,13 +670,31 @@ class Connection:
                     utterance_id, event.text, event.start_ms + offset, event.end_ms + offset, words
                 )
             )
+            self._open_partials.pop(key, None)
+            if self._replay is not None and engine is self._engine:
+                self._replay.trim_before(event.end_ms + offset)
             if self.settings.log_level == "debug":
                 self._log.debug("final", extra={"text": event.text})
+            self._end_utterance(key)
         elif kind is SpeechEventType.SPEECH_STARTED:
             self.session.send_event(m.SpeechStarted(utterance_id, event.start_ms + offset))
+            self._open_partials.pop(key, None)
         else:
             self.session.send_event(m.SpeechStopped(utterance_id, event.end_ms + offset))
+            self._end_utterance(key)
+
+    def _end_utterance(self, key: tuple[int, int]) -> None:
+        # A final may come after speech.stopped (cloud providers): keep the id
+        # until both were sent, and never more than a few utterances back.
+        if key in self._utterance_ended:
+            self._utterance_ended.discard(key)
             self._utterance_ids.pop(key, None)
+        else:
+            self._utterance_ended.add(key)
+        generation, number = key
+        for old in [k for k in self._utterance_ended if k[0] != generation or k[1] < number - 16]:
+            self._utterance_ended.discard(old)
+            self._utterance_ids.pop(old, None)
 
     # ----------------------------------------------------------------- ending
 
@@ -435,6 +707,7 @@ class Connection:
                 sent before a server-side end (shutdown) are still transcribed.
         """
         if self._ending is None and self.session.state is not State.CLOSED:
+            self.end_reason = self.end_reason or reason
             if not linger_s:
                 self.session.start_draining()
             self._ending = asyncio.create_task(self._end(reason, linger_s), name=f"{self.id}-end")
@@ -443,8 +716,9 @@ class Connection:
         if linger_s:
             await asyncio.sleep(linger_s)
             self.session.start_draining()
-        engine, self._engine = self._engine, None
-        if engine is not None:
+        # A fallback may take over while the failed engine finalizes: finish it too.
+        while (engine := self._engine) is not None:
+            self._engine = None
             await self._finish_input(engine)
             await self._drain(engine)
         if self._retired:  # earlier streams still finishing after a reconfiguration

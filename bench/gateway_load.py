@@ -1,0 +1,301 @@
+"""Gateway capacity: N real-time sessions on one core, against a bare websockets baseline.
+
+Run by hand (never in CI), from the repository root:
+
+    .venv/bin/python bench/gateway_load.py --sessions 100,250,500,1000 --seconds 20
+
+For each N it runs, in the same run and on the same cores, (1) the bare
+baseline server (``bench/bare_server.py``: JSON + base64 decode only) and (2)
+the gateway serving the ``NOOP`` provider (``bench/noop_provider.py``, loaded
+through the plugin interface), both pinned to core 0 with ``taskset``; this
+load generator pins itself to core 1.  Each session streams 20 ms pcm16 chunks
+at real-time pace; the server answers every 10th chunk with a partial naming
+the samples it has seen, so each answer's latency is measured from the send of
+the chunk it covers.  Reported per N: latency p50/p99, server CPU (cores),
+server CPU per chunk, RSS per session, errors, and whether the generator kept
+its schedule (if it did not, the figures for that N are not valid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import websockets
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
+
+from tests.conftest import free_port  # noqa: E402
+
+KEY = "bench-key"
+CHUNK_MS = 20
+CHUNK_SAMPLES = 320
+TICK_GROUPS = 10
+"""Sessions send in 10 phase groups, 2 ms apart, as independent clients would."""
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError("server did not start")
+
+
+def start_gateway(cpu: str, sessions: int) -> Server:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TRANSCRIBE_API_KEYS": KEY,
+        "TRANSCRIBE_PLUGINS": "bench.noop_provider:NoopSTT",
+        "TRANSCRIBE_LOG_LEVEL": "warning",
+        "TRANSCRIBE_LOCAL_WORKERS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
+    cmd = ["taskset", "-c", cpu, sys.executable, "-m", "transcribe_gateway", "serve"]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, cwd=ROOT)
+    wait_port(port, proc)
+    return Server("gateway", proc, f"ws://127.0.0.1:{port}/ws")
+
+
+def start_bare(cpu: str) -> Server:
+    port = free_port()
+    cmd = ["taskset", "-c", cpu, sys.executable, str(ROOT / "bench" / "bare_server.py"), str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    wait_port(port, proc)
+    return Server("bare", proc, f"ws://127.0.0.1:{port}/ws")
+
+
+@dataclass
+class Level:
+    server: str
+    sessions: int
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+    chunks: int = 0
+    cpu_s: float = 0.0
+    window_s: float = 0.0
+    rss_per_session_kb: float = 0.0
+    late_ticks: int = 0
+    ticks: int = 0
+
+    def row(self) -> str:
+        lat = sorted(self.latencies)
+        p50 = lat[len(lat) // 2] * 1000 if lat else float("nan")
+        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else float("nan")
+        cores = self.cpu_s / self.window_s if self.window_s else 0
+        per_chunk = self.cpu_s / self.chunks * 1e6 if self.chunks else 0
+        kept = "yes" if self.late_ticks <= self.ticks * 0.01 else f"no ({self.late_ticks} late)"
+        return (
+            f"| {self.sessions} | {self.server} | {p50:.1f} | {p99:.1f} | {cores:.2f} | "
+            f"{per_chunk:.1f} | {self.rss_per_session_kb:.0f} | {self.errors} | {kept} |"
+        )
+
+
+class Client:
+    def __init__(self, ws: websockets.ClientConnection, level: Level, slots: int) -> None:
+        self.ws = ws
+        self.level = level
+        self.sent_at = [0.0] * slots
+        self.sent = 0
+        self.measure = False
+        self.reader = asyncio.create_task(self.read())
+
+    async def read(self) -> None:
+        try:
+            async for raw in self.ws:
+                msg = json.loads(raw)
+                if msg["type"] == "transcription.partial":
+                    chunk = int(msg["text"]) // CHUNK_SAMPLES - 1
+                    if self.measure and 0 <= chunk < len(self.sent_at):
+                        self.level.latencies.append(time.perf_counter() - self.sent_at[chunk])
+                elif msg["type"] == "error":
+                    self.level.errors += 1
+        except websockets.ConnectionClosed:
+            pass
+
+
+async def open_client(server: Server, level: Level, slots: int) -> Client:
+    ws = await websockets.connect(
+        server.url,
+        additional_headers={"Authorization": f"Bearer {KEY}"},
+        ping_interval=None,
+        max_queue=None,
+    )
+    json.loads(await ws.recv())  # session.created
+    config = {
+        "provider": "NOOP",
+        "model": "noop",
+        "input_audio_format": "pcm16",
+        "sample_rate": 16000,
+    }
+    await ws.send(json.dumps({"type": "session.update", "session": config}))
+    updated = json.loads(await ws.recv())
+    if updated["type"] != "session.updated":
+        raise RuntimeError(f"session.update refused: {updated}")
+    return Client(ws, level, slots)
+
+
+async def run_level(server: Server, n: int, seconds: float, warmup: float) -> Level:
+    level = Level(server.name, n)
+    slots = int((seconds + warmup + 5) * 1000 / CHUNK_MS)
+    rss_before = rss_mb(server.proc.pid)
+    fds_before = open_fds(server.proc.pid)
+    clients: list[Client] = []
+    for i in range(0, n, 50):  # open in batches, as a crowd arriving would
+        batch = await asyncio.gather(
+            *(open_client(server, level, slots) for _ in range(min(50, n - i))),
+            return_exceptions=True,
+        )
+        for c in batch:
+            if isinstance(c, Client):
+                clients.append(c)
+            else:
+                level.errors += 1
+    payload = json.dumps(
+        {"type": "audio.append", "audio": base64.b64encode(bytes(CHUNK_SAMPLES * 2)).decode()}
+    )
+    groups = [clients[g::TICK_GROUPS] for g in range(TICK_GROUPS)]
+    start = time.perf_counter() + 0.1
+    end = start + warmup + seconds
+    cpu0 = window0 = 0.0
+    tick = 0
+    measuring = False
+    while True:
+        for g, group in enumerate(groups):
+            due = start + tick * CHUNK_MS / 1000 + g * CHUNK_MS / 1000 / TICK_GROUPS
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            elif measuring and delay < -CHUNK_MS / 1000:
+                level.late_ticks += 1
+            now = time.perf_counter()
+            for c in group:
+                c.sent_at[c.sent] = now
+                c.sent += 1
+                await c.ws.send(payload)
+            if measuring:
+                level.chunks += len(group)
+                level.ticks += 1
+        tick += 1
+        now = time.perf_counter()
+        if not measuring and now >= start + warmup:
+            measuring = True
+            for c in clients:
+                c.measure = True
+            cpu0, window0 = cpu_seconds(server.proc.pid), now
+            level.rss_per_session_kb = (rss_mb(server.proc.pid) - rss_before) * 1024 / max(1, n)
+        if now >= end:
+            break
+    level.cpu_s = cpu_seconds(server.proc.pid) - cpu0
+    level.window_s = time.perf_counter() - window0
+    for c in clients:
+        with_close = json.dumps({"type": "session.close"})
+        try:
+            await c.ws.send(with_close)
+        except websockets.ConnectionClosed:
+            level.errors += 1
+    await asyncio.wait([c.reader for c in clients], timeout=30)
+    for c in clients:
+        await c.ws.close()
+    await asyncio.sleep(1.0)
+    fds_after = open_fds(server.proc.pid)
+    if fds_after > fds_before + 5:
+        print(f"  warning: {server.name} holds {fds_after - fds_before} more fds after closing")
+    return level
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sessions", default="100,250,500,1000")
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--warmup", type=float, default=3)
+    parser.add_argument("--server-cpu", default="0")
+    parser.add_argument("--client-cpu", default="1")
+    parser.add_argument("--servers", default="bare,gateway", help="which servers to run")
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {int(c) for c in args.client_cpu.split(",")})
+    levels = [int(n) for n in args.sessions.split(",")]
+    wanted = args.servers.split(",")
+    servers = [start_bare(args.server_cpu)] if "bare" in wanted else []
+    if "gateway" in wanted:
+        servers.append(start_gateway(args.server_cpu, max(levels)))
+        print(f"gateway pid {servers[-1].proc.pid}", flush=True)
+    rows: list[Level] = []
+    try:
+        for n in levels:
+            for server in servers:
+                level = await run_level(server, n, args.seconds, args.warmup)
+                rows.append(level)
+                print(level.row(), flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+    print(f"\n## Gateway capacity ({os.cpu_count()} cores; server on core {args.server_cpu})\n")
+    print(
+        "| sessions | server | p50 ms | p99 ms | server CPU (cores) | CPU us/chunk | "
+        "RSS KiB/session | errors | generator kept pace |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for level in rows:
+        print(level.row())
+    print()
+    for n in levels:
+        bare = next((r for r in rows if r.sessions == n and r.server == "bare"), None)
+        gw = next((r for r in rows if r.sessions == n and r.server == "gateway"), None)
+        if bare and gw and bare.chunks and gw.chunks:
+            ratio = (gw.cpu_s / gw.chunks) / (bare.cpu_s / bare.chunks)
+            print(f"- {n} sessions: gateway CPU per chunk = {ratio:.2f}x the bare baseline")
+    _ = statistics  # medians over runs are taken by hand across repeated invocations
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

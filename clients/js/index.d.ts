@@ -1,0 +1,127 @@
+// Type declarations for @transcribe-gateway/client (the sources are JSDoc-typed ESM).
+
+export interface SessionConfig {
+  /** `LOCAL`, `DEEPGRAM`, `OPENAI`, `CARTESIA`, `QWEN3`, `ELEVENLABS`, `SONIOX` */
+  provider: string;
+  /** e.g. `whisper-tiny.en`, `nova-3` */
+  model: string;
+  /** BCP-47, default `en` */
+  language?: string;
+  prompt?: string;
+  input_audio_format?: "pcm16" | "mulaw";
+  /** Hz, default 16000 */
+  sample_rate?: number;
+  /** ms of silence that ends an utterance */
+  endpointing?: number;
+  [extra: string]: unknown;
+}
+
+export interface ClientOptions {
+  /** WebSocket URL, e.g. `ws://localhost:8000/ws` */
+  url: string;
+  /** Short-lived session token (`tst_...`) from `POST /v1/tokens`, or an API key (server side only). */
+  token?: string;
+  /** An API key: Node only, never in a web page. */
+  apiKey?: string;
+  session: SessionConfig;
+  /** Where the credential goes; default `header` when `WebSocket` is given (Node `ws`), else `message`. */
+  auth?: "header" | "message";
+  /** WebSocket class; default `globalThis.WebSocket`. In Node pass `ws`'s default export. */
+  WebSocket?: unknown;
+  /** Default 15000. */
+  connectTimeoutMs?: number;
+}
+
+export interface Word {
+  word: string;
+  start_ms: number;
+  end_ms: number;
+  confidence?: number;
+}
+
+export interface Partial {
+  type: "transcription.partial";
+  utterance_id: string;
+  text: string;
+}
+
+export interface Completed {
+  type: "transcription.completed";
+  utterance_id: string;
+  text: string;
+  start_ms: number;
+  end_ms: number;
+  words?: Word[];
+  /** Wall-clock ms from when the audio at `end_ms` was sent to when this final arrived. */
+  latency_ms: number | null;
+}
+
+export interface SpeechEvent {
+  type: "speech.started" | "speech.stopped";
+  utterance_id?: string;
+  /** speech.started: where the speech starts in the session's audio (ms) */
+  audio_start_ms?: number;
+  /** speech.stopped: where it ends (ms) */
+  audio_end_ms?: number;
+}
+
+export interface ClosedInfo {
+  /** 1000 normal, 4001 unauthorized, 4029 over a limit, 1008 policy, 1011 internal error */
+  code: number;
+  reason: string;
+  /** From `session.closed`, when the server sent it. */
+  audio_seconds: number | null;
+}
+
+export class TranscribeError extends Error {
+  constructor(code: string, message: string, retryable?: boolean);
+  readonly code: string;
+  readonly retryable: boolean;
+}
+
+export interface ClientEvents {
+  created: { id: string };
+  updated: Record<string, unknown>;
+  partial: Partial;
+  completed: Completed;
+  speech_started: SpeechEvent;
+  speech_stopped: SpeechEvent;
+  error: TranscribeError;
+  closed: ClosedInfo;
+  message: Record<string, unknown>;
+}
+
+export class TranscribeClient {
+  constructor(options: ClientOptions);
+  readonly sessionId: string | null;
+  readonly effective: Record<string, unknown> | null;
+  readonly sampleRate: number;
+  readonly isOpen: boolean;
+  on<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): () => void;
+  /** Open, authenticate and configure; resolves with the effective configuration. */
+  connect(): Promise<Record<string, unknown>>;
+  sendPcm16(chunk: Int16Array | ArrayBuffer | Uint8Array): void;
+  sendFloat32(samples: Float32Array): void;
+  update(session: SessionConfig): void;
+  /** `session.close`: resolves once the server finalized and closed the socket. */
+  close(options?: { timeoutMs?: number }): Promise<ClosedInfo>;
+}
+
+export function floatToPcm16(samples: Float32Array): Int16Array;
+
+export interface MicrophoneOptions {
+  stream?: MediaStream;
+  /** An existing AudioContext (left open by `stop`); default: a new one at the session's rate. */
+  context?: AudioContext;
+  workletUrl?: string | URL;
+  chunkMs?: number;
+}
+
+export interface Microphone {
+  context: AudioContext;
+  stream: MediaStream;
+  stop(): Promise<void>;
+}
+
+/** Capture the microphone (AudioWorklet) and stream pcm16 into a connected client. */
+export function startMicrophone(client: TranscribeClient, options?: MicrophoneOptions): Promise<Microphone>;

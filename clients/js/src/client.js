@@ -1,0 +1,330 @@
+// @ts-check
+/**
+ * A client for the Transcribe WebSocket protocol, for browsers and Node.
+ *
+ * - Browser: the global WebSocket cannot set headers, so the credential (a
+ *   short-lived token from POST /v1/tokens, never a long-lived key) goes in the
+ *   `auth` first message.
+ * - Node: pass `WebSocket` from the `ws` package; the credential goes in the
+ *   `Authorization: Bearer` header of the upgrade request.
+ *
+ * There is no silent reconnect: when the socket closes the client emits
+ * `closed` (with the close code) and stays closed; reconnecting is the
+ * caller's decision (a token is single-use: get a new one first).
+ *
+ * This file has no dependencies and needs no build step.
+ *
+ * @module
+ */
+
+/**
+ * @typedef {object} SessionConfig
+ * @property {string} provider `LOCAL`, `DEEPGRAM`, `OPENAI`, ...
+ * @property {string} model e.g. `whisper-tiny.en`, `nova-3`
+ * @property {string} [language] BCP-47, default `en`
+ * @property {string} [prompt] keyterms or context
+ * @property {"pcm16" | "mulaw"} [input_audio_format] default `pcm16`
+ * @property {number} [sample_rate] Hz, default 16000
+ * @property {number} [endpointing] ms of silence that ends an utterance
+ */
+
+/**
+ * @typedef {object} ClientOptions
+ * @property {string} url WebSocket URL, e.g. `ws://localhost:8000/ws`
+ * @property {string} [token] short-lived session token (`tst_...`), or an API key (server side only)
+ * @property {string} [apiKey] an API key (Node only: never put one in a web page)
+ * @property {SessionConfig} session configuration sent after `session.created`
+ * @property {"header" | "message"} [auth] where the credential goes; default: `header`
+ *   when a `WebSocket` class taking headers (Node `ws`) is given, else `message`
+ * @property {any} [WebSocket] WebSocket class; default `globalThis.WebSocket`
+ * @property {number} [connectTimeoutMs] default 15000
+ */
+
+/**
+ * @typedef {object} Completed
+ * @property {string} type `transcription.completed`
+ * @property {string} utterance_id
+ * @property {string} text
+ * @property {number} start_ms
+ * @property {number} end_ms
+ * @property {Array<{word: string, start_ms: number, end_ms: number, confidence?: number}>} [words]
+ * @property {number | null} latency_ms wall-clock ms from when the audio at `end_ms`
+ *   was sent to when this final arrived (`null` if unknown)
+ */
+
+/**
+ * @typedef {object} ClosedInfo
+ * @property {number} code WebSocket close code (1000 normal, 4001 unauthorized, 4029 over limit)
+ * @property {string} reason
+ * @property {number | null} audio_seconds `session.closed`'s usage, when the server sent it
+ */
+
+/** An `error` message from the server, or a local failure (`code` = `client_error`). */
+export class TranscribeError extends Error {
+  /**
+   * @param {string} code
+   * @param {string} message
+   * @param {boolean} [retryable]
+   */
+  constructor(code, message, retryable = false) {
+    super(message);
+    this.name = "TranscribeError";
+    /** snake_case error code from the protocol */
+    this.code = code;
+    /** whether retrying the same request may succeed */
+    this.retryable = retryable;
+  }
+}
+
+const OPEN = 1;
+
+/** Float32 samples in [-1, 1] to signed 16-bit little-endian PCM.
+ * @param {Float32Array} samples
+ * @returns {Int16Array}
+ */
+export function floatToPcm16(samples) {
+  const out = new Int16Array(samples.length);
+  for (let i = 0; i < samples.length; i++) {
+    const s = Math.max(-1, Math.min(1, samples[i]));
+    out[i] = s < 0 ? s * 0x8000 : s * 0x7fff;
+  }
+  return out;
+}
+
+/** @param {Uint8Array} bytes */
+function toBase64(bytes) {
+  // @ts-ignore Buffer exists in Node only
+  if (typeof Buffer !== "undefined") return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength).toString("base64");
+  let binary = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) {
+    binary += String.fromCharCode.apply(null, /** @type {any} */ (bytes.subarray(i, i + 0x8000)));
+  }
+  return btoa(binary);
+}
+
+export class TranscribeClient {
+  /** @param {ClientOptions} options */
+  constructor(options) {
+    if (!options || !options.url) throw new TypeError("options.url is required");
+    if (!options.session) throw new TypeError("options.session is required");
+    /** @private */ this._opts = options;
+    /** @private */ this._impl = options.WebSocket || globalThis.WebSocket;
+    if (!this._impl) throw new TypeError("no WebSocket: pass options.WebSocket (Node: the `ws` package)");
+    /** @private @type {Map<string, Set<Function>>} */ this._listeners = new Map();
+    /** @private @type {any} */ this._ws = null;
+    /** Session id from `session.created`. @type {string | null} */
+    this.sessionId = null;
+    /** Effective configuration from the last `session.updated`. @type {Record<string, any> | null} */
+    this.effective = null;
+    /** @private */ this._sentSamples = 0;
+    /** @private @type {Array<[number, number]>} (audio ms at chunk end, wall ms when sent) */
+    this._sent = [];
+    /** @private @type {ClosedInfo | null} */ this._closed = null;
+    /** @private @type {number | null} */ this._audioSeconds = null;
+    /** @private @type {((info: ClosedInfo) => void) | null} */ this._onClose = null;
+  }
+
+  /** Sample rate the audio must be sent at (from the session). */
+  get sampleRate() {
+    return (this.effective && this.effective.sample_rate) || this._opts.session.sample_rate || 16000;
+  }
+
+  /** Whether the socket is open. */
+  get isOpen() {
+    return this._ws !== null && this._ws.readyState === OPEN && this._closed === null;
+  }
+
+  /**
+   * Listen to an event: `created`, `updated`, `partial`, `completed`,
+   * `speech_started`, `speech_stopped`, `error`, `closed`, `message` (every server message).
+   * @param {string} event
+   * @param {Function} listener
+   * @returns {() => void} unsubscribe
+   */
+  on(event, listener) {
+    let set = this._listeners.get(event);
+    if (!set) this._listeners.set(event, (set = new Set()));
+    set.add(listener);
+    return () => set.delete(listener);
+  }
+
+  /** @private @param {string} event @param {any} value */
+  _emit(event, value) {
+    for (const fn of this._listeners.get(event) || []) {
+      try {
+        fn(value);
+      } catch (err) {
+        // A listener's bug must not break the protocol handling.
+        setTimeout(() => { throw err; });
+      }
+    }
+  }
+
+  /**
+   * Open the socket, authenticate and configure the session.
+   * @returns {Promise<Record<string, any>>} the effective configuration (`session.updated`)
+   * @throws {TranscribeError} refused (`unauthorized` on close 4001), bad config, timeout
+   */
+  connect() {
+    if (this._ws) return Promise.reject(new TranscribeError("client_error", "connect() was already called"));
+    const opts = this._opts;
+    const credential = opts.token || opts.apiKey || "";
+    const takesHeaders = this._impl !== globalThis.WebSocket;
+    const auth = opts.auth || (takesHeaders ? "header" : "message");
+    const ws = auth === "header" && credential
+      ? new this._impl(opts.url, { headers: { Authorization: `Bearer ${credential}` } })
+      : new this._impl(opts.url);
+    this._ws = ws;
+    return new Promise((resolve, reject) => {
+      let settled = false;
+      const timer = setTimeout(() => fail(new TranscribeError("timeout", "no session.updated in time", true)), opts.connectTimeoutMs || 15000);
+      /** @param {any} value */
+      const done = (value) => { if (!settled) { settled = true; clearTimeout(timer); resolve(value); } };
+      /** @param {TranscribeError} err */
+      const fail = (err) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        reject(err);
+        if (ws.readyState <= OPEN) ws.close();
+      };
+      ws.onopen = () => {
+        if (auth === "message") ws.send(JSON.stringify({ type: "auth", token: credential }));
+      };
+      ws.onmessage = (/** @type {any} */ ev) => {
+        const raw = typeof ev.data === "string" ? ev.data : String(ev.data);
+        let msg;
+        try {
+          msg = JSON.parse(raw);
+        } catch {
+          return;
+        }
+        this._handle(msg);
+        if (settled) return;
+        if (msg.type === "session.created") ws.send(JSON.stringify({ type: "session.update", session: opts.session }));
+        else if (msg.type === "session.updated") done(msg.session);
+        else if (msg.type === "error" && msg.error && msg.error.code === "invalid_session_config") {
+          fail(new TranscribeError(msg.error.code, msg.error.message, false));
+        }
+      };
+      ws.onerror = () => {}; // the close event that follows carries the code
+      ws.onclose = (/** @type {any} */ ev) => {
+        const info = { code: ev.code, reason: ev.reason || "", audio_seconds: this._audioSeconds };
+        this._closed = info;
+        if (!settled) {
+          const code = ev.code === 4001 ? "unauthorized" : ev.code === 4029 ? "over_limit" : "closed";
+          fail(new TranscribeError(code, `connection closed (${ev.code}${ev.reason ? " " + ev.reason : ""})`));
+        }
+        this._emit("closed", info);
+        if (this._onClose) this._onClose(info);
+      };
+    });
+  }
+
+  /** @private @param {any} msg */
+  _handle(msg) {
+    this._emit("message", msg);
+    switch (msg.type) {
+      case "session.created":
+        this.sessionId = msg.session && msg.session.id;
+        this._emit("created", msg.session);
+        break;
+      case "session.updated":
+        this.effective = msg.session;
+        this._emit("updated", msg.session);
+        break;
+      case "transcription.partial":
+        this._emit("partial", msg);
+        break;
+      case "transcription.completed":
+        this._emit("completed", { ...msg, latency_ms: this._latency(msg.end_ms) });
+        break;
+      case "speech.started":
+        this._emit("speech_started", msg);
+        break;
+      case "speech.stopped":
+        this._emit("speech_stopped", msg);
+        break;
+      case "error": {
+        const e = msg.error || {};
+        this._emit("error", new TranscribeError(e.code || "error", e.message || "", !!e.retryable));
+        break;
+      }
+      case "session.closed":
+        this._audioSeconds = msg.usage && typeof msg.usage.audio_seconds === "number"
+          ? msg.usage.audio_seconds
+          : null;
+        break;
+    }
+  }
+
+  /** @private @param {number} endMs @returns {number | null} */
+  _latency(endMs) {
+    if (typeof endMs !== "number") return null;
+    // The first chunk whose audio reaches end_ms: when the end of the speech left here.
+    const sent = this._sent;
+    for (let i = 0; i < sent.length; i++) {
+      if (sent[i][0] >= endMs) {
+        const latency = Math.max(0, Math.round(now() - sent[i][1]));
+        sent.splice(0, i); // older entries are never needed again
+        return latency;
+      }
+    }
+    return null;
+  }
+
+  /**
+   * Send one chunk of pcm16 audio at the session's sample rate (20 ms recommended).
+   * @param {Int16Array | ArrayBuffer | Uint8Array} chunk
+   */
+  sendPcm16(chunk) {
+    if (!this.isOpen) throw new TranscribeError("client_error", "the connection is not open");
+    const bytes = chunk instanceof ArrayBuffer
+      ? new Uint8Array(chunk)
+      : new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+    this._sentSamples += bytes.byteLength / 2;
+    this._sent.push([(this._sentSamples * 1000) / this.sampleRate, now()]);
+    if (this._sent.length > 3000) this._sent.splice(0, this._sent.length - 3000); // bounded
+    this._ws.send(JSON.stringify({ type: "audio.append", audio: toBase64(bytes) }));
+  }
+
+  /**
+   * Send Float32 samples in [-1, 1] at the session's sample rate (converted to pcm16).
+   * @param {Float32Array} samples
+   */
+  sendFloat32(samples) {
+    this.sendPcm16(floatToPcm16(samples));
+  }
+
+  /**
+   * Reconfigure the session.
+   * @param {SessionConfig} session
+   */
+  update(session) {
+    if (!this.isOpen) throw new TranscribeError("client_error", "the connection is not open");
+    this._opts = { ...this._opts, session };
+    this._ws.send(JSON.stringify({ type: "session.update", session }));
+  }
+
+  /**
+   * End gracefully: the server finalizes the pending audio (last `completed`
+   * events), sends `session.closed` and closes with 1000.
+   * @param {{timeoutMs?: number}} [options]
+   * @returns {Promise<ClosedInfo>}
+   */
+  close(options = {}) {
+    if (this._closed) return Promise.resolve(this._closed);
+    const ws = this._ws;
+    if (!ws) return Promise.resolve({ code: 1000, reason: "never connected", audio_seconds: null });
+    return new Promise((resolve) => {
+      const timer = setTimeout(() => ws.close(1000), options.timeoutMs || 20000);
+      this._onClose = (info) => { clearTimeout(timer); resolve(info); };
+      if (ws.readyState === OPEN) ws.send(JSON.stringify({ type: "session.close" }));
+      else ws.close();
+    });
+  }
+}
+
+function now() {
+  return typeof performance !== "undefined" ? performance.now() : Date.now();
+}

@@ -1,0 +1,325 @@
+"""Who may open a session, and the per-key limits while it runs.
+
+:class:`Admission` (one per process) checks a presented key, static
+(``api_keys``) first, then the store; takes a concurrent-session slot; and
+runs the periodic ops tick that
+
+* re-checks the keys of open sessions, so a revoked or expired key's sessions
+  get ``error`` ``unauthorized`` and close 4001 within ``recheck_interval_s``;
+* meters audio into the store and closes a session whose key went over its
+  audio-minutes quota (``error`` ``quota_exceeded``, close 4029);
+* renews the session-slot leases (Redis), and shares message counts.
+
+:class:`SessionLimits` (one per session) decides on each client message.
+Message rate: a message over the key's rate is refused *before it is parsed*
+(audio already accepted is never dropped) and the client gets one ``error``
+``rate_limited`` per second at most; a client that keeps sending over
+:data:`ABUSE_FACTOR` times the rate for :data:`ABUSE_SECONDS` seconds in a
+row is closed with 1008.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from transcribe_gateway.server import metrics
+from transcribe_gateway.server.auth import KeyChecker, fingerprint
+from transcribe_gateway.store.keys import SCOPE_TRANSCRIBE, KeyLimits, KeyRecord, Store
+from transcribe_gateway.store.usage import UsageRecord, period_id
+
+if TYPE_CHECKING:
+    from transcribe_gateway.config import Settings
+    from transcribe_gateway.server.connection import Connection
+
+log = logging.getLogger(__name__)
+
+ABUSE_FACTOR: Final = 10
+ABUSE_SECONDS: Final = 3
+_STORE_TIMEOUT_S: Final = 5.0
+_RATE_SYNC_S: Final = 0.1
+
+
+@dataclass(slots=True)
+class Grant:
+    """An accepted key and the limits that apply to the session."""
+
+    key_id: str
+    key_name: str
+    limits: KeyLimits
+    stored: bool
+    """From the store (re-checked for revocation) rather than ``api_keys``."""
+    scopes: tuple[str, ...] = ()
+    period_id: str = ""
+    audio_total: float = 0.0
+    """The key's metered audio seconds in the period, as last read from the store."""
+    unmetered: float = 0.0
+    """This session's audio seconds not yet added to the store."""
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def audio_limit_s(self) -> float:
+        return self.limits.audio_minutes * 60
+
+    def over_quota(self) -> bool:
+        limit = self.audio_limit_s
+        return bool(limit) and self.audio_total + self.unmetered > limit
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    code: str
+    """``error`` code, or empty for a bare 4001."""
+    message: str
+    close_code: int
+
+
+class Verdict(enum.Enum):
+    ACCEPT = "accept"
+    DROP = "drop"
+    """Refused; an ``rate_limited`` error was already sent this second."""
+    DROP_AND_WARN = "drop_and_warn"
+    ABUSE = "abuse"
+
+
+@dataclass(slots=True)
+class _Window:
+    """A key's message count in the current second, in this process and overall."""
+
+    second: int = 0
+    local: int = 0
+    pushed: int = 0
+    others: int = 0
+
+
+class Admission:
+    """Key checks, session slots, metering and the periodic ops tick (one per process)."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings = settings
+        self.store = store
+        self.static = KeyChecker(settings.keys())
+        self.shared = settings.store.backend == "redis"
+        self._rates: dict[str, _Window] = {}
+
+    # ------------------------------------------------------------ admission
+
+    async def authenticate(self, token: str, session_id: str) -> Grant | Refusal:
+        """Check ``token`` and take a session slot for it."""
+        grant = await self.identify(token)
+        if isinstance(grant, Refusal):
+            return grant
+        return await self.admit(grant, session_id)
+
+    async def identify(self, token: str) -> Grant | Refusal:
+        """The key ``token`` is, with its limits (no slot taken)."""
+        if self.static.verify(token):
+            return self._static_grant(fingerprint(token))
+        async with asyncio.timeout(_STORE_TIMEOUT_S):
+            record = await self.store.find_key(token)
+        return self._stored_grant(record)
+
+    async def identify_id(self, key_id: str) -> Grant | Refusal:
+        """The key of id ``key_id`` (a session token's key), if it is still in force."""
+        if key_id.startswith("static-"):
+            fp = key_id.removeprefix("static-")
+            if self.static.has_fingerprint(fp):
+                return self._static_grant(fp)
+            return Refusal("", "Unauthorized", 4001)
+        async with asyncio.timeout(_STORE_TIMEOUT_S):
+            records = await self.store.get_keys([key_id])
+        return self._stored_grant(records.get(key_id))
+
+    def _static_grant(self, fp: str) -> Grant:
+        return Grant(
+            key_id=f"static-{fp}",
+            key_name=f"static:{fp}",
+            limits=KeyLimits(max_sessions=self.settings.max_sessions_per_key),
+            stored=False,
+        )
+
+    def _stored_grant(self, record: KeyRecord | None) -> Grant | Refusal:
+        if record is None or record.status() != "active":
+            return Refusal("", "Unauthorized", 4001)
+        if SCOPE_TRANSCRIBE not in record.scopes:
+            return Refusal("forbidden", "this key lacks the 'transcribe' scope", 4001)
+        limits = record.limits
+        if not limits.max_sessions and self.settings.max_sessions_per_key:
+            limits = KeyLimits(
+                self.settings.max_sessions_per_key,
+                limits.audio_minutes,
+                limits.period,
+                limits.messages_per_second,
+            )
+        return Grant(record.id, record.name, limits, stored=True, scopes=record.scopes)
+
+    async def admit(self, grant: Grant, session_id: str) -> Grant | Refusal:
+        """Check the key's audio quota and take a session slot for ``grant``."""
+        async with asyncio.timeout(_STORE_TIMEOUT_S):
+            if grant.limits.audio_minutes:
+                grant.period_id = period_id(grant.limits.period)
+                grant.audio_total = await self.store.add_audio(grant.key_id, grant.period_id, 0.0)
+                if grant.over_quota() or grant.audio_total >= grant.audio_limit_s:
+                    metrics.refusals.labels(code="quota_exceeded").inc()
+                    return Refusal(
+                        "quota_exceeded",
+                        f"this key used its {grant.limits.audio_minutes:g} audio minutes "
+                        f"for {grant.period_id}",
+                        4029,
+                    )
+            if not await self.store.acquire_slot(
+                grant.key_id, session_id, grant.limits.max_sessions
+            ):
+                metrics.refusals.labels(code="too_many_sessions").inc()
+                return Refusal(
+                    "too_many_sessions",
+                    f"this key already has {grant.limits.max_sessions} open sessions",
+                    4029,
+                )
+        return grant
+
+    async def end(
+        self, grant: Grant, session_id: str, provider: str, model: str, reason: str, audio: float
+    ) -> None:
+        """Free the session's slot and write its usage record."""
+        async with asyncio.timeout(_STORE_TIMEOUT_S):
+            await self.store.release_slot(grant.key_id, session_id)
+            if grant.unmetered and grant.period_id:
+                await self.store.add_audio(grant.key_id, grant.period_id, grant.unmetered)
+                grant.unmetered = 0.0
+            await self.store.record_usage(
+                UsageRecord(
+                    key_id=grant.key_id,
+                    key_name=grant.key_name,
+                    session_id=session_id,
+                    provider=provider,
+                    model=model,
+                    audio_seconds=round(audio, 3),
+                    started_at=grant.started_at,
+                    ended_at=time.time(),
+                    close_reason=reason,
+                )
+            )
+
+    def check_message(self, limits: SessionLimits) -> Verdict:
+        """Count one client message against its key's rate (no I/O)."""
+        rate = limits.grant.limits.messages_per_second
+        if not rate:
+            return Verdict.ACCEPT
+        now = time.monotonic()
+        second = int(time.time())
+        window = self._rates.get(limits.grant.key_id)
+        if window is None or window.second != second:
+            window = self._rates[limits.grant.key_id] = _Window(second)
+        allowed = window.local + window.others < rate
+        if allowed:
+            window.local += 1
+        return limits.judge(allowed, second, now, rate)
+
+    # -------------------------------------------------------------- ops tick
+
+    async def run(self, connections: Iterable[Connection]) -> None:
+        """The periodic tick; runs until cancelled (owned by the Gateway)."""
+        store_cfg = self.settings.store
+        interval = min(store_cfg.recheck_interval_s, store_cfg.lease_ttl_s / 3)
+        rate_task = asyncio.create_task(self._sync_rates()) if self.shared else None
+        try:
+            while True:
+                await asyncio.sleep(interval)
+                try:
+                    async with asyncio.timeout(_STORE_TIMEOUT_S):
+                        await self.tick(list(connections))
+                except Exception:  # a store hiccup must not end the loop
+                    log.warning("ops tick failed", exc_info=True)
+        finally:
+            if rate_task is not None:
+                rate_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await rate_task
+
+    async def tick(self, live: list[Connection]) -> None:
+        sessions = [(c, c.grant) for c in live if c.grant is not None]
+        if self.shared:
+            await self.store.renew_slots([(g.key_id, c.id) for c, g in sessions])
+        stored_ids = sorted({g.key_id for _, g in sessions if g.stored})
+        records: dict[str, KeyRecord] = await self.store.get_keys(stored_ids)
+        for conn, grant in sessions:
+            if grant.stored:
+                record = records.get(grant.key_id)
+                status = "revoked" if record is None else record.status()
+                if status != "active":
+                    conn.terminate(4001, "unauthorized", f"this key was {status}")
+                    continue
+            if grant.period_id and (grant.unmetered or self.shared):
+                delta, grant.unmetered = grant.unmetered, 0.0
+                grant.audio_total = await self.store.add_audio(grant.key_id, grant.period_id, delta)
+                if grant.over_quota():
+                    conn.terminate(
+                        4029,
+                        "quota_exceeded",
+                        f"this key used its {grant.limits.audio_minutes:g} audio minutes "
+                        f"for {grant.period_id}",
+                    )
+
+    async def _sync_rates(self) -> None:
+        """Share this process's message counts and learn the other replicas' (Redis)."""
+        while True:
+            await asyncio.sleep(_RATE_SYNC_S)
+            second = int(time.time())
+            for key_id, window in list(self._rates.items()):
+                if window.second < second - 1:
+                    del self._rates[key_id]
+                    continue
+                pending = window.local - window.pushed
+                try:
+                    async with asyncio.timeout(_STORE_TIMEOUT_S):
+                        total = await self.store.add_messages(key_id, window.second, pending)
+                except Exception:
+                    log.warning("rate sync failed", exc_info=True)
+                    return
+                window.pushed += pending
+                window.others = max(0, total - window.pushed)
+
+
+class SessionLimits:
+    """One session's rate state: refusals, the one-error-a-second throttle, abuse."""
+
+    def __init__(self, grant: Grant) -> None:
+        self.grant = grant
+        self._second = 0
+        self._count = 0
+        self._strikes = 0
+        self._last_warning = 0.0
+
+    def add_audio(self, seconds: float) -> bool:
+        """Meter received audio; True when the key is now over its audio quota."""
+        grant = self.grant
+        if not grant.period_id:
+            return False
+        grant.unmetered += seconds
+        return grant.over_quota()
+
+    def judge(self, allowed: bool, second: int, now: float, rate: float) -> Verdict:
+        if second != self._second:
+            # A second far over the rate is a strike; a calmer one forgives.
+            if self._second and self._count > ABUSE_FACTOR * rate:
+                self._strikes = self._strikes + 1 if second == self._second + 1 else 1
+            else:
+                self._strikes = 0
+            self._second, self._count = second, 0
+        self._count += 1
+        if self._strikes >= ABUSE_SECONDS:
+            return Verdict.ABUSE
+        if allowed:
+            return Verdict.ACCEPT
+        if now - self._last_warning >= 1.0:
+            self._last_warning = now
+            metrics.refusals.labels(code="rate_limited").inc()
+            return Verdict.DROP_AND_WARN
+        return Verdict.DROP

@@ -1,0 +1,61 @@
+"""Audio kept for a fallback: what a failed provider has not made final yet.
+
+The session appends every chunk it accepts (decoded, at the client's rate) and
+trims up to the end of each ``transcription.completed``.  If the provider
+fails, what is left is exactly the audio whose words have not been delivered,
+and it is replayed into the fallback engine.  The buffer is bounded in
+seconds: a provider that never finalizes cannot make it grow without limit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+from transcribe_gateway.audio.decode import Samples
+
+
+class ReplayBuffer:
+    """Chunks of one session's audio since the last final, with their times."""
+
+    def __init__(self, rate: int, max_seconds: float) -> None:
+        self.rate = rate
+        self._max_samples = int(max_seconds * rate)
+        self._chunks: deque[tuple[int, Samples]] = deque()
+        """(index of the chunk's first sample in the session, samples)."""
+        self._samples = 0
+        self.dropped_samples = 0
+        """Oldest audio dropped because the buffer was full."""
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def start_ms(self) -> int:
+        """Where the buffered audio starts in the session (ms)."""
+        return self._chunks[0][0] * 1000 // self.rate if self._chunks else 0
+
+    def append(self, first_sample: int, samples: Samples) -> None:
+        self._chunks.append((first_sample, samples))
+        self._samples += len(samples)
+        while self._samples > self._max_samples and len(self._chunks) > 1:
+            _, dropped = self._chunks.popleft()
+            self._samples -= len(dropped)
+            self.dropped_samples += len(dropped)
+
+    def trim_before(self, ms: int) -> None:
+        """Forget audio that ends at or before ``ms`` (its words are final)."""
+        limit = ms * self.rate // 1000
+        while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= limit:
+            _, gone = self._chunks.popleft()
+            self._samples -= len(gone)
+
+    def chunk(self, index: int) -> Samples:
+        return self._chunks[index][1]
+
+    def __iter__(self) -> Iterator[Samples]:
+        return (samples for _, samples in self._chunks)
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._samples = 0

@@ -1,0 +1,151 @@
+"""API keys kept in a store: records, limits, hashing, and the store interface.
+
+A key is shown once, when it is created; the store keeps only its SHA-256.
+A plain (unsalted, fast) hash is enough here because the keys are 256-bit
+random strings, not passwords: nobody can brute-force or dictionary-attack
+that space, so a slow KDF would only cost time on every connection.  A plain
+digest also lets the store find the key by an indexed lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Final, Literal, Protocol
+
+from transcribe_gateway.store.usage import Period, UsageRecord, UsageRow
+
+KEY_PREFIX: Final = "tgk_"
+"""Prefix of generated keys: recognisable in a config file or a leaked paste."""
+
+SCOPE_TRANSCRIBE: Final = "transcribe"
+SCOPE_USAGE: Final = "usage"
+DEFAULT_SCOPES: Final = (SCOPE_TRANSCRIBE, SCOPE_USAGE)
+
+
+def generate_key() -> str:
+    """A new secret key: 32 random bytes, URL-safe."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(secret: str) -> str:
+    """The at-rest form of a key (hex SHA-256)."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """Per-key limits; 0 means no limit."""
+
+    max_sessions: int = 0
+    """Concurrent sessions (over it: ``error`` then close 4029)."""
+    audio_minutes: float = 0.0
+    """Audio minutes per :attr:`period` (over it: ``error`` then close 4029)."""
+    period: Period = "month"
+    messages_per_second: float = 0.0
+    """Client messages per second (over it: frames refused with ``rate_limited``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A stored key, without its secret."""
+
+    id: str
+    """Public id (``key_<hex>``): what logs, leases and usage records name."""
+    name: str
+    key_hash: str
+    created_at: float
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
+    limits: KeyLimits = field(default_factory=KeyLimits)
+
+    def status(self, now: float | None = None) -> Literal["active", "revoked", "expired"]:
+        now = time.time() if now is None else now
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"
+
+
+NO_LIMITS: Final = KeyLimits()
+
+
+def new_key_id() -> str:
+    return "key_" + secrets.token_hex(6)
+
+
+class KeyExistsError(ValueError):
+    """A key with this name exists already."""
+
+
+class Store(Protocol):
+    """Keys, usage records and the live per-key state (session slots, rates, audio).
+
+    One gateway process with the SQLite backend keeps the live state in memory;
+    with Redis all replicas share it.  Every method may do I/O: none blocks the
+    event loop.
+    """
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def ping(self) -> bool:
+        """True when the backend answers (``/readyz``)."""
+        ...
+
+    # keys
+    async def create_key(
+        self,
+        name: str,
+        *,
+        scopes: tuple[str, ...] = DEFAULT_SCOPES,
+        limits: KeyLimits = NO_LIMITS,
+        expires_at: float | None = None,
+    ) -> tuple[KeyRecord, str]:
+        """Create a key; returns its record and the secret (shown once).
+
+        Raises:
+            KeyExistsError: the name is taken.
+        """
+        ...
+
+    async def list_keys(self) -> list[KeyRecord]: ...
+
+    async def revoke_key(self, name: str) -> bool:
+        """Revoke by name or id; False when there is no such active key."""
+        ...
+
+    async def find_key(self, secret: str) -> KeyRecord | None:
+        """The record whose hash matches ``secret`` (any status)."""
+        ...
+
+    async def get_keys(self, key_ids: list[str]) -> dict[str, KeyRecord]: ...
+
+    # usage
+    async def record_usage(self, record: UsageRecord) -> None: ...
+
+    async def usage_report(self, key_id: str | None, period: Period) -> list[UsageRow]: ...
+
+    # live state
+    async def acquire_slot(self, key_id: str, session_id: str, limit: int) -> bool:
+        """Take one of ``limit`` concurrent-session slots (a lease) for the session."""
+        ...
+
+    async def renew_slots(self, slots: list[tuple[str, str]]) -> None:
+        """Extend the leases of live sessions ``(key_id, session_id)``."""
+        ...
+
+    async def release_slot(self, key_id: str, session_id: str) -> None: ...
+
+    async def add_audio(self, key_id: str, period_id: str, seconds: float) -> float:
+        """Add metered audio seconds; returns the key's total in that period."""
+        ...
+
+    async def add_messages(self, key_id: str, window: int, count: int) -> int:
+        """Count messages in a one-second window; returns the key's total in it."""
+        ...

@@ -1,0 +1,269 @@
+"""Redis store: keys, usage and live limits shared by N gateway replicas.
+
+Layout (all names under ``tg:``):
+
+* ``key:<id>`` (JSON record), ``keyhash:<sha256>`` and ``keyname:<name>`` (-> id),
+  ``keys`` (set of ids);
+* ``slots:<key id>``: sorted set of session ids scored by lease expiry (ms, Redis
+  clock).  Each replica renews its live sessions' leases; a replica that dies
+  stops renewing, and its slots are dropped once they expire, so a crash never
+  leaves sessions counted forever;
+* ``audio:<key id>:<period>``: metered audio seconds (``INCRBYFLOAT``);
+* ``rate:<key id>:<unix second>``: messages in that second;
+* ``usage:log`` (stream of records) and ``usage:<day|month>:<period>`` (hash of
+  per-key totals), ``usage:periods:<day|month>`` (sorted set of period ids);
+* ``token:<id>``: single-use token ledger (``SET NX`` with the token's expiry).
+
+Times for leases come from Redis (``TIME``), so replicas' clocks need not agree.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from transcribe_gateway.store.keys import (
+    DEFAULT_SCOPES,
+    NO_LIMITS,
+    KeyExistsError,
+    KeyLimits,
+    KeyRecord,
+    generate_key,
+    hash_key,
+    new_key_id,
+)
+from transcribe_gateway.store.usage import Period, UsageRecord, UsageRow, period_id
+
+P: Final = "tg:"
+_NETWORK_TIMEOUT_S: Final = 2.0
+_AUDIO_TTL_S: Final = 40 * 86400
+"""Metered audio outlives the longest period (a month) it counts towards."""
+_USAGE_LOG_MAX: Final = 1_000_000
+
+_ACQUIRE: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local limit = tonumber(ARGV[2])
+if limit > 0 and not redis.call('ZSCORE', KEYS[1], ARGV[1])
+   and redis.call('ZCARD', KEYS[1]) >= limit then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"""
+
+_RENEW: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+return 1
+"""
+
+
+def _str(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _encode(record: KeyRecord) -> str:
+    data = asdict(record)
+    data["scopes"] = list(record.scopes)
+    return json.dumps(data)
+
+
+def _decode(raw: str | bytes) -> KeyRecord:
+    data: dict[str, Any] = json.loads(raw)
+    data["scopes"] = tuple(data["scopes"])
+    data["limits"] = KeyLimits(**data["limits"])
+    return KeyRecord(**data)
+
+
+class RedisStore:
+    """All state in one Redis, shared by every replica that points at it."""
+
+    def __init__(self, url: str, *, lease_ttl_s: float = 30.0) -> None:
+        self.url = url
+        self.lease_ttl_ms = round(lease_ttl_s * 1000)
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=_NETWORK_TIMEOUT_S,
+            socket_connect_timeout=_NETWORK_TIMEOUT_S,
+        )
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._renew = self._redis.register_script(_RENEW)
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._redis
+
+    async def start(self) -> None:
+        await self._redis.ping()
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    # ------------------------------------------------------------------ keys
+
+    async def create_key(
+        self,
+        name: str,
+        *,
+        scopes: tuple[str, ...] = DEFAULT_SCOPES,
+        limits: KeyLimits = NO_LIMITS,
+        expires_at: float | None = None,
+    ) -> tuple[KeyRecord, str]:
+        secret = generate_key()
+        record = KeyRecord(
+            id=new_key_id(),
+            name=name,
+            key_hash=hash_key(secret),
+            created_at=time.time(),
+            expires_at=expires_at,
+            scopes=scopes,
+            limits=limits,
+        )
+        # The name is claimed first (SET NX), so two concurrent creates cannot share it.
+        if not await self._redis.set(f"{P}keyname:{name}", record.id, nx=True):
+            raise KeyExistsError(f"a key named {name!r} exists already")
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(f"{P}key:{record.id}", _encode(record))
+            pipe.set(f"{P}keyhash:{record.key_hash}", record.id)
+            pipe.sadd(f"{P}keys", record.id)
+            await pipe.execute()
+        return record, secret
+
+    async def list_keys(self) -> list[KeyRecord]:
+        ids = sorted(_str(x) for x in await self._redis.smembers(f"{P}keys"))
+        records = await self.get_keys(ids)
+        return sorted(records.values(), key=lambda r: r.created_at)
+
+    async def revoke_key(self, name: str) -> bool:
+        key_id = _str(await self._redis.get(f"{P}keyname:{name}") or name)
+        found = (await self.get_keys([key_id])).get(key_id)
+        if found is None or found.revoked_at is not None:
+            return False
+        data = json.loads(_encode(found))
+        data["revoked_at"] = time.time()
+        await self._redis.set(f"{P}key:{key_id}", json.dumps(data))
+        return True
+
+    async def find_key(self, secret: str) -> KeyRecord | None:
+        raw = await self._redis.get(f"{P}keyhash:{hash_key(secret)}")
+        if raw is None:
+            return None
+        key_id = _str(raw)
+        return (await self.get_keys([key_id])).get(key_id)
+
+    async def get_keys(self, key_ids: list[str]) -> dict[str, KeyRecord]:
+        if not key_ids:
+            return {}
+        raws = await self._redis.mget([f"{P}key:{k}" for k in key_ids])
+        return {k: _decode(raw) for k, raw in zip(key_ids, raws, strict=True) if raw is not None}
+
+    # ----------------------------------------------------------------- usage
+
+    async def record_usage(self, record: UsageRecord) -> None:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(
+                f"{P}usage:log",
+                {"record": json.dumps(asdict(record))},
+                maxlen=_USAGE_LOG_MAX,
+                approximate=True,
+            )
+            for period in ("day", "month"):
+                pid = period_id(period, record.started_at)  # type: ignore[arg-type]
+                totals = f"{P}usage:{period}:{pid}"
+                pipe.hincrby(totals, f"{record.key_id}|sessions", 1)
+                pipe.hincrbyfloat(totals, f"{record.key_id}|seconds", record.audio_seconds)
+                pipe.hset(totals, f"{record.key_id}|name", record.key_name)
+                pipe.zadd(f"{P}usage:periods:{period}", {pid: record.started_at})
+            await pipe.execute()
+
+    async def usage_report(self, key_id: str | None, period: Period) -> list[UsageRow]:
+        found: Any = await self._redis.zrevrange(f"{P}usage:periods:{period}", 0, -1)
+        periods = [_str(p) for p in found]
+        rows: list[UsageRow] = []
+        for pid in periods:
+            raw = await self._redis.hgetall(f"{P}usage:{period}:{pid}")
+            totals = {_str(k): _str(v) for k, v in raw.items()}
+            ids = sorted({f.split("|", 1)[0] for f in totals})
+            for kid in ids:
+                if key_id is not None and kid != key_id:
+                    continue
+                rows.append(
+                    UsageRow(
+                        kid,
+                        totals.get(f"{kid}|name", kid),
+                        pid,
+                        int(totals.get(f"{kid}|sessions", 0)),
+                        float(totals.get(f"{kid}|seconds", 0.0)),
+                    )
+                )
+        rows.sort(key=lambda r: (r.key_name, r.key_id))
+        rows.sort(key=lambda r: r.period, reverse=True)  # stable: newest period first
+        return rows
+
+    # ------------------------------------------------------------ live state
+
+    async def acquire_slot(self, key_id: str, session_id: str, limit: int) -> bool:
+        got = await self._acquire(
+            keys=[f"{P}slots:{key_id}"], args=[session_id, limit, self.lease_ttl_ms]
+        )
+        return bool(int(got))
+
+    async def renew_slots(self, slots: list[tuple[str, str]]) -> None:
+        by_key: dict[str, list[str]] = {}
+        for key_id, session_id in slots:
+            by_key.setdefault(key_id, []).append(session_id)
+        if not by_key:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key_id, sessions in by_key.items():
+                await self._renew(
+                    keys=[f"{P}slots:{key_id}"], args=[self.lease_ttl_ms, *sessions], client=pipe
+                )
+            await pipe.execute()
+
+    async def release_slot(self, key_id: str, session_id: str) -> None:
+        await self._redis.zrem(f"{P}slots:{key_id}", session_id)
+
+    async def add_audio(self, key_id: str, period_id: str, seconds: float) -> float:
+        name = f"{P}audio:{key_id}:{period_id}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrbyfloat(name, seconds)
+            pipe.expire(name, _AUDIO_TTL_S)
+            total, _ = await pipe.execute()
+        return float(total)
+
+    async def add_messages(self, key_id: str, window: int, count: int) -> int:
+        name = f"{P}rate:{key_id}:{window}"
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(name, count)
+            pipe.expire(name, 5)
+            total, _ = await pipe.execute()
+        return int(total)
+
+    # ---------------------------------------------------------------- tokens
+
+    async def claim(self, token_id: str, expires_at: float) -> bool:
+        """Single-use token ledger: True the first time ``token_id`` is claimed, on any replica."""
+        ttl_ms = max(1000, round((expires_at - time.time()) * 1000) + 1000)
+        return bool(await self._redis.set(f"{P}token:{token_id}", "1", nx=True, px=ttl_ms))

@@ -1,0 +1,281 @@
+"""The default store: one SQLite file for keys and usage, live state in memory.
+
+Meant for one gateway process per file (one box).  The ``keys`` and ``usage``
+commands may use the same file while the gateway runs (WAL mode, busy
+timeout): a key revoked from the command line is noticed by the gateway's
+periodic re-check.
+
+sqlite3 blocks, so every query runs on one worker thread that owns the
+connection; the event loop only awaits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from transcribe_gateway.store.keys import (
+    DEFAULT_SCOPES,
+    NO_LIMITS,
+    KeyExistsError,
+    KeyLimits,
+    KeyRecord,
+    generate_key,
+    hash_key,
+    new_key_id,
+)
+from transcribe_gateway.store.usage import Period, UsageRecord, UsageRow
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    key_hash TEXT NOT NULL UNIQUE,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    revoked_at REAL,
+    scopes TEXT NOT NULL,
+    max_sessions INTEGER NOT NULL DEFAULT 0,
+    audio_minutes REAL NOT NULL DEFAULT 0,
+    period TEXT NOT NULL DEFAULT 'month',
+    messages_per_second REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY,
+    key_id TEXT NOT NULL,
+    key_name TEXT NOT NULL,
+    session_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    audio_seconds REAL NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL NOT NULL,
+    close_reason TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS usage_key_started ON usage (key_id, started_at);
+"""
+
+_KEY_COLUMNS = (
+    "id, name, key_hash, created_at, expires_at, revoked_at, scopes, "
+    "max_sessions, audio_minutes, period, messages_per_second"
+)
+_FORMATS = {"day": "%Y-%m-%d", "month": "%Y-%m"}
+
+
+def _record(row: tuple[Any, ...]) -> KeyRecord:
+    return KeyRecord(
+        id=row[0],
+        name=row[1],
+        key_hash=row[2],
+        created_at=row[3],
+        expires_at=row[4],
+        revoked_at=row[5],
+        scopes=tuple(json.loads(row[6])),
+        limits=KeyLimits(
+            max_sessions=row[7], audio_minutes=row[8], period=row[9], messages_per_second=row[10]
+        ),
+    )
+
+
+class SqliteStore:
+    """Keys and usage in a SQLite file; session slots, rates and metered audio in memory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-store")
+        self._db: sqlite3.Connection | None = None
+        self._slots: dict[str, set[str]] = {}
+        self._audio: dict[tuple[str, str], float] = {}
+        self._messages: dict[str, tuple[int, int]] = {}
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # ------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        await self._run(self._open)
+
+    def _open(self) -> None:
+        if self.path.parent != Path():
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.executescript(_SCHEMA)
+        db.commit()
+        self._db = db
+
+    async def aclose(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._pool.shutdown(wait=False)
+
+    async def ping(self) -> bool:
+        try:
+            await self._run(self._query, "SELECT 1", ())
+        except (sqlite3.Error, RuntimeError):
+            return False
+        return True
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        if self._db is None:
+            raise RuntimeError("store not started")
+        rows = self._db.execute(sql, params).fetchall()
+        self._db.commit()
+        return rows
+
+    # ------------------------------------------------------------------ keys
+
+    async def create_key(
+        self,
+        name: str,
+        *,
+        scopes: tuple[str, ...] = DEFAULT_SCOPES,
+        limits: KeyLimits = NO_LIMITS,
+        expires_at: float | None = None,
+    ) -> tuple[KeyRecord, str]:
+        secret = generate_key()
+        record = KeyRecord(
+            id=new_key_id(),
+            name=name,
+            key_hash=hash_key(secret),
+            created_at=time.time(),
+            expires_at=expires_at,
+            scopes=scopes,
+            limits=limits,
+        )
+        try:
+            await self._run(
+                self._query,
+                f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    name,
+                    record.key_hash,
+                    record.created_at,
+                    expires_at,
+                    None,
+                    json.dumps(list(scopes)),
+                    limits.max_sessions,
+                    limits.audio_minutes,
+                    limits.period,
+                    limits.messages_per_second,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise KeyExistsError(f"a key named {name!r} exists already") from None
+        return record, secret
+
+    async def list_keys(self) -> list[KeyRecord]:
+        rows = await self._run(
+            self._query, f"SELECT {_KEY_COLUMNS} FROM keys ORDER BY created_at", ()
+        )
+        return [_record(r) for r in rows]
+
+    async def revoke_key(self, name: str) -> bool:
+        rows = await self._run(
+            self._query,
+            "UPDATE keys SET revoked_at = ? WHERE (name = ? OR id = ?) AND revoked_at IS NULL "
+            "RETURNING id",
+            (time.time(), name, name),
+        )
+        return bool(rows)
+
+    async def find_key(self, secret: str) -> KeyRecord | None:
+        rows = await self._run(
+            self._query,
+            f"SELECT {_KEY_COLUMNS} FROM keys WHERE key_hash = ?",
+            (hash_key(secret),),
+        )
+        return _record(rows[0]) if rows else None
+
+    async def get_keys(self, key_ids: list[str]) -> dict[str, KeyRecord]:
+        if not key_ids:
+            return {}
+        marks = ",".join("?" * len(key_ids))
+        rows = await self._run(
+            self._query, f"SELECT {_KEY_COLUMNS} FROM keys WHERE id IN ({marks})", tuple(key_ids)
+        )
+        return {r[0]: _record(r) for r in rows}
+
+    # ----------------------------------------------------------------- usage
+
+    async def record_usage(self, record: UsageRecord) -> None:
+        await self._run(
+            self._query,
+            "INSERT INTO usage (key_id, key_name, session_id, provider, model, audio_seconds, "
+            "started_at, ended_at, close_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.key_id,
+                record.key_name,
+                record.session_id,
+                record.provider,
+                record.model,
+                record.audio_seconds,
+                record.started_at,
+                record.ended_at,
+                record.close_reason,
+            ),
+        )
+
+    async def usage_report(self, key_id: str | None, period: Period) -> list[UsageRow]:
+        fmt = _FORMATS[period]
+        where, params = ("WHERE key_id = ?", (key_id,)) if key_id else ("", ())
+        rows = await self._run(
+            self._query,
+            f"SELECT key_id, MAX(key_name), strftime('{fmt}', started_at, 'unixepoch') AS p, "
+            f"COUNT(*), SUM(audio_seconds) FROM usage {where} "
+            "GROUP BY key_id, p ORDER BY p DESC, MAX(key_name), key_id",
+            params,
+        )
+        return [UsageRow(r[0], r[1], r[2], r[3], r[4] or 0.0) for r in rows]
+
+    # ------------------------------------------------------------ live state
+
+    async def acquire_slot(self, key_id: str, session_id: str, limit: int) -> bool:
+        held = self._slots.setdefault(key_id, set())
+        if limit and len(held) >= limit and session_id not in held:
+            return False
+        held.add(session_id)
+        return True
+
+    async def renew_slots(self, slots: list[tuple[str, str]]) -> None:
+        return None  # in-process slots die with the process: nothing can leak
+
+    async def release_slot(self, key_id: str, session_id: str) -> None:
+        held = self._slots.get(key_id)
+        if held is not None:
+            held.discard(session_id)
+            if not held:
+                del self._slots[key_id]
+
+    async def add_audio(self, key_id: str, period_id: str, seconds: float) -> float:
+        slot = (key_id, period_id)
+        if slot not in self._audio:
+            # Loaded once per process and period; afterwards the live counter leads and
+            # the records written at session end are already included in it.
+            fmt = _FORMATS["day" if len(period_id) == 10 else "month"]
+            rows = await self._run(
+                self._query,
+                "SELECT COALESCE(SUM(audio_seconds), 0) FROM usage WHERE key_id = ? AND "
+                f"strftime('{fmt}', started_at, 'unixepoch') = ?",
+                (key_id, period_id),
+            )
+            self._audio.setdefault(slot, float(rows[0][0]))
+        self._audio[slot] += seconds
+        return self._audio[slot]
+
+    async def add_messages(self, key_id: str, window: int, count: int) -> int:
+        start, total = self._messages.get(key_id, (window, 0))
+        total = total + count if start == window else count
+        self._messages[key_id] = (window, total)
+        return total

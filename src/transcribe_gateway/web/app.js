@@ -1,0 +1,126 @@
+// The demo page: pickers from GET /v1/providers, a token from POST /demo/token
+// (local development only), the microphone through the browser client.
+import { TranscribeClient, startMicrophone } from "./client/index.js";
+
+const $ = (id) => document.getElementById(id);
+const els = {
+  provider: $("provider"), model: $("model"), start: $("start"), stop: $("stop"),
+  status: $("status"), notice: $("notice"), partial: $("partial"), finals: $("finals"),
+  latency: $("latency"), median: $("latency-median"), session: $("session"), errors: $("errors"),
+};
+let catalog = null;
+let client = null;
+let mic = null;
+const latencies = [];
+
+function setState(state, text) {
+  document.body.dataset.state = state;
+  els.status.textContent = text;
+}
+
+function showError(text) {
+  const li = document.createElement("li");
+  li.textContent = text;
+  els.errors.append(li);
+}
+
+function fillModels() {
+  const entry = catalog.providers.find((p) => p.name === els.provider.value);
+  els.model.replaceChildren(...entry.models.map((m) => new Option(m.name, m.name)));
+  if (entry.name === catalog.default.provider) els.model.value = catalog.default.model;
+  els.notice.hidden = entry.available;
+  els.notice.textContent = entry.available ? "" : `${entry.name} is not available here (${entry.reason}); `
+    + (entry.substitute ? `sessions are served by ${entry.substitute}.` : "sessions will be refused.");
+}
+
+async function loadProviders() {
+  const res = await fetch("/v1/providers");
+  catalog = await res.json();
+  els.provider.replaceChildren(...catalog.providers.map((p) => {
+    const label = p.available ? p.name : `${p.name} (${p.substitute ? "→ " + p.substitute : "unavailable"})`;
+    return new Option(label, p.name);
+  }));
+  els.provider.value = catalog.default.provider;
+  fillModels();
+  setState("idle", "ready");
+}
+
+async function getToken() {
+  const res = await fetch("/demo/token", { method: "POST" });
+  if (res.status === 404) {
+    throw new Error("this server is not in the development profile: the demo token helper is off; "
+      + "mint tokens from your backend with POST /v1/tokens");
+  }
+  const body = await res.json();
+  if (!res.ok) throw new Error(body.error ? body.error.message : `token request failed (${res.status})`);
+  return body.token;
+}
+
+function addFinal(msg) {
+  if (!msg.text.trim()) return;
+  const li = document.createElement("li");
+  const text = document.createElement("span");
+  text.className = "text";
+  text.textContent = msg.text.trim();
+  const timing = document.createElement("span");
+  timing.className = "timing";
+  const span = `${(msg.start_ms / 1000).toFixed(2)}–${(msg.end_ms / 1000).toFixed(2)} s`;
+  timing.textContent = msg.latency_ms === null ? span : `${span} · ${msg.latency_ms} ms`;
+  li.append(text, timing);
+  els.finals.append(li);
+  if (msg.latency_ms !== null) {
+    latencies.push(msg.latency_ms);
+    els.latency.textContent = `${msg.latency_ms} ms`;
+    const sorted = [...latencies].sort((a, b) => a - b);
+    els.median.textContent = `${sorted[Math.floor(sorted.length / 2)]} ms`;
+  }
+}
+
+async function start() {
+  els.start.disabled = true;
+  setState("connecting", "connecting…");
+  try {
+    const token = await getToken();
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    client = new TranscribeClient({
+      url: `${scheme}://${location.host}/ws`,
+      token,
+      session: { provider: els.provider.value, model: els.model.value, sample_rate: 16000 },
+    });
+    client.on("partial", (msg) => { els.partial.textContent = msg.text; });
+    client.on("completed", (msg) => { els.partial.textContent = ""; addFinal(msg); });
+    client.on("error", (err) => showError(`${err.code}: ${err.message}`));
+    client.on("closed", (info) => {
+      setState(info.code === 1000 ? "closed" : "error",
+        `closed (${info.code}${info.reason ? " " + info.reason : ""})`
+        + (info.audio_seconds !== null ? ` · ${info.audio_seconds.toFixed(1)} s of audio` : ""));
+      els.start.disabled = false;
+      els.stop.disabled = true;
+      if (mic) mic.stop();
+      mic = null;
+    });
+    const effective = await client.connect();
+    els.session.textContent = `${client.sessionId} · ${effective.provider}/${effective.model}`;
+    mic = await startMicrophone(client);
+    els.stop.disabled = false;
+    setState("live", "listening");
+  } catch (err) {
+    setState("error", String(err.message || err));
+    showError(String(err.message || err));
+    els.start.disabled = false;
+    if (client) client.close();
+  }
+}
+
+async function stop() {
+  els.stop.disabled = true;
+  setState("closing", "finishing…");
+  if (mic) await mic.stop();
+  mic = null;
+  if (client) await client.close();
+}
+
+els.provider.addEventListener("change", fillModels);
+els.start.addEventListener("click", start);
+els.stop.addEventListener("click", stop);
+loadProviders().catch((err) => { setState("error", `cannot list providers: ${err}`); });

@@ -1,0 +1,134 @@
+"""Keys in the store: the CLI, hashing at rest, revocation and expiry (SQLite backend)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+import websockets
+
+from tests.conftest import GatewayProcess
+from tests.ops.conftest import create_key, run_cli
+from tests.server.wsutil import connect, recv
+from transcribe_gateway.store.keys import hash_key
+
+
+class TestKeysCli:
+    def test_cli_create_prints_the_key_once_and_stores_only_its_hash(self, tmp_path: Path) -> None:
+        env = {"TRANSCRIBE_STORE_PATH": str(tmp_path / "k.db")}
+        done = run_cli(env, "keys", "create", "acme", "--max-sessions", "3", "--rate", "50")
+        assert done.returncode == 0, done.stderr
+        secret = done.stdout.strip()
+        assert secret.startswith("tgk_") and len(secret) > 40
+        assert "shown only once" in done.stderr
+        db = sqlite3.connect(tmp_path / "k.db")
+        rows = db.execute("SELECT name, key_hash FROM keys").fetchall()
+        db.close()
+        assert rows == [("acme", hash_key(secret))]
+        raw = b"".join(p.read_bytes() for p in tmp_path.glob("k.db*"))
+        assert secret.encode() not in raw
+        listing = run_cli(env, "keys", "list")
+        assert listing.returncode == 0
+        assert "acme" in listing.stdout and "active" in listing.stdout
+        assert secret not in listing.stdout and hash_key(secret) not in listing.stdout
+
+    def test_cli_refuses_a_duplicate_name(self, tmp_path: Path) -> None:
+        env = {"TRANSCRIBE_STORE_PATH": str(tmp_path / "k.db")}
+        create_key(env, "dup")
+        again = run_cli(env, "keys", "create", "dup")
+        assert again.returncode == 1
+        assert "exists already" in again.stderr
+        assert again.stdout == ""
+
+    def test_cli_revoke_marks_the_key_revoked(self, tmp_path: Path) -> None:
+        env = {"TRANSCRIBE_STORE_PATH": str(tmp_path / "k.db")}
+        create_key(env, "gone")
+        assert run_cli(env, "keys", "revoke", "gone").returncode == 0
+        assert "revoked" in run_cli(env, "keys", "list").stdout
+        # A second revoke, or an unknown name, is an error.
+        assert run_cli(env, "keys", "revoke", "gone").returncode == 1
+        assert run_cli(env, "keys", "revoke", "nobody").returncode == 1
+
+
+async def _refused(url: str, key: str) -> tuple[int | None, list[dict[str, object]]]:
+    ws = await connect(url, key)
+    got: list[dict[str, object]] = []
+    with pytest.raises(websockets.ConnectionClosed):
+        while True:
+            got.append(await recv(ws, 5))
+    return ws.close_code, got
+
+
+class TestStoredKeys:
+    async def test_created_key_opens_a_session(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        key = create_key(sqlite_env, "opens")
+        async with await connect(store_gateway.url, key) as ws:
+            assert (await recv(ws, 5))["type"] == "session.created"
+        assert key not in store_gateway.logs()
+
+    async def test_revoked_key_is_refused_and_its_open_session_closed(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        key = create_key(sqlite_env, "revoked-live")
+        ws = await connect(store_gateway.url, key)
+        assert (await recv(ws, 5))["type"] == "session.created"
+        assert run_cli(sqlite_env, "keys", "revoke", "revoked-live").returncode == 0
+        revoked_at = time.monotonic()
+        # New sessions: refused at once.
+        code, _ = await _refused(store_gateway.url, key)
+        assert code == 4001
+        # The open one: an error, then 4001, within seconds.
+        error = await recv(ws, 10)
+        assert error["type"] == "error"
+        assert error["error"]["code"] == "unauthorized"
+        with pytest.raises(websockets.ConnectionClosed):
+            await recv(ws, 5)
+        assert ws.close_code == 4001
+        assert time.monotonic() - revoked_at < 5
+
+    async def test_expired_key_is_refused(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        # 0.00002 days = 1.7 s
+        key = create_key(sqlite_env, "short-lived", "--expires-in", "0.00002")
+        async with await connect(store_gateway.url, key) as ws:
+            assert (await recv(ws, 5))["type"] == "session.created"
+            # The open session is closed when the key expires, like a revocation.
+            error = await recv(ws, 10)
+            assert error["error"]["code"] == "unauthorized"
+            assert "expired" in error["error"]["message"]
+        code, _ = await _refused(store_gateway.url, key)
+        assert code == 4001
+
+    async def test_key_without_transcribe_scope_cannot_stream(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        key = create_key(sqlite_env, "usage-only", "--scope", "usage")
+        code, got = await _refused(store_gateway.url, key)
+        assert code == 4001
+        assert [m["error"]["code"] for m in got] == ["forbidden"]  # type: ignore[index]
+
+    async def test_static_keys_still_work_beside_the_store(
+        self, store_gateway: GatewayProcess
+    ) -> None:
+        async with await connect(store_gateway.url) as ws:
+            assert (await recv(ws, 5))["type"] == "session.created"
+
+    async def test_log_never_contains_a_key(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        key = create_key(sqlite_env, "quiet")
+        async with await connect(store_gateway.url, key) as ws:
+            await recv(ws, 5)
+        await asyncio.sleep(0.3)
+        logs = store_gateway.logs()
+        assert key not in logs and hash_key(key) not in logs
+        for line in logs.splitlines():
+            if line.startswith("{"):
+                assert "tgk_" not in json.dumps(json.loads(line))

@@ -1,0 +1,92 @@
+"""Fallback: a provider that fails mid-stream is replaced without losing audio.
+
+The failing engine is the ``FAULTY`` plugin (tests/plugins/faulty.py), which
+fails after 0.5 s of audio; the fallback is the real embedded engine.  The
+cloud adapters' own failures (drops, stalls, refused keys) are tested against
+their emulators in tests/cloud/.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from tests.conftest import SHARED_AUDIO, GatewayProcess
+from tests.server.wsutil import collect, open_session, send_audio, silence
+from tests.textnorm import normalize
+from transcribe_gateway.audio.files import read_audio
+from transcribe_gateway.server.replay import ReplayBuffer
+
+LOCAL = {"provider": "LOCAL", "model": "whisper-tiny.en"}
+
+
+async def test_failure_mid_stream_switches_to_the_fallback(gateway: GatewayProcess) -> None:
+    ws, updated = await open_session(
+        gateway.url, provider="FAULTY", model="fail-after-audio", fallback=LOCAL
+    )
+    assert updated["session"]["provider"] == "FAULTY"
+    assert updated["session"]["fallback"] == LOCAL
+    assert not updated["session"].get("unsupported")
+    audio = np.concatenate([read_audio(SHARED_AUDIO / "goforward.raw"), silence(1.0)])
+    await send_audio(ws, audio, realtime=4.0)
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws)
+    kinds = [m["type"] for m in messages]
+    error = messages[kinds.index("error")]
+    assert error["error"]["code"] == "provider_error"
+    assert "FAULTY" in error["error"]["message"] and "LOCAL" in error["error"]["message"]
+    switched = messages[kinds.index("session.updated")]
+    assert switched["session"]["provider"] == "LOCAL"
+    assert switched["session"]["requested_provider"] == "FAULTY"
+    # All the audio, including what the failed engine had taken, is transcribed once.
+    finals = [m for m in messages if m["type"] == "transcription.completed"]
+    assert [normalize(f["text"]) for f in finals] == ["go forward ten meters"]
+    assert finals[0]["start_ms"] < 500  # timed from the session's first sample
+    assert kinds[-1] == "session.closed"
+
+
+async def test_fallback_used_when_the_primary_cannot_open(gateway: GatewayProcess) -> None:
+    ws, _ = await open_session(gateway.url, provider="LOCAL")  # a first, working config
+    await ws.send(
+        json.dumps(
+            {
+                "type": "session.update",
+                "session": {"provider": "FAULTY", "model": "refuse-on-open", "fallback": LOCAL},
+            }
+        )
+    )
+    messages = []
+    while True:
+        msg = json.loads(await ws.recv())
+        messages.append(msg)
+        if msg["type"] == "session.updated":
+            break
+    assert messages[0]["type"] == "error"
+    assert messages[0]["error"]["code"] == "provider_error"
+    assert messages[-1]["session"]["provider"] == "LOCAL"
+    assert messages[-1]["session"]["requested_provider"] == "FAULTY"
+    await send_audio(ws, np.concatenate([read_audio(SHARED_AUDIO / "goforward.raw"), silence(1.0)]))
+    await ws.send(json.dumps({"type": "session.close"}))
+    rest = await collect(ws)
+    texts = [normalize(m["text"]) for m in rest if m["type"] == "transcription.completed"]
+    assert texts == ["go forward ten meters"]
+
+
+def test_replay_buffer_keeps_only_audio_not_yet_final() -> None:
+    buffer = ReplayBuffer(rate=1000, max_seconds=10)
+    for i in range(5):  # five 100 ms chunks
+        buffer.append(i * 100, np.full(100, i, np.int16))
+    buffer.trim_before(250)  # a final ended at 250 ms: chunks 0 and 1 are done
+    assert buffer.start_ms == 200
+    assert [int(c[0]) for c in buffer] == [2, 3, 4]
+    buffer.trim_before(299)  # chunk 2 still holds audio after the final
+    assert len(buffer) == 3
+
+
+def test_replay_buffer_is_bounded() -> None:
+    buffer = ReplayBuffer(rate=1000, max_seconds=0.3)
+    for i in range(5):
+        buffer.append(i * 100, np.full(100, i, np.int16))
+    assert [int(c[0]) for c in buffer] == [2, 3, 4]
+    assert buffer.dropped_samples == 200

@@ -1,0 +1,158 @@
+"""A real headless Chromium (Debian's) with a fake microphone fed from ../shared/audio.
+
+The demo page served at ``/`` (token from the dev helper, AudioWorklet capture
+through the JS client) and the public docs' browser example (ScriptProcessor,
+``auth`` first message) must both show the spoken words.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import ARTIFACTS, TEST_KEYS, GatewayProcess
+from tests.textnorm import normalize
+from tests.web.conftest import write_wav
+
+DOCS_BROWSER_EXAMPLE = Path(__file__).parents[1] / "compat" / "voicerun_docs_browser.html"
+WORDS = "go forward ten meters"
+
+
+@pytest.fixture
+def goforward_wav(tmp_path: Path, shared_audio: Path) -> Path:
+    pcm = np.frombuffer((shared_audio / "goforward.raw").read_bytes(), dtype="<i2")
+    return write_wav(tmp_path / "goforward.wav", pcm)
+
+
+async def test_demo_page_shows_the_spoken_words(
+    gateway: GatewayProcess, browser: Any, goforward_wav: Path
+) -> None:
+    context = await browser(goforward_wav)
+    page = await context.new_page()
+    bodies: list[str] = []
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+
+    async def keep_body(response: Any) -> None:
+        if response.url.startswith(gateway.http):
+            with contextlib.suppress(Exception):  # redirects, aborted requests: no body
+                bodies.append(await response.text())
+
+    page.on("response", keep_body)
+    await page.goto(f"{gateway.http}/")
+    await page.wait_for_function("document.body.dataset.state === 'idle'", timeout=15_000)
+    providers = await page.eval_on_selector_all("#provider option", "els => els.map(e => e.value)")
+    assert "LOCAL" in providers and "DEEPGRAM" in providers
+    assert await page.input_value("#model") == "whisper-tiny.en"
+
+    await page.click("#start")
+    await page.wait_for_function("document.body.dataset.state === 'live'", timeout=30_000)
+    await page.wait_for_function(
+        "document.querySelectorAll('#finals li').length > 0", timeout=60_000
+    )
+    await page.click("#stop")
+    await page.wait_for_function("document.body.dataset.state === 'closed'", timeout=30_000)
+
+    finals = await page.eval_on_selector_all("#finals .text", "els => els.map(e => e.textContent)")
+    assert normalize(" ".join(finals)) == WORDS, finals
+    assert re.fullmatch(r"\d+ ms", await page.inner_text("#latency"))
+    assert re.search(r"\d+\.\d\d\u2013\d+\.\d\d s", await page.inner_text("#finals"))
+    assert "closed (1000)" in await page.inner_text("#status")
+    assert not errors, errors
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "web-demo.png"), full_page=True)
+    # The page got a token, never a key.
+    assert bodies and not any(key in body for body in bodies for key in TEST_KEYS)
+    assert any('"token":"tst_' in body.replace(" ", "") for body in bodies)
+
+
+def test_demo_token_helper_answers_and_providers_endpoint_lists_offers(
+    gateway: GatewayProcess,
+) -> None:
+    req = urllib.request.Request(f"{gateway.http}/demo/token", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert json.loads(r.read())["token"].startswith("tst_")
+    with urllib.request.urlopen(f"{gateway.http}/v1/providers", timeout=10) as r:
+        listing = json.loads(r.read())
+    by_name = {p["name"]: p for p in listing["providers"]}
+    assert listing["default"] == {"provider": "LOCAL", "model": "whisper-tiny.en"}
+    assert by_name["LOCAL"]["available"] is True
+    assert "whisper-tiny.en" in [m["name"] for m in by_name["LOCAL"]["models"]]
+    deepgram = by_name["DEEPGRAM"]
+    assert "nova-3" in [m["name"] for m in deepgram["models"]]
+    if not deepgram["available"]:  # no DEEPGRAM_API_KEY here: served by LOCAL (development)
+        assert deepgram["reason"] and deepgram["substitute"] == "LOCAL/whisper-tiny.en"
+
+
+@pytest.fixture
+def token(gateway: GatewayProcess) -> str:
+    """What a web app's backend does: mint a token with its key, hand it to the page."""
+    req = urllib.request.Request(
+        f"{gateway.http}/v1/tokens",
+        data=b"",
+        headers={"Authorization": f"Bearer {TEST_KEYS[0]}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        minted: str = json.loads(r.read())["token"]
+        return minted
+
+
+async def test_docs_browser_example_shows_the_spoken_words(
+    gateway: GatewayProcess, browser: Any, goforward_wav: Path, tmp_path: Path, token: str
+) -> None:
+    source = DOCS_BROWSER_EXAMPLE.read_text()
+    html = source.replace('"wss://transcribe.voicerun.com/ws"', f'"{gateway.url}"')
+    html = html.replace('token: "YOUR_API_KEY"', f'token: "{token}"')
+    assert html.count("\n") == source.count("\n") and gateway.url in html and token in html
+    page_path = tmp_path / "example.html"
+    page_path.write_text(html)
+
+    context = await browser(goforward_wav)
+    page = await context.new_page()
+    await page.goto(page_path.as_uri())
+    await page.wait_for_function(
+        "document.querySelectorAll('#transcript p').length > 0", timeout=60_000
+    )
+    texts = await page.eval_on_selector_all("#transcript p", "els => els.map(e => e.textContent)")
+    assert normalize(" ".join(texts)) == WORDS, texts
+    await page.screenshot(path=str(ARTIFACTS / "web-docs-example.png"))
+
+
+async def test_client_resamples_a_48k_audio_context_to_the_session_rate(
+    gateway: GatewayProcess, browser: Any, goforward_wav: Path
+) -> None:
+    """The worklet's own resampler (used where a browser will not run at 16 kHz)."""
+    context = await browser(goforward_wav)
+    page = await context.new_page()
+    await page.goto(f"{gateway.http}/")
+    result = await page.evaluate(
+        """async () => {
+          const { TranscribeClient, startMicrophone } = await import("/client/index.js");
+          const { token } = await (await fetch("/demo/token", { method: "POST" })).json();
+          const client = new TranscribeClient({
+            url: `ws://${location.host}/ws`, token,
+            session: { provider: "LOCAL", model: "whisper-tiny.en", sample_rate: 16000 },
+          });
+          const finals = [];
+          client.on("completed", (m) => finals.push(m.text));
+          await client.connect();
+          const audio = new AudioContext({ sampleRate: 48000 });
+          const mic = await startMicrophone(client, { context: audio });
+          const deadline = Date.now() + 30000;
+          while (!finals.length && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+          await mic.stop();
+          const closed = await client.close();
+          return { finals, rate: audio.sampleRate, code: closed.code, seconds: closed.audio_seconds };
+        }"""
+    )
+    assert result["rate"] == 48000
+    assert normalize(" ".join(result["finals"])) == WORDS, result
+    assert result["code"] == 1000 and result["seconds"] > 2.0

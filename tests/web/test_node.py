@@ -1,0 +1,134 @@
+"""Node.js against a real gateway: the public docs' example and the JS client, with real ``node``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile
+
+from tests.conftest import TEST_KEYS, GatewayProcess
+from tests.textnorm import normalize, word_errors
+from tests.web.conftest import CLIENT_DIR
+
+DOCS_EXAMPLE = Path(__file__).parents[1] / "compat" / "voicerun_docs_node.mjs"
+STREAM_SCRIPT = Path(__file__).with_name("node_client_stream.mjs")
+CLIENT_INDEX = CLIENT_DIR / "src" / "index.js"
+
+
+def references(shared_audio: Path) -> dict[str, str]:
+    lines = (shared_audio / "references.tsv").read_text().splitlines()[1:]
+    return {row.split("\t")[0]: row.split("\t")[1] for row in lines if row.strip()}
+
+
+def run_node(
+    cwd: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["node", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def stream_with_client(
+    workdir: Path, gateway: GatewayProcess, audio: Path, **auth: str
+) -> list[dict[str, Any]]:
+    env = {"GATEWAY_URL": gateway.url, **auth}
+    shutil.copy(STREAM_SCRIPT, workdir / STREAM_SCRIPT.name)  # where `import "ws"` resolves
+    run = run_node(workdir, STREAM_SCRIPT.name, CLIENT_INDEX.as_uri(), str(audio), env=env)
+    events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert events, run.stdout + run.stderr
+    return events
+
+
+def finals_of(events: list[dict[str, Any]]) -> str:
+    return " ".join(e["value"]["text"] for e in events if e["event"] == "completed")
+
+
+def mint_token(gateway: GatewayProcess) -> str:
+    req = urllib.request.Request(
+        f"{gateway.http}/v1/tokens",
+        data=b"",
+        headers={"Authorization": f"Bearer {TEST_KEYS[0]}"},
+        method="POST",
+    )
+    with urllib.request.urlopen(req, timeout=10) as r:
+        token: str = json.loads(r.read())["token"]
+        return token
+
+
+def test_docs_node_example_prints_finals(
+    gateway: GatewayProcess, node_workdir: Path, shared_audio: Path
+) -> None:
+    source = DOCS_EXAMPLE.read_text()
+    script = source.replace('"wss://transcribe.voicerun.com/ws"', f'"{gateway.url}"')
+    script = script.replace('"Bearer YOUR_API_KEY"', f'"Bearer {TEST_KEYS[0]}"')
+    assert script.count("\n") == source.count("\n") and script != source
+    (node_workdir / "example.mjs").write_text(script)
+    shutil.copy(shared_audio / "goforward.raw", node_workdir / "audio.raw")
+    run = run_node(node_workdir, "example.mjs")
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0] == "Ready - start sending audio", run.stdout
+    finals = [line.removeprefix("Final: ") for line in lines if line.startswith("Final: ")]
+    assert normalize(" ".join(finals)) == "go forward ten meters", run.stdout
+    assert lines[-1] == "Closed: 1000", run.stdout
+
+
+class TestClientInNode:
+    def test_client_streams_a_file_with_header_auth(
+        self, gateway: GatewayProcess, node_workdir: Path, shared_audio: Path
+    ) -> None:
+        events = stream_with_client(
+            node_workdir, gateway, shared_audio / "goforward.raw", GATEWAY_KEY=TEST_KEYS[0]
+        )
+        kinds = [e["event"] for e in events]
+        assert kinds[:2] == ["created", "updated"], kinds
+        assert normalize(finals_of(events)) == "go forward ten meters", events
+        assert "speech_started" in kinds and "speech_stopped" in kinds
+        completed = next(e["value"] for e in events if e["event"] == "completed")
+        assert completed["end_ms"] > completed["start_ms"] >= 0
+        assert isinstance(completed["latency_ms"], int) and completed["latency_ms"] >= 0
+        done = events[-1]
+        assert done["event"] == "done" and done["value"]["code"] == 1000
+        seconds = (shared_audio / "goforward.raw").stat().st_size / 32000
+        assert abs(done["value"]["audio_seconds"] - seconds) < 0.05
+
+    def test_client_streams_librivox_with_a_token_in_the_auth_message(
+        self, gateway: GatewayProcess, node_workdir: Path, shared_audio: Path
+    ) -> None:
+        name = "sense_and_sensibility_01_austen_64kb-0880.wav"
+        samples, rate = soundfile.read(shared_audio / name, dtype="int16")
+        assert rate == 16000 and samples.ndim == 1
+        raw = node_workdir / "speech.raw"
+        raw.write_bytes(np.asarray(samples, "<i2").tobytes())
+        events = stream_with_client(node_workdir, gateway, raw, GATEWAY_TOKEN=mint_token(gateway))
+        # Whisper tiny.en hears "ill disposed" as "old sposed": two word errors in eight.
+        errors, words = word_errors(references(shared_audio)[name], finals_of(events))
+        assert errors <= 2 and words == 8, finals_of(events)
+
+    def test_client_reports_a_refused_token_and_does_not_reconnect(
+        self, gateway: GatewayProcess, node_workdir: Path, shared_audio: Path
+    ) -> None:
+        token = mint_token(gateway)
+        first = stream_with_client(
+            node_workdir, gateway, shared_audio / "goforward.raw", GATEWAY_TOKEN=token
+        )
+        assert first[-1]["event"] == "done"
+        again = stream_with_client(
+            node_workdir, gateway, shared_audio / "goforward.raw", GATEWAY_TOKEN=token
+        )
+        kinds = [e["event"] for e in again]
+        assert kinds == ["closed", "connect_failed"], again
+        assert again[0]["value"]["code"] == 4001
+        assert again[1]["code"] == "unauthorized"
