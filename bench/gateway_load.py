@@ -89,9 +89,10 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) ->
     raise RuntimeError("server did not start")
 
 
-def start_gateway(cpu: str, sessions: int) -> Server:
+def start_gateway(cpu: str, sessions: int, read_ahead: int = 16) -> Server:
     port = free_port()
     env = {
+        "TRANSCRIBE_WS_READ_AHEAD": str(read_ahead),
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "TRANSCRIBE_API_KEYS": KEY,
@@ -103,7 +104,8 @@ def start_gateway(cpu: str, sessions: int) -> Server:
     cmd = ["taskset", "-c", cpu, sys.executable, "-m", "transcribe_gateway", "serve"]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, cwd=ROOT)
     wait_port(port, proc)
-    return Server("gateway", proc, f"ws://127.0.0.1:{port}/ws")
+    name = "gateway" if read_ahead != 1 else "gateway, read-ahead 1"
+    return Server(name, proc, f"ws://127.0.0.1:{port}/ws")
 
 
 def start_bare(cpu: str) -> Server:
@@ -266,6 +268,8 @@ async def main() -> None:
     levels = [int(n) for n in args.sessions.split(",")]
     wanted = args.servers.split(",")
     servers = [start_bare(args.server_cpu)] if "bare" in wanted else []
+    if "gateway-ra1" in wanted:  # uvicorn's own flow control: pause after every message
+        servers.append(start_gateway(args.server_cpu, max(levels), read_ahead=1))
     if "gateway" in wanted:
         servers.append(start_gateway(args.server_cpu, max(levels)))
         print(f"gateway pid {servers[-1].proc.pid}", flush=True)

@@ -135,15 +135,19 @@ class TestFloods:
         assert result.outcomes == {"1000": 2}
 
     @pytest.mark.parametrize(
-        ("size", "code"),
-        [(2 * 1024 * 1024, "1008"), (5 * 1024 * 1024, "1009")],
+        ("size", "codes"),
+        [(2 * 1024 * 1024, {"1008"}), (5 * 1024 * 1024, {"1009", "1006"})],
         ids=["over-message-limit", "over-websocket-limit"],
     )
     async def test_frames_over_the_size_limit_are_closed(
-        self, server: Server, size: int, code: str
+        self, server: Server, size: int, codes: set[str]
     ) -> None:
+        # Past 4x the limit the WebSocket layer closes 1009 while the client is
+        # still sending; the kernel may then reset the connection before the
+        # client reads the close frame, which it sees as 1006.
         result = await attack(server, hostile.oversized_frames(server.process.url, 5, size=size))
-        assert result.outcomes == {code: 5}
+        assert sum(result.outcomes.values()) == 5
+        assert set(result.outcomes) <= codes, result.outcomes
 
     async def test_hundreds_of_connect_disconnect_cycles_leak_nothing(self, server: Server) -> None:
         # A first round reaches the steady state; the second must not grow it.
@@ -159,9 +163,15 @@ class TestFloods:
 
 class TestBadReaders:
     async def test_client_that_stops_reading_is_closed_1008(self, server: Server) -> None:
+        said = "client is not reading; closing"
+        before = server.process.logs().count(said)
         result = await attack(server, hostile.stop_reading(server.process.url, 2))
-        assert result.outcomes == {"1008": 2}
-        assert "client is not reading; closing" in server.process.logs()
+        # The server gave up on both (its queue is bounded) ...
+        assert server.process.logs().count(said) == before + 2
+        # ... and closed them 1008; a client that drains its backlog too late for
+        # the server's 5 s close timeout sees the TCP connection aborted (1006).
+        assert set(result.outcomes) <= {"1008", "1006"}, result.outcomes
+        assert result.connections == 2
 
     async def test_clients_vanishing_mid_utterance_free_everything(self, server: Server) -> None:
         speech = read_audio(SHARED_AUDIO / "sense_and_sensibility_01_austen_64kb-0870.wav")

@@ -95,6 +95,8 @@ class Gateway:
                 "ready": self.registry.is_ready(),
                 "sessions": len(self.connections),
                 "streams": engines,
+                # Leak checks (bench/soak.py): every task is owned by a session or the server.
+                "tasks": len(asyncio.all_tasks()),
             }
         )
 
