@@ -2,12 +2,15 @@
 
 Run by hand (never in CI), from the repository root:
 
-    .venv/bin/python bench/gateway_load.py --sessions 100,250,500,1000 --seconds 20
+    .venv/bin/python bench/gateway_load.py --sessions 100,250,500,1000 --seconds 20 \
+        --runs 3 --servers bare,bare-uvloop,gateway-asyncio,gateway
 
-For each N it runs, in the same run and on the same cores, (1) the bare
-baseline server (``bench/bare_server.py``: JSON + base64 decode only) and (2)
-the gateway serving the ``NOOP`` provider (``bench/noop_provider.py``, loaded
-through the plugin interface), both pinned to core 0 with ``taskset``; this
+For each N it runs, in the same run and on the same cores, the servers named
+in ``--servers`` (see ``SERVERS``): the bare baseline server
+(``bench/bare_server.py``: JSON + base64 decode only, on asyncio's loop or
+uvloop) and the gateway serving the ``NOOP`` provider
+(``bench/noop_provider.py``, loaded through the plugin interface), each
+pinned to core 0 with ``taskset``, runs interleaved, medians reported; this
 load generator pins itself to core 1.  Each session streams 20 ms pcm16 chunks
 at real-time pace; the server answers every 10th chunk with a partial naming
 the samples it has seen, so each answer's latency is measured from the send of
@@ -27,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,12 +93,13 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) ->
     raise RuntimeError("server did not start")
 
 
-def start_gateway(cpu: str, sessions: int, read_ahead: int = 16) -> Server:
+def start_gateway(name: str, cpu: str, read_ahead: int = 16, loop: str = "auto") -> Server:
     port = free_port()
     env = {
-        "TRANSCRIBE_WS_READ_AHEAD": str(read_ahead),
         **os.environ,
         "PYTHONPATH": str(ROOT),
+        "TRANSCRIBE_WS_READ_AHEAD": str(read_ahead),
+        "TRANSCRIBE_EVENT_LOOP": loop,
         "TRANSCRIBE_API_KEYS": KEY,
         "TRANSCRIBE_PLUGINS": "bench.noop_provider:NoopSTT",
         "TRANSCRIBE_LOG_LEVEL": "warning",
@@ -104,16 +109,26 @@ def start_gateway(cpu: str, sessions: int, read_ahead: int = 16) -> Server:
     cmd = ["taskset", "-c", cpu, sys.executable, "-m", "transcribe_gateway", "serve"]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, cwd=ROOT)
     wait_port(port, proc)
-    name = "gateway" if read_ahead != 1 else "gateway, read-ahead 1"
     return Server(name, proc, f"ws://127.0.0.1:{port}/ws")
 
 
-def start_bare(cpu: str) -> Server:
+def start_bare(name: str, cpu: str, loop: str = "asyncio") -> Server:
     port = free_port()
-    cmd = ["taskset", "-c", cpu, sys.executable, str(ROOT / "bench" / "bare_server.py"), str(port)]
+    script = str(ROOT / "bench" / "bare_server.py")
+    cmd = ["taskset", "-c", cpu, sys.executable, script, str(port), loop]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
     wait_port(port, proc)
-    return Server("bare", proc, f"ws://127.0.0.1:{port}/ws")
+    return Server(name, proc, f"ws://127.0.0.1:{port}/ws")
+
+
+SERVERS: dict[str, Callable[[str], Server]] = {
+    "bare": lambda cpu: start_bare("bare", cpu),
+    "bare-uvloop": lambda cpu: start_bare("bare-uvloop", cpu, loop="uvloop"),
+    # Before the read-ahead protocol and uvloop: uvicorn pauses after every message.
+    "gateway-ra1": lambda cpu: start_gateway("gateway-ra1", cpu, read_ahead=1, loop="asyncio"),
+    "gateway-asyncio": lambda cpu: start_gateway("gateway-asyncio", cpu, loop="asyncio"),
+    "gateway": lambda cpu: start_gateway("gateway", cpu),  # as shipped: uvloop where installed
+}
 
 
 @dataclass
@@ -129,16 +144,33 @@ class Level:
     late_ticks: int = 0
     ticks: int = 0
 
-    def row(self) -> str:
+    def _quantile_ms(self, q: float) -> float:
         lat = sorted(self.latencies)
-        p50 = lat[len(lat) // 2] * 1000 if lat else float("nan")
-        p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else float("nan")
+        return lat[min(len(lat) - 1, int(len(lat) * q))] * 1000 if lat else float("nan")
+
+    @property
+    def p50_ms(self) -> float:
+        return self._quantile_ms(0.5)
+
+    @property
+    def p99_ms(self) -> float:
+        return self._quantile_ms(0.99)
+
+    @property
+    def cpu_per_chunk(self) -> float:
+        return self.cpu_s / self.chunks * 1e6 if self.chunks else float("nan")
+
+    @property
+    def kept_pace(self) -> bool:
+        return self.late_ticks <= self.ticks * 0.01
+
+    def row(self) -> str:
         cores = self.cpu_s / self.window_s if self.window_s else 0
-        per_chunk = self.cpu_s / self.chunks * 1e6 if self.chunks else 0
-        kept = "yes" if self.late_ticks <= self.ticks * 0.01 else f"no ({self.late_ticks} late)"
+        kept = "yes" if self.kept_pace else f"no ({self.late_ticks} late)"
         return (
-            f"| {self.sessions} | {self.server} | {p50:.1f} | {p99:.1f} | {cores:.2f} | "
-            f"{per_chunk:.1f} | {self.rss_per_session_kb:.0f} | {self.errors} | {kept} |"
+            f"| {self.sessions} | {self.server} | {self.p50_ms:.1f} | {self.p99_ms:.1f} | "
+            f"{cores:.2f} | {self.cpu_per_chunk:.1f} | {self.rss_per_session_kb:.0f} | "
+            f"{self.errors} | {kept} |"
         )
 
 
@@ -255,51 +287,81 @@ async def run_level(server: Server, n: int, seconds: float, warmup: float) -> Le
     return level
 
 
+def median_row(rows: list[Level]) -> str:
+    """One table row: each figure the median over the runs of one (server, sessions)."""
+    med = statistics.median
+    cores = med(r.cpu_s / r.window_s for r in rows if r.window_s)
+    per_chunk = med(r.cpu_s / r.chunks * 1e6 for r in rows if r.chunks)
+    kept = sum(r.kept_pace for r in rows)
+    return (
+        f"| {rows[0].sessions} | {rows[0].server} | {med(r.p50_ms for r in rows):.1f} | "
+        f"{med(r.p99_ms for r in rows):.1f} | {cores:.2f} | {per_chunk:.1f} | "
+        f"{med(r.rss_per_session_kb for r in rows):.0f} | {sum(r.errors for r in rows)} | "
+        f"{kept}/{len(rows)} |"
+    )
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sessions", default="100,250,500,1000")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--warmup", type=float, default=3)
+    parser.add_argument("--runs", type=int, default=3, help="runs per level; medians reported")
     parser.add_argument("--server-cpu", default="0")
     parser.add_argument("--client-cpu", default="1")
-    parser.add_argument("--servers", default="bare,gateway", help="which servers to run")
+    parser.add_argument(
+        "--servers", default="bare,gateway", help=f"comma-separated, of {', '.join(SERVERS)}"
+    )
     args = parser.parse_args()
     os.sched_setaffinity(0, {int(c) for c in args.client_cpu.split(",")})
     levels = [int(n) for n in args.sessions.split(",")]
     wanted = args.servers.split(",")
-    servers = [start_bare(args.server_cpu)] if "bare" in wanted else []
-    if "gateway-ra1" in wanted:  # uvicorn's own flow control: pause after every message
-        servers.append(start_gateway(args.server_cpu, max(levels), read_ahead=1))
-    if "gateway" in wanted:
-        servers.append(start_gateway(args.server_cpu, max(levels)))
-        print(f"gateway pid {servers[-1].proc.pid}", flush=True)
+    servers = [SERVERS[name](args.server_cpu) for name in wanted]
     rows: list[Level] = []
     try:
+        # Runs interleave servers at each level, so drift on a shared machine hits all alike.
         for n in levels:
-            for server in servers:
-                level = await run_level(server, n, args.seconds, args.warmup)
-                rows.append(level)
-                print(level.row(), flush=True)
+            for run in range(args.runs):
+                for server in servers:
+                    level = await run_level(server, n, args.seconds, args.warmup)
+                    rows.append(level)
+                    print(f"run {run + 1}: {level.row()}", flush=True)
     finally:
         for server in servers:
             server.stop()
-    print(f"\n## Gateway capacity ({os.cpu_count()} cores; server on core {args.server_cpu})\n")
+    print(
+        f"\n## Gateway capacity ({os.cpu_count()} cores; server on core {args.server_cpu}; "
+        f"medians of {args.runs} runs)\n"
+    )
     print(
         "| sessions | server | p50 ms | p99 ms | server CPU (cores) | CPU us/chunk | "
-        "RSS KiB/session | errors | generator kept pace |"
+        "RSS KiB/session | errors | generator kept pace (runs) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for level in rows:
-        print(level.row())
-    print()
     for n in levels:
-        bare = next((r for r in rows if r.sessions == n and r.server == "bare"), None)
-        gw = next((r for r in rows if r.sessions == n and r.server == "gateway"), None)
-        if bare and gw and bare.chunks and gw.chunks:
-            ratio = (gw.cpu_s / gw.chunks) / (bare.cpu_s / bare.chunks)
-            print(f"- {n} sessions: gateway CPU per chunk = {ratio:.2f}x the bare baseline")
-    _ = statistics  # medians over runs are taken by hand across repeated invocations
+        for name in wanted:
+            print(median_row([r for r in rows if r.sessions == n and r.server == name]))
+    print("\nCPU per chunk against each baseline (median of the per-run ratios):\n")
+    for n in levels:
+        for base in (b for b in wanted if b.startswith("bare")):
+            for name in (g for g in wanted if not g.startswith("bare")):
+                ratios = [
+                    g.cpu_per_chunk / b.cpu_per_chunk
+                    for b, g in zip(
+                        (r for r in rows if r.sessions == n and r.server == base),
+                        (r for r in rows if r.sessions == n and r.server == name),
+                        strict=True,
+                    )
+                    if b.chunks and g.chunks
+                ]
+                if ratios:
+                    print(f"- {n} sessions: {name} = {statistics.median(ratios):.2f}x {base}")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:  # the generator on uvloop too, so that it keeps pace at the higher levels
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

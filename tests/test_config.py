@@ -225,6 +225,7 @@ class TestEnvironment:
             ("TRANSCRIBE_LOCAL_WORKERS", "-1", "local.workers"),
             ("TRANSCRIBE_PROFILE", "staging", "profile"),
             ("TRANSCRIBE_IDLE_TIMEOUT_S", "0", "idle_timeout_s"),
+            ("TRANSCRIBE_EVENT_LOOP", "trio", "event_loop"),
         ],
     )
     def test_env_names_setting_out_of_range(self, name: str, raw: str, setting: str) -> None:

@@ -77,6 +77,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Largest text frame; above it the connection is closed with 1008."""
     ws_read_ahead: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     """Client messages read ahead of the session before the socket is paused (backpressure)."""
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    """``auto``: uvloop where it is installed (Linux, macOS), else asyncio's own loop."""
     outgoing_queue: Annotated[int, msgspec.Meta(ge=8, le=100000)] = 512
     """Messages waiting for a slow client before it is closed (partials are dropped first)."""
     endpointing_ms: Annotated[int, msgspec.Meta(ge=10, le=10000)] = 500
@@ -129,6 +131,7 @@ _ENV: Final[dict[str, tuple[tuple[str, ...], str]]] = {
     "TRANSCRIBE_MAX_MESSAGE_BYTES": (("max_message_bytes",), "int"),
     "TRANSCRIBE_ENDPOINTING_MS": (("endpointing_ms",), "int"),
     "TRANSCRIBE_WS_READ_AHEAD": (("ws_read_ahead",), "int"),
+    "TRANSCRIBE_EVENT_LOOP": (("event_loop",), "str"),
     "TRANSCRIBE_MAX_SESSIONS_PER_KEY": (("max_sessions_per_key",), "int"),
     "TRANSCRIBE_PLUGINS": (("plugins",), "list"),
     "TRANSCRIBE_PROVIDER_CONNECT_TIMEOUT_S": (("provider_connect_timeout_s",), "float"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -268,6 +269,27 @@ class TestCloseCodes:
         with pytest.raises(websockets.ConnectionClosed):
             await recv(ws, 10)
         assert ws.close_code == 1008
+
+    async def test_close_completes_while_unread_messages_wait(
+        self, gateway: GatewayProcess
+    ) -> None:
+        # The session ends with unread messages queued behind the one that ends it:
+        # the server must still read the client's close reply rather than leave the
+        # handshake to time out (10 s).  Whether the queue is full at that moment
+        # depends on timing, hence several backlogs.
+        for backlog in (0, 50, 100, 200, 1000):
+            ws, _ = await open_session(gateway.url)
+            for _ in range(backlog):
+                await ws.send(GOOD_CHUNK)
+            await ws.send(json.dumps({"type": "audio.append", "audio": "A" * (2 * 1024 * 1024)}))
+            for _ in range(100):
+                await ws.send(GOOD_CHUNK)
+            started = time.monotonic()
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await recv(ws, 10)
+            assert ws.close_code == 1008
+            assert time.monotonic() - started < 5.0, backlog
 
     async def test_too_many_sessions_for_a_key_closes_4029_with_error_first(self) -> None:
         server = GatewayProcess(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sys
 import time
 import urllib.request
+from typing import Any
 
 import numpy as np
 import pytest
@@ -83,6 +85,34 @@ class TestSessionClose:
         assert messages[0]["usage"]["audio_seconds"] == 0
         assert ws.close_code == 1000
 
+    async def test_close_waits_for_finals_queued_behind_other_sessions(self, shared_audio) -> None:
+        # One decode worker and a 1 s drain bound: the last of four sessions closing
+        # together waits several seconds for a worker.  The pool finishing the others'
+        # decodes is progress, so no session is cut off with a provider_error.
+        server = GatewayProcess(
+            "drain-backlog",
+            env={"TRANSCRIBE_LOCAL_WORKERS": "1", "TRANSCRIBE_DRAIN_TIMEOUT_S": "1"},
+        )
+        audio = read_audio(shared_audio / "sense_and_sensibility_01_austen_64kb-0870.wav")
+
+        async def close_after_speech() -> list[dict[str, Any]]:
+            ws, _ = await open_session(server.url, retry_busy=True)
+            await send_audio(ws, audio)
+            await ws.send(json.dumps({"type": "session.close"}))
+            return await collect(ws, 60)
+
+        try:
+            started = time.monotonic()
+            results = await asyncio.gather(*(close_after_speech() for _ in range(4)))
+            waited = time.monotonic() - started
+        finally:
+            server.stop()
+        for messages in results:
+            assert not [m for m in messages if m["type"] == "error"], messages
+            assert "dashwood" in normalize(finals(messages))
+            assert messages[-1]["type"] == "session.closed"
+        assert waited > 1.5, "the finals did not queue: the test no longer tests the backlog"
+
 
 class TestIdleTimeout:
     async def test_listening_client_gets_final_then_closed(
@@ -156,6 +186,21 @@ class TestHealth:
             body = json.loads(r.read())
         assert r.status == 200
         assert body["status"] == "ok" and body["ready"] is True
+        # `auto` runs on uvloop, a dependency wherever it builds (not on Windows).
+        assert body["event_loop"] == ("asyncio" if sys.platform == "win32" else "uvloop")
+
+    async def test_runs_on_asyncio_loop_when_configured(self, shared_audio) -> None:
+        server = GatewayProcess("asyncio-loop", env={"TRANSCRIBE_EVENT_LOOP": "asyncio"})
+        try:
+            assert server.health()["event_loop"] == "asyncio"
+            ws, _ = await open_session(server.url)
+            await send_audio(ws, read_audio(shared_audio / "goforward.raw")[: 2 * 16000])
+            await ws.send(json.dumps({"type": "session.close"}))
+            messages = await collect(ws, 30)
+            assert messages[-1]["type"] == "session.closed"
+            assert any(m["type"] == "transcription.completed" for m in messages)
+        finally:
+            server.stop()
 
 
 class TestShutdown:

@@ -199,6 +199,16 @@ class RecognizeStream(abc.ABC):
     def input_ended(self) -> bool:
         return self._input_ended
 
+    def progress_at(self) -> float:
+        """``time.monotonic()`` of the engine's last sign of life besides an event (0: none).
+
+        The gateway gives up on a finalizing stream that shows no progress for
+        ``drain_timeout_s``.  An engine that works through other sessions'
+        backlog before this one's last decode (the embedded engines' shared
+        pool) reports that work here, so it is not taken for a dead provider.
+        """
+        return 0.0
+
     async def push_audio(self, samples: Samples) -> None:
         """Send int16 mono samples at ``options.sample_rate``.
 

@@ -468,6 +468,10 @@ class SphinxStream(RecognizeStream):
         utterance.end = max(sample, utterance.start)
         self._last_end = utterance.end
 
+    def progress_at(self) -> float:
+        # This session's last decode may wait behind others' in the shared pool.
+        return self._pool.finished_at
+
     async def _on_end_input(self) -> None:
         if self._activity.in_speech:
             # Trailing speech with no silence after it: finalize up to the last sample.

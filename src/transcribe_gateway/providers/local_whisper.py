@@ -339,6 +339,10 @@ class WhisperStream(RecognizeStream):
             self._partial_text = result.text
             await self._emit(SpeechEvent(SpeechEventType.PARTIAL, utterance, text=result.text))
 
+    def progress_at(self) -> float:
+        # This session's last decode may wait behind others' in the shared pool.
+        return self._pool.finished_at
+
     async def _on_end_input(self) -> None:
         if self._activity.in_speech:
             # Trailing speech with no silence after it: finalize up to the last sample.

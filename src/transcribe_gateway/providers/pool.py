@@ -52,6 +52,8 @@ class DecodePool:
         """Exponential moving average of the time decodes waited for a worker."""
         self.busy_seconds = 0.0
         """Total time workers spent decoding (for benchmarks and metrics)."""
+        self.finished_at = time.monotonic()
+        """When a decode last ended: a pool that finishes decodes is alive, if busy."""
 
     @property
     def waiting(self) -> int:
@@ -107,6 +109,7 @@ class DecodePool:
 
     def _release(self, started: float) -> None:
         self.busy_seconds += time.perf_counter() - started
+        self.finished_at = time.monotonic()
         self.busy -= 1
         self._slots.release()
 

@@ -97,6 +97,7 @@ class Gateway:
                 "streams": engines,
                 # Leak checks (bench/soak.py): every task is owned by a session or the server.
                 "tasks": len(asyncio.all_tasks()),
+                "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
             }
         )
 

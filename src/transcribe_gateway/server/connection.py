@@ -546,14 +546,15 @@ class Connection:
     async def _drain(self, engine: _Engine) -> None:
         """Wait for an engine whose input ended to deliver its last events.
 
-        The bound is on silence, not on the total: each event restarts the
+        The bound is on silence, not on the total: each event (or other sign of
+        progress, :meth:`RecognizeStream.progress_at`) restarts the
         ``drain_timeout_s`` clock, so a busy engine working through a backlog
         is given its time while one that stopped answering is cut off.
         """
         started = time.monotonic()
         try:
             while engine.pump is not None and not engine.pump.done():
-                quiet_since = max(started, engine.last_event_at)
+                quiet_since = max(started, engine.last_event_at, engine.stream.progress_at())
                 remaining = self.settings.drain_timeout_s - (time.monotonic() - quiet_since)
                 if remaining <= 0:
                     self.session.send_error(

@@ -68,6 +68,7 @@ def build_server(settings: Settings) -> GatewayServer:
         ws_max_size=4 * settings.max_message_bytes,
         ws_per_message_deflate=False,
         ws=with_read_ahead(settings.ws_read_ahead),
+        loop=settings.event_loop,
         log_config=None,
         access_log=False,
         lifespan="on",

@@ -24,7 +24,9 @@ class ReadAheadWebSocketProtocol(WebSocketsSansIOProtocol):
         self.read_paused = True  # so the base class does not pause after this message
         super().send_receive_event_to_app()
         self.read_paused = paused
-        if not paused and self.queue.qsize() >= self.read_ahead:
+        # Once the app has sent its close, what is still queued will never be taken:
+        # reading must go on so that the client's close reply ends the handshake.
+        if not paused and not self.close_sent and self.queue.qsize() >= self.read_ahead:
             self.read_paused = True
             self.transport.pause_reading()
 
