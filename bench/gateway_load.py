@@ -2,16 +2,20 @@
 
 Run by hand (never in CI), from the repository root:
 
-    .venv/bin/python bench/gateway_load.py --sessions 100,250,500,1000 --seconds 20 \
-        --runs 3 --servers bare,bare-uvloop,gateway-asyncio,gateway
+    .venv/bin/pip install -e '.[bench]'   # picows: the second baseline, the fast generator
+    .venv/bin/python bench/gateway_load.py --sessions 100,250,500,1000 --seconds 10 \
+        --runs 3 --client picows \
+        --servers bare,bare-uvloop,bare-picows,gateway-asyncio,gateway
 
 For each N it runs, in the same run and on the same cores, the servers named
 in ``--servers`` (see ``SERVERS``): the bare baseline server
 (``bench/bare_server.py``: JSON + base64 decode only, on asyncio's loop or
-uvloop) and the gateway serving the ``NOOP`` provider
+uvloop; ``bench/bare_picows.py``: the same on picows, a Cython WebSocket
+layer) and the gateway serving the ``NOOP`` provider
 (``bench/noop_provider.py``, loaded through the plugin interface), each
 pinned to core 0 with ``taskset``, runs interleaved, medians reported; this
-load generator pins itself to core 1.  Each session streams 20 ms pcm16 chunks
+load generator pins itself to core 1 (``--client picows`` keeps its own
+cost low enough to drive 1000 sessions from one core).  Each session streams 20 ms pcm16 chunks
 at real-time pace; the server answers every 10th chunk with a partial naming
 the samples it has seen, so each answer's latency is measured from the send of
 the chunk it covers.  Reported per N: latency p50/p99, server CPU (cores),
@@ -30,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -112,10 +116,11 @@ def start_gateway(name: str, cpu: str, read_ahead: int = 16, loop: str = "auto")
     return Server(name, proc, f"ws://127.0.0.1:{port}/ws")
 
 
-def start_bare(name: str, cpu: str, loop: str = "asyncio") -> Server:
+def start_bare(
+    name: str, cpu: str, loop: str = "asyncio", script: str = "bare_server.py"
+) -> Server:
     port = free_port()
-    script = str(ROOT / "bench" / "bare_server.py")
-    cmd = ["taskset", "-c", cpu, sys.executable, script, str(port), loop]
+    cmd = ["taskset", "-c", cpu, sys.executable, str(ROOT / "bench" / script), str(port), loop]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
     wait_port(port, proc)
     return Server(name, proc, f"ws://127.0.0.1:{port}/ws")
@@ -124,6 +129,7 @@ def start_bare(name: str, cpu: str, loop: str = "asyncio") -> Server:
 SERVERS: dict[str, Callable[[str], Server]] = {
     "bare": lambda cpu: start_bare("bare", cpu),
     "bare-uvloop": lambda cpu: start_bare("bare-uvloop", cpu, loop="uvloop"),
+    "bare-picows": lambda cpu: start_bare("bare-picows", cpu, script="bare_picows.py"),
     # Before the read-ahead protocol and uvloop: uvicorn pauses after every message.
     "gateway-ra1": lambda cpu: start_gateway("gateway-ra1", cpu, read_ahead=1, loop="asyncio"),
     "gateway-asyncio": lambda cpu: start_gateway("gateway-asyncio", cpu, loop="asyncio"),
@@ -174,51 +180,135 @@ class Level:
         )
 
 
+SESSION_CONFIG = {
+    "provider": "NOOP",
+    "model": "noop",
+    "input_audio_format": "pcm16",
+    "sample_rate": 16000,
+}
+
+
 class Client:
-    def __init__(self, ws: websockets.ClientConnection, level: Level, slots: int) -> None:
-        self.ws = ws
+    """One generated session: what it sent when, and the latencies of its answers."""
+
+    def __init__(self, level: Level, slots: int) -> None:
         self.level = level
         self.sent_at = [0.0] * slots
         self.sent = 0
         self.measure = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def on_message(self, raw: str | bytes) -> None:
+        msg = json.loads(raw)
+        if msg["type"] == "transcription.partial":
+            chunk = int(msg["text"]) // CHUNK_SAMPLES - 1
+            if self.measure and 0 <= chunk < len(self.sent_at):
+                self.level.latencies.append(time.perf_counter() - self.sent_at[chunk])
+        elif msg["type"] == "error":
+            self.level.errors += 1
+
+    async def send(self, text: str) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+
+class WebsocketsClient(Client):
+    def __init__(self, ws: websockets.ClientConnection, level: Level, slots: int) -> None:
+        super().__init__(level, slots)
+        self.ws = ws
         self.reader = asyncio.create_task(self.read())
 
     async def read(self) -> None:
         try:
             async for raw in self.ws:
-                msg = json.loads(raw)
-                if msg["type"] == "transcription.partial":
-                    chunk = int(msg["text"]) // CHUNK_SAMPLES - 1
-                    if self.measure and 0 <= chunk < len(self.sent_at):
-                        self.level.latencies.append(time.perf_counter() - self.sent_at[chunk])
-                elif msg["type"] == "error":
-                    self.level.errors += 1
+                self.on_message(raw)
         except websockets.ConnectionClosed:
             pass
+        finally:
+            self.done.set_result(None)
+
+    async def send(self, text: str) -> None:
+        await self.ws.send(text)
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+    @classmethod
+    async def open(cls, server: Server, level: Level, slots: int) -> Client:
+        ws = await websockets.connect(
+            server.url,
+            additional_headers={"Authorization": f"Bearer {KEY}"},
+            ping_interval=None,
+            max_queue=None,
+        )
+        json.loads(await ws.recv())  # session.created
+        await ws.send(json.dumps({"type": "session.update", "session": SESSION_CONFIG}))
+        updated = json.loads(await ws.recv())
+        if updated["type"] != "session.updated":
+            raise RuntimeError(f"session.update refused: {updated}")
+        return cls(ws, level, slots)
 
 
-async def open_client(server: Server, level: Level, slots: int) -> Client:
-    ws = await websockets.connect(
-        server.url,
-        additional_headers={"Authorization": f"Bearer {KEY}"},
-        ping_interval=None,
-        max_queue=None,
+async def open_picows_client(server: Server, level: Level, slots: int) -> Client:
+    """The same session on picows: a generator cheap enough to drive 1000 sessions."""
+    from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+    class PicowsClient(Client, WSListener):  # type: ignore[misc]
+        def __init__(self) -> None:
+            Client.__init__(self, level, slots)
+            self.setup: asyncio.Queue[bytes] = asyncio.Queue()
+            self.ready = False
+            self.transport: WSTransport | None = None
+
+        def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+            if frame.msg_type == WSMsgType.TEXT:
+                raw = frame.get_payload_as_bytes()
+                if self.ready:
+                    self.on_message(raw)
+                else:
+                    self.setup.put_nowait(raw)
+            elif frame.msg_type == WSMsgType.CLOSE:
+                transport.send_close(frame.get_close_code())
+                transport.disconnect()
+
+        def on_ws_disconnected(self, transport: WSTransport) -> None:
+            if not self.done.done():
+                self.done.set_result(None)
+
+        async def send(self, text: str) -> None:
+            assert self.transport is not None
+            self.transport.send(WSMsgType.TEXT, text.encode())
+
+        async def close(self) -> None:
+            if self.transport is not None:
+                self.transport.disconnect()
+
+    transport, listener = await ws_connect(
+        PicowsClient, server.url, extra_headers={"Authorization": f"Bearer {KEY}"}
     )
-    json.loads(await ws.recv())  # session.created
-    config = {
-        "provider": "NOOP",
-        "model": "noop",
-        "input_audio_format": "pcm16",
-        "sample_rate": 16000,
-    }
-    await ws.send(json.dumps({"type": "session.update", "session": config}))
-    updated = json.loads(await ws.recv())
+    client = listener
+    assert isinstance(client, PicowsClient)
+    client.transport = transport
+    json.loads(await client.setup.get())  # session.created
+    await client.send(json.dumps({"type": "session.update", "session": SESSION_CONFIG}))
+    updated = json.loads(await client.setup.get())
     if updated["type"] != "session.updated":
         raise RuntimeError(f"session.update refused: {updated}")
-    return Client(ws, level, slots)
+    client.ready = True
+    return client
 
 
-async def run_level(server: Server, n: int, seconds: float, warmup: float) -> Level:
+CLIENTS: dict[str, Callable[[Server, Level, int], Awaitable[Client]]] = {
+    "websockets": WebsocketsClient.open,
+    "picows": open_picows_client,
+}
+
+
+async def run_level(
+    server: Server, n: int, seconds: float, warmup: float, client: str = "websockets"
+) -> Level:
     level = Level(server.name, n)
     slots = int((seconds + warmup + 5) * 1000 / CHUNK_MS)
     rss_before = rss_mb(server.proc.pid)
@@ -226,7 +316,7 @@ async def run_level(server: Server, n: int, seconds: float, warmup: float) -> Le
     clients: list[Client] = []
     for i in range(0, n, 50):  # open in batches, as a crowd arriving would
         batch = await asyncio.gather(
-            *(open_client(server, level, slots) for _ in range(min(50, n - i))),
+            *(CLIENTS[client](server, level, slots) for _ in range(min(50, n - i))),
             return_exceptions=True,
         )
         for c in batch:
@@ -255,7 +345,7 @@ async def run_level(server: Server, n: int, seconds: float, warmup: float) -> Le
             for c in group:
                 c.sent_at[c.sent] = now
                 c.sent += 1
-                await c.ws.send(payload)
+                await c.send(payload)
             if measuring:
                 level.chunks += len(group)
                 level.ticks += 1
@@ -274,12 +364,12 @@ async def run_level(server: Server, n: int, seconds: float, warmup: float) -> Le
     for c in clients:
         with_close = json.dumps({"type": "session.close"})
         try:
-            await c.ws.send(with_close)
+            await c.send(with_close)
         except websockets.ConnectionClosed:
             level.errors += 1
-    await asyncio.wait([c.reader for c in clients], timeout=30)
+    await asyncio.wait([c.done for c in clients], timeout=30)
     for c in clients:
-        await c.ws.close()
+        await c.close()
     await asyncio.sleep(1.0)
     fds_after = open_fds(server.proc.pid)
     if fds_after > fds_before + 5:
@@ -307,6 +397,12 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--warmup", type=float, default=3)
     parser.add_argument("--runs", type=int, default=3, help="runs per level; medians reported")
+    parser.add_argument(
+        "--client",
+        choices=sorted(CLIENTS),
+        default="websockets",
+        help="the generator's WebSocket library (picows: cheaper, for 1000 sessions)",
+    )
     parser.add_argument("--server-cpu", default="0")
     parser.add_argument("--client-cpu", default="1")
     parser.add_argument(
@@ -323,7 +419,7 @@ async def main() -> None:
         for n in levels:
             for run in range(args.runs):
                 for server in servers:
-                    level = await run_level(server, n, args.seconds, args.warmup)
+                    level = await run_level(server, n, args.seconds, args.warmup, args.client)
                     rows.append(level)
                     print(f"run {run + 1}: {level.row()}", flush=True)
     finally:

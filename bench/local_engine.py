@@ -2,7 +2,7 @@
 
 Run by hand (never in CI), from the repository root:
 
-    .venv/bin/python bench/local_engine.py [--model whisper-tiny.en] [--sessions 1,2,4,8,12,16]
+    .venv/bin/python bench/local_engine.py [--model whisper-tiny.en] [--sessions 1,2,4,8,12,16] [--runs 3]
 
 It starts a real gateway process (pinned to core 0 with ``taskset`` for the
 capacity part, one decode worker) and streams ``../shared/audio`` through
@@ -190,6 +190,7 @@ def main() -> None:
     )
     parser.add_argument("--model", default="whisper-tiny.en")
     parser.add_argument("--sessions", default="1,2,4,6,8,12")
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure; medians reported")
     args = parser.parse_args()
     refs = references()
     trail = np.zeros(16000, dtype=np.int16)
@@ -202,27 +203,34 @@ def main() -> None:
     )
 
     # Streaming accuracy and single-session latency: both cores, one session at a time.
+    med = statistics.median
+    lib_runs, all_runs, first_runs, final_runs, final_p95_runs = [], [], [], [], []
     proc, url = start_server(workers=0, cpus=None)
     try:
-        solo = [asyncio.run(stream_one(url, n, clips[n], args.model)) for n in refs]
+        for _ in range(args.runs):
+            solo = [asyncio.run(stream_one(url, n, clips[n], args.model)) for n in refs]
+            texts = {r.name: r.text for r in solo}
+            lib_runs.append(corpus_wer([(refs[n], texts[n]) for n in LIBRIVOX]))
+            all_runs.append(corpus_wer([(refs[n], texts[n]) for n in refs]))
+            firsts = [r.first_partial_s for r in solo if r.first_partial_s is not None]
+            finals = [x for r in solo for x in r.final_latencies_s]
+            first_runs.append(med(firsts) if firsts else float("nan"))
+            final_runs.append(med(finals))
+            final_p95_runs.append(pct(finals, 0.95))
     finally:
         proc.terminate()
         proc.wait()
-    texts = {r.name: r.text for r in solo}
-    lib_s = corpus_wer([(refs[n], texts[n]) for n in LIBRIVOX])
-    all_s = corpus_wer([(refs[n], texts[n]) for n in refs])
-    firsts = [r.first_partial_s for r in solo if r.first_partial_s is not None]
-    finals = [x for r in solo for x in r.final_latencies_s]
+    lib_s, all_s = med(lib_runs), med(all_runs)
+    print(f"medians of {args.runs} runs")
     print(
         f"streaming (real time, one session at a time): WER LibriVox {lib_s:.3f} ({lib_s / max(lib_b, 1e-9):.2f}x batch), "
         f"all files {all_s:.3f} ({all_s / max(all_b, 1e-9):.2f}x batch)"
     )
-    print(
-        f"time to first partial after speech onset: median {statistics.median(firsts) if firsts else float('nan'):.3f} s"
-    )
+    print(f"time to first partial after speech onset: median {med(first_runs):.3f} s")
     print(
         f"time to final after end of speech, excluding {ENDPOINTING_MS} ms endpointing: "
-        f"median {statistics.median(finals):.3f} s, p95 {pct(finals, 0.95):.3f} s\n"
+        f"median {med(final_runs):.3f} s, p95 {med(final_p95_runs):.3f} s "
+        f"(per run: {', '.join(f'{x:.3f}' for x in final_runs)})\n"
     )
 
     # Capacity: the server pinned to one core with one decode worker.
@@ -233,14 +241,22 @@ def main() -> None:
     proc, url = start_server(workers=1, cpus="0")
     try:
         for n in [int(x) for x in args.sessions.split(",")]:
-            results = asyncio.run(run_sessions(url, args.model, n, clips))
-            lat = [x for r in results for x in r.final_latencies_s]
-            wer = corpus_wer([(refs[r.name], r.text) for r in results])
-            errors = sum(len(r.errors) for r in results)
-            parts = statistics.mean(r.partials for r in results)
-            print(
-                f"| {n} | {pct(lat, 0.5):.3f} | {pct(lat, 0.95):.3f} | {parts:.1f} | {wer:.3f} | {errors} |"
-            )
+            rows = []
+            for _ in range(args.runs):
+                results = asyncio.run(run_sessions(url, args.model, n, clips))
+                lat = [x for r in results for x in r.final_latencies_s]
+                rows.append(
+                    (
+                        pct(lat, 0.5),
+                        pct(lat, 0.95),
+                        statistics.mean(r.partials for r in results),
+                        corpus_wer([(refs[r.name], r.text) for r in results]),
+                        sum(len(r.errors) for r in results),
+                    )
+                )
+            p50, p95, parts, wer = (med(row[i] for row in rows) for i in range(4))
+            errors = sum(row[4] for row in rows)
+            print(f"| {n} | {p50:.3f} | {p95:.3f} | {parts:.1f} | {wer:.3f} | {errors} |")
     finally:
         proc.terminate()
         proc.wait()

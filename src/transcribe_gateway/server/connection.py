@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
+from prometheus_client import Counter
 from starlette.websockets import WebSocket
 
 from transcribe_gateway.audio.decode import decode_audio
@@ -115,6 +116,8 @@ class Connection:
         self._latency = metrics.LatencyTracker()
         self.config: m.SessionConfig | None = None
         self.effective: m.EffectiveConfig | None = None
+        self._audio_counter: tuple[str, Counter] | None = None
+        """The audio counter's child for the provider now serving (labels() is not free)."""
         self.audio_seconds = 0.0
         """Seconds of audio received (usage)."""
         self._engine: _Engine | None = None
@@ -310,7 +313,10 @@ class Connection:
         """Count received audio (metrics, the key's audio quota)."""
         self._latency.on_audio(self.audio_seconds)
         if self.effective is not None:
-            metrics.audio_seconds.labels(provider=self.effective.provider).inc(seconds)
+            provider = self.effective.provider
+            if self._audio_counter is None or self._audio_counter[0] != provider:
+                self._audio_counter = (provider, metrics.audio_seconds.labels(provider=provider))
+            self._audio_counter[1].inc(seconds)
         if self._limits is not None and self._limits.add_audio(seconds):
             grant = self._limits.grant
             self.terminate(
