@@ -218,21 +218,25 @@ class Connection:
                 await asyncio.wait_for(asyncio.shield(self._writer), 5.0)
 
     async def _cleanup(self) -> None:
-        self.gateway.connections.discard(self)
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-        tasks = [t for t in (self._ending, self._writer) if t is not None and not t.done()]
-        if self._engine is not None:
-            await self._retire(self._engine, finalize=False)
-            self._engine = None
-        tasks += [t for t in self._retired if not t.done()]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        await self._release()
-        self.closed.set()
+        try:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            tasks = [t for t in (self._ending, self._writer) if t is not None and not t.done()]
+            if self._engine is not None:
+                await self._retire(self._engine, finalize=False)
+                self._engine = None
+            tasks += [t for t in self._retired if not t.done()]
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(BaseException):
+                    await task
+            await self._release()
+        finally:
+            # Last, so that a session no longer counted (/healthz, drain) holds
+            # no engine stream, task or slot any more.
+            self.gateway.connections.discard(self)
+            self.closed.set()
         self._log.info(
             "session ended",
             extra={"audio_seconds": round(self.audio_seconds, 3), "key": self.key_id},
