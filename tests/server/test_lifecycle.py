@@ -15,7 +15,7 @@ import pytest
 import websockets
 
 from tests.conftest import GatewayProcess
-from tests.server.wsutil import collect, finals, open_session, recv, send_audio
+from tests.server.wsutil import collect, connect, finals, open_session, recv, send_audio
 from tests.textnorm import normalize
 from transcribe_gateway.audio.files import read_audio
 
@@ -139,6 +139,23 @@ class TestIdleTimeout:
         messages = await collect(ws, 15)
         assert [m["type"] for m in messages] == ["session.closed"]
         assert messages[0]["reason"] == "idle_timeout"
+
+    async def test_refused_session_update_still_resets_the_clock(
+        self, gateway: GatewayProcess
+    ) -> None:
+        # A client retrying its configuration (say, while the engine is busy) is not
+        # idle: every session.update resets the clock, as docs/protocol.md says.
+        ws = await connect(gateway.url)
+        assert (await recv(ws))["type"] == "session.created"
+        bad = {"provider": "LOCAL", "model": "no-such-model"}
+        for _ in range(5):  # 5 s, idle timeout 3 s
+            await ws.send(json.dumps({"type": "session.update", "session": bad}))
+            assert (await recv(ws, 10))["type"] == "error"
+            await asyncio.sleep(1.0)
+        good = {"provider": "LOCAL", "model": "whisper-tiny.en"}
+        await ws.send(json.dumps({"type": "session.update", "session": good}))
+        assert (await recv(ws, 10))["type"] == "session.updated"
+        await ws.close()
 
 
 class TestVanishedClient:

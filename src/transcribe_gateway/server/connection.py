@@ -356,6 +356,7 @@ class Connection:
     # ------------------------------------------------------------- configure
 
     async def _configure(self, config: m.SessionConfig) -> None:
+        self._touch()  # even a refused update: a client retrying its config is not idle
         registry = self.gateway.registry
         try:
             resolution = registry.resolve(config.provider, config.model, config.language)
