@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,7 +250,35 @@ async def test_aclose_during_decoding_does_not_hang(stt: LocalSTT) -> None:
     await asyncio.wait_for(pusher, 2)  # a push waiting on backpressure is released
     collector.cancel()
     assert stt.active["sphinx"] == 0
-    assert stream._decoder is None
+    assert not stream._decoder_ready
+
+
+async def test_decoding_never_stalls_the_event_loop(stt: LocalSTT) -> None:
+    # pocketsphinx holds the GIL while it decodes: in a thread, the final's second
+    # pass over this 7 s utterance stopped the event loop for ~1 s.  In a worker
+    # process the loop keeps ticking while the decoder works.
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def tick() -> None:
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    samples = audio("sense_and_sensibility_01_austen_64kb-0870.wav")
+    started = time.perf_counter()
+    run = await transcribe(stt, np.concatenate([samples, silence(GAP_S)]))
+    busy = time.perf_counter() - started
+    done.set()
+    await ticker
+    assert "dashwood" in normalize(run.text)
+    assert busy > 0.5, "the decodes were too short to show a stall"
+    assert max(gaps) < 0.3, (max(gaps), busy)
 
 
 # -- keyterms -------------------------------------------------------------------

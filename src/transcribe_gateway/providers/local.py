@@ -34,6 +34,7 @@ from transcribe_gateway.providers.pool import DecodePool
 
 if TYPE_CHECKING:
     from transcribe_gateway.config import Settings
+    from transcribe_gateway.providers.local_sphinx import SphinxProcesses
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ class LocalSTT(STT):
         super().__init__(settings)
         self._local = settings.local
         self.pool = DecodePool(self._local.workers)
+        self._sphinx_processes: SphinxProcesses | None = None
+        """pocketsphinx's worker processes, started with the first such session."""
         self._engines: dict[str, WhisperEngine] = {}
         self._loading = asyncio.Lock()
         self._ready = False
@@ -135,13 +138,16 @@ class LocalSTT(STT):
     async def open_stream(self, options: StreamOptions) -> RecognizeStream:
         stream: RecognizeStream
         if options.model == SPHINX_MODEL:
-            from transcribe_gateway.providers.local_sphinx import SphinxStream
+            from transcribe_gateway.providers.local_sphinx import SphinxProcesses, SphinxStream
 
             self._admit("sphinx", self.sphinx_capacity)
+            if self._sphinx_processes is None:
+                self._sphinx_processes = SphinxProcesses(self.pool.workers)
             stream = SphinxStream(
                 self,
                 options,
                 self.pool,
+                self._sphinx_processes,
                 max_utterance_ms=self._local.max_utterance_ms,
                 on_close=lambda: self._release("sphinx"),
             )
@@ -166,3 +172,5 @@ class LocalSTT(STT):
 
     async def aclose(self) -> None:
         self.pool.shutdown()
+        if self._sphinx_processes is not None:
+            self._sphinx_processes.shutdown()

@@ -7,12 +7,17 @@ How a stream works:
   ``speech.started``/``speech.stopped`` the same way; an utterance starts
   ``vad_prefix_padding_ms`` before its first voiced frame (pre-roll), so its
   first phone is not lost;
-* each stream owns one ``Decoder``, created on a pool worker (~0.33 s, ~90 MB)
-  and reused for all its utterances;
+* each stream owns one ``Decoder`` (~0.33 s to create, ~90 MB), reused for all
+  its utterances.  It lives in a worker *process* (:class:`SphinxProcesses`), not
+  a thread: pocketsphinx holds the GIL while it decodes (measured: a 1 s
+  ``process_raw`` call stopped every other Python thread for 1 s), so in a
+  thread it would stall the event loop and every session of the server.  Calls
+  still take a slot of the shared decode pool, so that the embedded engines
+  together keep to one decode per core;
 * the audio that arrived since the previous call (at least ``MIN_BATCH_MS``)
-  goes to the decoder in one ``process_raw`` call on a pool worker, one call in
-  flight per stream (a ``Decoder`` is not thread-safe); when ``hyp()`` changes,
-  that is a partial;
+  goes to the decoder in one ``process_raw`` call, one call in flight per
+  stream (a ``Decoder`` is not thread-safe); when ``hyp()`` changes, that is a
+  partial;
 * at the endpoint ``end_utt()``; the final comes from a second pass (below) and
   ``seg()`` gives the word times.
 
@@ -66,12 +71,18 @@ for the boosted path (the plain path keeps all of them).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import itertools
 import logging
+import multiprocessing
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -79,6 +90,7 @@ import numpy.typing as npt
 from transcribe_gateway.audio.buffer import AudioBuffer
 from transcribe_gateway.audio.decode import Samples
 from transcribe_gateway.audio.vad import SAMPLE_RATE
+from transcribe_gateway.exceptions import ProviderError
 from transcribe_gateway.providers.base import (
     STT,
     RecognizeStream,
@@ -89,6 +101,8 @@ from transcribe_gateway.providers.base import (
 )
 from transcribe_gateway.providers.local_common import voice_activity
 from transcribe_gateway.providers.pool import DecodePool
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -389,13 +403,78 @@ class _Utterance:
     partial: str = ""
 
 
+# -- the worker processes ---------------------------------------------------------
+
+_HOSTED: dict[int, SphinxDecoder] = {}
+"""The decoders living in this worker process, by key."""
+
+
+def _host_create(key: int, prompt: str | None) -> KeytermPlan:
+    decoder = _HOSTED[key] = SphinxDecoder(prompt)
+    return decoder.plan
+
+
+def _host_feed(key: int, samples: Samples) -> str:
+    return _HOSTED[key].feed(samples)
+
+
+def _host_finish(key: int, fed: Samples | None, length: int) -> Result:
+    return _HOSTED[key].finish(fed, length)
+
+
+def _host_drop(key: int) -> None:
+    _HOSTED.pop(key, None)
+
+
+class SphinxProcesses:
+    """Worker processes hosting the streams' decoders (one per decode worker).
+
+    A decoder keeps its state in the process that created it, so each stream is
+    assigned one process (the least loaded) and all its calls go there.  The
+    processes start on first use (``spawn``: the gateway has threads, which
+    ``fork`` would copy in a broken state).
+    """
+
+    def __init__(self, workers: int) -> None:
+        self._executors: list[ProcessPoolExecutor | None] = [None] * workers
+        self._streams = [0] * workers
+        self._keys = itertools.count()
+
+    def assign(self) -> tuple[int, int]:
+        """A new decoder's key and the index of the process to host it."""
+        index = min(range(len(self._streams)), key=self._streams.__getitem__)
+        self._streams[index] += 1
+        return next(self._keys), index
+
+    def executor(self, index: int) -> ProcessPoolExecutor:
+        executor = self._executors[index]
+        if executor is None:
+            context = multiprocessing.get_context("spawn")
+            executor = self._executors[index] = ProcessPoolExecutor(1, mp_context=context)
+        return executor
+
+    def release(self, key: int, index: int) -> None:
+        """The stream is closed: free its decoder (after any call still running)."""
+        self._streams[index] -= 1
+        executor = self._executors[index]
+        if executor is not None:
+            with contextlib.suppress(RuntimeError, BrokenProcessPool):  # shut down already
+                executor.submit(_host_drop, key)
+
+    def shutdown(self) -> None:
+        for executor in self._executors:
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
+
+
 class SphinxStream(RecognizeStream):
     """VAD-segmented incremental recognition with one pocketsphinx decoder.
 
     Args:
         stt: the engine (``LocalSTT``).
         options: the session's options; ``prompt`` holds keyterms.
-        pool: the shared decode threads.
+        pool: the shared decode slots (one per core).
+        processes: the worker processes that host the decoders.
         max_utterance_ms: an utterance longer than this is cut.
         on_close: called once, when the stream is closed.
         rescore_max_ms: utterances up to this long get a second pass for their
@@ -407,6 +486,7 @@ class SphinxStream(RecognizeStream):
         stt: STT,
         options: StreamOptions,
         pool: DecodePool,
+        processes: SphinxProcesses,
         *,
         max_utterance_ms: int,
         on_close: Callable[[], None],
@@ -414,6 +494,8 @@ class SphinxStream(RecognizeStream):
     ) -> None:
         super().__init__(stt, options)
         self._pool = pool
+        self._processes = processes
+        self._key, self._host = processes.assign()
         self._on_close_cb: Callable[[], None] | None = on_close
         self._activity = voice_activity(options, max_utterance_ms)
         # History kept between utterances: the VAD dates a start back by the
@@ -433,7 +515,8 @@ class SphinxStream(RecognizeStream):
         """Set when there is something new for the task (audio, an endpoint, the end)."""
         self._progress = asyncio.Event()
         """Set when the task decoded something or stopped (releases backpressure)."""
-        self._decoder: SphinxDecoder | None = None
+        self._decoder_ready = False
+        """The decoder exists in its worker process."""
         self.keyterms: tuple[str, ...] = ()
         """Keyterms in use (known once the decoder is ready)."""
         self.ignored_keyterms: tuple[str, ...] = ()
@@ -503,7 +586,7 @@ class SphinxStream(RecognizeStream):
     async def _run(self) -> None:
         prompt = self._options.prompt
         # Created while speech may already be starting: SPEECH_STARTED need not wait.
-        creating = asyncio.ensure_future(self._pool.run(lambda: SphinxDecoder(prompt)))
+        creating = asyncio.ensure_future(self._call(_host_create, self._key, prompt))
         creating.add_done_callback(self._report_keyterms)
         try:
             while True:
@@ -524,32 +607,38 @@ class SphinxStream(RecognizeStream):
                             start_ms=_ms(utterance.start),
                         )
                     )
-                if self._decoder is None:
-                    self._decoder = await creating
+                if not self._decoder_ready:
+                    await creating
+                    self._decoder_ready = True
                 stop = utterance.end if utterance.end is not None else self._audio.end
                 ready = utterance.end is not None or stop - utterance.fed >= self._min_batch
                 if stop > utterance.fed and ready:
-                    await self._decode(self._decoder, utterance, stop)
+                    await self._decode(utterance, stop)
                 elif utterance.end is not None:
-                    await self._finish(self._decoder, utterance)
+                    await self._finish(utterance)
                 else:
                     await self._wait()
         finally:
-            # A decode still running on a worker keeps its own reference to the
-            # decoder, which is freed when that call returns.
             creating.cancel()
-            self._decoder = None
             self._progress.set()
 
     async def _wait(self) -> None:
         self._wake.clear()
         await self._wake.wait()
 
-    async def _decode(self, decoder: SphinxDecoder, utterance: _Utterance, stop: int) -> None:
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in the decoder's process, holding a decode slot."""
+        executor = self._processes.executor(self._host)
+        try:
+            return await self._pool.run(functools.partial(fn, *args), executor)
+        except BrokenProcessPool as exc:
+            raise ProviderError("LOCAL", "the pocketsphinx worker process died") from exc
+
+    async def _decode(self, utterance: _Utterance, stop: int) -> None:
         audio = self._audio.slice(utterance.fed, stop)
         utterance.fed = stop
         self._trim()
-        text = await self._pool.run(lambda: decoder.feed(audio))
+        text = await self._call(_host_feed, self._key, audio)
         self._progress.set()
         # No partial when the final is next anyway.
         final_next = utterance.end is not None and utterance.fed >= utterance.end
@@ -557,14 +646,14 @@ class SphinxStream(RecognizeStream):
             utterance.partial = text
             await self._emit(SpeechEvent(SpeechEventType.PARTIAL, utterance.index, text=text))
 
-    async def _finish(self, decoder: SphinxDecoder, utterance: _Utterance) -> None:
+    async def _finish(self, utterance: _Utterance) -> None:
         end = utterance.end if utterance.end is not None else utterance.fed
         # The decoder saw up to ``fed``: also the silence that ended the utterance.
         fed = (
             self._audio.slice(utterance.start, utterance.fed) if self._rescores(utterance) else None
         )
         length = end - utterance.start
-        result = await self._pool.run(lambda: decoder.finish(fed, length))
+        result = await self._call(_host_finish, self._key, fed, length)
         start_ms, end_ms = _ms(utterance.start), _ms(end)
         if result.text:
             words = tuple(
@@ -593,10 +682,10 @@ class SphinxStream(RecognizeStream):
         self._trim()
         self._progress.set()
 
-    def _report_keyterms(self, creating: asyncio.Future[SphinxDecoder]) -> None:
+    def _report_keyterms(self, creating: asyncio.Future[KeytermPlan]) -> None:
         if creating.cancelled() or creating.exception() is not None:
             return
-        plan = creating.result().plan
+        plan = creating.result()
         self.keyterms = tuple(k.text for k in plan.usable)
         self.ignored_keyterms = plan.ignored
         if plan.ignored:
@@ -609,7 +698,8 @@ class SphinxStream(RecognizeStream):
             log.debug("ignored keyterms", extra={"keyterms": list(plan.ignored)})
 
     async def _on_close(self) -> None:
-        self._decoder = None
+        self._decoder_ready = False
+        self._processes.release(self._key, self._host)
         self._utterances.clear()
         self._audio.clear()
         self._progress.set()

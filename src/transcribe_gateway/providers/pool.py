@@ -21,7 +21,7 @@ import asyncio
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Final, TypeVar
 
 T = TypeVar("T")
@@ -72,8 +72,12 @@ class DecodePool:
         oldest = min(self._waiting_since.values())
         return time.monotonic() - oldest > STUCK_QUEUE_DELAY_S
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on a worker, waiting for one if all are busy."""
+    async def run(self, fn: Callable[[], T], executor: Executor | None = None) -> T:
+        """Run ``fn`` on a worker, waiting for one if all are busy.
+
+        ``executor``: where ``fn`` runs while it holds a worker's slot (default:
+        this pool's threads); pocketsphinx runs in processes, see local_sphinx.
+        """
         self._tickets += 1
         ticket = self._tickets
         since = self._waiting_since[ticket] = time.monotonic()
@@ -83,7 +87,7 @@ class DecodePool:
             del self._waiting_since[ticket]
         waited = time.monotonic() - since
         self.average_wait += _SMOOTHING * (waited - self.average_wait)
-        return await self._run_holding_slot(fn)
+        return await self._run_holding_slot(fn, executor)
 
     async def try_run(self, fn: Callable[[], T]) -> T | None:
         """Run ``fn`` only if a worker is free now; ``None`` means skipped."""
@@ -92,11 +96,11 @@ class DecodePool:
         await self._slots.acquire()  # free: returns without waiting
         return await self._run_holding_slot(fn)
 
-    async def _run_holding_slot(self, fn: Callable[[], T]) -> T:
+    async def _run_holding_slot(self, fn: Callable[[], T], executor: Executor | None = None) -> T:
         self.busy += 1
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        future = loop.run_in_executor(self._executor, fn)
+        future = loop.run_in_executor(executor or self._executor, fn)
         try:
             # The thread cannot be interrupted: if our caller is cancelled, the
             # slot stays taken until the decode really ends.
