@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from tests.textnorm import SHARED_AUDIO, normalize, references, word_errors
 from transcribe_gateway.audio.decode import Samples
 from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.config import Settings
+from transcribe_gateway.exceptions import ProviderError
 from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, StreamOptions
 from transcribe_gateway.providers.local import LocalSTT
 from transcribe_gateway.providers.local_sphinx import (
@@ -279,6 +282,27 @@ async def test_decoding_never_stalls_the_event_loop(stt: LocalSTT) -> None:
     assert "dashwood" in normalize(run.text)
     assert busy > 0.5, "the decodes were too short to show a stall"
     assert max(gaps) < 0.3, (max(gaps), busy)
+
+
+async def test_a_dead_worker_process_fails_its_streams_and_is_replaced(stt: LocalSTT) -> None:
+    stream = await stt.open_stream(StreamOptions(model=MODEL))
+    assert isinstance(stream, SphinxStream)
+    samples = audio("goforward.raw")
+    await stream.push_audio(samples[:CHUNK])
+    executor = stream._processes.executor(stream._host)
+    await asyncio.wrap_future(executor.submit(int))  # the process is up
+    for process in list(executor._processes.values()):
+        os.kill(process.pid, signal.SIGKILL)
+    with pytest.raises(ProviderError, match="worker process died"):
+        for i in range(CHUNK, len(samples), CHUNK):
+            await stream.push_audio(samples[i : i + CHUNK])
+        await stream.end_input()
+        async for _ in stream:
+            pass
+    await stream.aclose()
+    # The next stream gets a new process and works.
+    run = await transcribe(stt, np.concatenate([samples, silence(GAP_S)]))
+    assert normalize(run.text) == "go forward ten meters"
 
 
 # -- keyterms -------------------------------------------------------------------

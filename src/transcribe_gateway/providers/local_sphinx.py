@@ -453,6 +453,12 @@ class SphinxProcesses:
             executor = self._executors[index] = ProcessPoolExecutor(1, mp_context=context)
         return executor
 
+    def replace_broken(self, index: int, broken: ProcessPoolExecutor) -> None:
+        """A worker process died: later calls start a new one (its decoders are lost)."""
+        if self._executors[index] is broken:
+            self._executors[index] = None
+            broken.shutdown(wait=False, cancel_futures=True)
+
     def release(self, key: int, index: int) -> None:
         """The stream is closed: free its decoder (after any call still running)."""
         self._streams[index] -= 1
@@ -632,6 +638,7 @@ class SphinxStream(RecognizeStream):
         try:
             return await self._pool.run(functools.partial(fn, *args), executor)
         except BrokenProcessPool as exc:
+            self._processes.replace_broken(self._host, executor)
             raise ProviderError("LOCAL", "the pocketsphinx worker process died") from exc
 
     async def _decode(self, utterance: _Utterance, stop: int) -> None:
