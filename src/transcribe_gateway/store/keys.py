@@ -78,6 +78,27 @@ def new_key_id() -> str:
     return "key_" + secrets.token_hex(6)
 
 
+def new_key(
+    name: str,
+    *,
+    scopes: tuple[str, ...] = DEFAULT_SCOPES,
+    limits: KeyLimits = NO_LIMITS,
+    expires_at: float | None = None,
+) -> tuple[KeyRecord, str]:
+    """A new key's record (what a store keeps) and its secret (shown once)."""
+    secret = generate_key()
+    record = KeyRecord(
+        id=new_key_id(),
+        name=name,
+        key_hash=hash_key(secret),
+        created_at=time.time(),
+        expires_at=expires_at,
+        scopes=scopes,
+        limits=limits,
+    )
+    return record, secret
+
+
 class KeyExistsError(ValueError):
     """A key with this name exists already."""
 

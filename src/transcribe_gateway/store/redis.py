@@ -33,9 +33,8 @@ from transcribe_gateway.store.keys import (
     KeyExistsError,
     KeyLimits,
     KeyRecord,
-    generate_key,
     hash_key,
-    new_key_id,
+    new_key,
 )
 from transcribe_gateway.store.usage import Period, UsageRecord, UsageRow, period_id
 
@@ -130,16 +129,7 @@ class RedisStore:
         limits: KeyLimits = NO_LIMITS,
         expires_at: float | None = None,
     ) -> tuple[KeyRecord, str]:
-        secret = generate_key()
-        record = KeyRecord(
-            id=new_key_id(),
-            name=name,
-            key_hash=hash_key(secret),
-            created_at=time.time(),
-            expires_at=expires_at,
-            scopes=scopes,
-            limits=limits,
-        )
+        record, secret = new_key(name, scopes=scopes, limits=limits, expires_at=expires_at)
         # The name is claimed first (SET NX), so two concurrent creates cannot share it.
         if not await self._redis.set(f"{P}keyname:{name}", record.id, nx=True):
             raise KeyExistsError(f"a key named {name!r} exists already")

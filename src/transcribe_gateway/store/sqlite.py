@@ -26,9 +26,8 @@ from transcribe_gateway.store.keys import (
     KeyExistsError,
     KeyLimits,
     KeyRecord,
-    generate_key,
     hash_key,
-    new_key_id,
+    new_key,
 )
 from transcribe_gateway.store.usage import Period, UsageRecord, UsageRow
 
@@ -143,16 +142,7 @@ class SqliteStore:
         limits: KeyLimits = NO_LIMITS,
         expires_at: float | None = None,
     ) -> tuple[KeyRecord, str]:
-        secret = generate_key()
-        record = KeyRecord(
-            id=new_key_id(),
-            name=name,
-            key_hash=hash_key(secret),
-            created_at=time.time(),
-            expires_at=expires_at,
-            scopes=scopes,
-            limits=limits,
-        )
+        record, secret = new_key(name, scopes=scopes, limits=limits, expires_at=expires_at)
         try:
             await self._run(
                 self._query,
