@@ -11,7 +11,6 @@ out.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from collections.abc import AsyncIterator
@@ -22,7 +21,13 @@ import pytest
 import soxr
 
 from tests.cloud.conftest import CloudWorld
-from tests.cloud.test_common import close_and_collect, finals_text, first_audio, ms
+from tests.cloud.test_common import (
+    close_and_collect,
+    finals_text,
+    first_audio,
+    ms,
+    speak_pause_speak,
+)
 from tests.emulators.cartesia import CartesiaEmulator
 from tests.emulators.server import Faults, Record
 from tests.server.wsutil import open_session, recv_type, send_audio, silence
@@ -107,16 +112,11 @@ async def test_reports_prompt_unsupported_and_passes_the_language(
 async def test_finalize_keeps_the_connection_open_across_a_pause(
     cloud: CloudWorld, cartesia: CartesiaEmulator
 ) -> None:
-    # Shorter than the pause (and the pause shorter than the gateway's own 10 s
-    # idle limit in these tests); the keepalive comes after 5 s without audio.
+    # Shorter than the pause; the keepalive comes after 5 s without audio.
     cartesia.idle_close_s = 7.0
     connections = len(cartesia.records)
     _, ws = await run_session(cloud)
-    utterance = np.concatenate([first_audio(), silence(1.0)])
-    await send_audio(ws, utterance, realtime=2.0)
-    await asyncio.sleep(9)  # no audio at all: the client paused
-    await send_audio(ws, utterance, realtime=2.0)
-    messages = await close_and_collect(ws)
+    messages, _ = await speak_pause_speak(ws)
     assert not [m for m in messages if m["type"] == "error"], messages
     finals = [m for m in messages if m["type"] == "transcription.completed"]
     assert [normalize(m["text"]) for m in finals] == [FIRST, FIRST], messages

@@ -66,6 +66,20 @@ async def close_and_collect(ws: Any, timeout: float = 60.0) -> list[dict[str, An
     return await collect(ws, timeout)
 
 
+async def speak_pause_speak(ws: Any) -> tuple[list[dict[str, Any]], np.ndarray]:
+    """FIRST, 9 s with no audio at all (the client paused), FIRST again, close.
+
+    The pause outlasts a provider idle close of 7 s and the keepalive after 5 s
+    without audio, and stays under the test gateway's own 10 s idle limit.
+    Returns every message and the utterance sent twice.
+    """
+    utterance = np.concatenate([first_audio(), silence(1.0)])
+    await send_audio(ws, utterance, realtime=2.0)
+    await asyncio.sleep(9)
+    await send_audio(ws, utterance, realtime=2.0)
+    return await close_and_collect(ws), utterance
+
+
 async def test_utterance_end_to_end(cloud: CloudWorld, case: CloudCase) -> None:
     ws = await session(cloud, case)
     audio = np.concatenate([silence(0.3), first_audio(), silence(1.5)])

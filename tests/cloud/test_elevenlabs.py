@@ -10,7 +10,6 @@ keepalive silence taken out of the times) is also checked without a network.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import math
@@ -21,7 +20,13 @@ import numpy as np
 import pytest
 
 from tests.cloud.conftest import CloudWorld
-from tests.cloud.test_common import close_and_collect, finals_text, first_audio, ms
+from tests.cloud.test_common import (
+    close_and_collect,
+    finals_text,
+    first_audio,
+    ms,
+    speak_pause_speak,
+)
 from tests.emulators.elevenlabs import ElevenLabsEmulator
 from tests.emulators.server import Faults
 from tests.server.wsutil import open_session, recv_type, send_audio, silence
@@ -113,16 +118,11 @@ async def test_multi_language_lets_elevenlabs_detect(
 async def test_silence_keeps_the_connection_open_across_a_pause(
     cloud: CloudWorld, eleven: ElevenLabsEmulator
 ) -> None:
-    # Shorter than the pause (and the pause shorter than the gateway's own 10 s
-    # idle limit in these tests); a silent chunk goes after 5 s without audio.
+    # Shorter than the pause; a silent chunk goes after 5 s without audio.
     eleven.idle_close_s = 7.0
     connections = len(eleven.records)
     _, ws = await run_session(cloud)
-    utterance = np.concatenate([first_audio(), silence(1.0)])
-    await send_audio(ws, utterance, realtime=2.0)
-    await asyncio.sleep(9)  # no audio at all: the client paused
-    await send_audio(ws, utterance, realtime=2.0)
-    messages = await close_and_collect(ws)
+    messages, utterance = await speak_pause_speak(ws)
     assert not [m for m in messages if m["type"] == "error"], messages
     finals = [m for m in messages if m["type"] == "transcription.completed"]
     assert [normalize(m["text"]) for m in finals] == [FIRST, FIRST], messages
