@@ -3,7 +3,7 @@
 picows parses WebSocket frames in Cython and calls a listener per frame
 (no coroutine per message).  This measures how much of the bare baseline's
 cost is the ``websockets`` + asyncio layer rather than the JSON and base64
-work every gateway must do.  Needs the ``bench`` extra (``pip install -e '.[bench]'``).
+work every gateway must do (picows is a dependency of the gateway, for ``/ws``).
 """
 
 from __future__ import annotations

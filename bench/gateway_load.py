@@ -2,7 +2,7 @@
 
 Run by hand (never in CI), from the repository root:
 
-    .venv/bin/pip install -e '.[bench]'   # picows: the second baseline, the fast generator
+    .venv/bin/pip install -e '.[bench]'   # py-spy; picows (a dependency) drives the load
     .venv/bin/python bench/gateway_load.py --sessions 100,250,500,1000 --seconds 10 \
         --runs 3 --client picows \
         --servers bare,bare-uvloop,bare-picows,gateway-asyncio,gateway
@@ -97,12 +97,12 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) ->
     raise RuntimeError("server did not start")
 
 
-def start_gateway(name: str, cpu: str, read_ahead: int = 16, loop: str = "auto") -> Server:
+def start_gateway(name: str, cpu: str, loop: str = "auto", root: Path = ROOT) -> Server:
+    """The gateway from the checkout at ``root`` (another one: a before/after comparison)."""
     port = free_port()
     env = {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "TRANSCRIBE_WS_READ_AHEAD": str(read_ahead),
+        "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root}",
         "TRANSCRIBE_EVENT_LOOP": loop,
         "TRANSCRIBE_API_KEYS": KEY,
         "TRANSCRIBE_PLUGINS": "bench.noop_provider:NoopSTT",
@@ -111,9 +111,16 @@ def start_gateway(name: str, cpu: str, read_ahead: int = 16, loop: str = "auto")
         "HF_HUB_OFFLINE": "1",
     }
     cmd = ["taskset", "-c", cpu, sys.executable, "-m", "transcribe_gateway", "serve"]
-    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, cwd=ROOT)
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, cwd=root)
     wait_port(port, proc)
     return Server(name, proc, f"ws://127.0.0.1:{port}/ws")
+
+
+def before_checkout() -> Path:
+    path = os.environ.get("GATEWAY_BEFORE")
+    if not path:
+        raise SystemExit("gateway-before needs GATEWAY_BEFORE=<a checkout of an earlier commit>")
+    return Path(path)
 
 
 def start_bare(
@@ -130,8 +137,9 @@ SERVERS: dict[str, Callable[[str], Server]] = {
     "bare": lambda cpu: start_bare("bare", cpu),
     "bare-uvloop": lambda cpu: start_bare("bare-uvloop", cpu, loop="uvloop"),
     "bare-picows": lambda cpu: start_bare("bare-picows", cpu, script="bare_picows.py"),
-    # Before the read-ahead protocol and uvloop: uvicorn pauses after every message.
-    "gateway-ra1": lambda cpu: start_gateway("gateway-ra1", cpu, read_ahead=1, loop="asyncio"),
+    # An earlier version, for before/after figures: GATEWAY_BEFORE=<checkout>
+    # (e.g. `git worktree add /tmp/before <commit>`), run with this environment.
+    "gateway-before": lambda cpu: start_gateway("gateway-before", cpu, root=before_checkout()),
     "gateway-asyncio": lambda cpu: start_gateway("gateway-asyncio", cpu, loop="asyncio"),
     "gateway": lambda cpu: start_gateway("gateway", cpu),  # as shipped: uvloop where installed
 }

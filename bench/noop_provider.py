@@ -46,11 +46,26 @@ class NoopStream(RecognizeStream):
         self._done = asyncio.Event()
 
     async def _on_audio(self, samples: Samples) -> None:
+        event = self._count(samples)
+        if event is not None:
+            await self._emit(event)
+
+    def _take_audio(self, samples: Samples) -> bool:
+        # The gateway's fast path: taken at once, with no task or queue hop per
+        # chunk besides the event channel (one event at most per chunk).
+        if not self._event_room():
+            return False
+        event = self._count(samples)
+        if event is not None:
+            self._emit_nowait(event)
+        return True
+
+    def _count(self, samples: Samples) -> SpeechEvent | None:
         self._samples += len(samples)
-        if self._samples >= self._next:
-            self._next += EVERY_SAMPLES
-            # Emitted inline: no task or queue hop per chunk beyond the event channel.
-            await self._emit(SpeechEvent(SpeechEventType.PARTIAL, 0, text=str(self._samples)))
+        if self._samples < self._next:
+            return None
+        self._next += EVERY_SAMPLES
+        return SpeechEvent(SpeechEventType.PARTIAL, 0, text=str(self._samples))
 
     async def _on_end_input(self) -> None:
         self._done.set()

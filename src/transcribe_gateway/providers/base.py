@@ -9,7 +9,8 @@ is pending and makes iteration stop after the last event;
 :meth:`RecognizeStream.aclose` drops everything at once.
 
 Adapters subclass :class:`RecognizeStream` and write :meth:`RecognizeStream._run`
-plus :meth:`RecognizeStream._on_audio`; the base class owns the task, the bounded
+plus :meth:`RecognizeStream._on_audio` (and, for engines whose input side rarely
+waits, :meth:`RecognizeStream._take_audio`); the base class owns the task, the bounded
 event channel and the error path, so every provider behaves the same way when
 it fails: iteration raises :class:`~transcribe_gateway.exceptions.ProviderError`.
 
@@ -195,6 +196,14 @@ class RecognizeStream(abc.ABC):
     async def _emit(self, event: SpeechEvent) -> None:
         await self._events.put(event)
 
+    def _event_room(self) -> int:
+        """Free places in the event channel: what :meth:`_take_audio` may emit."""
+        return self._events.maxsize - self._events.qsize()
+
+    def _emit_nowait(self, event: SpeechEvent) -> None:
+        """:meth:`_emit` for :meth:`_take_audio`, which checked :meth:`_event_room` first."""
+        self._events.put_nowait(event)
+
     @property
     def input_ended(self) -> bool:
         return self._input_ended
@@ -218,6 +227,29 @@ class RecognizeStream(abc.ABC):
         if self._input_ended or self._closed:
             raise RuntimeError("stream input has ended")
         await self._on_audio(samples)
+
+    def push_audio_nowait(self, samples: Samples) -> bool:
+        """Hand over a chunk if the engine can take it without waiting.
+
+        The gateway calls this first for every chunk, on the event loop, and
+        only when it returns False does it await :meth:`push_audio` (in a task,
+        holding the client's later messages back).  Returns whether the chunk
+        was taken; False means nothing of it was.
+
+        Raises:
+            RuntimeError: after :meth:`end_input` or :meth:`aclose`.
+        """
+        if self._input_ended or self._closed:
+            raise RuntimeError("stream input has ended")
+        return self._take_audio(samples)
+
+    def _take_audio(self, samples: Samples) -> bool:
+        """The fast path of :meth:`_on_audio`: take the chunk now, or return False.
+
+        Adapters whose input side rarely waits override this (no task per
+        chunk); the default sends every chunk through :meth:`_on_audio`.
+        """
+        return False
 
     async def end_input(self) -> None:
         """No more audio: finalize pending speech; iteration ends after the last event."""

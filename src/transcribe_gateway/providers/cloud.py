@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -424,12 +424,28 @@ class CloudStream(RecognizeStream):
             self._ws = None
 
     async def _on_audio(self, samples: Samples) -> None:
+        for frame in self._frames(samples):
+            await self._enqueue(frame)
+
+    def _take_audio(self, samples: Samples) -> bool:
+        # The outbox has room for every frame this chunk completes (the usual
+        # case): no waiting, so no task for it.
+        due = (len(self._batch) + 2 * len(samples)) // self._batch_bytes
+        room = self._outbox.maxsize - self._outbox.qsize()
+        if due > room or self._sender is None or self._sender.done():
+            return False
+        for frame in self._frames(samples):
+            self._outbox.put_nowait(frame)
+        return True
+
+    def _frames(self, samples: Samples) -> Iterator[Frame]:
+        """Batch ``samples`` into the provider's frame size; yields each full frame."""
         self._batch += samples.astype("<i2", copy=False).tobytes()
         while len(self._batch) >= self._batch_bytes:
-            frame = bytes(self._batch[: self._batch_bytes])
+            pcm16 = bytes(self._batch[: self._batch_bytes])
             del self._batch[: self._batch_bytes]
-            await self._enqueue(self.audio_frame(frame))
-            self.sent_ms += len(frame) * 500 / self._options.sample_rate
+            self.sent_ms += len(pcm16) * 500 / self._options.sample_rate
+            yield self.audio_frame(pcm16)
 
     async def _enqueue(self, frame: Frame | None) -> None:
         # Waits while the provider reads slower than the client sends (backpressure),

@@ -78,6 +78,9 @@ class LocalEndpointingStream(CloudStream):
     def flush_answered(self) -> None:
         self._flushes = max(0, self._flushes - 1)
 
+    def _take_audio(self, samples: Samples) -> bool:
+        return False  # the VAD's boundaries wait for the utterance lock: always the task path
+
     async def _on_audio(self, samples: Samples) -> None:
         await super()._on_audio(samples)
         for event in self._vad.process(samples):

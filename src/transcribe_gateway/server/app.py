@@ -12,9 +12,8 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket
 
 from transcribe_gateway.config import Settings
 from transcribe_gateway.providers.registry import ProviderRegistry
@@ -84,9 +83,6 @@ class Gateway:
             waiter.cancel()
         log.info("drained", extra={"left": len(self.connections)})
 
-    async def handle_ws(self, ws: WebSocket) -> None:
-        await Connection(ws, self).run()
-
     async def healthz(self, request: Request) -> JSONResponse:
         engines = {name: getattr(stt, "active", {}) for name, stt in self.registry.engines.items()}
         return JSONResponse(
@@ -103,7 +99,7 @@ class Gateway:
 
 
 def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
-    """Build the ASGI app: ``GET /ws`` (WebSocket) and ``GET /healthz``."""
+    """Build the ASGI app: the HTTP routes (``/ws`` is served by :mod:`.ws_transport`)."""
     gw = gateway or Gateway(settings)
 
     @contextlib.asynccontextmanager
@@ -116,7 +112,6 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
 
     app = Starlette(
         routes=[
-            WebSocketRoute("/ws", gw.handle_ws),
             Route("/healthz", gw.healthz),
             Route("/readyz", functools.partial(http.readyz, gw)),
             Route("/metrics", functools.partial(http.metrics_text, gw)),

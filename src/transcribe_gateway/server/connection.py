@@ -1,35 +1,43 @@
-"""One WebSocket connection: socket, timers and engine tasks around a sans-I/O Session.
+"""One WebSocket connection: the session's timers and engine tasks around a sans-I/O Session.
 
-Tasks, all owned here and cancelled in :meth:`Connection.run`'s ``finally``:
+The transport (:class:`Link`, picows in :mod:`~transcribe_gateway.server.ws_transport`)
+calls :meth:`Connection.receive_text` once per message, and the common case,
+an audio chunk the engine takes at once, is handled right there, with no task
+or queue hop.  Whatever must wait (the key store at authentication, opening an
+engine at configuration, an engine pushing back on audio) runs in one work task;
+messages arriving meanwhile wait in an inbox, in order, and past
+``ws_read_ahead`` of them the socket stops being read, so TCP slows the client.
 
-* the reader (``run`` itself): frames -> :class:`~transcribe_gateway.protocol.session.Session`;
-* the writer: a bounded queue of outgoing frames -> socket.  A client that
-  stops reading fills it; partials are dropped first, then the client is
-  closed (1008) rather than buffered without bound;
+Tasks, all owned here and cancelled when the connection is cleaned up:
+
+* the work task (only while something waits, see above);
 * one pump per engine stream: :class:`SpeechEvent` -> protocol events;
 * the ending task (``session.close``, idle timeout, shutdown): finalize the
-  pending audio, ``session.closed``, close 1000.
+  pending audio, ``session.closed``, close 1000;
+* the cleanup task, once the socket is closing.
 
-Audio is pushed into the engine from the reader, and ``push_audio`` may wait:
-a client that sends faster than the engine decodes is slowed down by TCP.
+Frames out are written at once.  A client that stops reading fills the
+socket's buffer; then frames wait here, bounded by ``outgoing_queue``: partials
+are dropped first, then the client is closed (1008) rather than buffered
+without bound.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
 from prometheus_client import Counter
-from starlette.websockets import WebSocket
 
-from transcribe_gateway.audio.decode import decode_audio
+from transcribe_gateway.audio.decode import Samples, decode_audio
 from transcribe_gateway.audio.resample import Resampler
 from transcribe_gateway.exceptions import ProviderError
 from transcribe_gateway.protocol import messages as m
@@ -40,6 +48,7 @@ from transcribe_gateway.protocol.session import (
     Authenticate,
     CloseRequested,
     Configure,
+    Event,
     Session,
     State,
 )
@@ -61,13 +70,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PARTIAL_PREFIX: Final = '{"type":"transcription.partial"'
-_CLOSE: Final = object()
 _CLOSE_REASONS: Final = {4001: "unauthorized", 4029: "over_limit", 1008: "policy", 1011: "error"}
 SERVICE_RESTART: Final = 1012
 
 
 def new_session_id() -> str:
     return "ts_" + secrets.token_hex(6)
+
+
+class Link(Protocol):
+    """The socket under a :class:`Connection` (writes never wait)."""
+
+    writable: bool
+    """False while the socket's send buffer is full (the client reads slowly)."""
+
+    def send_text(self, text: str) -> None: ...
+
+    def close(self, code: int, reason: str) -> None:
+        """Send the close frame; the socket ends at the client's answer or a timeout."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +119,16 @@ class _Engine:
 
 
 class Connection:
-    """Serve one client from upgrade to close."""
+    """Serve one client from upgrade to close.
 
-    def __init__(self, ws: WebSocket, gateway: Gateway) -> None:
-        self.ws = ws
+    Args:
+        link: the socket.
+        gateway: what all connections share.
+        authorization: the upgrade request's ``Authorization`` header, if any.
+    """
+
+    def __init__(self, link: Link, gateway: Gateway, *, authorization: str | None) -> None:
+        self.link = link
         self.gateway = gateway
         self.settings = gateway.settings
         self.session = Session(
@@ -107,6 +137,7 @@ class Connection:
             max_chunk_bytes=self.settings.max_chunk_bytes,
             max_message_bytes=self.settings.max_message_bytes,
         )
+        self._authorization = authorization
         self.key_id: str | None = None
         self.grant: Grant | None = None
         """The accepted key and its limits (set by authentication)."""
@@ -134,12 +165,19 @@ class Connection:
         """Audio since the last final, kept while a fallback is configured."""
         self._switching = False
         self._samples_received = 0
-        self._out: asyncio.Queue[object] = asyncio.Queue(self.settings.outgoing_queue)
-        self._writer: asyncio.Task[None] | None = None
+        self._work: asyncio.Task[None] | None = None
+        """The task running whatever must wait; messages meanwhile go to the inbox."""
+        self._inbox: collections.deque[str | bytes] = collections.deque()
+        self._reading_paused = False
+        self._backlog: collections.deque[str] = collections.deque()
+        """Frames held while the client reads slowly (bounded by ``outgoing_queue``)."""
+        self._close_sent = False
         self._ending: asyncio.Task[None] | None = None
+        self._cleanup_task: asyncio.Task[None] | None = None
         self._last_activity = time.monotonic()
         self._pushing = False
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._auth_timer: asyncio.TimerHandle | None = None
         self._last_no_engine_error = 0.0
         self._log = logging.LoggerAdapter(log, {"session_id": self.session.id})
         self.closed = asyncio.Event()
@@ -151,77 +189,41 @@ class Connection:
 
     # ------------------------------------------------------------- lifecycle
 
-    async def run(self) -> None:
-        """Serve the connection; returns when the socket is closed."""
-        await self.ws.accept()
-        self._writer = asyncio.create_task(self._write_loop(), name=f"{self.id}-writer")
+    def opened(self) -> None:
+        """The WebSocket is open: authenticate by header, or wait for the auth message."""
         self.gateway.connections.add(self)
-        try:
-            if self.gateway.draining:
-                self.session.fail(SERVICE_RESTART, "server shutting down")
-            elif "authorization" in self.ws.headers:
-                await self._authenticate(bearer_token(self.ws.headers["authorization"]) or "")
-            self._flush()
-            if await self._read_loop():
-                await self._wait_writer()
-            # else the client is gone: nothing to finish for it, free everything now.
-        except Exception:
-            self._log.exception("connection failed")
-            self.session.fail(INTERNAL, "internal error")
-            self._flush()
-            await self._wait_writer()
-        finally:
-            await self._cleanup()
+        if self.gateway.draining:
+            self.session.fail(SERVICE_RESTART, "server shutting down")
+        elif self._authorization is not None:
+            self._start_work(self._authenticate(bearer_token(self._authorization) or ""), [])
+        else:
+            loop = asyncio.get_running_loop()
+            self._auth_timer = loop.call_later(self.settings.auth_timeout_s, self._auth_timeout)
+        self._flush()
 
-    async def _read_loop(self) -> bool:
-        """Read frames until the session closes (True) or the client disconnects (False)."""
-        session = self.session
-        auth_deadline = time.monotonic() + self.settings.auth_timeout_s
-        while session.close_code is None:
-            if session.state is State.AWAITING_AUTH:
-                try:
-                    async with asyncio.timeout(max(0.0, auth_deadline - time.monotonic())):
-                        message = await self.ws.receive()
-                except TimeoutError:
-                    self._log.info("auth timeout")
-                    session.fail(UNAUTHORIZED, "Unauthorized")
-                    self._flush()
-                    return True
-            else:
-                message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                self._log.info("client disconnected", extra={"code": message.get("code")})
-                return False
-            if self._limits is not None and not self._admit_message():
-                continue  # over the key's message rate: refused unparsed
-            text = message.get("text")
-            if text is not None:
-                session.receive_text(text)
-            else:
-                session.receive_bytes(message.get("bytes") or b"")
-            for event in session.events_received():
-                if isinstance(event, AudioReceived):
-                    await self._on_audio(event.data)
-                elif isinstance(event, Configure):
-                    await self._configure(event.config)
-                elif isinstance(event, Authenticate):
-                    await self._authenticate(event.token)
-                elif isinstance(event, CloseRequested):
-                    self.begin_end("client_close")
+    def _auth_timeout(self) -> None:
+        if self.session.state is State.AWAITING_AUTH:
+            self._log.info("auth timeout")
+            self.session.fail(UNAUTHORIZED, "Unauthorized")
             self._flush()
-        return True
 
-    async def _wait_writer(self) -> None:
-        """Let the writer send what is queued (the close is queued last) and close."""
-        if self._writer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._writer), 5.0)
+    def disconnected(self) -> None:
+        """The socket is closed (the client left, or the close handshake ended)."""
+        if not self._close_sent:
+            self._log.info("client disconnected")
+        # Nothing to finish for a client that is gone: free everything now.
+        self._start_cleanup()
+
+    def _start_cleanup(self) -> None:
+        if self._cleanup_task is None:
+            self._cleanup_task = asyncio.create_task(self._cleanup(), name=f"{self.id}-cleanup")
 
     async def _cleanup(self) -> None:
         try:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-            tasks = [t for t in (self._ending, self._writer) if t is not None and not t.done()]
+            for timer in (self._idle_timer, self._auth_timer):
+                if timer is not None:
+                    timer.cancel()
+            tasks = [t for t in (self._ending, self._work) if t is not None and not t.done()]
             if self._engine is not None:
                 await self._retire(self._engine, finalize=False)
                 self._engine = None
@@ -231,6 +233,7 @@ class Connection:
             for task in tasks:
                 with contextlib.suppress(BaseException):
                     await task
+            self._inbox.clear()
             await self._release()
         finally:
             # Last, so that a session no longer counted (/healthz, drain) holds
@@ -241,6 +244,105 @@ class Connection:
             "session ended",
             extra={"audio_seconds": round(self.audio_seconds, 3), "key": self.key_id},
         )
+
+    def _internal_error(self) -> None:
+        self._log.exception("connection failed")
+        self.session.fail(INTERNAL, "internal error")
+        self._flush()
+
+    # ----------------------------------------------------------------- input
+
+    def receive_text(self, text: str) -> None:
+        """One text message from the client (called by the link, never waits)."""
+        if self._work is not None:
+            self._hold(text)
+            return
+        try:
+            self._dispatch(self._parse(text))
+        except Exception:
+            self._internal_error()
+
+    def receive_bytes(self, data: bytes) -> None:
+        """One binary message (not part of the protocol: answered with an error)."""
+        if self._work is not None:
+            self._hold(data)
+            return
+        try:
+            self._dispatch(self._parse(data))
+        except Exception:
+            self._internal_error()
+
+    def _hold(self, message: str | bytes) -> None:
+        """Keep a message for the work task; past ``ws_read_ahead`` stop reading."""
+        self._inbox.append(message)
+        if not self._reading_paused and len(self._inbox) >= self.settings.ws_read_ahead:
+            self._reading_paused = True
+            self.link.pause_reading()
+
+    def _parse(self, message: str | bytes) -> list[Event]:
+        if self._limits is not None and not self._admit_message():
+            return []  # over the key's message rate: refused unparsed
+        if isinstance(message, str):
+            self.session.receive_text(message)
+        else:
+            self.session.receive_bytes(message)
+        return self.session.events_received()
+
+    def _dispatch(self, events: list[Event]) -> None:
+        """Act on a message's events; hand the rest to a work task at the first wait."""
+        for index, event in enumerate(events):
+            if isinstance(event, AudioReceived):
+                todo = self._accept_audio(event.data)
+                if todo is None or self._push_now(*todo):
+                    continue
+                self._start_work(self._push(*todo), events[index + 1 :])
+                break
+            if isinstance(event, CloseRequested):
+                self.begin_end("client_close")
+                continue
+            self._start_work(self._handle(event), events[index + 1 :])
+            break
+        self._flush()
+
+    def _start_work(self, first: Awaitable[None], then: list[Event]) -> None:
+        self._work = asyncio.create_task(self._run_work(first, then), name=f"{self.id}-work")
+
+    async def _run_work(self, first: Awaitable[None], then: list[Event]) -> None:
+        """Finish what waits, then the messages held meanwhile, in order."""
+        try:
+            await first
+            await self._handle_all(then)
+            while self._inbox and self.session.close_code is None:
+                if self._reading_paused and len(self._inbox) <= self.settings.ws_read_ahead // 2:
+                    self._reading_paused = False
+                    self.link.resume_reading()
+                await self._handle_all(self._parse(self._inbox.popleft()))
+        except Exception:
+            self._internal_error()
+        finally:
+            # No await since the inbox was last seen empty: nothing can be in it.
+            self._work = None
+            if self._reading_paused:
+                self._reading_paused = False
+                self.link.resume_reading()
+
+    async def _handle_all(self, events: Iterable[Event]) -> None:
+        for event in events:
+            await self._handle(event)
+        self._flush()
+
+    async def _handle(self, event: Event) -> None:
+        if isinstance(event, AudioReceived):
+            todo = self._accept_audio(event.data)
+            if todo is not None and not self._push_now(*todo):
+                await self._push(*todo)
+        elif isinstance(event, Configure):
+            await self._configure(event.config)
+        elif isinstance(event, Authenticate):
+            await self._authenticate(event.token)
+        else:
+            self.begin_end("client_close")
+        self._flush()
 
     # ------------------------------------------------------------------- auth
 
@@ -254,6 +356,8 @@ class Connection:
         except Exception:  # store unreachable: refuse rather than let anyone in
             self._log.warning("key check failed", exc_info=True)
             outcome = Refusal("unavailable", "the key store did not answer; retry later", INTERNAL)
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
         if self.session.state is not State.AWAITING_AUTH:  # closed meanwhile (shutdown)
             if isinstance(outcome, Grant):
                 await self.gateway.store.release_slot(outcome.key_id, self.id)
@@ -583,7 +687,8 @@ class Connection:
 
     # ------------------------------------------------------------------ audio
 
-    async def _on_audio(self, data: bytes) -> None:
+    def _accept_audio(self, data: bytes) -> tuple[_Engine, Samples] | None:
+        """Count, keep and convert one chunk; returns what the engine should be given."""
         assert self.config is not None, "the session only accepts audio once configured"
         samples = decode_audio(data, self.config.input_audio_format)
         if self._replay is not None:
@@ -593,12 +698,12 @@ class Connection:
         self.audio_seconds += seconds
         self._meter(seconds)
         if self.session.close_code is not None:
-            return  # over the audio quota
+            return None  # over the audio quota
         self._touch()
         engine = self._engine
         if engine is None:
             if self._switching:
-                return  # the fallback takes this chunk from the replay buffer
+                return None  # the fallback takes this chunk from the replay buffer
             now = time.monotonic()
             if now - self._last_no_engine_error > 1.0:  # one error a second, not one a chunk
                 self._last_no_engine_error = now
@@ -607,18 +712,31 @@ class Connection:
                     "no engine is serving this session since its provider failed; "
                     "send session.update to continue (audio dropped meanwhile)",
                 )
-            return
+            return None
         converted = engine.resampler.push(samples)
-        if len(converted):
-            # While the engine holds us back (backpressure) the client is not idle.
-            self._pushing = True
-            try:
-                # RuntimeError: the stream failed meanwhile; its pump reports the error.
-                with contextlib.suppress(RuntimeError):
-                    await engine.stream.push_audio(converted)
-            finally:
-                self._pushing = False
-                self._last_activity = time.monotonic()
+        if not len(converted):
+            return None
+        return engine, converted
+
+    @staticmethod
+    def _push_now(engine: _Engine, samples: Samples) -> bool:
+        """Give the engine a chunk if it takes it without waiting (the common case)."""
+        try:
+            return engine.stream.push_audio_nowait(samples)
+        except RuntimeError:  # the stream failed meanwhile; its pump reports the error
+            return True
+
+    async def _push(self, engine: _Engine, samples: Samples) -> None:
+        """Give the engine a chunk it could not take at once (it pushes back)."""
+        # While the engine holds us back the client is not idle.
+        self._pushing = True
+        try:
+            # RuntimeError: the stream failed meanwhile; its pump reports the error.
+            with contextlib.suppress(RuntimeError):
+                await engine.stream.push_audio(samples)
+        finally:
+            self._pushing = False
+            self._last_activity = time.monotonic()
 
     # ------------------------------------------------------------------ events
 
@@ -766,47 +884,32 @@ class Connection:
     # ----------------------------------------------------------------- output
 
     def _flush(self) -> None:
-        """Move frames from the session to the writer queue (never waits)."""
-        for frame in self.session.data_to_send():
-            try:
-                self._out.put_nowait(frame)
-            except asyncio.QueueFull:
-                if frame.startswith(_PARTIAL_PREFIX):
-                    continue  # superseded by the next partial anyway
-                self._log.warning("client is not reading; closing")
-                self.session.fail(1008, "client is not reading")
-                self._abort_writer()
-                return
-        if self.session.close_code is not None:
-            self._out_put_close()
-
-    def _out_put_close(self) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            self._out.put_nowait(_CLOSE)
+        """Write the session's frames (never waits); close the socket once it is closed."""
+        frames = self.session.data_to_send()
+        if self._close_sent:
             return
-        self._abort_writer()
+        link = self.link
+        for frame in frames:
+            if link.writable and not self._backlog:
+                link.send_text(frame)
+            elif len(self._backlog) < self.settings.outgoing_queue:
+                self._backlog.append(frame)
+            elif frame.startswith(_PARTIAL_PREFIX):
+                continue  # superseded by the next partial anyway
+            else:
+                self._log.warning("client is not reading; closing")
+                self._backlog.clear()
+                self.session.fail(1008, "client is not reading")
+                break
+        if self.session.close_code is not None:
+            self._close_sent = True
+            # Bounded (outgoing_queue frames): what the client was due, then the close.
+            while self._backlog:
+                link.send_text(self._backlog.popleft())
+            link.close(self.session.close_code, self.session.close_reason)
+            self._start_cleanup()
 
-    def _abort_writer(self) -> None:
-        """The queue is full: skip what is queued and close the socket now."""
-        if self._writer is not None:
-            self._writer.cancel()
-        self._writer = asyncio.create_task(self._close_socket(), name=f"{self.id}-abort")
-
-    async def _write_loop(self) -> None:
-        send: Callable[[str], Any] = self.ws.send_text
-        while True:
-            frame = await self._out.get()
-            if frame is _CLOSE:
-                await self._close_socket()
-                return
-            assert isinstance(frame, str)
-            try:
-                await send(frame)
-            except Exception:  # the client is gone; the reader notices the disconnect
-                return
-
-    async def _close_socket(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                self.ws.close(self.session.close_code or 1000, self.session.close_reason), 5.0
-            )
+    def resumed_writing(self) -> None:
+        """The client reads again: send what was held back."""
+        while self._backlog and self.link.writable and not self._close_sent:
+            self.link.send_text(self._backlog.popleft())

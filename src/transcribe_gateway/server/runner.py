@@ -18,7 +18,7 @@ import uvicorn
 
 from transcribe_gateway.config import Settings
 from transcribe_gateway.server.app import Gateway, create_app
-from transcribe_gateway.server.ws_protocol import with_read_ahead
+from transcribe_gateway.server.ws_transport import websocket_protocol
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def build_server(settings: Settings) -> GatewayServer:
         # 1008 close; beyond that the WebSocket layer itself closes with 1009.
         ws_max_size=4 * settings.max_message_bytes,
         ws_per_message_deflate=False,
-        ws=with_read_ahead(settings.ws_read_ahead),
+        ws=websocket_protocol(gateway),  # /ws on picows (server/ws_transport.py)
         loop=settings.event_loop,
         log_config=None,
         access_log=False,

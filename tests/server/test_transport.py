@@ -1,0 +1,175 @@
+"""The ``/ws`` transport (picows under uvicorn) and the connection's two audio paths.
+
+Audio reaches an engine either at once (``push_audio_nowait``, no task) or,
+when the engine pushes back, through a work task while later messages wait in
+order.  The CHECKSUM plugin hashes what it is given, so a test can tell that
+every sample arrived, once, in order, whichever path each chunk took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import websockets
+from picows import WSListener, WSMsgType, WSTransport, ws_connect
+
+from tests.conftest import TEST_KEYS, GatewayProcess
+from tests.server.wsutil import collect, connect, open_session, recv
+
+MAX_MESSAGE = 4096  # the smallest max_message_bytes: frames over 4x it close 1009
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[GatewayProcess]:
+    process = GatewayProcess(
+        "transport",
+        env={
+            "TRANSCRIBE_PLUGINS": "tests.plugins.checksum:ChecksumSTT",
+            "TRANSCRIBE_MAX_MESSAGE_BYTES": str(MAX_MESSAGE),
+            "TRANSCRIBE_MAX_CHUNK_BYTES": "2048",
+            "TRANSCRIBE_WS_READ_AHEAD": "4",
+        },
+    )
+    yield process
+    process.stop()
+
+
+def audio_chunks(count: int, samples: int = 320) -> tuple[list[str], int, str]:
+    """``count`` audio.append messages of noise, the total samples and their hash."""
+    signal = np.random.default_rng(7).integers(-3000, 3000, count * samples, dtype=np.int16)
+    pcm = signal.astype("<i2").tobytes()
+    step = samples * 2
+    messages = [
+        json.dumps({"type": "audio.append", "audio": base64.b64encode(pcm[i : i + step]).decode()})
+        for i in range(0, len(pcm), step)
+    ]
+    return messages, len(signal), hashlib.sha256(pcm).hexdigest()[:16]
+
+
+class TestAudioPaths:
+    @pytest.mark.parametrize("model", ["fast", "mixed", "slow"])
+    async def test_every_chunk_reaches_the_engine_once_and_in_order(
+        self, server: GatewayProcess, model: str
+    ) -> None:
+        messages, samples, digest = audio_chunks(300)
+        ws, updated = await open_session(server.url, provider="CHECKSUM", model=model)
+        assert updated["session"]["provider"] == "CHECKSUM"
+        # Sent without waiting: with a slow engine the messages pile up far past
+        # ws_read_ahead (4), so the server stops reading and resumes.
+        for message in messages:
+            await ws.send(message)
+        await ws.send(json.dumps({"type": "session.close"}))
+        received = await collect(ws, 60)
+        finals = [m for m in received if m["type"] == "transcription.completed"]
+        assert [f["text"] for f in finals] == [f"{samples} {digest}"], received
+        assert received[-1]["type"] == "session.closed"
+        assert received[-1]["usage"]["audio_seconds"] == pytest.approx(samples / 16000, abs=1e-3)
+        assert not [m for m in received if m["type"] == "error"], received
+        assert ws.close_code == 1000
+
+    async def test_messages_sent_before_the_session_answers_keep_their_order(
+        self, server: GatewayProcess
+    ) -> None:
+        # Auth, configuration and audio in one burst: the first two wait on the
+        # key store and the engine, and the audio must queue behind them.
+        messages, samples, digest = audio_chunks(50)
+        ws = await websockets.connect(server.url)
+        burst = [
+            json.dumps({"type": "auth", "token": TEST_KEYS[0]}),
+            json.dumps(
+                {"type": "session.update", "session": {"provider": "CHECKSUM", "model": "fast"}}
+            ),
+            *messages,
+            json.dumps({"type": "session.close"}),
+        ]
+        for message in burst:
+            await ws.send(message)
+        received = await collect(ws, 60)
+        kinds = [m["type"] for m in received]
+        assert kinds[:2] == ["session.created", "session.updated"], received
+        finals = [m["text"] for m in received if m["type"] == "transcription.completed"]
+        assert finals == [f"{samples} {digest}"]
+        assert kinds[-1] == "session.closed"
+
+
+class TestFraming:
+    async def test_fragmented_messages_are_joined(self, server: GatewayProcess) -> None:
+        messages, samples, digest = audio_chunks(5)
+        ws = await connect(server.url)
+        assert (await recv(ws))["type"] == "session.created"
+        update = json.dumps(
+            {"type": "session.update", "session": {"provider": "CHECKSUM", "model": "fast"}}
+        )
+        await ws.send([update[:10], update[10:25], update[25:]])  # three frames, one message
+        assert (await recv(ws))["type"] == "session.updated"
+        for message in messages:
+            await ws.send([message[:100], message[100:]])
+        await ws.send(json.dumps({"type": "session.close"}))
+        received = await collect(ws, 30)
+        finals = [m["text"] for m in received if m["type"] == "transcription.completed"]
+        assert finals == [f"{samples} {digest}"]
+
+    async def test_fragmented_message_over_the_frame_limit_closes_1009(
+        self, server: GatewayProcess
+    ) -> None:
+        ws, _ = await open_session(server.url, provider="CHECKSUM", model="fast")
+        piece = "A" * MAX_MESSAGE
+        with pytest.raises(websockets.ConnectionClosed):
+            await ws.send([piece] * 5)  # 5x the message limit, in 4 KiB frames
+            await recv(ws, 10)
+        assert ws.close_code == 1009
+        await self._server_goes_on(server)
+
+    async def test_invalid_utf8_closes_1007(self, server: GatewayProcess) -> None:
+        # websockets will not send invalid text; picows' client sends raw frames.
+        closes: list[Any] = []
+
+        class Client(WSListener):  # type: ignore[misc]
+            def on_ws_connected(self, transport: WSTransport) -> None:
+                transport.send(WSMsgType.TEXT, b'{"type": "auth", "token": "\xff\xfe"}')
+
+            def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+                if frame.msg_type == WSMsgType.CLOSE:
+                    closes.append(frame.get_close_code())
+                    transport.disconnect()
+
+        transport, _ = await ws_connect(Client, server.url)
+        await asyncio.wait_for(transport.wait_disconnected(), 10)
+        assert closes == [1007]
+        await self._server_goes_on(server)
+
+    async def test_other_paths_are_not_websockets(self, server: GatewayProcess) -> None:
+        with pytest.raises(websockets.InvalidStatus) as caught:
+            await websockets.connect(server.url.replace("/ws", "/elsewhere"))
+        assert caught.value.response.status_code == 404
+        # Plain HTTP on the same port still reaches the app.
+        assert server.health()["status"] == "ok"
+
+    async def test_client_close_ends_the_session(self, server: GatewayProcess) -> None:
+        ws, _ = await open_session(server.url, provider="CHECKSUM", model="fast")
+        await ws.close(1000)
+        assert ws.close_code == 1000
+        for _ in range(50):
+            if server.health()["sessions"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert server.health()["sessions"] == 0
+
+    @staticmethod
+    async def _server_goes_on(server: GatewayProcess) -> None:
+        messages, samples, digest = audio_chunks(3)
+        ws, _ = await open_session(server.url, provider="CHECKSUM", model="fast")
+        for message in messages:
+            await ws.send(message)
+        await ws.send(json.dumps({"type": "session.close"}))
+        received = await collect(ws, 30)
+        assert [m["text"] for m in received if m["type"] == "transcription.completed"] == [
+            f"{samples} {digest}"
+        ]
