@@ -162,13 +162,17 @@ class TestSessionUpdate:
 
 class TestAudioAppend:
     def test_client_sends_audio_append(self) -> None:
-        msg = m.parse_client_message('{"type": "audio.append", "audio": "AAAA"}')
-        assert msg == m.AudioAppend(audio="AAAA")
+        msg = m.parse_client_message('{"type": "audio.append", "audio": "AAEC"}')
+        assert msg == m.AudioAppend(audio=b"\x00\x01\x02")
 
-    def test_parser_leaves_base64_to_the_session(self) -> None:
-        # The parser only checks the type; base64 validity is the session's job.
-        msg = m.parse_client_message('{"type": "audio.append", "audio": "!!"}')
-        assert msg == m.AudioAppend(audio="!!")
+    @pytest.mark.parametrize("audio", ["!!", "AAA", "QUJD=", "AA AA", "AAAA\\n", "AA-_", "A==="])
+    def test_parser_decodes_base64_strictly(self, audio: str) -> None:
+        err = parse_error('{"type": "audio.append", "audio": "' + audio + '"}')
+        assert (err.code, err.field) == ("invalid_audio", "audio")
+        assert err.message == "audio is not valid base64; chunk dropped"
+
+    def test_audio_is_written_as_base64(self) -> None:
+        assert json.loads(m.encode(m.AudioAppend(audio=b"\x00\x01\x02")))["audio"] == "AAEC"
 
     @pytest.mark.parametrize("audio", ["5", "null", "[1, 2]", '{"b64": "AAAA"}', "true"])
     def test_server_rejects_non_string_audio(self, audio: str) -> None:
@@ -405,7 +409,7 @@ class TestRoundTrip:
                     m.FallbackConfig("LOCAL", "tiny"),
                 )
             ),
-            m.AudioAppend("AAAA"),
+            m.AudioAppend(b"\x00\x01\x02"),
             m.SessionClose(),
         ],
         ids=lambda msg: type(msg).__name__,

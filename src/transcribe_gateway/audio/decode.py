@@ -39,6 +39,7 @@ def _alaw_table() -> Samples:
     return np.where(sign != 0, magnitude, -magnitude).astype(np.int16)
 
 
+_PCM16: Final = np.dtype("<i2")
 MULAW_TABLE: Final = _mulaw_table()
 ALAW_TABLE: Final = _alaw_table()
 
@@ -56,7 +57,7 @@ def decode_audio(data: bytes, audio_format: str) -> Samples:
     if audio_format == "pcm16":
         if len(data) % 2:
             raise ValueError("pcm16 chunk has an odd number of bytes")
-        return np.frombuffer(data, dtype="<i2").astype(np.int16, copy=False)
+        return np.frombuffer(data, dtype=_PCM16).astype(np.int16, copy=False)
     codes = np.frombuffer(data, dtype=np.uint8)
     if audio_format == "mulaw":
         return MULAW_TABLE[codes]

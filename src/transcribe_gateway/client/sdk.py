@@ -30,7 +30,6 @@ Close codes follow the websockets convention: 1000 and 1001 end
 from __future__ import annotations
 
 import asyncio
-import base64
 import bisect
 import contextlib
 import logging
@@ -584,8 +583,7 @@ class TranscribeClient:
         """
         if not data:
             raise ValueError("an audio chunk cannot be empty")
-        audio = base64.b64encode(data).decode("ascii")
-        await self._send(encode(AudioAppend(audio=audio)))
+        await self._send(encode(AudioAppend(audio=data)))  # msgspec writes bytes as base64
         now = time.monotonic()
         audio_format, rate = self._audio_format()
         self._sent_ms += len(data) // BYTES_PER_SAMPLE[audio_format] * 1000.0 / rate

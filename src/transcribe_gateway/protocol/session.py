@@ -18,7 +18,6 @@ answered with an ``error`` frame and the state does not change.
 
 from __future__ import annotations
 
-import binascii
 import enum
 from dataclasses import dataclass
 from typing import Final
@@ -91,8 +90,6 @@ class Session:
         self.state = State.AWAITING_AUTH
         self.max_chunk_bytes = max_chunk_bytes
         self.max_message_bytes = max_message_bytes
-        # base64 of max_chunk_bytes, so an oversized chunk is refused before decoding
-        self._max_b64 = 4 * -(-max_chunk_bytes // 3)
         self.audio_format = "pcm16"
         self.close_code: int | None = None
         self.close_reason = ""
@@ -119,6 +116,8 @@ class Session:
         except m.ParseError as exc:
             if self.state is State.AWAITING_AUTH:
                 self.fail(UNAUTHORIZED, "Unauthorized")
+            elif exc.code == "invalid_audio" and self._refuse_audio():
+                pass  # no chunk is taken in this state, readable or not: that is the answer
             else:
                 self.send_error(exc.code, exc.message, field=exc.field)
             return
@@ -155,35 +154,31 @@ class Session:
                 '{"type": "audio.append", "audio": "<base64>"}',
             )
 
-    def _receive_audio(self, audio: str) -> None:
+    def _refuse_audio(self) -> bool:
+        """Answer an ``audio.append`` that this state does not take (True if refused)."""
         if self.state is State.AWAITING_CONFIG:
             self.send_error(
                 "session_not_configured", "send session.update before audio.append; chunk dropped"
             )
-            return
+            return True
         if self.state is State.DRAINING:
             self.send_error("session_closing", "session.close was received; chunk dropped")
+            return True
+        return False
+
+    def _receive_audio(self, data: bytes) -> None:
+        if self.state is not State.STREAMING and self._refuse_audio():
             return
-        if len(audio) > self._max_b64:
+        size = len(data)
+        if not size:
+            self.send_error("invalid_audio", "audio chunk is empty; chunk dropped")
+        elif size > self.max_chunk_bytes:
             self.send_error(
                 "audio_too_large",
                 f"audio chunk is over the {self.max_chunk_bytes}-byte limit; chunk dropped "
                 "(send 20-100 ms per audio.append)",
             )
-            return
-        try:
-            data = binascii.a2b_base64(audio, strict_mode=True)
-        except (binascii.Error, ValueError):
-            self.send_error("invalid_audio", "audio is not valid base64; chunk dropped")
-            return
-        if not data:
-            self.send_error("invalid_audio", "audio chunk is empty; chunk dropped")
-        elif len(data) > self.max_chunk_bytes:
-            self.send_error(
-                "audio_too_large",
-                f"audio chunk is over the {self.max_chunk_bytes}-byte limit; chunk dropped",
-            )
-        elif self.audio_format == "pcm16" and len(data) % 2:
+        elif size % 2 and self.audio_format == "pcm16":
             self.send_error(
                 "invalid_audio", "pcm16 audio chunk has an odd number of bytes; chunk dropped"
             )

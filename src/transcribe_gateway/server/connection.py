@@ -142,6 +142,8 @@ class Connection:
         self.grant: Grant | None = None
         """The accepted key and its limits (set by authentication)."""
         self._limits: SessionLimits | None = None
+        self._rated = False
+        """Whether the key has a message rate to count messages against."""
         self.end_reason = ""
         """Why the session ended (metrics, usage); empty while it runs."""
         self._latency = metrics.LatencyTracker()
@@ -149,6 +151,8 @@ class Connection:
         self.effective: m.EffectiveConfig | None = None
         self._audio_counter: tuple[str, Counter] | None = None
         """The audio counter's child for the provider now serving (labels() is not free)."""
+        self._unmetered_s = 0.0
+        """Audio not yet added to that counter (it is fed once a second, not per chunk)."""
         self.audio_seconds = 0.0
         """Seconds of audio received (usage)."""
         self._engine: _Engine | None = None
@@ -280,7 +284,7 @@ class Connection:
             self.link.pause_reading()
 
     def _parse(self, message: str | bytes) -> list[Event]:
-        if self._limits is not None and not self._admit_message():
+        if self._rated and not self._admit_message():
             return []  # over the key's message rate: refused unparsed
         if isinstance(message, str):
             self.session.receive_text(message)
@@ -378,6 +382,7 @@ class Connection:
             return
         self.grant, self.key_id = outcome, outcome.key_id
         self._limits = SessionLimits(outcome)
+        self._rated = bool(outcome.limits.messages_per_second)
         metrics.active_sessions.inc()
         self.session.accept_auth()
         self._touch()
@@ -420,11 +425,9 @@ class Connection:
     def _meter(self, seconds: float) -> None:
         """Count received audio (metrics, the key's audio quota)."""
         self._latency.on_audio(self.audio_seconds)
-        if self.effective is not None:
-            provider = self.effective.provider
-            if self._audio_counter is None or self._audio_counter[0] != provider:
-                self._audio_counter = (provider, metrics.audio_seconds.labels(provider=provider))
-            self._audio_counter[1].inc(seconds)
+        self._unmetered_s += seconds
+        if self._unmetered_s >= 1.0:
+            self._count_audio()
         if self._limits is not None and self._limits.add_audio(seconds):
             grant = self._limits.grant
             self.terminate(
@@ -434,8 +437,19 @@ class Connection:
                 f"for {grant.period_id}",
             )
 
+    def _count_audio(self) -> None:
+        """Add the audio received since the last call to the provider's counter."""
+        if self.effective is None:
+            return
+        provider = self.effective.provider
+        if self._audio_counter is None or self._audio_counter[0] != provider:
+            self._audio_counter = (provider, metrics.audio_seconds.labels(provider=provider))
+        self._audio_counter[1].inc(self._unmetered_s)
+        self._unmetered_s = 0.0
+
     async def _release(self) -> None:
         """Count the ended session, free its slot and write its usage record."""
+        self._count_audio()
         code = self.session.close_code
         reason = self.end_reason or (
             _CLOSE_REASONS.get(code, f"close_{code}") if code else "client_disconnected"
@@ -496,6 +510,7 @@ class Connection:
             else None
         )
         self._engine = self._start_engine(plan, stream, can_fall_back=fallback_plan is not None)
+        self._count_audio()  # what came before goes to the provider that had it
         self.effective = plan.effective
         self.session.accept_config(plan.effective)
         self._touch()
@@ -628,6 +643,7 @@ class Connection:
                     with contextlib.suppress(RuntimeError):
                         await engine.stream.push_audio(converted)
             self._engine = engine
+            self._count_audio()
             self.effective = plan.effective
             self.session.announce_config(plan.effective)
             self._flush()
