@@ -47,5 +47,5 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("uvicorn.error", "uvicorn.access", "websockets", "faster_whisper"):
+    for noisy in ("uvicorn.error", "uvicorn.access", "websockets", "picows", "faster_whisper"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from picows import (
     WSAutoPingStrategy,
-    WSCloseCode,
     WSFrame,
     WSListener,
     WSMsgType,
@@ -45,6 +44,7 @@ CLOSE_REPLY_TIMEOUT_S: Final = 5.0
 """After our close frame, how long the client has to answer before the socket is cut."""
 INVALID_TEXT: Final = 1007
 MESSAGE_TOO_BIG: Final = 1009
+SERVICE_RESTART: Final = 1012
 
 
 class WebSocketLink(WSListener):  # type: ignore[misc]  # picows ships no stubs for subclassing
@@ -217,9 +217,11 @@ def websocket_protocol(gateway: Gateway) -> type[Any]:
             super().connection_lost(exc)
 
         def shutdown(self) -> None:
-            # uvicorn's exit, after the gateway's drain: whatever is left restarts.
-            if self.transport is not None and not self.transport.is_disconnected:
-                self.transport.send_close(WSCloseCode.SERVICE_RESTART, b"server shutting down")
+            # uvicorn's exit, after the gateway's drain: a session still open is
+            # told to reconnect elsewhere (1012); one already closing just ends.
+            if isinstance(self.listener, WebSocketLink):
+                self.listener.close(SERVICE_RESTART, "server shutting down")
+            if self.transport is not None:
                 self.transport.disconnect()
 
     return GatewayWebSocketProtocol
