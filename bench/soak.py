@@ -80,7 +80,7 @@ async def main() -> int:
     parser.add_argument("--sequential", type=int, default=1000)
     parser.add_argument("--concurrent", type=int, default=200)
     args = parser.parse_args()
-    server = start_gateway("0-1", args.concurrent)
+    server = start_gateway("soak", "0-1")
     pid = server.proc.pid
     http = server.url.replace("ws://", "http://").removesuffix("/ws")
     try:
