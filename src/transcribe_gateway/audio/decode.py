@@ -40,6 +40,7 @@ def _alaw_table() -> Samples:
 
 
 _PCM16: Final = np.dtype("<i2")
+"""Little-endian int16: native on little-endian hosts, where no conversion is made."""
 MULAW_TABLE: Final = _mulaw_table()
 ALAW_TABLE: Final = _alaw_table()
 
@@ -57,7 +58,8 @@ def decode_audio(data: bytes, audio_format: str) -> Samples:
     if audio_format == "pcm16":
         if len(data) % 2:
             raise ValueError("pcm16 chunk has an odd number of bytes")
-        return np.frombuffer(data, dtype=_PCM16).astype(np.int16, copy=False)
+        samples = np.frombuffer(data, dtype=_PCM16)
+        return samples if _PCM16.isnative else samples.astype(np.int16)
     codes = np.frombuffer(data, dtype=np.uint8)
     if audio_format == "mulaw":
         return MULAW_TABLE[codes]

@@ -53,7 +53,7 @@ class Configure:
     config: m.SessionConfig
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one per chunk, and frozen __init__ costs ~3x
 class AudioReceived:
     data: bytes
     """Wire-format audio (pcm16/mulaw/alaw bytes), already validated."""

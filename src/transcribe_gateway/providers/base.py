@@ -198,7 +198,7 @@ class RecognizeStream(abc.ABC):
 
     def _event_room(self) -> int:
         """Free places in the event channel: what :meth:`_take_audio` may emit."""
-        return self._events.maxsize - self._events.qsize()
+        return EVENT_QUEUE_SIZE - self._events.qsize()
 
     def _emit_nowait(self, event: SpeechEvent) -> None:
         """:meth:`_emit` for :meth:`_take_audio`, which checked :meth:`_event_room` first."""

@@ -144,6 +144,8 @@ class Connection:
         self._limits: SessionLimits | None = None
         self._rated = False
         """Whether the key has a message rate to count messages against."""
+        self._quota = False
+        """Whether the key has an audio quota to count audio against."""
         self.end_reason = ""
         """Why the session ended (metrics, usage); empty while it runs."""
         self._latency = metrics.LatencyTracker()
@@ -383,6 +385,7 @@ class Connection:
         self.grant, self.key_id = outcome, outcome.key_id
         self._limits = SessionLimits(outcome)
         self._rated = bool(outcome.limits.messages_per_second)
+        self._quota = bool(outcome.period_id)
         metrics.active_sessions.inc()
         self.session.accept_auth()
         self._touch()
@@ -422,13 +425,13 @@ class Connection:
         self._flush()
         return False
 
-    def _meter(self, seconds: float) -> None:
+    def _meter(self, seconds: float, now: float) -> None:
         """Count received audio (metrics, the key's audio quota)."""
-        self._latency.on_audio(self.audio_seconds)
+        self._latency.on_audio(self.audio_seconds, now)
         self._unmetered_s += seconds
         if self._unmetered_s >= 1.0:
             self._count_audio()
-        if self._limits is not None and self._limits.add_audio(seconds):
+        if self._quota and self._limits is not None and self._limits.add_audio(seconds):
             grant = self._limits.grant
             self.terminate(
                 4029,
@@ -712,10 +715,13 @@ class Connection:
         self._samples_received += len(samples)
         seconds = len(samples) / self.config.sample_rate
         self.audio_seconds += seconds
-        self._meter(seconds)
+        now = time.monotonic()
+        self._meter(seconds, now)
         if self.session.close_code is not None:
             return None  # over the audio quota
-        self._touch()
+        self._last_activity = now
+        if self._idle_timer is None:
+            self._arm_idle(self.settings.idle_timeout_s)
         engine = self._engine
         if engine is None:
             if self._switching:

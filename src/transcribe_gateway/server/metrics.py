@@ -109,10 +109,10 @@ class LatencyTracker:
         self._starts: dict[tuple[int, int], int] = {}
         self._partial_seen: set[tuple[int, int]] = set()
 
-    def on_audio(self, total_seconds: float) -> None:
-        """Audio up to ``total_seconds`` of the session has just arrived."""
-        self._ends_ms.append(round(total_seconds * 1000))
-        self._arrived.append(time.monotonic())
+    def on_audio(self, total_seconds: float, now: float) -> None:
+        """Audio up to ``total_seconds`` of the session arrived at ``now`` (monotonic)."""
+        self._ends_ms.append(int(total_seconds * 1000 + 0.5))
+        self._arrived.append(now)
 
     def _arrival(self, audio_ms: int) -> float | None:
         i = bisect.bisect_left(self._ends_ms, audio_ms)
