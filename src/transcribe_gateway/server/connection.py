@@ -2,10 +2,12 @@
 
 The transport (:class:`Link`, picows in :mod:`~transcribe_gateway.server.ws_transport`)
 calls :meth:`Connection.receive_text` once per message, and the common case,
-an audio chunk the engine takes at once, is handled right there, with no task
-or queue hop.  Whatever must wait (the key store at authentication, opening an
-engine at configuration, an engine pushing back on audio) runs in one work task;
-messages arriving meanwhile wait in an inbox, in order, and past
+an audio chunk the engine takes at once (engines with a fast path: the cloud
+adapters), is handled right there, with no task or queue hop.  Whatever must
+wait (the key store at authentication, opening an engine at configuration, an
+engine pushing back on audio, every chunk of an engine without a fast path such
+as the embedded ones, whose decoding costs far more than a task) runs in one
+work task; messages arriving meanwhile wait in an inbox, in order, and past
 ``ws_read_ahead`` of them the socket stops being read, so TCP slows the client.
 
 Tasks, all owned here and cancelled when the connection is cleaned up:
@@ -742,7 +744,7 @@ class Connection:
 
     @staticmethod
     def _push_now(engine: _Engine, samples: Samples) -> bool:
-        """Give the engine a chunk if it takes it without waiting (the common case)."""
+        """Give the engine a chunk if it takes it without waiting."""
         try:
             return engine.stream.push_audio_nowait(samples)
         except RuntimeError:  # the stream failed meanwhile; its pump reports the error

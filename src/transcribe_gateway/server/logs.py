@@ -41,6 +41,23 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class ClientFaultsAreInfo(logging.Filter):
+    """picows logs a client's malformed frames at ERROR; they are the client's fault.
+
+    On a handler, since picows logs through a child logger per connection.
+    """
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__()
+        self.threshold = threshold
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("picows.") and record.getMessage().startswith("WS parser"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            return self.threshold <= logging.INFO
+        return True
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
@@ -49,3 +66,4 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for noisy in ("uvicorn.error", "uvicorn.access", "websockets", "picows", "faster_whisper"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    handler.addFilter(ClientFaultsAreInfo(max(logging.WARNING, root.level)))
