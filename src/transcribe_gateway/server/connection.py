@@ -29,10 +29,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -203,7 +204,8 @@ class Connection:
         if self.gateway.draining:
             self.session.fail(SERVICE_RESTART, "server shutting down")
         elif self._authorization is not None:
-            self._start_work(self._authenticate(bearer_token(self._authorization) or ""), [])
+            token = bearer_token(self._authorization) or ""
+            self._start_work(functools.partial(self._authenticate, token), [])
         else:
             loop = asyncio.get_running_loop()
             self._auth_timer = loop.call_later(self.settings.auth_timeout_s, self._auth_timeout)
@@ -303,22 +305,24 @@ class Connection:
                 todo = self._accept_audio(event.data)
                 if todo is None or self._push_now(*todo):
                     continue
-                self._start_work(self._push(*todo), events[index + 1 :])
+                self._start_work(functools.partial(self._push, *todo), events[index + 1 :])
                 break
             if isinstance(event, CloseRequested):
                 self.begin_end("client_close")
                 continue
-            self._start_work(self._handle(event), events[index + 1 :])
+            self._start_work(functools.partial(self._handle, event), events[index + 1 :])
             break
         self._flush()
 
-    def _start_work(self, first: Awaitable[None], then: list[Event]) -> None:
+    def _start_work(self, first: Callable[[], Awaitable[None]], then: list[Event]) -> None:
+        # A callable, not a coroutine: a task cancelled before it starts would
+        # leave a coroutine never awaited.
         self._work = asyncio.create_task(self._run_work(first, then), name=f"{self.id}-work")
 
-    async def _run_work(self, first: Awaitable[None], then: list[Event]) -> None:
+    async def _run_work(self, first: Callable[[], Awaitable[None]], then: list[Event]) -> None:
         """Finish what waits, then the messages held meanwhile, in order."""
         try:
-            await first
+            await first()
             await self._handle_all(then)
             while self._inbox and self.session.close_code is None:
                 if self._reading_paused and len(self._inbox) <= self.settings.ws_read_ahead // 2:
@@ -328,7 +332,8 @@ class Connection:
         except Exception:
             self._internal_error()
         finally:
-            # No await since the inbox was last seen empty: nothing can be in it.
+            # No await since the inbox was last seen empty (or the session closed):
+            # no message can have slipped in behind it.
             self._work = None
             if self._reading_paused:
                 self._reading_paused = False
