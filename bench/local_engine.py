@@ -3,6 +3,7 @@
 Run by hand (never in CI), from the repository root:
 
     .venv/bin/python bench/local_engine.py [--model whisper-tiny.en] [--sessions 1,2,4,8,12,16] [--runs 3]
+    .venv/bin/python bench/local_engine.py --synth [...]   # synthesized speech (needs espeak-ng)
 
 It starts a real gateway process (pinned to core 0 with ``taskset`` for the
 capacity part, one decode worker) and streams ``../shared/audio`` through
@@ -10,6 +11,11 @@ capacity part, one decode worker) and streams ``../shared/audio`` through
 measured on the client: the wall time a final arrived minus the wall time the
 audio of its end (``end_ms``) was sent, less the endpointing silence.  Results
 are printed as a Markdown block for BENCHMARKS.md.
+
+With ``--synth`` the clips are synthesized speech instead, from ``SYNTH``
+(sentences with numbers, commands and pauses, spoken by espeak-ng, a system
+package: ``apt-get install espeak-ng``): clean, known words in a voice unlike
+the recordings, several utterances per clip.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,12 +40,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
 from tests.conftest import free_port  # noqa: E402
-from tests.textnorm import LIBRIVOX, SHARED_AUDIO, corpus_wer, references  # noqa: E402
+from tests.textnorm import LIBRIVOX, SHARED_AUDIO, corpus_wer, normalize, references  # noqa: E402
 
 from transcribe_gateway.audio.files import read_audio  # noqa: E402
 
 KEY = "bench-key"
 ENDPOINTING_MS = 500
+SYNTH: dict[str, str] = {
+    "synth-weather": "The weather today is sunny, with a high of seventy two degrees.",
+    "synth-order": "I would like to order two large pizzas. One with mushrooms, one without.",
+    "synth-account": "My order number is twelve, and I need it delivered by Friday.",
+    "synth-meeting": "Please move the meeting to Thursday at three thirty. Thank you.",
+    "synth-robot": "Turn left, go forward ten meters, then stop.",
+    "synth-story": "She opened the old wooden door slowly. Inside, the room was dark and quiet.",
+    "synth-support": "My internet connection keeps dropping every evening around eight o'clock.",
+    "synth-travel": "The train to Boston leaves from platform nine at a quarter past six.",
+}
+"""Synthesized clips (``--synth``): name -> text, also the reference."""
+
+
+def synthesize(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Speak ``SYNTH`` with espeak-ng (US English); clips at 16 kHz and their references."""
+    clips = {}
+    for name, text in SYNTH.items():
+        path = directory / f"{name}.wav"
+        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "165", "-w", str(path), text], check=True)
+        clips[name] = read_audio(path)
+    return clips, {name: normalize(text) for name, text in SYNTH.items()}
 
 
 @dataclass
@@ -151,9 +179,9 @@ async def run_sessions(
 
 
 def batch_figures(
-    model: str, clips: dict[str, np.ndarray], refs: dict[str, str]
-) -> tuple[float, float, float]:
-    """WER LibriVox, WER all, and CPU real-time factor of batch decoding on one thread."""
+    model: str, clips: dict[str, np.ndarray], refs: dict[str, str], groups: dict[str, list[str]]
+) -> tuple[dict[str, float], float]:
+    """WER per group of clips, and CPU real-time factor of batch decoding on one thread."""
     texts: dict[str, str] = {}
     cpu = audio = 0.0
     if model.startswith("whisper"):
@@ -179,9 +207,8 @@ def batch_figures(
             texts[name] = hyp.hypstr if hyp else ""
             cpu += time.process_time() - t
             audio += len(samples) / 16000
-    lib = corpus_wer([(refs[n], texts[n]) for n in LIBRIVOX])
-    every = corpus_wer([(refs[n], texts[n]) for n in refs])
-    return lib, every, cpu / audio
+    wers = {g: corpus_wer([(refs[n], texts[n]) for n in names]) for g, names in groups.items()}
+    return wers, cpu / audio
 
 
 def main() -> None:
@@ -191,27 +218,35 @@ def main() -> None:
     parser.add_argument("--model", default="whisper-tiny.en")
     parser.add_argument("--sessions", default="1,2,4,6,8,12")
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; medians reported")
+    parser.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
     args = parser.parse_args()
-    refs = references()
     trail = np.zeros(16000, dtype=np.int16)
-    clips = {n: np.concatenate([read_audio(SHARED_AUDIO / n), trail]) for n in refs}
+    if args.synth:
+        with tempfile.TemporaryDirectory() as tmp:
+            spoken, refs = synthesize(Path(tmp))
+        clips = {n: np.concatenate([c, trail]) for n, c in spoken.items()}
+        groups = {"synthesized": list(refs)}
+    else:
+        refs = references()
+        clips = {n: np.concatenate([read_audio(SHARED_AUDIO / n), trail]) for n in refs}
+        groups = {"LibriVox": LIBRIVOX, "all files": list(refs)}
 
-    lib_b, all_b, rtf = batch_figures(args.model, clips, refs)
-    print(f"## LOCAL {args.model}\n")
-    print(
-        f"batch (one thread): WER LibriVox {lib_b:.3f}, all files {all_b:.3f}, CPU real-time factor {rtf:.3f}"
-    )
+    batch, rtf = batch_figures(args.model, clips, refs, groups)
+    print(f"## LOCAL {args.model}{' (synthesized speech)' if args.synth else ''}\n")
+    shown = ", ".join(f"{g} {w:.3f}" for g, w in batch.items())
+    print(f"batch (one thread): WER {shown}, CPU real-time factor {rtf:.3f}")
 
     # Streaming accuracy and single-session latency: both cores, one session at a time.
     med = statistics.median
-    lib_runs, all_runs, first_runs, final_runs, final_p95_runs = [], [], [], [], []
+    wer_runs: dict[str, list[float]] = {g: [] for g in groups}
+    first_runs, final_runs, final_p95_runs = [], [], []
     proc, url = start_server(workers=0, cpus=None)
     try:
         for _ in range(args.runs):
             solo = [asyncio.run(stream_one(url, n, clips[n], args.model)) for n in refs]
             texts = {r.name: r.text for r in solo}
-            lib_runs.append(corpus_wer([(refs[n], texts[n]) for n in LIBRIVOX]))
-            all_runs.append(corpus_wer([(refs[n], texts[n]) for n in refs]))
+            for g, names in groups.items():
+                wer_runs[g].append(corpus_wer([(refs[n], texts[n]) for n in names]))
             firsts = [r.first_partial_s for r in solo if r.first_partial_s is not None]
             finals = [x for r in solo for x in r.final_latencies_s]
             first_runs.append(med(firsts) if firsts else float("nan"))
@@ -220,12 +255,11 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait()
-    lib_s, all_s = med(lib_runs), med(all_runs)
     print(f"medians of {args.runs} runs")
-    print(
-        f"streaming (real time, one session at a time): WER LibriVox {lib_s:.3f} ({lib_s / max(lib_b, 1e-9):.2f}x batch), "
-        f"all files {all_s:.3f} ({all_s / max(all_b, 1e-9):.2f}x batch)"
+    streamed = ", ".join(
+        f"{g} {med(w):.3f} ({med(w) / max(batch[g], 1e-9):.2f}x batch)" for g, w in wer_runs.items()
     )
+    print(f"streaming (real time, one session at a time): WER {streamed}")
     print(f"time to first partial after speech onset: median {med(first_runs):.3f} s")
     print(
         f"time to final after end of speech, excluding {ENDPOINTING_MS} ms endpointing: "
