@@ -127,13 +127,25 @@ class TestFraming:
         assert ws.close_code == 1009
         await self._server_goes_on(server)
 
-    async def test_invalid_utf8_closes_1007(self, server: GatewayProcess) -> None:
-        # websockets will not send invalid text; picows' client sends raw frames.
+    @pytest.mark.parametrize(
+        ("frames", "code"),
+        [
+            ([(WSMsgType.TEXT, b'{"type": "auth", "token": "\xff\xfe"}', True)], 1007),
+            ([(WSMsgType.CONTINUATION, b"{}", True)], 1002),
+            ([(WSMsgType.TEXT, b"{", False), (WSMsgType.TEXT, b"}", True)], 1002),
+        ],
+        ids=["invalid-utf8", "continuation-without-start", "new-message-inside-fragmented"],
+    )
+    async def test_frames_against_rfc6455_close_the_connection(
+        self, server: GatewayProcess, frames: list[tuple[WSMsgType, bytes, bool]], code: int
+    ) -> None:
+        # websockets will not send such frames; picows' client sends raw ones.
         closes: list[Any] = []
 
         class Client(WSListener):  # type: ignore[misc]
             def on_ws_connected(self, transport: WSTransport) -> None:
-                transport.send(WSMsgType.TEXT, b'{"type": "auth", "token": "\xff\xfe"}')
+                for kind, payload, fin in frames:
+                    transport.send(kind, payload, fin=fin)
 
             def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
                 if frame.msg_type == WSMsgType.CLOSE:
@@ -142,7 +154,7 @@ class TestFraming:
 
         transport, _ = await ws_connect(Client, server.url)
         await asyncio.wait_for(transport.wait_disconnected(), 10)
-        assert closes == [1007]
+        assert closes == [code]
         await self._server_goes_on(server)
 
     async def test_other_paths_are_not_websockets(self, server: GatewayProcess) -> None:

@@ -444,8 +444,9 @@ class CloudStream(RecognizeStream):
         while len(self._batch) >= self._batch_bytes:
             pcm16 = bytes(self._batch[: self._batch_bytes])
             del self._batch[: self._batch_bytes]
-            self.sent_ms += len(pcm16) * 500 / self._options.sample_rate
             yield self.audio_frame(pcm16)
+            # After the frame is queued (the consumer resumes us): the stream's clock.
+            self.sent_ms += len(pcm16) * 500 / self._options.sample_rate
 
     async def _enqueue(self, frame: Frame | None) -> None:
         # Waits while the provider reads slower than the client sends (backpressure),

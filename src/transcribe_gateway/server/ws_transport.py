@@ -42,6 +42,7 @@ PATH: Final = b"/ws"
 HANDSHAKE_TIMEOUT_S: Final = 5.0
 CLOSE_REPLY_TIMEOUT_S: Final = 5.0
 """After our close frame, how long the client has to answer before the socket is cut."""
+PROTOCOL_ERROR: Final = 1002
 INVALID_TEXT: Final = 1007
 MESSAGE_TOO_BIG: Final = 1009
 SERVICE_RESTART: Final = 1012
@@ -65,6 +66,8 @@ class WebSocketLink(WSListener):  # type: ignore[misc]  # picows ships no stubs 
         self._fragments: list[bytes] = []
         self._fragment_type = WSMsgType.TEXT
         self._fragment_size = 0
+        self._assembling = False
+        """Inside a fragmented message (its first frame came, not yet its last)."""
         self._closing = False
         self._close_timer: asyncio.TimerHandle | None = None
         self.writable = True
@@ -81,7 +84,7 @@ class WebSocketLink(WSListener):  # type: ignore[misc]  # picows ships no stubs 
         conn = self._conn
         assert conn is not None
         kind = frame.msg_type
-        if kind is WSMsgType.TEXT and frame.fin:  # the one case per audio chunk
+        if kind is WSMsgType.TEXT and frame.fin and not self._assembling:  # each audio chunk
             try:
                 text = frame.get_payload_as_utf8_text()
             except UnicodeDecodeError:
@@ -93,24 +96,34 @@ class WebSocketLink(WSListener):  # type: ignore[misc]  # picows ships no stubs 
                 self._closing = True
                 transport.send(WSMsgType.CLOSE, frame.get_payload_as_bytes()[:2])
             transport.disconnect()
-        elif kind is WSMsgType.BINARY and frame.fin:
+        elif kind is WSMsgType.BINARY and frame.fin and not self._assembling:
             conn.receive_bytes(frame.get_payload_as_bytes())
         elif kind in (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION):
             self._on_fragment(kind, frame)
         # PING is answered by picows; PONG needs nothing.
 
     def _on_fragment(self, kind: WSMsgType, frame: WSFrame) -> None:
-        if kind is not WSMsgType.CONTINUATION:
+        starts = kind is not WSMsgType.CONTINUATION
+        if starts == self._assembling:  # RFC 6455 5.4: a continuation needs a start, and vice versa
+            self.close(
+                PROTOCOL_ERROR,
+                "unexpected continuation frame"
+                if not starts
+                else "new message inside a fragmented one",
+            )
+            return
+        if starts:
             self._fragment_type, self._fragments, self._fragment_size = kind, [], 0
+            self._assembling = True
         self._fragment_size += frame.payload_size
         if self._fragment_size > self._max_size:
-            self._fragments = []
+            self._fragments, self._assembling = [], False
             self.close(MESSAGE_TOO_BIG, "message too big")
             return
         self._fragments.append(frame.get_payload_as_bytes())
         if not frame.fin:
             return
-        data, self._fragments = b"".join(self._fragments), []
+        data, self._fragments, self._assembling = b"".join(self._fragments), [], False
         assert self._conn is not None
         if self._fragment_type is WSMsgType.BINARY:
             self._conn.receive_bytes(data)
