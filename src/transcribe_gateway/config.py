@@ -80,7 +80,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     """``auto``: uvloop where it is installed (Linux, macOS), else asyncio's own loop."""
     outgoing_queue: Annotated[int, msgspec.Meta(ge=8, le=100000)] = 512
-    """Messages waiting for a slow client before it is closed (partials are dropped first)."""
+    """Messages held for a slow client once its socket buffer is full, before it is closed
+    (partials are dropped first)."""
     endpointing_ms: Annotated[int, msgspec.Meta(ge=10, le=10000)] = 500
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"
