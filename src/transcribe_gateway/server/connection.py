@@ -1,7 +1,7 @@
 """One WebSocket connection: the session's timers and engine tasks around a sans-I/O Session.
 
 The transport (:class:`Link`, picows in :mod:`~transcribe_gateway.server.ws_transport`)
-calls :meth:`Connection.receive_text` once per message, and the common case,
+calls :meth:`Connection.receive` once per message, and the common case,
 an audio chunk the engine takes at once (engines with a fast path: the cloud
 adapters), is handled right there, with no task or queue hop.  Whatever must
 wait (the key store at authentication, opening an engine at configuration, an
@@ -33,7 +33,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
@@ -262,23 +262,17 @@ class Connection:
 
     # ----------------------------------------------------------------- input
 
-    def receive_text(self, text: str) -> None:
-        """One text message from the client (called by the link, never waits)."""
-        if self._work is not None:
-            self._hold(text)
-            return
-        try:
-            self._dispatch(self._parse(text))
-        except Exception:
-            self._internal_error()
+    def receive(self, message: str | bytes) -> None:
+        """One message from the client, text or binary (called by the link, never waits).
 
-    def receive_bytes(self, data: bytes) -> None:
-        """One binary message (not part of the protocol: answered with an error)."""
+        Binary messages are not part of the protocol; the session answers them
+        with an error.
+        """
         if self._work is not None:
-            self._hold(data)
+            self._hold(message)
             return
         try:
-            self._dispatch(self._parse(data))
+            self._dispatch(self._parse(message))
         except Exception:
             self._internal_error()
 
@@ -323,12 +317,15 @@ class Connection:
         """Finish what waits, then the messages held meanwhile, in order."""
         try:
             await first()
-            await self._handle_all(then)
+            self._flush()
+            for event in then:
+                await self._handle(event)
             while self._inbox and self.session.close_code is None:
                 if self._reading_paused and len(self._inbox) <= self.settings.ws_read_ahead // 2:
                     self._reading_paused = False
                     self.link.resume_reading()
-                await self._handle_all(self._parse(self._inbox.popleft()))
+                for event in self._parse(self._inbox.popleft()):
+                    await self._handle(event)
         except Exception:
             self._internal_error()
         finally:
@@ -339,12 +336,8 @@ class Connection:
                 self._reading_paused = False
                 self.link.resume_reading()
 
-    async def _handle_all(self, events: Iterable[Event]) -> None:
-        for event in events:
-            await self._handle(event)
-        self._flush()
-
     async def _handle(self, event: Event) -> None:
+        """One event, waiting as long as it needs; its answers are written at once."""
         if isinstance(event, AudioReceived):
             todo = self._accept_audio(event.data)
             if todo is not None and not self._push_now(*todo):
@@ -726,9 +719,7 @@ class Connection:
         self._meter(seconds, now)
         if self.session.close_code is not None:
             return None  # over the audio quota
-        self._last_activity = now
-        if self._idle_timer is None:
-            self._arm_idle(self.settings.idle_timeout_s)
+        self._touch(now)
         engine = self._engine
         if engine is None:
             if self._switching:
@@ -888,8 +879,8 @@ class Connection:
         self._log.info("session closing", extra={"reason": reason})
         self._flush()
 
-    def _touch(self) -> None:
-        self._last_activity = time.monotonic()
+    def _touch(self, now: float | None = None) -> None:
+        self._last_activity = time.monotonic() if now is None else now
         if self._idle_timer is None:
             self._arm_idle(self.settings.idle_timeout_s)
 

@@ -90,14 +90,14 @@ class WebSocketLink(WSListener):  # type: ignore[misc]  # picows ships no stubs 
             except UnicodeDecodeError:
                 self.close(INVALID_TEXT, "text frame is not valid UTF-8")
                 return
-            conn.receive_text(text)
+            conn.receive(text)
         elif kind is WSMsgType.CLOSE:
             if not self._closing:  # the client ends: answer its close, then hang up
                 self._closing = True
                 transport.send(WSMsgType.CLOSE, frame.get_payload_as_bytes()[:2])
             transport.disconnect()
         elif kind is WSMsgType.BINARY and frame.fin and not self._assembling:
-            conn.receive_bytes(frame.get_payload_as_bytes())
+            conn.receive(frame.get_payload_as_bytes())
         elif kind in (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION):
             self._on_fragment(kind, frame)
         # PING is answered by picows; PONG needs nothing.
@@ -126,14 +126,14 @@ class WebSocketLink(WSListener):  # type: ignore[misc]  # picows ships no stubs 
         data, self._fragments, self._assembling = b"".join(self._fragments), [], False
         assert self._conn is not None
         if self._fragment_type is WSMsgType.BINARY:
-            self._conn.receive_bytes(data)
+            self._conn.receive(data)
             return
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
             self.close(INVALID_TEXT, "text frame is not valid UTF-8")
             return
-        self._conn.receive_text(text)
+        self._conn.receive(text)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self._close_timer is not None:
