@@ -86,32 +86,44 @@ class TestSessionClose:
         assert ws.close_code == 1000
 
     async def test_close_waits_for_finals_queued_behind_other_sessions(self, shared_audio) -> None:
-        # One decode worker and a 1 s drain bound: the last of four sessions closing
-        # together waits several seconds for a worker.  The pool finishing the others'
-        # decodes is progress, so no session is cut off with a provider_error.
+        # One decode worker and a 2.5 s drain bound; four sessions each close with three
+        # utterances still to decode (~0.8 s each here), so the last waits for a worker
+        # several times the bound.  The pool finishing the others' decodes is progress,
+        # so no session is cut off with a provider_error.  (The bound is three decodes
+        # long: a bound near one decode's time flaked on a loaded machine.)
+        drain_timeout_s = 2.5
         server = GatewayProcess(
             "drain-backlog",
-            env={"TRANSCRIBE_LOCAL_WORKERS": "1", "TRANSCRIBE_DRAIN_TIMEOUT_S": "1"},
+            env={
+                "TRANSCRIBE_LOCAL_WORKERS": "1",
+                "TRANSCRIBE_DRAIN_TIMEOUT_S": str(drain_timeout_s),
+            },
         )
-        audio = read_audio(shared_audio / "sense_and_sensibility_01_austen_64kb-0870.wav")
+        speech = read_audio(shared_audio / "sense_and_sensibility_01_austen_64kb-0870.wav")
+        pause = np.zeros(16000, dtype=np.int16)
+        audio = np.concatenate([speech, pause, speech, pause, speech])
 
-        async def close_after_speech() -> list[dict[str, Any]]:
+        async def close_after_speech() -> tuple[list[dict[str, Any]], float]:
             ws, _ = await open_session(server.url, retry_busy=True)
             await send_audio(ws, audio)
             await ws.send(json.dumps({"type": "session.close"}))
-            return await collect(ws, 60)
+            closing = time.monotonic()
+            messages = await collect(ws, 90)
+            return messages, time.monotonic() - closing
 
         try:
-            started = time.monotonic()
             results = await asyncio.gather(*(close_after_speech() for _ in range(4)))
-            waited = time.monotonic() - started
         finally:
             server.stop()
-        for messages in results:
+        for messages, _ in results:
             assert not [m for m in messages if m["type"] == "error"], messages
-            assert "dashwood" in normalize(finals(messages))
+            assert normalize(finals(messages)).count("dashwood") == 3, finals(messages)
             assert messages[-1]["type"] == "session.closed"
-        assert waited > 1.5, "the finals did not queue: the test no longer tests the backlog"
+        longest = max(waited for _, waited in results)
+        assert longest > drain_timeout_s, (
+            f"the last close waited {longest:.1f} s: the finals did not queue, "
+            "so the test no longer tests the backlog"
+        )
 
 
 class TestIdleTimeout:
