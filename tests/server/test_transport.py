@@ -98,6 +98,40 @@ class TestAudioPaths:
         assert finals == [f"{samples} {digest}"]
         assert kinds[-1] == "session.closed"
 
+    async def test_a_held_message_that_ends_the_session_closes_it(
+        self, server: GatewayProcess
+    ) -> None:
+        # The slow engine keeps the work task busy, so the oversized message waits in
+        # the inbox and is the last thing the client sends: nothing later comes to
+        # write the close frame it causes (it once waited for the next message, and
+        # the session stayed open, already failed, past its idle timeout).
+        messages, _, _ = audio_chunks(50)
+        ws, _ = await open_session(server.url, provider="CHECKSUM", model="slow")
+        for message in messages:
+            await ws.send(message)
+        await ws.send(json.dumps({"type": "audio.append", "audio": "A" * (2 * MAX_MESSAGE)}))
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await recv(ws, 20)
+        assert ws.close_code == 1008
+        assert ws.close_reason == "message too big"
+
+    async def test_a_held_malformed_message_is_answered_without_waiting_for_another(
+        self, server: GatewayProcess
+    ) -> None:
+        messages, samples, digest = audio_chunks(50)
+        ws, _ = await open_session(server.url, provider="CHECKSUM", model="slow")
+        for message in messages:
+            await ws.send(message)
+        await ws.send("{not json")
+        error = await recv(ws, 20)  # no later message: the error alone must be sent
+        assert error["type"] == "error" and error["error"]["code"] == "invalid_message", error
+        await ws.send(json.dumps({"type": "session.close"}))
+        received = await collect(ws, 20)
+        finals = [m["text"] for m in received if m["type"] == "transcription.completed"]
+        assert finals == [f"{samples} {digest}"]
+        assert received[-1]["reason"] == "client_close", received  # not idle (3 s)
+
 
 class TestFraming:
     async def test_fragmented_messages_are_joined(self, server: GatewayProcess) -> None:

@@ -324,8 +324,13 @@ class Connection:
                 if self._reading_paused and len(self._inbox) <= self.settings.ws_read_ahead // 2:
                     self._reading_paused = False
                     self.link.resume_reading()
-                for event in self._parse(self._inbox.popleft()):
+                events = self._parse(self._inbox.popleft())
+                for event in events:
                     await self._handle(event)
+                if not events:
+                    # Refused as it was read (bad JSON, too big): its error or close
+                    # goes now, not with a later message that may never come.
+                    self._flush()
         except Exception:
             self._internal_error()
         finally:
