@@ -3,19 +3,22 @@
 Run by hand (never in CI), from the repository root:
 
     .venv/bin/python bench/local_engine.py [--model whisper-tiny.en] [--sessions 1,2,4,8,12,16] [--runs 3]
+        [--sessions-all-cores 8,16,20]   # the same on every core, a decode worker each
     .venv/bin/python bench/local_engine.py --synth [...]   # synthesized speech (needs espeak-ng)
 
 It starts a real gateway process (pinned to core 0 with ``taskset`` for the
-capacity part, one decode worker) and streams ``../shared/audio`` through
+capacity part, one decode worker; then, with ``--sessions-all-cores``, on every
+core with the default pool, to show sessions scale with cores) and streams ``../shared/audio`` through
 ``/ws`` in real time, 20 ms chunks, as a phone or a browser would.  Latencies are
 measured on the client: the wall time a final arrived minus the wall time the
 audio of its end (``end_ms``) was sent, less the endpointing silence.  Results
 are printed as a Markdown block for BENCHMARKS.md.
 
-With ``--synth`` the clips are synthesized speech instead, from ``SYNTH``
-(sentences with numbers, commands and pauses, spoken by espeak-ng, a system
-package: ``apt-get install espeak-ng``): clean, known words in a voice unlike
-the recordings, several utterances per clip.
+With ``--synth`` the clips are synthesized speech instead, spoken by espeak-ng
+(a system package: ``apt-get install espeak-ng``): ``SYNTH``, sentences with
+numbers, commands and pauses in one voice, and ``SYNTH_TURNS``, clips of two or
+three sentences with a pause after each (a new utterance each) in three voices:
+known words in voices unlike the recordings, 38 clips, ~450 words.
 """
 
 from __future__ import annotations
@@ -56,17 +59,129 @@ SYNTH: dict[str, str] = {
     "synth-support": "My internet connection keeps dropping every evening around eight o'clock.",
     "synth-travel": "The train to Boston leaves from platform nine at a quarter past six.",
 }
-"""Synthesized clips (``--synth``): name -> text, also the reference."""
+"""Synthesized clips (``--synth``), one espeak-ng call each (US voice): name -> text."""
+SYNTH_TURNS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "h01": (
+        "en-us",
+        (
+            "The birch canoe slid on the smooth planks.",
+            "Glue the sheet to the dark blue background.",
+        ),
+    ),
+    "h02": (
+        "en-gb",
+        ("It's easy to tell the depth of a well.", "These days a chicken leg is a rare dish."),
+    ),
+    "h03": (
+        "en-us+f3",
+        ("Rice is often served in round bowls.", "The juice of lemons makes fine punch."),
+    ),
+    "h04": (
+        "en-us",
+        (
+            "The box was thrown beside the parked truck.",
+            "The hogs were fed chopped corn and garbage.",
+        ),
+    ),
+    "h05": (
+        "en-gb",
+        ("Four hours of steady work faced us.", "A large size in stockings is hard to sell."),
+    ),
+    "h06": (
+        "en-us+f3",
+        ("The boy was there when the sun rose.", "A rod is used to catch pink salmon."),
+    ),
+    "h07": (
+        "en-us",
+        (
+            "The source of the huge river is the clear spring.",
+            "Kick the ball straight and follow through.",
+        ),
+    ),
+    "h08": (
+        "en-gb",
+        ("Help the woman get back to her feet.", "A pot of tea helps to pass the evening."),
+    ),
+    "h09": (
+        "en-us+f3",
+        ("Smoky fires lack flame and heat.", "The soft cushion broke the man's fall."),
+    ),
+    "h10": (
+        "en-us",
+        ("The salt breeze came across from the sea.", "The girl at the booth sold fifty bonds."),
+    ),
+    "h11": (
+        "en-gb",
+        (
+            "The small pup gnawed a hole in the sock.",
+            "The fish twisted and turned on the bent hook.",
+        ),
+    ),
+    "h12": (
+        "en-us+f3",
+        (
+            "Press the pants and sew a button on the vest.",
+            "The swan dive was far short of perfect.",
+        ),
+    ),
+    "h13": (
+        "en-us",
+        ("The beauty of the view stunned the young boy.", "Two blue fish swam in the tank."),
+    ),
+    "h14": (
+        "en-gb",
+        ("Her purse was full of useless trash.", "The colt reared and threw the tall rider."),
+    ),
+    "a01": ("en-us", ("Okay.", "Let me check that for you.")),
+    "a02": ("en-gb", ("Yes, please.", "Book it for Monday morning.")),
+    "a03": ("en-us+f3", ("Hello.", "I am calling about my bill.")),
+    "a04": ("en-us", ("No, thanks.", "That will be all for today.")),
+    "a05": ("en-gb", ("Sure.", "My zip code is nine four one one zero.")),
+    "a06": ("en-us+f3", ("Good morning.", "I would like to speak to a manager.")),
+    "a07": ("en-us", ("Hold on.", "I need to find my card.")),
+    "a08": ("en-gb", ("Thank you.", "Goodbye.")),
+    "a09": ("en-us+f3", ("Cancel my order.", "It has not shipped yet.")),
+    "a10": ("en-us", ("Can you repeat that?", "I did not hear the last part.")),
+    "a11": ("en-gb", ("What time do you close?", "Is it open on Sunday?")),
+    "a12": ("en-us+f3", ("Right.", "And the total is forty dollars?")),
+    "a13": ("en-us", ("Please move the meeting to Thursday at three thirty.", "Thank you.")),
+    "a14": ("en-gb", ("Turn left.", "Go forward ten meters.", "Then stop.")),
+    "a15": (
+        "en-us+f3",
+        ("The train to Boston leaves from platform nine.", "At a quarter past six."),
+    ),
+    "a16": ("en-us", ("My name is Sarah.", "I live on Oak Street.")),
+}
+"""More clips (``--synth``): name -> (voice, sentences), the sentences spoken one by one
+with :data:`SYNTH_PAUSE_S` of silence between, so each is its own utterance (as callers
+speak).  Harvard sentences (IEEE 1969) and short voice-agent turns, in three voices."""
+SYNTH_PAUSE_S = 0.8
 
 
-def synthesize(directory: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Speak ``SYNTH`` with espeak-ng (US English); clips at 16 kHz and their references."""
-    clips = {}
-    for name, text in SYNTH.items():
-        path = directory / f"{name}.wav"
-        subprocess.run(["espeak-ng", "-v", "en-us", "-s", "165", "-w", str(path), text], check=True)
-        clips[name] = read_audio(path)
-    return clips, {name: normalize(text) for name, text in SYNTH.items()}
+def synthesize(
+    directory: Path,
+) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, list[str]]]:
+    """Speak ``SYNTH`` and ``SYNTH_TURNS`` with espeak-ng: clips at 16 kHz, references, groups."""
+
+    def speak(voice: str, text: str, path: Path) -> np.ndarray:
+        subprocess.run(["espeak-ng", "-v", voice, "-s", "165", "-w", str(path), text], check=True)
+        return read_audio(path)
+
+    clips = {name: speak("en-us", text, directory / f"{name}.wav") for name, text in SYNTH.items()}
+    refs = {name: normalize(text) for name, text in SYNTH.items()}
+    pause = np.zeros(int(SYNTH_PAUSE_S * 16000), dtype=np.int16)
+    for name, (voice, sentences) in SYNTH_TURNS.items():
+        parts = [pause[:4800]]
+        for k, text in enumerate(sentences):
+            parts += [speak(voice, text, directory / f"{name}-{k}.wav"), pause]
+        clips[name] = np.concatenate(parts)
+        refs[name] = normalize(" ".join(sentences))
+    groups = {
+        "sentences (en-us)": list(SYNTH),
+        "turns (3 voices)": list(SYNTH_TURNS),
+        "all synthesized": list(refs),
+    }
+    return clips, refs, groups
 
 
 @dataclass
@@ -216,16 +331,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="whisper-tiny.en")
-    parser.add_argument("--sessions", default="1,2,4,6,8,12")
+    parser.add_argument("--sessions", default="1,2,4,6,8,12", help="levels on one core")
+    parser.add_argument(
+        "--sessions-all-cores",
+        default="",
+        help="levels on every core (default pool: a decode worker per core); none if empty",
+    )
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; medians reported")
     parser.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
     args = parser.parse_args()
     trail = np.zeros(16000, dtype=np.int16)
     if args.synth:
         with tempfile.TemporaryDirectory() as tmp:
-            spoken, refs = synthesize(Path(tmp))
+            spoken, refs, groups = synthesize(Path(tmp))
         clips = {n: np.concatenate([c, trail]) for n, c in spoken.items()}
-        groups = {"synthesized": list(refs)}
     else:
         refs = references()
         clips = {n: np.concatenate([read_audio(SHARED_AUDIO / n), trail]) for n in refs}
@@ -267,33 +386,40 @@ def main() -> None:
         f"(per run: {', '.join(f'{x:.3f}' for x in final_runs)})\n"
     )
 
-    # Capacity: the server pinned to one core with one decode worker.
+    # Capacity: the server pinned to one core with one decode worker, then (with
+    # --sessions-all-cores) on every core with the default pool, one worker per core.
+    setups = [("1", 1, "0", args.sessions)]
+    if args.sessions_all_cores:
+        setups.append((str(os.cpu_count()), 0, None, args.sessions_all_cores))
     print(
-        "| sessions on 1 core | final latency p50 (s) | p95 (s) | partials/session | WER | errors |"
+        "| cores | sessions | final latency p50 (s) | p95 (s) | partials/session | WER | errors |"
     )
-    print("|---|---|---|---|---|---|")
-    proc, url = start_server(workers=1, cpus="0")
-    try:
-        for n in [int(x) for x in args.sessions.split(",")]:
-            rows = []
-            for _ in range(args.runs):
-                results = asyncio.run(run_sessions(url, args.model, n, clips))
-                lat = [x for r in results for x in r.final_latencies_s]
-                rows.append(
-                    (
-                        pct(lat, 0.5),
-                        pct(lat, 0.95),
-                        statistics.mean(r.partials for r in results),
-                        corpus_wer([(refs[r.name], r.text) for r in results]),
-                        sum(len(r.errors) for r in results),
+    print("|---|---|---|---|---|---|---|")
+    for cores, workers, cpus, levels in setups:
+        proc, url = start_server(workers=workers, cpus=cpus)
+        try:
+            for n in [int(x) for x in levels.split(",")]:
+                rows = []
+                for _ in range(args.runs):
+                    results = asyncio.run(run_sessions(url, args.model, n, clips))
+                    lat = [x for r in results for x in r.final_latencies_s]
+                    rows.append(
+                        (
+                            pct(lat, 0.5),
+                            pct(lat, 0.95),
+                            statistics.mean(r.partials for r in results),
+                            corpus_wer([(refs[r.name], r.text) for r in results]),
+                            sum(len(r.errors) for r in results),
+                        )
                     )
+                p50, p95, parts, wer = (med(row[i] for row in rows) for i in range(4))
+                errors = sum(row[4] for row in rows)
+                print(
+                    f"| {cores} | {n} | {p50:.3f} | {p95:.3f} | {parts:.1f} | {wer:.3f} | {errors} |"
                 )
-            p50, p95, parts, wer = (med(row[i] for row in rows) for i in range(4))
-            errors = sum(row[4] for row in rows)
-            print(f"| {n} | {p50:.3f} | {p95:.3f} | {parts:.1f} | {wer:.3f} | {errors} |")
-    finally:
-        proc.terminate()
-        proc.wait()
+        finally:
+            proc.terminate()
+            proc.wait()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,168 @@
+"""Offline: how a streaming final's audio and context change Whisper's WER against batch.
+
+Run by hand (never in CI), from the repository root:
+
+    .venv/bin/python bench/final_variants.py [--synth] [--variants cut,pad-100,prompt,left-context]
+
+No server: each clip is cut into utterances by the gateway's own VAD and
+endpointer (Silero, the endpointing the load benchmark uses), and every
+utterance is decoded the way a variant says, with the final's settings (beam 5,
+word timestamps).  ``cut`` is what the LOCAL stream does; the others are ideas
+for closing the gap to batch (the whole clip decoded at once), measured here
+before any is built into the stream:
+
+* ``pad-N``: N ms more of the audio after the cut (the endpointing silence is
+  already in the buffer when the final is due, so this costs no latency);
+* ``prompt``: the session's previous finals as Whisper's prompt;
+* ``left-context``: the previous utterances' audio (up to 10 s) decoded in
+  front of this one, their finals forced as the decoder's prefix, and only what
+  follows the prefix kept (decoded alone if nothing follows).
+
+WER is deterministic here (no timing): one run is the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "bench")]
+
+from tests.textnorm import LIBRIVOX, SHARED_AUDIO, corpus_wer, references  # noqa: E402
+
+from local_engine import ENDPOINTING_MS, synthesize  # noqa: E402
+from transcribe_gateway.audio.files import read_audio  # noqa: E402
+from transcribe_gateway.audio.vad import SAMPLE_RATE, Endpointer, VoiceActivity  # noqa: E402
+from transcribe_gateway.providers.local_whisper import (  # noqa: E402
+    BUNDLED_MODEL,
+    WhisperEngine,
+    resolve_whisper_model,
+)
+
+LEFT_CONTEXT_S = 10.0
+Utterances = list[tuple[int, int]]
+Variant = Callable[[np.ndarray, Utterances], str]
+
+
+def utterances(audio: np.ndarray) -> Utterances:
+    """(start, end) samples of each utterance, as the LOCAL stream's VAD cuts them."""
+    activity = VoiceActivity(Endpointer(endpointing_ms=ENDPOINTING_MS))
+    cuts: Utterances = []
+    start: int | None = None
+    for i in range(0, len(audio), SAMPLE_RATE // 50):  # 20 ms chunks, as clients send
+        for event in activity.process(audio[i : i + SAMPLE_RATE // 50]):
+            if event.kind == "start":
+                start = event.sample
+            elif start is not None:
+                cuts.append((start, event.sample))
+                start = None
+    if start is not None:  # speech to the end: the stream finalizes it at end of input
+        cuts.append((start, len(audio)))
+    return cuts
+
+
+def variants(engine: WhisperEngine) -> dict[str, Variant]:
+    model = engine.model
+
+    def decode(audio: np.ndarray, **options: object) -> str:
+        segments, _ = model.transcribe(
+            audio.astype(np.float32) / 32768.0,
+            language="en",
+            vad_filter=False,
+            condition_on_previous_text=False,
+            beam_size=5,
+            word_timestamps=True,
+            **options,
+        )
+        return " ".join(s.text.strip() for s in segments).strip()
+
+    def cut(audio: np.ndarray, cuts: Utterances) -> str:
+        return " ".join(decode(audio[s:e]) for s, e in cuts)
+
+    def padded(ms: int) -> Variant:
+        def run(audio: np.ndarray, cuts: Utterances) -> str:
+            return " ".join(decode(audio[s : e + ms * SAMPLE_RATE // 1000]) for s, e in cuts)
+
+        return run
+
+    def prompt(audio: np.ndarray, cuts: Utterances) -> str:
+        finals: list[str] = []
+        for s, e in cuts:
+            finals.append(decode(audio[s:e], initial_prompt=" ".join(finals)[-200:] or None))
+        return " ".join(finals)
+
+    def left_context(audio: np.ndarray, cuts: Utterances) -> str:
+        finals: list[str] = []
+        for i, (s, e) in enumerate(cuts):
+            first = i
+            while first > 0 and s - cuts[first - 1][0] <= LEFT_CONTEXT_S * SAMPLE_RATE:
+                first -= 1
+            prefix = " ".join(finals[first:i]).strip()
+            text = ""
+            if prefix:
+                whole = decode(audio[cuts[first][0] : e], prefix=prefix)
+                if whole.startswith(prefix):
+                    text = whole[len(prefix) :].strip()
+            finals.append(text or decode(audio[s:e]))
+        return " ".join(finals)
+
+    return {
+        "cut": cut,
+        "pad-100": padded(100),
+        "pad-350": padded(350),
+        "prompt": prompt,
+        "left-context": left_context,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
+    parser.add_argument("--variants", default="cut,pad-100,pad-350,prompt,left-context")
+    args = parser.parse_args()
+    if args.synth:
+        with tempfile.TemporaryDirectory() as tmp:
+            spoken, refs, groups = synthesize(Path(tmp))
+    else:
+        refs = references()
+        spoken = {n: read_audio(SHARED_AUDIO / n) for n in refs}
+        groups = {"LibriVox": LIBRIVOX, "all files": list(refs)}
+    # As local_engine.py streams them: each clip followed by a second of silence.
+    trail = np.zeros(SAMPLE_RATE, dtype=np.int16)
+    clips = {n: np.concatenate([a, trail]) for n, a in spoken.items()}
+    engine = WhisperEngine(BUNDLED_MODEL, resolve_whisper_model(BUNDLED_MODEL, {}, False), 1)
+    texts = {"batch": {n: engine.transcribe(a, final=True).text for n, a in clips.items()}}
+    cuts = {n: utterances(a) for n, a in clips.items()}
+    table = variants(engine)
+    for name in args.variants.split(","):
+        texts[name] = {n: table[name](a, cuts[n]) for n, a in clips.items()}
+
+    def wer(name: str, group: str) -> float:
+        return corpus_wer([(refs[n], texts[name][n]) for n in groups[group]])
+
+    words = {g: sum(len(refs[n].split()) for n in names) for g, names in groups.items()}
+    print(f"## Final variants, {BUNDLED_MODEL}{' (synthesized speech)' if args.synth else ''}\n")
+    print(
+        "| | "
+        + " | ".join(f"{g} ({len(groups[g])} clips, {words[g]} words)" for g in groups)
+        + " |"
+    )
+    print("|---" * (len(groups) + 1) + "|")
+    for name in texts:
+        cells = []
+        for g in groups:
+            ratio = wer(name, g) / max(wer("batch", g), 1e-9)
+            cells.append(f"{wer(name, g):.3f}" + ("" if name == "batch" else f" ({ratio:.2f}x)"))
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
