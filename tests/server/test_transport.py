@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import websockets
 from picows import WSListener, WSMsgType, WSTransport, ws_connect
+from websockets.asyncio.client import ClientConnection
 
 from tests.conftest import TEST_KEYS, GatewayProcess
 from tests.server.wsutil import collect, connect, open_session, recv
@@ -98,18 +99,24 @@ class TestAudioPaths:
         assert finals == [f"{samples} {digest}"]
         assert kinds[-1] == "session.closed"
 
+    @staticmethod
+    async def held_last(server: GatewayProcess, last: str) -> tuple[ClientConnection, str]:
+        """Send ``last`` behind 50 chunks a slow engine is still taking: it waits in
+        the inbox, and nothing comes after it.  Returns the socket and the final due."""
+        messages, samples, digest = audio_chunks(50)
+        ws, _ = await open_session(server.url, provider="CHECKSUM", model="slow")
+        for message in [*messages, last]:
+            await ws.send(message)
+        return ws, f"{samples} {digest}"
+
     async def test_a_held_message_that_ends_the_session_closes_it(
         self, server: GatewayProcess
     ) -> None:
-        # The slow engine keeps the work task busy, so the oversized message waits in
-        # the inbox and is the last thing the client sends: nothing later comes to
-        # write the close frame it causes (it once waited for the next message, and
-        # the session stayed open, already failed, past its idle timeout).
-        messages, _, _ = audio_chunks(50)
-        ws, _ = await open_session(server.url, provider="CHECKSUM", model="slow")
-        for message in messages:
-            await ws.send(message)
-        await ws.send(json.dumps({"type": "audio.append", "audio": "A" * (2 * MAX_MESSAGE)}))
+        # Nothing later comes to write the close frame the oversized message causes
+        # (it once waited for the next message, and the session stayed open,
+        # already failed, past its idle timeout).
+        too_big = json.dumps({"type": "audio.append", "audio": "A" * (2 * MAX_MESSAGE)})
+        ws, _ = await self.held_last(server, too_big)
         with pytest.raises(websockets.ConnectionClosed):
             while True:
                 await recv(ws, 20)
@@ -119,17 +126,12 @@ class TestAudioPaths:
     async def test_a_held_malformed_message_is_answered_without_waiting_for_another(
         self, server: GatewayProcess
     ) -> None:
-        messages, samples, digest = audio_chunks(50)
-        ws, _ = await open_session(server.url, provider="CHECKSUM", model="slow")
-        for message in messages:
-            await ws.send(message)
-        await ws.send("{not json")
+        ws, final = await self.held_last(server, "{not json")
         error = await recv(ws, 20)  # no later message: the error alone must be sent
         assert error["type"] == "error" and error["error"]["code"] == "invalid_message", error
         await ws.send(json.dumps({"type": "session.close"}))
         received = await collect(ws, 20)
-        finals = [m["text"] for m in received if m["type"] == "transcription.completed"]
-        assert finals == [f"{samples} {digest}"]
+        assert [m["text"] for m in received if m["type"] == "transcription.completed"] == [final]
         assert received[-1]["reason"] == "client_close", received  # not idle (3 s)
 
 
