@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,10 +33,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "bench")]
 
-from tests.textnorm import LIBRIVOX, SHARED_AUDIO, corpus_wer, references  # noqa: E402
+from tests.textnorm import corpus_wer  # noqa: E402
 
-from local_engine import ENDPOINTING_MS, synthesize  # noqa: E402
-from transcribe_gateway.audio.files import read_audio  # noqa: E402
+from local_engine import ENDPOINTING_MS, load_clips  # noqa: E402
 from transcribe_gateway.audio.vad import SAMPLE_RATE, Endpointer, VoiceActivity  # noqa: E402
 from transcribe_gateway.providers.local_whisper import (  # noqa: E402
     BUNDLED_MODEL,
@@ -68,19 +66,9 @@ def utterances(audio: np.ndarray) -> Utterances:
 
 
 def variants(engine: WhisperEngine) -> dict[str, Variant]:
-    model = engine.model
-
-    def decode(audio: np.ndarray, **options: object) -> str:
-        segments, _ = model.transcribe(
-            audio.astype(np.float32) / 32768.0,
-            language="en",
-            vad_filter=False,
-            condition_on_previous_text=False,
-            beam_size=5,
-            word_timestamps=True,
-            **options,
-        )
-        return " ".join(s.text.strip() for s in segments).strip()
+    def decode(audio: np.ndarray, prompt: str | None = None, prefix: str | None = None) -> str:
+        # The final's own decode (beam search, word timestamps), as the stream runs it.
+        return engine.transcribe(audio, final=True, prompt=prompt, prefix=prefix).text.strip()
 
     def cut(audio: np.ndarray, cuts: Utterances) -> str:
         return " ".join(decode(audio[s:e]) for s, e in cuts)
@@ -94,7 +82,7 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
     def prompt(audio: np.ndarray, cuts: Utterances) -> str:
         finals: list[str] = []
         for s, e in cuts:
-            finals.append(decode(audio[s:e], initial_prompt=" ".join(finals)[-200:] or None))
+            finals.append(decode(audio[s:e], prompt=" ".join(finals)[-200:]))
         return " ".join(finals)
 
     def left_context(audio: np.ndarray, cuts: Utterances) -> str:
@@ -128,16 +116,7 @@ def main() -> None:
     parser.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
     parser.add_argument("--variants", default="cut,pad-100,pad-350,prompt,left-context")
     args = parser.parse_args()
-    if args.synth:
-        with tempfile.TemporaryDirectory() as tmp:
-            spoken, refs, groups = synthesize(Path(tmp))
-    else:
-        refs = references()
-        spoken = {n: read_audio(SHARED_AUDIO / n) for n in refs}
-        groups = {"LibriVox": LIBRIVOX, "all files": list(refs)}
-    # As local_engine.py streams them: each clip followed by a second of silence.
-    trail = np.zeros(SAMPLE_RATE, dtype=np.int16)
-    clips = {n: np.concatenate([a, trail]) for n, a in spoken.items()}
+    clips, refs, groups = load_clips(args.synth)
     engine = WhisperEngine(BUNDLED_MODEL, resolve_whisper_model(BUNDLED_MODEL, {}, False), 1)
     texts = {"batch": {n: engine.transcribe(a, final=True).text for n, a in clips.items()}}
     cuts = {n: utterances(a) for n, a in clips.items()}

@@ -184,6 +184,21 @@ def synthesize(
     return clips, refs, groups
 
 
+def load_clips(
+    synth: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, list[str]]]:
+    """The clips to stream (each followed by a second of silence), references, groups."""
+    if synth:
+        with tempfile.TemporaryDirectory() as tmp:
+            spoken, refs, groups = synthesize(Path(tmp))
+    else:
+        refs = references()
+        spoken = {n: read_audio(SHARED_AUDIO / n) for n in refs}
+        groups = {"LibriVox": LIBRIVOX, "all files": list(refs)}
+    trail = np.zeros(16000, dtype=np.int16)
+    return {n: np.concatenate([a, trail]) for n, a in spoken.items()}, refs, groups
+
+
 @dataclass
 class SessionResult:
     name: str
@@ -340,15 +355,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; medians reported")
     parser.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
     args = parser.parse_args()
-    trail = np.zeros(16000, dtype=np.int16)
-    if args.synth:
-        with tempfile.TemporaryDirectory() as tmp:
-            spoken, refs, groups = synthesize(Path(tmp))
-        clips = {n: np.concatenate([c, trail]) for n, c in spoken.items()}
-    else:
-        refs = references()
-        clips = {n: np.concatenate([read_audio(SHARED_AUDIO / n), trail]) for n in refs}
-        groups = {"LibriVox": LIBRIVOX, "all files": list(refs)}
+    clips, refs, groups = load_clips(args.synth)
 
     batch, rtf = batch_figures(args.model, clips, refs, groups)
     print(f"## LOCAL {args.model}{' (synthesized speech)' if args.synth else ''}\n")

@@ -168,13 +168,19 @@ class WhisperEngine:
         language: str | None = "en",
         beam_size: int = 5,
         offset_ms: int = 0,
+        prefix: str | None = None,
     ) -> Transcript:
-        """Decode one utterance (blocking; call from a pool worker)."""
+        """Decode one utterance (blocking; call from a pool worker).
+
+        ``prefix``: text the decoder must start with (it is part of the result);
+        the streams do not use it, ``bench/final_variants.py`` does.
+        """
         if self.english_only:
             language = "en"
         kwargs: dict[str, Any] = {
             "language": language,
             "initial_prompt": prompt or None,
+            "prefix": prefix or None,
             "vad_filter": False,
             "condition_on_previous_text": False,
         }
