@@ -12,7 +12,9 @@ in ``--servers`` (see ``SERVERS``): the bare baseline server
 (``bench/bare_server.py``: JSON + base64 decode only, on asyncio's loop or
 uvloop; ``bench/bare_picows.py``: the same on picows, a Cython WebSocket
 layer) and the gateway serving the ``NOOP`` provider
-(``bench/noop_provider.py``, loaded through the plugin interface), each
+(``bench/noop_provider.py``, loaded through the plugin interface; or, for
+``gateway-local``, the embedded engine on the generator's silence: its
+per-chunk cost, with no answers to time), each
 pinned to core 0 with ``taskset``, runs interleaved, medians reported; this
 load generator pins itself to core 1 (``--client picows`` keeps its own
 cost low enough to drive 1000 sessions from one core).  Each session streams 20 ms pcm16 chunks
@@ -37,6 +39,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import websockets
 
@@ -69,11 +72,22 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+SESSION_CONFIG: dict[str, Any] = {
+    "provider": "NOOP",
+    "model": "noop",
+    "input_audio_format": "pcm16",
+    "sample_rate": 16000,
+}
+LOCAL_CONFIG = {**SESSION_CONFIG, "provider": "LOCAL", "model": "whisper-tiny.en"}
+"""The embedded engine on the generator's silence: its per-chunk path (VAD, no decode)."""
+
+
 @dataclass
 class Server:
     name: str
     proc: subprocess.Popen[bytes]
     url: str
+    session: dict[str, Any] = field(default_factory=lambda: SESSION_CONFIG)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -97,7 +111,13 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) ->
     raise RuntimeError("server did not start")
 
 
-def start_gateway(name: str, cpu: str, loop: str = "auto", root: Path = ROOT) -> Server:
+def start_gateway(
+    name: str,
+    cpu: str,
+    loop: str = "auto",
+    root: Path = ROOT,
+    session: dict[str, Any] = SESSION_CONFIG,
+) -> Server:
     """The gateway from the checkout at ``root`` (another one: a before/after comparison)."""
     port = free_port()
     env = {
@@ -108,12 +128,15 @@ def start_gateway(name: str, cpu: str, loop: str = "auto", root: Path = ROOT) ->
         "TRANSCRIBE_PLUGINS": "bench.noop_provider:NoopSTT",
         "TRANSCRIBE_LOG_LEVEL": "warning",
         "TRANSCRIBE_LOCAL_WORKERS": "1",
+        # Admission caps LOCAL sessions at 8 per worker for decoding; on silence
+        # (gateway-local) nothing is decoded, so every session is admitted.
+        "TRANSCRIBE_LOCAL_MAX_SESSIONS_PER_WORKER": "1000",
         "HF_HUB_OFFLINE": "1",
     }
     cmd = ["taskset", "-c", cpu, sys.executable, "-m", "transcribe_gateway", "serve"]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env, cwd=root)
     wait_port(port, proc)
-    return Server(name, proc, f"ws://127.0.0.1:{port}/ws")
+    return Server(name, proc, f"ws://127.0.0.1:{port}/ws", session)
 
 
 def before_checkout() -> Path:
@@ -142,6 +165,11 @@ SERVERS: dict[str, Callable[[str], Server]] = {
     "gateway-before": lambda cpu: start_gateway("gateway-before", cpu, root=before_checkout()),
     "gateway-asyncio": lambda cpu: start_gateway("gateway-asyncio", cpu, loop="asyncio"),
     "gateway": lambda cpu: start_gateway("gateway", cpu),  # as shipped: uvloop where installed
+    # LOCAL sessions on silence: the embedded engine's per-chunk cost (Silero VAD, no decode).
+    "gateway-local": lambda cpu: start_gateway("gateway-local", cpu, session=LOCAL_CONFIG),
+    "gateway-before-local": lambda cpu: start_gateway(
+        "gateway-before-local", cpu, root=before_checkout(), session=LOCAL_CONFIG
+    ),
 }
 
 
@@ -186,14 +214,6 @@ class Level:
             f"{cores:.2f} | {self.cpu_per_chunk:.1f} | {self.rss_per_session_kb:.0f} | "
             f"{self.errors} | {kept} |"
         )
-
-
-SESSION_CONFIG = {
-    "provider": "NOOP",
-    "model": "noop",
-    "input_audio_format": "pcm16",
-    "sample_rate": 16000,
-}
 
 
 class Client:
@@ -252,7 +272,7 @@ class WebsocketsClient(Client):
             max_queue=None,
         )
         json.loads(await ws.recv())  # session.created
-        await ws.send(json.dumps({"type": "session.update", "session": SESSION_CONFIG}))
+        await ws.send(json.dumps({"type": "session.update", "session": server.session}))
         updated = json.loads(await ws.recv())
         if updated["type"] != "session.updated":
             raise RuntimeError(f"session.update refused: {updated}")
@@ -300,7 +320,7 @@ async def open_picows_client(server: Server, level: Level, slots: int) -> Client
     assert isinstance(client, PicowsClient)
     client.transport = transport
     json.loads(await client.setup.get())  # session.created
-    await client.send(json.dumps({"type": "session.update", "session": SESSION_CONFIG}))
+    await client.send(json.dumps({"type": "session.update", "session": server.session}))
     updated = json.loads(await client.setup.get())
     if updated["type"] != "session.updated":
         raise RuntimeError(f"session.update refused: {updated}")

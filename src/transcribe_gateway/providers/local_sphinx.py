@@ -530,9 +530,24 @@ class SphinxStream(RecognizeStream):
 
     # -- input side (event loop) ------------------------------------------------
 
+    def _take_audio(self, samples: Samples) -> bool:
+        # Only a decoder too far behind makes a chunk wait.  A chunk grows the
+        # backlog by itself plus, if it starts an utterance, the history the
+        # start is dated back into (at most ``_keep``): below that, no waiting,
+        # so the chunk is taken here, without a task (the usual case).
+        if self._backlog() + len(samples) + self._keep > self._max_backlog:
+            return False
+        self._feed(samples)
+        return True
+
     async def _on_audio(self, samples: Samples) -> None:
-        if len(samples) == 0:
-            return
+        self._feed(samples)
+        # Backpressure: the client waits while the decoder is too far behind.
+        while self._backlog() > self._max_backlog and not self._stopped():
+            self._progress.clear()
+            await self._progress.wait()
+
+    def _feed(self, samples: Samples) -> None:
         self._audio.append(samples)
         for event in self._activity.process(samples):
             if event.kind == "start":
@@ -541,10 +556,6 @@ class SphinxStream(RecognizeStream):
                 self._end_utterance(event.sample)
         self._trim()
         self._wake.set()
-        # Backpressure: the client waits while the decoder is too far behind.
-        while self._backlog() > self._max_backlog and not self._stopped():
-            self._progress.clear()
-            await self._progress.wait()
 
     def _begin_utterance(self, sample: int) -> None:
         # Never before the previous utterance's end: no audio is decoded twice.

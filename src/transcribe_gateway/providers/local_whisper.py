@@ -34,7 +34,7 @@ import numpy as np
 
 from transcribe_gateway.audio.buffer import AudioBuffer
 from transcribe_gateway.audio.decode import Samples
-from transcribe_gateway.audio.vad import SAMPLE_RATE
+from transcribe_gateway.audio.vad import FRAME, SAMPLE_RATE
 from transcribe_gateway.exceptions import ProviderUnavailable
 from transcribe_gateway.providers.base import (
     STT,
@@ -249,15 +249,33 @@ class WhisperStream(RecognizeStream):
 
     # -- input side (event loop) ------------------------------------------------
 
-    async def _on_audio(self, samples: Samples) -> None:
-        if len(samples) == 0:
-            return
+    def _take_audio(self, samples: Samples) -> bool:
+        # Each VAD frame the chunk completes can start one utterance (an event)
+        # and end one (a final job): with room for that many, nothing can wait,
+        # so the chunk is taken here, without a task (the usual 20 ms chunk).
+        bound = len(samples) // FRAME + 1
+        if self._event_room() < bound or FINAL_QUEUE - self._finals.qsize() < bound:
+            return False
         self._audio.append(samples)
         for event in self._activity.process(samples):
             if event.kind == "start":
-                await self._begin_utterance(event.sample)
+                self._emit_nowait(self._begin_utterance(event.sample))
             else:
-                await self._end_utterance(event.sample)
+                self._finals.put_nowait(self._end_utterance(event.sample))
+        self._after_audio()
+        return True
+
+    async def _on_audio(self, samples: Samples) -> None:
+        self._audio.append(samples)
+        for event in self._activity.process(samples):
+            if event.kind == "start":
+                await self._emit(self._begin_utterance(event.sample))
+            else:
+                # Waits while FINAL_QUEUE utterances are pending: the backpressure.
+                await self._finals.put(self._end_utterance(event.sample))
+        self._after_audio()
+
+    def _after_audio(self) -> None:
         if self._activity.in_speech:
             if self._activity.endpointer.pending_end is None:
                 self._maybe_partial()
@@ -266,17 +284,15 @@ class WhisperStream(RecognizeStream):
         else:
             self._audio.discard_before(self._audio.end - self._keep)
 
-    async def _begin_utterance(self, sample: int) -> None:
+    def _begin_utterance(self, sample: int) -> SpeechEvent:
         self._utterance += 1
         self._utt_start = max(sample, self._audio.start)
         # The first partial is due as soon as there is MIN_PARTIAL_SAMPLES of speech.
         self._last_partial_at = self._utt_start + MIN_PARTIAL_SAMPLES - self._partial_every
         self._partial_text = ""
-        await self._emit(
-            SpeechEvent(SpeechEventType.SPEECH_STARTED, self._utterance, start_ms=_ms(sample))
-        )
+        return SpeechEvent(SpeechEventType.SPEECH_STARTED, self._utterance, start_ms=_ms(sample))
 
-    async def _end_utterance(self, sample: int) -> None:
+    def _end_utterance(self, sample: int) -> _Final:
         job = _Final(
             self._utterance, self._utt_start, sample, self._audio.slice(self._utt_start, sample)
         )
@@ -285,9 +301,8 @@ class WhisperStream(RecognizeStream):
             job.early = early[2]  # the silence held: the speculative decode is the final
         elif early is not None:
             early[2].cancel()
-        # Waits while FINAL_QUEUE utterances are pending: the backpressure.
-        await self._finals.put(job)
         self._audio.discard_before(sample)
+        return job
 
     def _maybe_speculate(self) -> None:
         endpointer = self._activity.endpointer
@@ -353,7 +368,7 @@ class WhisperStream(RecognizeStream):
         if self._activity.in_speech:
             # Trailing speech with no silence after it: finalize up to the last sample.
             self._activity.endpointer.in_speech = False
-            await self._end_utterance(self._audio.end)
+            await self._finals.put(self._end_utterance(self._audio.end))
         self._audio.clear()
         await self._finals.put(None)
 
