@@ -252,7 +252,9 @@ class WhisperStream(RecognizeStream):
     def _take_audio(self, samples: Samples) -> bool:
         # Each VAD frame the chunk completes can start one utterance (an event)
         # and end one (a final job): with room for that many, nothing can wait,
-        # so the chunk is taken here, without a task (the usual 20 ms chunk).
+        # so the chunk is taken here, without a task (the usual 20 ms chunk;
+        # chunks of FINAL_QUEUE frames, 128 ms, or more always take the task path,
+        # which at their few messages a second costs little).
         bound = len(samples) // FRAME + 1
         if self._event_room() < bound or FINAL_QUEUE - self._finals.qsize() < bound:
             return False
