@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import GatewayProcess
 from tests.server.wsutil import collect, finals, open_session, send_audio
-from tests.textnorm import LIBRIVOX, corpus_wer, references
+from tests.textnorm import LIBRIVOX, corpus_wer, normalize, references
 from transcribe_gateway.audio.decode import decode_audio, encode_mulaw
 from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.audio.resample import resample
@@ -132,8 +132,11 @@ class TestWhisperAccuracy:
         )
         assert s <= 0.15
         assert s <= b * 1.05 + 1e-9
-        # Over all files (jfk cut into utterances, short commands) measured 0.110.
-        assert wer(streamed, list(REFS)) <= 0.14
+        # Over all files (jfk cut into utterances, short commands) measured 0.076
+        # (0.110 before the VAD heard phone audio widened: audio/vad.py NarrowbandVad).
+        assert wer(streamed, list(REFS)) <= 0.10
+        # cards-005 starts at once, quietly ("eight of spades"): heard at 8 kHz, not lost.
+        assert normalize(streamed["cards-005.wav"]).startswith("eight of spades")
 
     async def test_other_sample_rates_are_resampled(
         self, gateway: GatewayProcess, shared_audio

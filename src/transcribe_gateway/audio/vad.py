@@ -24,6 +24,8 @@ FRAME: Final = 512
 """Samples per Silero frame at 16 kHz (32 ms)."""
 FRAME_MS: Final = FRAME * 1000 // SAMPLE_RATE
 _CONTEXT: Final = 64
+NARROWBAND_RATE: Final = 8000
+"""Client rates at or below this are a phone line's band (see :class:`NarrowbandVad`)."""
 
 
 @functools.cache
@@ -181,11 +183,72 @@ class Endpointer:
         events.append(VadEvent("end", sample))
 
 
-class VoiceActivity:
-    """Silero + endpointer: feed 16 kHz samples, get utterance boundaries."""
+class Widen:
+    """Audio resampled from a phone line (<= 8 kHz) to 16 kHz, made audible to Silero.
 
-    def __init__(self, endpointer: Endpointer) -> None:
-        self._vad = SileroVad()
+    A clean resampler leaves nothing above 4 kHz, and Silero's 16 kHz model
+    then misses quiet speech: on the shared recordings through 8 kHz mu-law it
+    missed 7.9% of the speech it finds at 16 kHz, whole phrases at onsets
+    ("eight of spades", "ask").  Taking every other sample (the 8 kHz signal)
+    and re-upsampling it by linear interpolation leaves a faint mirror image of
+    the voice band above 4 kHz, as cheap upsamplers do, and Silero hears
+    speech there again.  Written by hand: library resamplers exist to remove
+    exactly that image; this is two numpy slices and one sample of state.
+    """
+
+    def __init__(self) -> None:
+        self._parity = 0  # index of the next sample, mod 2
+        self._last = 0  # the previous even-indexed sample
+
+    def process(self, samples: Samples) -> Samples:
+        """One chunk in; over the stream, as many samples out (one more at most)."""
+        even = samples[self._parity :: 2].astype(np.int32)
+        self._parity = (self._parity + len(samples)) % 2
+        if not len(even):
+            return np.zeros(0, dtype=np.int16)
+        out = np.empty(2 * len(even), dtype=np.int16)
+        out[1::2] = even
+        out[0] = (self._last + even[0]) // 2
+        out[2::2] = (even[:-1] + even[1:]) // 2
+        self._last = int(even[-1])
+        return out
+
+
+class NarrowbandVad:
+    """Speech probability for 16 kHz audio resampled from 8 kHz or less.
+
+    Each frame's probability is the larger of Silero on the audio as it is and
+    on the :class:`Widen`-ed audio: either one hearing speech is enough.  On
+    the shared recordings through 8 kHz mu-law, against the speech Silero
+    finds at 16 kHz, the plain audio missed 7.9%, the widened 3.1%, both 2.9%;
+    on synthesized speech 1.0%, 1.1% and 0.7% (``bench/narrowband_vad.py``).
+    Twice Silero's cost (~0.004x real time), for phone sessions only.
+    """
+
+    def __init__(self) -> None:
+        self._plain = SileroVad()
+        self._wide = SileroVad()
+        self._widen = Widen()
+        self._held = (np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32))
+
+    def process(self, samples: Samples) -> npt.NDArray[np.float32]:
+        """Feed samples; return one probability per frame both models completed."""
+        plain = np.concatenate([self._held[0], self._plain.process(samples)])
+        wide = np.concatenate([self._held[1], self._wide.process(self._widen.process(samples))])
+        n = min(len(plain), len(wide))  # the widened audio may lag by a sample
+        self._held = (plain[n:], wide[n:])
+        both: npt.NDArray[np.float32] = np.maximum(plain[:n], wide[:n])
+        return both
+
+
+class VoiceActivity:
+    """Silero + endpointer: feed 16 kHz samples, get utterance boundaries.
+
+    ``narrowband``: the audio was resampled from 8 kHz or less (see :class:`NarrowbandVad`).
+    """
+
+    def __init__(self, endpointer: Endpointer, *, narrowband: bool = False) -> None:
+        self._vad = NarrowbandVad() if narrowband else SileroVad()
         self.endpointer = endpointer
 
     @property

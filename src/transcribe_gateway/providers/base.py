@@ -78,6 +78,9 @@ class StreamOptions:
     prompt: str | None = None
     sample_rate: int = 16000
     """Rate of the audio pushed into the stream: the engine's own ``input_rate``."""
+    source_rate: int = 16000
+    """Rate the client sends; the gateway resampled it to ``sample_rate`` (at 8 kHz
+    and below, a phone line's band: a VAD reading it adapts, see ``audio/vad.py``)."""
     endpointing_ms: int = 500
     vad_threshold: float = 0.5
     vad_prefix_padding_ms: int = 300

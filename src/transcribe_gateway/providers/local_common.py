@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transcribe_gateway.audio.vad import Endpointer, VoiceActivity
+from transcribe_gateway.audio.vad import NARROWBAND_RATE, Endpointer, VoiceActivity
 from transcribe_gateway.providers.base import StreamOptions
 
 
@@ -15,5 +15,6 @@ def voice_activity(options: StreamOptions, max_utterance_ms: int) -> VoiceActivi
             endpointing_ms=options.endpointing_ms,
             prefix_padding_ms=options.vad_prefix_padding_ms,
             max_utterance_ms=max_utterance_ms,
-        )
+        ),
+        narrowband=options.source_rate <= NARROWBAND_RATE,
     )

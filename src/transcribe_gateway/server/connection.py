@@ -550,6 +550,7 @@ class Connection:
             language=language,
             prompt=config.prompt,
             sample_rate=model.input_rate,
+            source_rate=config.sample_rate,
             endpointing_ms=endpointing,
             vad_threshold=vad.threshold if vad.threshold is not None else 0.5,
             vad_prefix_padding_ms=(
