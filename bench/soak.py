@@ -55,7 +55,7 @@ def audio_messages(samples: bytes) -> list[str]:
 
 
 @dataclass(frozen=True)
-class Engine:
+class Workload:
     config: dict[str, object]
     short: list[str]
     """Audio of a sequential session (streamed at full speed)."""
@@ -64,8 +64,8 @@ class Engine:
     expect_final: bool
 
 
-def noop_engine() -> Engine:
-    return Engine(
+def noop_workload() -> Workload:
+    return Workload(
         {"provider": "NOOP", "model": "noop", "sample_rate": 16000},
         audio_messages(bytes(640 * 25)),
         audio_messages(bytes(640 * 100)),
@@ -73,10 +73,10 @@ def noop_engine() -> Engine:
     )
 
 
-def local_engine() -> Engine:
+def local_workload() -> Workload:
     speech = read_audio(SHARED_AUDIO / "goforward.raw").astype("<i2").tobytes()
     command = audio_messages(speech + bytes(16000 * 2))  # and 1 s of silence: the endpoint
-    return Engine(
+    return Workload(
         {"provider": "LOCAL", "model": "whisper-tiny.en", "sample_rate": 16000},
         command,
         command,
@@ -84,13 +84,13 @@ def local_engine() -> Engine:
     )
 
 
-async def one_session(url: str, engine: Engine, messages: list[str], pace_s: float) -> bool:
+async def one_session(url: str, workload: Workload, messages: list[str], pace_s: float) -> bool:
     """One session; True if it ended with session.closed (and its final, where due)."""
     async with websockets.connect(
         url, additional_headers={"Authorization": f"Bearer {KEY}"}, ping_interval=None
     ) as ws:
         await ws.recv()
-        await ws.send(json.dumps({"type": "session.update", "session": engine.config}))
+        await ws.send(json.dumps({"type": "session.update", "session": workload.config}))
         await ws.recv()
         for message in messages:
             await ws.send(message)
@@ -102,7 +102,7 @@ async def one_session(url: str, engine: Engine, messages: list[str], pace_s: flo
             kind = json.loads(raw)["type"]
             closed = closed or kind == "session.closed"
             final = final or kind == "transcription.completed"
-        return closed and (final or not engine.expect_final)
+        return closed and (final or not workload.expect_final)
 
 
 def health(http: str) -> dict[str, object]:
@@ -132,7 +132,7 @@ async def main() -> int:
     parser.add_argument("--concurrent", type=int, help="default: 200 (noop), 16 (local)")
     args = parser.parse_args()
     local = args.engine == "local"
-    engine = local_engine() if local else noop_engine()
+    workload = local_workload() if local else noop_workload()
     sequential = args.sequential or (200 if local else 1000)
     concurrent = args.concurrent or (16 if local else 200)
     server = start_gateway("soak", "0-1")
@@ -140,11 +140,11 @@ async def main() -> int:
     http = server.url.replace("ws://", "http://").removesuffix("/ws")
     try:
         for _ in range(20):  # warm-up: first sessions allocate caches and pools
-            await one_session(server.url, engine, engine.short, 0)
+            await one_session(server.url, workload, workload.short, 0)
         start = snapshot(pid, http, "after warm-up")
         started = time.monotonic()
         ok = sum(
-            [await one_session(server.url, engine, engine.short, 0) for _ in range(sequential)]
+            [await one_session(server.url, workload, workload.short, 0) for _ in range(sequential)]
         )
         print(
             f"{sequential} sequential sessions in {time.monotonic() - started:.1f} s, "
@@ -153,7 +153,7 @@ async def main() -> int:
         )
         after_seq = snapshot(pid, http, "after sequential")
         results = await asyncio.gather(
-            *(one_session(server.url, engine, engine.long, 0.02) for _ in range(concurrent)),
+            *(one_session(server.url, workload, workload.long, 0.02) for _ in range(concurrent)),
             return_exceptions=True,
         )
         ok2 = sum(r is True for r in results)
@@ -172,7 +172,7 @@ async def main() -> int:
                 f"{label}: {snap['tasks']:.0f} tasks, {snap['sessions']:.0f} sessions left"
             )
     if ok != sequential or ok2 != concurrent:
-        what = "session.closed" + (" and a final" if engine.expect_final else "")
+        what = "session.closed" + (" and a final" if workload.expect_final else "")
         failures.append(f"some sessions did not end with {what}")
     print("\nPASS" if not failures else "\nFAIL:\n  " + "\n  ".join(failures))
     return 1 if failures else 0
