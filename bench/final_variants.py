@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,12 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "bench")]
 from tests.textnorm import corpus_wer  # noqa: E402
 
 from local_engine import ENDPOINTING_MS, load_clips  # noqa: E402
-from transcribe_gateway.audio.vad import SAMPLE_RATE, Endpointer, VoiceActivity  # noqa: E402
+from transcribe_gateway.audio.vad import (  # noqa: E402
+    SAMPLE_RATE,
+    Endpointer,
+    VadEvent,
+    VoiceActivity,
+)
 from transcribe_gateway.providers.local_whisper import (  # noqa: E402
     BUNDLED_MODEL,
     WhisperEngine,
@@ -48,21 +53,31 @@ Utterances = list[tuple[int, int]]
 Variant = Callable[[np.ndarray, Utterances], str]
 
 
-def utterances(audio: np.ndarray) -> Utterances:
-    """(start, end) samples of each utterance, as the LOCAL stream's VAD cuts them."""
-    activity = VoiceActivity(Endpointer(endpointing_ms=ENDPOINTING_MS))
+def cut(
+    chunks: Iterable[np.ndarray], boundaries: Callable[[np.ndarray], list[VadEvent]]
+) -> Utterances:
+    """(start, end) samples of each utterance, from a VAD fed the chunks in order."""
     cuts: Utterances = []
     start: int | None = None
-    for i in range(0, len(audio), SAMPLE_RATE // 50):  # 20 ms chunks, as clients send
-        for event in activity.process(audio[i : i + SAMPLE_RATE // 50]):
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        for event in boundaries(chunk):
             if event.kind == "start":
                 start = event.sample
             elif start is not None:
                 cuts.append((start, event.sample))
                 start = None
     if start is not None:  # speech to the end: the stream finalizes it at end of input
-        cuts.append((start, len(audio)))
+        cuts.append((start, total))
     return cuts
+
+
+def utterances(audio: np.ndarray) -> Utterances:
+    """(start, end) samples of each utterance, as the LOCAL stream's VAD cuts them."""
+    activity = VoiceActivity(Endpointer(endpointing_ms=ENDPOINTING_MS))
+    step = SAMPLE_RATE // 50  # 20 ms chunks, as clients send
+    return cut((audio[i : i + step] for i in range(0, len(audio), step)), activity.process)
 
 
 def variants(engine: WhisperEngine) -> dict[str, Variant]:

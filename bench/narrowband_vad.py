@@ -38,6 +38,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "bench")]
 
 from tests.textnorm import corpus_wer  # noqa: E402
 
+from final_variants import Utterances, cut  # noqa: E402
 from local_engine import ENDPOINTING_MS, load_clips  # noqa: E402
 from transcribe_gateway.audio.decode import decode_audio, encode_mulaw  # noqa: E402
 from transcribe_gateway.audio.resample import Resampler, resample  # noqa: E402
@@ -54,7 +55,6 @@ from transcribe_gateway.providers.local_whisper import (  # noqa: E402
     resolve_whisper_model,
 )
 
-Cuts = list[tuple[int, int]]
 CHUNK_8K = 160  # 20 ms
 
 
@@ -73,21 +73,10 @@ HEARINGS: dict[str, Callable[[], SileroVad | WidenedOnly | NarrowbandVad]] = {
 }
 
 
-def cut(chunks: list[np.ndarray], vad: SileroVad | WidenedOnly | NarrowbandVad) -> Cuts:
-    """Utterances as a stream's endpointer cuts them, fed chunk by chunk."""
+def cut_with(chunks: list[np.ndarray], vad: SileroVad | WidenedOnly | NarrowbandVad) -> Utterances:
+    """Utterances as a stream's endpointer cuts them, ``vad`` fed chunk by chunk."""
     endpointer = Endpointer(endpointing_ms=ENDPOINTING_MS)
-    cuts: Cuts = []
-    start: int | None = None
-    for chunk in chunks:
-        for event in endpointer.process(vad.process(chunk)):
-            if event.kind == "start":
-                start = event.sample
-            elif start is not None:
-                cuts.append((start, event.sample))
-                start = None
-    if start is not None:
-        cuts.append((start, sum(len(c) for c in chunks)))
-    return cuts
+    return cut(chunks, lambda chunk: endpointer.process(vad.process(chunk)))
 
 
 def phone_line(audio: np.ndarray, mulaw: bool) -> list[np.ndarray]:
@@ -100,7 +89,7 @@ def phone_line(audio: np.ndarray, mulaw: bool) -> list[np.ndarray]:
     return [*chunks, up.flush()]
 
 
-def mask(cuts: Cuts, length: int) -> np.ndarray:
+def mask(cuts: Utterances, length: int) -> np.ndarray:
     covered = np.zeros(length, dtype=bool)
     for start, end in cuts:
         covered[start:end] = True
@@ -128,10 +117,10 @@ def main() -> None:
             chunks = phone_line(audio, line == "mulaw")
             received = np.concatenate(chunks)
             length = min(len(audio), len(received))
-            reference = mask(cut(wide, SileroVad()), length)
+            reference = mask(cut_with(wide, SileroVad()), length)
             speech[line] += int(reference.sum())
             for hearing, make in HEARINGS.items():
-                cuts = cut(chunks, make())
+                cuts = cut_with(chunks, make())
                 heard = mask(cuts, length)
                 missed[line, hearing] += int((reference & ~heard).sum())
                 extra[line, hearing] += int((heard & ~reference).sum())
