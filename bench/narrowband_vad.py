@@ -20,9 +20,8 @@ gateway's VAD and endpointer then cut it into utterances, hearing it as:
 Reported: the share of the speech the VAD finds in the original 16 kHz clip
 that each misses (speech lost: a cut starts late or ends early), and how much
 it adds.  ``--wer`` also decodes each cut as the stream's final (Whisper
-tiny.en) and gives the word error rate of the mu-law clips.  Not quite
-deterministic: the streaming resampler (soxr, int16 out) dithers, so shares
-move by about 0.1 point from run to run.
+tiny.en) and gives the word error rate of the mu-law clips.  Deterministic:
+the same table on every run.
 """
 
 from __future__ import annotations

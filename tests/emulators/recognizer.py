@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import soxr
 from faster_whisper import WhisperModel
 
+from transcribe_gateway.audio.resample import Resampler
 from transcribe_gateway.audio.vad import Endpointer, VoiceActivity
 
 RATE = 16000
@@ -89,7 +89,7 @@ class Recognizer:
 
     def __init__(self, rate: int, *, endpointing_ms: int = 500, interim_every_ms: int = 1000):
         self.rate = rate
-        self._resampler = None if rate == RATE else soxr.ResampleStream(rate, RATE, 1, "int16")
+        self._resampler = None if rate == RATE else Resampler(rate, RATE)
         self._vad = VoiceActivity(Endpointer(endpointing_ms=endpointing_ms))
         self._audio = np.zeros(0, np.int16)  # 16 kHz, the whole stream (tests are short)
         self._start: int | None = None
@@ -104,7 +104,7 @@ class Recognizer:
         samples = np.frombuffer(pcm16, "<i2")
         self.received_ms += len(samples) * 1000 / self.rate
         if self._resampler is not None:
-            samples = self._resampler.resample_chunk(samples)
+            samples = self._resampler.push(samples)
         self._audio = np.concatenate([self._audio, samples])
         for event in self._vad.process(samples):
             if event.kind == "start":

@@ -223,7 +223,7 @@ class TestSphinxAccuracy:
             f"all stream {wer(streamed, everything):.3f} batch {wer(batch, everything):.3f}"
         )
         assert wer(streamed, everything) <= wer(batch, everything) * 1.05 + 1e-9
-        assert wer(streamed, everything) <= 0.50  # measured 0.43: 8 kHz phone audio is hard for it
+        assert wer(streamed, everything) <= 0.50  # measured 0.39: 8 kHz phone audio is hard for it
 
 
 class TestConcurrency:
