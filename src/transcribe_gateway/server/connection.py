@@ -37,7 +37,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
-import msgspec
 from prometheus_client import Counter
 
 from transcribe_gateway.audio.decode import Samples, decode_audio
@@ -59,12 +58,12 @@ from transcribe_gateway.providers.base import (
     RecognizeStream,
     SpeechEvent,
     SpeechEventType,
-    StreamOptions,
 )
-from transcribe_gateway.providers.registry import Resolution, ResolutionError
+from transcribe_gateway.providers.registry import ResolutionError
 from transcribe_gateway.server import metrics, tokens
 from transcribe_gateway.server.auth import bearer_token
 from transcribe_gateway.server.limits import Grant, Refusal, SessionLimits, Verdict
+from transcribe_gateway.server.plan import Plan, plan_for, serving_instead
 from transcribe_gateway.server.replay import ReplayBuffer
 
 if TYPE_CHECKING:
@@ -95,15 +94,6 @@ class Link(Protocol):
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class _Plan:
-    """An engine chosen for the session: how to open it and what to announce."""
-
-    resolution: Resolution
-    options: StreamOptions
-    effective: m.EffectiveConfig
 
 
 @dataclass(slots=True)
@@ -169,7 +159,7 @@ class Connection:
         self._open_partials: dict[tuple[int, int], tuple[str, str, int]] = {}
         """Utterances with a partial but no final yet: (utterance id, text, start ms)."""
         self._utterances = 0
-        self._fallback: _Plan | None = None
+        self._fallback: Plan | None = None
         self._replay: ReplayBuffer | None = None
         """Audio since the last final, kept while a fallback is configured."""
         self._switching = False
@@ -493,8 +483,13 @@ class Connection:
         except ResolutionError as exc:
             self.session.send_error(exc.code, exc.message, field=exc.field)
             return
-        plan = self._plan(config, resolution)
-        fallback_plan = self._plan(config, fallback) if fallback is not None else None
+        endpointing_ms = self.settings.endpointing_ms
+        plan = plan_for(config, resolution, endpointing_ms=endpointing_ms)
+        fallback_plan = (
+            plan_for(config, fallback, endpointing_ms=endpointing_ms)
+            if fallback is not None
+            else None
+        )
         try:
             stream = await resolution.stt.open_stream(plan.options)
         except ProviderError as exc:
@@ -502,7 +497,7 @@ class Connection:
                 self.session.send_error(exc.code, str(exc), retryable=exc.retryable)
                 return
             self._report_failure(exc, fallback_plan)
-            plan, fallback_plan = self._switched_plan(fallback_plan, exc, config.model), None
+            plan, fallback_plan = serving_instead(fallback_plan, exc, config.model), None
             try:
                 stream = await plan.resolution.stt.open_stream(plan.options)
             except ProviderError as exc2:
@@ -527,66 +522,7 @@ class Connection:
             extra={"provider": plan.effective.provider, "model": plan.effective.model},
         )
 
-    def _plan(self, config: m.SessionConfig, resolution: Resolution) -> _Plan:
-        """The stream options and effective config for ``resolution`` serving ``config``."""
-        model = resolution.model
-        unsupported: list[str] = []
-        language = config.language
-        if model.languages is not None and language.split("-")[0] not in model.languages:
-            unsupported.append(
-                f"language={language} ({model.name} transcribes {model.languages[0]})"
-            )
-            language = model.languages[0]
-        if config.prompt and not model.supports_prompt:
-            unsupported.append("prompt")
-        if config.vad and not model.supports_vad:
-            unsupported.append("vad")
-        if config.endpointing is not None and not model.supports_endpointing:
-            unsupported.append("endpointing")
-        vad = config.vad or m.VadConfig()
-        endpointing = config.endpointing or self.settings.endpointing_ms
-        options = StreamOptions(
-            model=model.name,
-            language=language,
-            prompt=config.prompt,
-            sample_rate=model.input_rate,
-            source_rate=config.sample_rate,
-            endpointing_ms=endpointing,
-            vad_threshold=vad.threshold if vad.threshold is not None else 0.5,
-            vad_prefix_padding_ms=(
-                vad.prefix_padding_ms if vad.prefix_padding_ms is not None else 300
-            ),
-            vad_min_speech_ms=vad.min_speech_ms if vad.min_speech_ms is not None else 100,
-        )
-        effective = m.EffectiveConfig(
-            provider=resolution.stt.provider,
-            model=model.name,
-            language=language,
-            input_audio_format=config.input_audio_format,
-            sample_rate=config.sample_rate,
-            endpointing=endpointing,
-            prompt=config.prompt,
-            vad=config.vad,
-            fallback=config.fallback,
-            requested_provider=resolution.requested_provider,
-            requested_model=resolution.requested_model,
-            notice=resolution.notice,
-            unsupported=unsupported,
-        )
-        return _Plan(resolution, options, effective)
-
-    def _switched_plan(self, plan: _Plan, exc: ProviderError, requested_model: str) -> _Plan:
-        """``plan`` (the fallback) announced as serving in place of the failed provider."""
-        effective = msgspec.structs.replace(
-            plan.effective,
-            requested_provider=exc.provider,
-            requested_model=requested_model,
-            notice=f"{exc.provider} failed ({exc.reason}); this session is served by its "
-            f"fallback {plan.effective.provider}/{plan.effective.model}",
-        )
-        return _Plan(plan.resolution, plan.options, effective)
-
-    def _report_failure(self, exc: ProviderError, fallback: _Plan) -> None:
+    def _report_failure(self, exc: ProviderError, fallback: Plan) -> None:
         self._log.warning(
             "provider failed; switching to fallback",
             extra={"reason": exc.reason, "fallback": fallback.effective.provider},
@@ -599,9 +535,7 @@ class Connection:
         )
         self._flush()
 
-    def _start_engine(
-        self, plan: _Plan, stream: RecognizeStream, *, can_fall_back: bool
-    ) -> _Engine:
+    def _start_engine(self, plan: Plan, stream: RecognizeStream, *, can_fall_back: bool) -> _Engine:
         assert self.config is not None
         self._generation += 1
         engine = _Engine(
@@ -635,7 +569,7 @@ class Connection:
         self._switching = True
         try:
             assert self.config is not None
-            plan = self._switched_plan(plan, exc, self.config.model)
+            plan = serving_instead(plan, exc, self.config.model)
             try:
                 stream = await plan.resolution.stt.open_stream(plan.options)
             except ProviderError as exc2:

@@ -1,0 +1,97 @@
+"""From a session's config to an engine: the stream options to open it with, and
+the effective config announced back (``session.created`` / ``session.updated``).
+
+Pure functions, kept out of the connection so what a client is told about its
+session (a language the model cannot do, features it ignores, the defaults it
+got) is read and tested in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+import msgspec
+
+from transcribe_gateway.exceptions import ProviderError
+from transcribe_gateway.protocol import messages as m
+from transcribe_gateway.providers.base import StreamOptions
+from transcribe_gateway.providers.registry import Resolution
+
+# The defaults docs/protocol.md gives for the session.vad fields a client leaves out.
+VAD_THRESHOLD: Final = 0.5
+VAD_PREFIX_PADDING_MS: Final = 300
+VAD_MIN_SPEECH_MS: Final = 100
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """An engine chosen for the session: how to open it and what to announce."""
+
+    resolution: Resolution
+    options: StreamOptions
+    effective: m.EffectiveConfig
+
+
+def plan_for(config: m.SessionConfig, resolution: Resolution, *, endpointing_ms: int) -> Plan:
+    """How ``resolution`` serves ``config``; ``endpointing_ms`` is the server's default.
+
+    What the model cannot do is not an error: the session goes on without it
+    and ``effective.unsupported`` says what was dropped (a language the model
+    does not transcribe becomes the one it does).
+    """
+    model = resolution.model
+    unsupported: list[str] = []
+    language = config.language
+    if model.languages is not None and language.split("-")[0] not in model.languages:
+        unsupported.append(f"language={language} ({model.name} transcribes {model.languages[0]})")
+        language = model.languages[0]
+    if config.prompt and not model.supports_prompt:
+        unsupported.append("prompt")
+    if config.vad and not model.supports_vad:
+        unsupported.append("vad")
+    if config.endpointing is not None and not model.supports_endpointing:
+        unsupported.append("endpointing")
+    vad = config.vad or m.VadConfig()
+    endpointing = config.endpointing or endpointing_ms
+    options = StreamOptions(
+        model=model.name,
+        language=language,
+        prompt=config.prompt,
+        sample_rate=model.input_rate,
+        source_rate=config.sample_rate,
+        endpointing_ms=endpointing,
+        vad_threshold=VAD_THRESHOLD if vad.threshold is None else vad.threshold,
+        vad_prefix_padding_ms=(
+            VAD_PREFIX_PADDING_MS if vad.prefix_padding_ms is None else vad.prefix_padding_ms
+        ),
+        vad_min_speech_ms=VAD_MIN_SPEECH_MS if vad.min_speech_ms is None else vad.min_speech_ms,
+    )
+    effective = m.EffectiveConfig(
+        provider=resolution.stt.provider,
+        model=model.name,
+        language=language,
+        input_audio_format=config.input_audio_format,
+        sample_rate=config.sample_rate,
+        endpointing=endpointing,
+        prompt=config.prompt,
+        vad=config.vad,
+        fallback=config.fallback,
+        requested_provider=resolution.requested_provider,
+        requested_model=resolution.requested_model,
+        notice=resolution.notice,
+        unsupported=unsupported,
+    )
+    return Plan(resolution, options, effective)
+
+
+def serving_instead(fallback: Plan, exc: ProviderError, requested_model: str) -> Plan:
+    """``fallback`` announced as serving in place of the provider that failed with ``exc``."""
+    effective = msgspec.structs.replace(
+        fallback.effective,
+        requested_provider=exc.provider,
+        requested_model=requested_model,
+        notice=f"{exc.provider} failed ({exc.reason}); this session is served by its "
+        f"fallback {fallback.effective.provider}/{fallback.effective.model}",
+    )
+    return Plan(fallback.resolution, fallback.options, effective)

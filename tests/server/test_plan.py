@@ -1,0 +1,89 @@
+"""From a session config to stream options and the effective config (server/plan.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from transcribe_gateway.config import Settings
+from transcribe_gateway.exceptions import ProviderError
+from transcribe_gateway.protocol import messages as m
+from transcribe_gateway.providers.base import ModelInfo
+from transcribe_gateway.providers.registry import ProviderRegistry, Resolution
+from transcribe_gateway.server.plan import plan_for, serving_instead
+
+
+@pytest.fixture(scope="module")
+def registry() -> ProviderRegistry:
+    return ProviderRegistry.discover(Settings())
+
+
+def config(**session: object) -> m.SessionConfig:
+    return m.SessionConfig(**{"provider": "LOCAL", "model": "whisper-tiny.en", **session})  # type: ignore[arg-type]
+
+
+def test_defaults_fill_what_the_client_left_out(registry: ProviderRegistry) -> None:
+    resolution = registry.resolve("LOCAL", "whisper-tiny.en", "en")
+    plan = plan_for(config(sample_rate=8000), resolution, endpointing_ms=700)
+    assert plan.options.endpointing_ms == 700 and plan.effective.endpointing == 700
+    assert (plan.options.vad_threshold, plan.options.vad_prefix_padding_ms) == (0.5, 300)
+    assert plan.options.vad_min_speech_ms == 100
+    # The engine gets its own rate; the client's is kept for the phone-line VAD.
+    assert (plan.options.sample_rate, plan.options.source_rate) == (16000, 8000)
+    assert plan.effective.sample_rate == 8000
+    assert plan.effective.unsupported == [] and plan.effective.notice is None
+
+
+def test_what_the_client_set_wins_over_the_defaults(registry: ProviderRegistry) -> None:
+    resolution = registry.resolve("LOCAL", "whisper-tiny.en", "en")
+    vad = m.VadConfig(threshold=0.7, prefix_padding_ms=0, min_speech_ms=0)
+    plan = plan_for(config(endpointing=250, vad=vad), resolution, endpointing_ms=700)
+    assert plan.options.endpointing_ms == 250
+    # Zero is a value, not "unset".
+    assert (plan.options.vad_threshold, plan.options.vad_prefix_padding_ms) == (0.7, 0)
+    assert plan.options.vad_min_speech_ms == 0
+    assert plan.effective.vad == vad
+
+
+def test_a_substitute_says_what_it_cannot_honour(registry: ProviderRegistry) -> None:
+    # DEEPGRAM without a key is served by LOCAL's English-only default model.
+    resolution = registry.resolve("DEEPGRAM", "nova-3", "de")
+    plan = plan_for(
+        config(provider="DEEPGRAM", model="nova-3", language="de-DE"),
+        resolution,
+        endpointing_ms=500,
+    )
+    assert plan.effective.provider == "LOCAL" and plan.effective.requested_provider == "DEEPGRAM"
+    assert plan.options.language == plan.effective.language == "en"
+    assert plan.effective.unsupported == ["language=de-DE (whisper-tiny.en transcribes en)"]
+    assert "DEEPGRAM_API_KEY" in (plan.effective.notice or "")
+
+
+def test_features_a_model_lacks_are_listed_not_refused(registry: ProviderRegistry) -> None:
+    bare = ModelInfo("bare", supports_prompt=False, supports_vad=False, supports_endpointing=False)
+    resolution = Resolution(registry.local, bare)
+    session = config(model="bare", prompt="cards", vad=m.VadConfig(threshold=0.6), endpointing=300)
+    plan = plan_for(session, resolution, endpointing_ms=500)
+    assert plan.effective.unsupported == ["prompt", "vad", "endpointing"]
+    assert (
+        plan_for(config(model="bare"), resolution, endpointing_ms=500).effective.unsupported == []
+    )
+
+
+def test_a_fallback_is_announced_in_place_of_the_provider_that_failed(
+    registry: ProviderRegistry,
+) -> None:
+    fallback = plan_for(
+        config(), registry.resolve("LOCAL", "whisper-tiny.en", "en"), endpointing_ms=500
+    )
+    failure = ProviderError("DEEPGRAM", "connection refused", retryable=True)
+    plan = serving_instead(fallback, failure, "nova-3")
+    assert plan.options is fallback.options
+    assert (plan.effective.provider, plan.effective.model) == ("LOCAL", "whisper-tiny.en")
+    assert (plan.effective.requested_provider, plan.effective.requested_model) == (
+        "DEEPGRAM",
+        "nova-3",
+    )
+    assert plan.effective.notice == (
+        "DEEPGRAM failed (connection refused); this session is served by its "
+        "fallback LOCAL/whisper-tiny.en"
+    )
