@@ -5,13 +5,16 @@ Run by hand (never in CI), from the repository root:
     .venv/bin/python bench/local_engine.py [--model whisper-tiny.en] [--sessions 1,2,4,8,12,16] [--runs 3]
         [--sessions-all-cores 8,16,20]   # the same on every core, a decode worker each
     .venv/bin/python bench/local_engine.py --synth [...]   # synthesized speech (needs espeak-ng)
+    .venv/bin/python bench/local_engine.py --endpointing 1500 --sessions ''   # accuracy at a longer pause
 
 It starts a real gateway process (pinned to core 0 with ``taskset`` for the
 capacity part, one decode worker; then, with ``--sessions-all-cores``, on every
 core with the default pool, to show sessions scale with cores) and streams ``../shared/audio`` through
 ``/ws`` in real time, 20 ms chunks, as a phone or a browser would.  Latencies are
 measured on the client: the wall time a final arrived minus the wall time the
-audio of its end (``end_ms``) was sent, less the endpointing silence.  Results
+audio of the end of speech was sent, less the endpointing silence.  The end of
+speech is the final's ``end_ms`` less the little silence the VAD keeps after
+the last voiced frame (``Endpointer.trailing_ms``, 150 ms by default).  Results
 are printed as a Markdown block for BENCHMARKS.md.
 
 With ``--synth`` the clips are synthesized speech instead, spoken by espeak-ng
@@ -46,6 +49,7 @@ from tests.conftest import free_port  # noqa: E402
 from tests.textnorm import LIBRIVOX, SHARED_AUDIO, corpus_wer, normalize, references  # noqa: E402
 
 from transcribe_gateway.audio.files import read_audio  # noqa: E402
+from transcribe_gateway.audio.vad import Endpointer  # noqa: E402
 
 KEY = "bench-key"
 ENDPOINTING_MS = 500
@@ -238,15 +242,18 @@ def start_server(workers: int, cpus: str | None) -> tuple[subprocess.Popen[bytes
     raise RuntimeError("server did not start")
 
 
-async def stream_one(url: str, name: str, samples: np.ndarray, model: str) -> SessionResult:
+async def stream_one(
+    url: str, name: str, samples: np.ndarray, model: str, endpointing_ms: int = ENDPOINTING_MS
+) -> SessionResult:
     result = SessionResult(name)
+    trailing_ms = Endpointer(endpointing_ms=endpointing_ms).trailing_ms
     async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
         await ws.recv()
         await ws.send(
             json.dumps(
                 {
                     "type": "session.update",
-                    "session": {"provider": "LOCAL", "model": model, "endpointing": ENDPOINTING_MS},
+                    "session": {"provider": "LOCAL", "model": model, "endpointing": endpointing_ms},
                 }
             )
         )
@@ -275,7 +282,8 @@ async def stream_one(url: str, name: str, samples: np.ndarray, model: str) -> Se
                         result.first_partial_s = now - speech_start_wall[msg["utterance_id"]]
                 elif kind == "transcription.completed":
                     texts.append(msg["text"])
-                    latency = now - sent_at(msg["end_ms"]) - ENDPOINTING_MS / 1000
+                    speech_end = sent_at(msg["end_ms"] - trailing_ms)
+                    latency = now - speech_end - endpointing_ms / 1000
                     result.final_latencies_s.append(latency)
                 elif kind == "error":
                     result.errors.append(msg["error"]["code"])
@@ -301,11 +309,13 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run_sessions(
-    url: str, model: str, n: int, clips: dict[str, np.ndarray]
+    url: str, model: str, n: int, clips: dict[str, np.ndarray], endpointing_ms: int
 ) -> list[SessionResult]:
     names = list(clips)
     chosen = [names[i % len(names)] for i in range(n)]
-    return await asyncio.gather(*(stream_one(url, c, clips[c], model) for c in chosen))
+    return await asyncio.gather(
+        *(stream_one(url, c, clips[c], model, endpointing_ms) for c in chosen)
+    )
 
 
 def batch_figures(
@@ -346,7 +356,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="whisper-tiny.en")
-    parser.add_argument("--sessions", default="1,2,4,6,8,12", help="levels on one core")
+    parser.add_argument(
+        "--sessions", default="1,2,4,6,8,12", help="levels on one core; none if empty"
+    )
     parser.add_argument(
         "--sessions-all-cores",
         default="",
@@ -354,10 +366,22 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; medians reported")
     parser.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
+    parser.add_argument(
+        "--endpointing",
+        type=int,
+        default=ENDPOINTING_MS,
+        help="the sessions' endpointing silence, ms (the accuracy/latency knob)",
+    )
     args = parser.parse_args()
+    endpointing = args.endpointing
     clips, refs, groups = load_clips(args.synth)
 
     batch, rtf = batch_figures(args.model, clips, refs, groups)
+    # Streamed clips end in enough silence for the endpoint to fire before the
+    # session closes (else the close finalizes the last utterance early, and
+    # its latency is meaningless); one second covers the default 500 ms.
+    extra = max(0, (endpointing + 500) * 16 - 16000)
+    streamed_clips = {n: np.concatenate([a, np.zeros(extra, np.int16)]) for n, a in clips.items()}
     print(f"## LOCAL {args.model}{' (synthesized speech)' if args.synth else ''}\n")
     shown = ", ".join(f"{g} {w:.3f}" for g, w in batch.items())
     print(f"batch (one thread): WER {shown}, CPU real-time factor {rtf:.3f}")
@@ -369,7 +393,10 @@ def main() -> None:
     proc, url = start_server(workers=0, cpus=None)
     try:
         for _ in range(args.runs):
-            solo = [asyncio.run(stream_one(url, n, clips[n], args.model)) for n in refs]
+            solo = [
+                asyncio.run(stream_one(url, n, streamed_clips[n], args.model, endpointing))
+                for n in refs
+            ]
             texts = {r.name: r.text for r in solo}
             for g, names in groups.items():
                 wer_runs[g].append(corpus_wer([(refs[n], texts[n]) for n in names]))
@@ -388,27 +415,30 @@ def main() -> None:
     print(f"streaming (real time, one session at a time): WER {streamed}")
     print(f"time to first partial after speech onset: median {med(first_runs):.3f} s")
     print(
-        f"time to final after end of speech, excluding {ENDPOINTING_MS} ms endpointing: "
+        f"time to final after end of speech, excluding {endpointing} ms endpointing: "
         f"median {med(final_runs):.3f} s, p95 {med(final_p95_runs):.3f} s "
         f"(per run: {', '.join(f'{x:.3f}' for x in final_runs)})\n"
     )
 
     # Capacity: the server pinned to one core with one decode worker, then (with
     # --sessions-all-cores) on every core with the default pool, one worker per core.
-    setups = [("1", 1, "0", args.sessions)]
+    setups = [("1", 1, "0", args.sessions)] if args.sessions else []
     if args.sessions_all_cores:
         setups.append((str(os.cpu_count()), 0, None, args.sessions_all_cores))
-    print(
-        "| cores | sessions | final latency p50 (s) | p95 (s) | partials/session | WER | errors |"
-    )
-    print("|---|---|---|---|---|---|---|")
+    if setups:
+        print(
+            "| cores | sessions | final latency p50 (s) | p95 (s) | partials/session | WER | errors |"
+        )
+        print("|---|---|---|---|---|---|---|")
     for cores, workers, cpus, levels in setups:
         proc, url = start_server(workers=workers, cpus=cpus)
         try:
             for n in [int(x) for x in levels.split(",")]:
                 rows = []
                 for _ in range(args.runs):
-                    results = asyncio.run(run_sessions(url, args.model, n, clips))
+                    results = asyncio.run(
+                        run_sessions(url, args.model, n, streamed_clips, endpointing)
+                    )
                     lat = [x for r in results for x in r.final_latencies_s]
                     rows.append(
                         (

@@ -17,6 +17,7 @@ from transcribe_gateway.audio.resample import Resampler, resample
 from transcribe_gateway.audio.vad import (
     FRAME,
     SAMPLE_RATE,
+    TRAILING_MS,
     Endpointer,
     NarrowbandVad,
     SileroVad,
@@ -172,9 +173,27 @@ class TestEndpointer:
         pad = 300 * SAMPLE_RATE // 1000
         assert events[0] == ("start", 20 * FRAME - pad)
         assert events[1][0] == "end"
-        # Ends after the last voiced frame (plus half the padding), once 500 ms of silence passed.
-        assert events[1][1] == 50 * FRAME + pad // 2
+        # Ends a little after the last voiced frame, once 500 ms of silence passed.
+        assert events[1][1] == 50 * FRAME + TRAILING_MS * SAMPLE_RATE // 1000
         assert len(events) == 2
+
+    @pytest.mark.parametrize(
+        ("options", "trailing_ms"),
+        [
+            ({}, TRAILING_MS),
+            ({"prefix_padding_ms": 100}, 50),  # never more than half the prefix padding
+            ({"prefix_padding_ms": 0}, 0),
+            ({"endpointing_ms": 10}, 32),  # nor past the frame that completes the endpoint
+        ],
+    )
+    def test_endpointer_says_how_far_past_the_speech_it_dates_an_end(
+        self, options: dict[str, int], trailing_ms: int
+    ) -> None:
+        # What a client adds back to end_ms to find the end of speech (bench/local_engine.py).
+        endpointer = Endpointer(**options)
+        end = [e for e in endpointer.process(probs((0.9, 30), (0.0, 40))) if e.kind == "end"]
+        assert endpointer.trailing_ms == trailing_ms
+        assert end[0].sample == 30 * FRAME + trailing_ms * SAMPLE_RATE // 1000
 
     def test_endpointer_ignores_blips_shorter_than_min_speech(self) -> None:
         # min_speech_ms=100 needs 4 frames of 32 ms.

@@ -23,6 +23,11 @@ SAMPLE_RATE: Final = 16000
 FRAME: Final = 512
 """Samples per Silero frame at 16 kHz (32 ms)."""
 FRAME_MS: Final = FRAME * 1000 // SAMPLE_RATE
+TRAILING_MS: Final = 64
+"""Silence an utterance keeps after its last voiced frame (two frames), for a
+soft final consonant.  Short, so a final's decode can start early in the
+endpointing silence: 150 ms before (half the prefix padding) cost finals ~0.1 s
+and bought no accuracy (BENCHMARKS.md, "Finals sooner")."""
 _CONTEXT: Final = 64
 NARROWBAND_RATE: Final = 8000
 """Client rates at or below this are a phone line's band (see :class:`NarrowbandVad`)."""
@@ -109,6 +114,11 @@ class Endpointer:
         self._min_speech = max(1, -(-min_speech_ms // FRAME_MS))
         self._min_silence = max(1, -(-endpointing_ms // FRAME_MS))
         self._pad = prefix_padding_ms * SAMPLE_RATE // 1000
+        # TRAILING_MS past the last voiced frame, never more than half the
+        # prefix padding nor past the frame that completes the endpointing.
+        self._trailing = min(
+            TRAILING_MS * SAMPLE_RATE // 1000, self._pad // 2, self._min_silence * FRAME
+        )
         self._max_len = max_utterance_ms * SAMPLE_RATE // 1000
         self._frame = 0  # index of the next frame
         self.in_speech = False
@@ -147,9 +157,12 @@ class Endpointer:
         return events
 
     def _end_after_silence(self) -> int:
-        # A little after the last voiced frame, so a soft final consonant is
-        # kept; never past the frame that completes the endpointing silence.
-        return self._last_voiced_end + min(self._pad // 2, self._min_silence * FRAME)
+        return self._last_voiced_end + self._trailing
+
+    @property
+    def trailing_ms(self) -> int:
+        """How far past the last voiced frame an utterance's end (``end_ms``) is dated."""
+        return self._trailing * 1000 // SAMPLE_RATE
 
     @property
     def silence_ms(self) -> int:

@@ -34,7 +34,7 @@ import numpy as np
 
 from transcribe_gateway.audio.buffer import AudioBuffer
 from transcribe_gateway.audio.decode import Samples
-from transcribe_gateway.audio.vad import FRAME, SAMPLE_RATE
+from transcribe_gateway.audio.vad import FRAME, SAMPLE_RATE, TRAILING_MS
 from transcribe_gateway.exceptions import ProviderUnavailable
 from transcribe_gateway.providers.base import (
     STT,
@@ -53,8 +53,9 @@ BUNDLED_MODEL: Final = "whisper-tiny.en"
 FINAL_QUEUE: Final = 4
 """Utterances waiting for their final decode before ``push_audio`` waits."""
 MIN_PARTIAL_SAMPLES: Final = SAMPLE_RATE // 2
-SPECULATE_AFTER_MS: Final = 150
-"""Silence heard before the final decode starts speculatively (capped at half the endpointing)."""
+SPECULATE_AFTER_MS: Final = TRAILING_MS
+"""Silence heard before the final decode starts speculatively (capped at half the
+endpointing): as soon as the utterance's audio, with its trailing silence, is in."""
 
 
 def _bundled_model_dir() -> Path | None:
