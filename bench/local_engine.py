@@ -14,7 +14,7 @@ core with the default pool, to show sessions scale with cores) and streams ``../
 measured on the client: the wall time a final arrived minus the wall time the
 audio of the end of speech was sent, less the endpointing silence.  The end of
 speech is the final's ``end_ms`` less the little silence the VAD keeps after
-the last voiced frame (``Endpointer.trailing_ms``, 150 ms by default).  Results
+the last voiced frame (``Endpointer.trailing_ms``, 96 ms by default).  Results
 are printed as a Markdown block for BENCHMARKS.md.
 
 With ``--synth`` the clips are synthesized speech instead, spoken by espeak-ng

@@ -23,11 +23,12 @@ SAMPLE_RATE: Final = 16000
 FRAME: Final = 512
 """Samples per Silero frame at 16 kHz (32 ms)."""
 FRAME_MS: Final = FRAME * 1000 // SAMPLE_RATE
-TRAILING_MS: Final = 64
-"""Silence an utterance keeps after its last voiced frame (two frames), for a
-soft final consonant.  Short, so a final's decode can start early in the
-endpointing silence: 150 ms before (half the prefix padding) cost finals ~0.1 s
-and bought no accuracy (BENCHMARKS.md, "Finals sooner")."""
+TRAILING_MS: Final = 96
+"""Silence an utterance keeps after its last voiced frame (three frames), for a
+soft final consonant Silero scores as silence (at 64 ms, "clubs" became
+"clothes").  Short, so a final's decode can start early in the endpointing
+silence: 150 ms (half the prefix padding, before) delayed finals by 54 ms more
+for no accuracy on the shared audio (BENCHMARKS.md, "Finals sooner")."""
 _CONTEXT: Final = 64
 NARROWBAND_RATE: Final = 8000
 """Client rates at or below this are a phone line's band (see :class:`NarrowbandVad`)."""
