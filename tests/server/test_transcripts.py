@@ -132,7 +132,7 @@ class TestWhisperAccuracy:
         )
         assert s <= 0.15
         assert s <= b * 1.05 + 1e-9
-        # Over all files (jfk cut into utterances, short commands) measured 0.076
+        # Over all files (jfk cut into utterances, short commands) measured 0.085
         # (0.110 before the VAD heard phone audio widened: audio/vad.py NarrowbandVad).
         assert wer(streamed, list(REFS)) <= 0.10
         # cards-005 starts at once, quietly ("eight of spades"): heard at 8 kHz, not lost.
@@ -223,7 +223,7 @@ class TestSphinxAccuracy:
             f"all stream {wer(streamed, everything):.3f} batch {wer(batch, everything):.3f}"
         )
         assert wer(streamed, everything) <= wer(batch, everything) * 1.05 + 1e-9
-        assert wer(streamed, everything) <= 0.50  # measured 0.39: 8 kHz phone audio is hard for it
+        assert wer(streamed, everything) <= 0.50  # measured 0.37: 8 kHz phone audio is hard for it
 
 
 class TestConcurrency:
