@@ -18,10 +18,9 @@ from transcribe_gateway.protocol import messages as m
 from transcribe_gateway.providers.base import StreamOptions
 from transcribe_gateway.providers.registry import Resolution
 
-# The defaults docs/protocol.md gives for the session.vad fields a client leaves out.
-VAD_THRESHOLD: Final = 0.5
-VAD_PREFIX_PADDING_MS: Final = 300
-VAD_MIN_SPEECH_MS: Final = 100
+# StreamOptions holds the defaults (docs/protocol.md) for the session.vad
+# fields a client leaves out.
+_DEFAULTS: Final = StreamOptions(model="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,11 +60,15 @@ def plan_for(config: m.SessionConfig, resolution: Resolution, *, endpointing_ms:
         sample_rate=model.input_rate,
         source_rate=config.sample_rate,
         endpointing_ms=endpointing,
-        vad_threshold=VAD_THRESHOLD if vad.threshold is None else vad.threshold,
+        vad_threshold=_DEFAULTS.vad_threshold if vad.threshold is None else vad.threshold,
         vad_prefix_padding_ms=(
-            VAD_PREFIX_PADDING_MS if vad.prefix_padding_ms is None else vad.prefix_padding_ms
+            _DEFAULTS.vad_prefix_padding_ms
+            if vad.prefix_padding_ms is None
+            else vad.prefix_padding_ms
         ),
-        vad_min_speech_ms=VAD_MIN_SPEECH_MS if vad.min_speech_ms is None else vad.min_speech_ms,
+        vad_min_speech_ms=(
+            _DEFAULTS.vad_min_speech_ms if vad.min_speech_ms is None else vad.min_speech_ms
+        ),
     )
     effective = m.EffectiveConfig(
         provider=resolution.stt.provider,
