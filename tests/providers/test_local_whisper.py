@@ -1,9 +1,13 @@
-"""The Whisper stream in process: segmentation, speculative finals, trailing speech."""
+"""The Whisper stream in process: segmentation, speculative finals, trailing speech;
+the engine's encoder on every core."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +18,13 @@ from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.config import Settings
 from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, StreamOptions
 from transcribe_gateway.providers.local import LocalSTT
-from transcribe_gateway.providers.local_whisper import WhisperStream
+from transcribe_gateway.providers.local_whisper import (
+    BUNDLED_MODEL,
+    Transcript,
+    WhisperEngine,
+    WhisperStream,
+    resolve_whisper_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,21 +94,25 @@ async def test_a_flood_of_utterances_waits_for_the_final_queue(stt: LocalSTT) ->
 
 
 async def test_speculation_is_dropped_when_speech_resumes(stt: LocalSTT) -> None:
-    # Two phrases 350 ms apart: longer than the speculation point, shorter than
-    # the 500 ms endpointing, so they are one utterance and the guess is wrong.
+    # Two phrases ~0.4 s apart (goforward's tail, 150 ms of zeros, the lead-in
+    # of cards-001): longer than the speculation point, shorter than the 500 ms
+    # endpointing, so they are one utterance and the guess made in the gap is wrong.
+    encoder = stt._engines[BUNDLED_MODEL].encoder
+    stopped = encoder.stopped
     words = read_audio(SHARED_AUDIO / "goforward.raw")
-    gap = np.zeros(int(0.35 * 16000), np.int16)
+    gap = np.zeros(int(0.15 * 16000), np.int16)
     cards = read_audio(SHARED_AUDIO / "cards-001.wav")
     audio = np.concatenate([words[: int(2.35 * 16000)], gap, cards, np.zeros(16000, np.int16)])
     result = await run(stt, audio)
     stream, events = result.stream, result.events
-    text = normalize(" ".join(f.text for f in finals(events)))
-    assert text.startswith("go forward ten meters ten of")  # "clubs" is often heard "close"
-    starts = [e for e in events if e.type is SpeechEventType.SPEECH_STARTED]
-    assert len(finals(events)) == len(starts)  # the dropped guess was never emitted
-    if len(starts) == 1:  # one utterance: its final covers both phrases
-        assert finals(events)[0].end_ms > 2350 + 350
-        assert stream.early_finals <= 1
+    (final,) = finals(events)  # the dropped guess was never emitted
+    assert normalize(final.text).startswith("go forward ten meters ten of")  # "clubs": "close"
+    assert [e.type for e in events].count(SpeechEventType.SPEECH_STARTED) == 1
+    assert final.end_ms > 2350 + 150  # one utterance: its final covers both phrases
+    assert stream.early_finals <= 1
+    # The dropped guess (and any partial a final overtook) stopped after its
+    # encoder instead of decoding for nothing.
+    assert encoder.stopped > stopped
 
 
 async def test_trailing_speech_is_finalized_at_end_of_input(stt: LocalSTT) -> None:
@@ -111,3 +125,120 @@ async def test_trailing_speech_is_finalized_at_end_of_input(stt: LocalSTT) -> No
         SpeechEventType.FINAL,
         SpeechEventType.SPEECH_STOPPED,
     ]
+
+
+@dataclass
+class HeldReplica:
+    """The engine's real extra encoder replica, holding its first encode until released."""
+
+    replica: Any
+    inside: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    def encode(self, features: Any) -> Any:
+        if not self.inside.is_set():
+            self.inside.set()
+            assert self.release.wait(30)
+        return self.replica.encode(features)
+
+
+@dataclass
+class Engines:
+    alone: WhisperEngine
+    """One worker: no extra replica."""
+    engine: WhisperEngine
+    """Two workers."""
+    audio: np.ndarray
+    expected: Transcript
+    """``alone``'s final of ``audio``."""
+
+
+@pytest.fixture(scope="module")
+def engines() -> Engines:
+    path = resolve_whisper_model(BUNDLED_MODEL, {}, False)
+    alone = WhisperEngine(BUNDLED_MODEL, path, 1)
+    audio = read_audio(SHARED_AUDIO / "goforward.raw")
+    return Engines(
+        alone, WhisperEngine(BUNDLED_MODEL, path, 2), audio, alone.transcribe(audio, final=True)
+    )
+
+
+def hold(engine: WhisperEngine) -> HeldReplica:
+    held = HeldReplica(engine.encoder._wide)
+    engine.encoder._wide = held
+    return held
+
+
+def test_the_extra_replica_takes_one_encode_at_a_time(engines: Engines) -> None:
+    # An encode while another is on the extra replica runs on the pool's own
+    # one-thread replica instead; every result is the one-worker engine's.
+    engine, audio, expected = engines.engine, engines.audio, engines.expected
+    assert engines.alone.encoder._wide is None
+    wide_before = engine.encoder.wide_encodes
+    held = hold(engine)
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            first = executor.submit(engine.transcribe, audio, final=True)
+            assert held.inside.wait(30)
+            second = engine.transcribe(audio, final=True)  # while the first holds the replica
+            assert engine.encoder.wide_encodes == wide_before + 1
+            held.release.set()
+            assert first.result(30) == second == expected
+    finally:
+        engine.encoder._wide = held.replica
+    assert engine.transcribe(audio, final=True) == expected
+    assert engine.encoder.wide_encodes == wide_before + 2  # free again after the first
+
+
+def test_the_extra_replica_is_for_a_decode_alone(engines: Engines) -> None:
+    # Another decode under way (held here between its encoder and its decoder)
+    # keeps an encode on its own core: the extra replica's threads beside
+    # another busy core are no faster.  An abandoned one does not count.
+    engine, audio, expected = engines.engine, engines.audio, engines.expected
+    other, entered, done = threading.Event(), threading.Event(), threading.Event()
+
+    def another_decode() -> None:
+        with engine.encoder.decoding(other):
+            entered.set()
+            assert done.wait(30)
+
+    wide_before = engine.encoder.wide_encodes
+    with ThreadPoolExecutor(1) as executor:
+        held = executor.submit(another_decode)
+        assert entered.wait(30)
+        try:
+            assert engine.transcribe(audio, final=True) == expected
+            assert engine.encoder.wide_encodes == wide_before
+            other.set()
+            assert engine.transcribe(audio, final=True) == expected
+            assert engine.encoder.wide_encodes == wide_before + 1
+        finally:
+            done.set()
+            held.result(30)
+
+
+def test_an_abandoned_decode_stops_after_its_encoder(engines: Engines) -> None:
+    # The first decode is abandoned while it encodes on the extra replica: it
+    # returns an empty transcript without decoding, and the second decode waits
+    # for the replica (it is about to be free) instead of encoding on one core.
+    engine, audio, expected = engines.engine, engines.audio, engines.expected
+    wide_before, stopped_before = engine.encoder.wide_encodes, engine.encoder.stopped
+    held = hold(engine)
+    abandoned = threading.Event()
+    try:
+        with ThreadPoolExecutor(2) as executor:
+            first = executor.submit(engine.transcribe, audio, final=True, abandoned=abandoned)
+            assert held.inside.wait(30)
+            abandoned.set()
+            second = executor.submit(engine.transcribe, audio, final=True)
+            with pytest.raises(TimeoutError):
+                second.result(1.5)  # waiting: on its own core it would be done by now
+            held.release.set()
+            assert first.result(30) == Transcript("", ())
+            assert second.result(30) == expected
+    finally:
+        engine.encoder._wide = held.replica
+    assert engine.encoder.wide_encodes == wide_before + 2
+    assert engine.encoder.stopped == stopped_before + 1
+    # Abandoned before it starts, a decode stops at once, and sets nothing aside.
+    assert engines.alone.transcribe(audio, final=True, abandoned=abandoned) == Transcript("", ())

@@ -12,7 +12,11 @@ Whisper is not incremental, so streaming is built from three pieces:
   *speculatively*, once ``SPECULATE_AFTER_MS`` of the endpointing silence has
   been heard and a worker is free: if the silence then reaches the endpoint
   (no speech resumed), the final is ready when the VAD ends the utterance,
-  instead of ~0.45 s after it.  If speech resumes, the result is dropped.
+  instead of ~0.45 s after it.  If speech resumes, the guess is abandoned.
+
+A decode nobody waits for any more (that guess; a partial once its utterance's
+final is under way) stops after Whisper's encoder, and a decode that is the only
+one under way encodes on every core (:class:`Encoder`).
 
 Finals of one stream are decoded in order by the stream's own task; their queue
 is short and bounded, so a client sending faster than real time is slowed to
@@ -25,10 +29,11 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import numpy as np
 
@@ -48,6 +53,7 @@ from transcribe_gateway.providers.local_common import voice_activity
 from transcribe_gateway.providers.pool import DecodePool
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BUNDLED_MODEL: Final = "whisper-tiny.en"
 FINAL_QUEUE: Final = 4
@@ -126,6 +132,19 @@ def _being_cancelled() -> bool:
 
 
 @dataclass(slots=True)
+class _Decode(Generic[T]):
+    """A decode under way in the pool, and the flag that stops it early."""
+
+    task: asyncio.Task[T]
+    abandoned: threading.Event
+
+    def abandon(self) -> None:
+        """The result is not wanted: stop after the encoder, and stop waiting."""
+        self.abandoned.set()
+        self.task.cancel()
+
+
+@dataclass(slots=True)
 class _Final:
     """An utterance waiting for its final, maybe with a decode already under way."""
 
@@ -133,13 +152,107 @@ class _Final:
     start: int
     end: int
     audio: Samples
-    early: asyncio.Task[Transcript | None] | None = None
+    early: _Decode[Transcript | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Transcript:
     text: str
     words: tuple[WordTiming, ...]
+
+
+class _Abandoned(Exception):
+    """Raised inside faster-whisper's transcribe() to stop a decode nobody awaits."""
+
+
+class Encoder:
+    """Where Whisper's encoder runs, and where an abandoned decode stops.
+
+    A decode is the encoder on a 30 s window (~0.4 s on one thread here) and
+    then the token-by-token decoder (0.1-0.25 s).  The encoder is large matrix
+    products that scale with threads (0.415 -> 0.238 s on two); the decoder's
+    small steps do not (two threads made it slower).  So the pool's one-thread
+    replicas decode as before, and the encode of a decode that is the only one
+    under way runs on an extra replica with a thread per worker.  Only then:
+    beside other work its threads wait for each other's core, and it is no
+    faster than on one thread.
+
+    A decode whose result is no longer wanted (a partial overtaken by its
+    final, a speculative final whose silence ended) cannot be interrupted
+    inside CTranslate2, but it stops after its encode instead of going on to
+    the decoder, and it does not count as under way.  An encode waits for the
+    extra replica, rather than compete with it, while that replica finishes
+    such a decode's encode.  BENCHMARKS.md, *The encoder on every core*.
+    """
+
+    def __init__(self, model: Any, path: str, threads: int) -> None:
+        self._narrow = model.encode  # faster-whisper's: the pool's replicas
+        self._wide: Any = None
+        if threads > 1:
+            import ctranslate2
+
+            self._wide = ctranslate2.models.Whisper(
+                path, device="cpu", compute_type="int8", inter_threads=1, intra_threads=threads
+            )
+        self._changed = threading.Condition()
+        self._holder: threading.Event | None = None
+        """The ``abandoned`` flag of the decode encoding on the extra replica."""
+        self._decoding: list[threading.Event] = []
+        """The ``abandoned`` flags of the decodes under way."""
+        self._calls = threading.local()
+        self.wide_encodes = 0
+        """Encodes that ran on the extra replica (for tests and benchmarks)."""
+        self.stopped = 0
+        """Abandoned decodes that stopped here instead of running to the end."""
+        # faster-whisper encodes each window through this method; routing it
+        # here keeps its transcribe() (prompting, fallback, word timing) whole.
+        model.encode = self.encode
+
+    @contextlib.contextmanager
+    def decoding(self, abandoned: threading.Event) -> Iterator[None]:
+        """Mark the calling thread's decode, for :meth:`encode` to route and stop."""
+        self._calls.abandoned = abandoned
+        with self._changed:
+            self._decoding.append(abandoned)
+        try:
+            yield
+        finally:
+            del self._calls.abandoned
+            with self._changed:
+                self._decoding.remove(abandoned)
+
+    def encode(self, features: np.ndarray) -> Any:
+        from faster_whisper.transcribe import get_ctranslate2_storage
+
+        abandoned: threading.Event = getattr(self._calls, "abandoned", None) or threading.Event()
+        with self._changed:
+            self._changed.wait_for(lambda: self._holder is None or not self._holder.is_set())
+            if abandoned.is_set():
+                self.stopped += 1
+                raise _Abandoned
+            wide = self._wide is not None and not any(
+                other is not abandoned and not other.is_set() for other in self._decoding
+            )
+            if wide:
+                self._holder = abandoned
+                self.wide_encodes += 1
+        try:
+            if not wide:
+                output = self._narrow(features)
+            else:
+                if features.ndim == 2:
+                    features = np.expand_dims(features, 0)
+                output = self._wide.encode(get_ctranslate2_storage(features))
+        finally:
+            if wide:
+                with self._changed:
+                    self._holder = None
+                    self._changed.notify_all()
+        if abandoned.is_set():
+            with self._changed:
+                self.stopped += 1
+            raise _Abandoned
+        return output
 
 
 class WhisperEngine:
@@ -150,10 +263,11 @@ class WhisperEngine:
 
         self.name = name
         # One intra-op thread per call and one CTranslate2 worker per pool thread:
-        # parallel sessions scale with cores; 2 threads per call gained little here.
+        # parallel sessions scale with cores.
         self.model = WhisperModel(
             path, device="cpu", compute_type="int8", cpu_threads=1, num_workers=workers
         )
+        self.encoder = Encoder(self.model, path, workers)
         self.english_only = bool(getattr(self.model.model, "is_multilingual", True) is False)
 
     def warm_up(self) -> None:
@@ -170,11 +284,14 @@ class WhisperEngine:
         beam_size: int = 5,
         offset_ms: int = 0,
         prefix: str | None = None,
+        abandoned: threading.Event | None = None,
     ) -> Transcript:
         """Decode one utterance (blocking; call from a pool worker).
 
         ``prefix``: text the decoder must start with (it is part of the result);
         the streams do not use it, ``bench/final_variants.py`` does.
+        ``abandoned``: set it when the result is no longer wanted; the decode
+        then stops after its encoder and returns an empty transcript.
         """
         if self.english_only:
             language = "en"
@@ -189,9 +306,13 @@ class WhisperEngine:
             kwargs.update(beam_size=beam_size, word_timestamps=True)
         else:
             kwargs.update(beam_size=1, without_timestamps=True, temperature=0.0)
-        segments, _info = self.model.transcribe(audio.astype(np.float32) / 32768.0, **kwargs)
         texts: list[str] = []
         words: list[WordTiming] = []
+        with self.encoder.decoding(abandoned or threading.Event()):
+            try:
+                segments = self._segments(audio, kwargs)
+            except _Abandoned:
+                return Transcript("", ())
         for segment in segments:
             texts.append(segment.text.strip())
             for w in segment.words or ():
@@ -204,6 +325,11 @@ class WhisperEngine:
                     )
                 )
         return Transcript(" ".join(t for t in texts if t), tuple(words))
+
+    def _segments(self, audio: Samples, kwargs: dict[str, Any]) -> list[Any]:
+        # transcribe() is lazy: the work happens while its segments are listed.
+        segments, _info = self.model.transcribe(audio.astype(np.float32) / 32768.0, **kwargs)
+        return list(segments)
 
 
 def whisper_language(language: str) -> str | None:
@@ -240,9 +366,9 @@ class WhisperStream(RecognizeStream):
         self._utt_start = 0
         self._last_partial_at = 0
         self._partial_text = ""
-        self._partial_task: asyncio.Task[None] | None = None
+        self._partial: _Decode[None] | None = None
         self._speculate_after = min(SPECULATE_AFTER_MS, options.endpointing_ms // 2)
-        self._early: tuple[int, int, asyncio.Task[Transcript | None]] | None = None
+        self._early: tuple[int, int, _Decode[Transcript | None]] | None = None
         """(utterance, end sample, decode) of the speculative final under way."""
         self._finals: asyncio.Queue[_Final | None] = asyncio.Queue(FINAL_QUEUE)
         self.early_finals = 0
@@ -303,7 +429,9 @@ class WhisperStream(RecognizeStream):
         if early is not None and early[:2] == (self._utterance, sample):
             job.early = early[2]  # the silence held: the speculative decode is the final
         elif early is not None:
-            early[2].cancel()
+            early[2].abandon()
+        if self._partial is not None:
+            self._partial.abandon()  # its result would be dropped: the utterance is over
         self._audio.discard_before(sample)
         return job
 
@@ -315,18 +443,24 @@ class WhisperStream(RecognizeStream):
         if self._early is not None:
             if self._early[:2] == (self._utterance, end):
                 return  # already decoding exactly this
-            self._early[2].cancel()  # speech resumed since: a new end
+            self._early[2].abandon()  # speech resumed since: a new end
             self._early = None
         if self._pool.busy >= self._pool.workers:
             return  # never delay another session's work for a guess
+        abandoned = threading.Event()
         audio = self._audio.slice(self._utt_start, end)
-        decode = self._final_decoder(audio, self._utt_start)
         task = asyncio.get_running_loop().create_task(
-            self._pool.try_run(decode), name="whisper-early-final"
+            self._pool.try_run(self._final_decoder(audio, self._utt_start, abandoned)),
+            name="whisper-early-final",
         )
-        self._early = (self._utterance, end, task)
+        self._early = (self._utterance, end, _Decode(task, abandoned))
+        if self._partial is not None:
+            # The final is on its way: a partial still encoding gives it the cores.
+            self._partial.abandon()
 
-    def _final_decoder(self, audio: Samples, start: int) -> Callable[[], Transcript]:
+    def _final_decoder(
+        self, audio: Samples, start: int, abandoned: threading.Event
+    ) -> Callable[[], Transcript]:
         return lambda: self._engine.transcribe(
             audio,
             final=True,
@@ -334,10 +468,11 @@ class WhisperStream(RecognizeStream):
             language=self._language,
             beam_size=self._beam,
             offset_ms=_ms(start),
+            abandoned=abandoned,
         )
 
     def _maybe_partial(self) -> None:
-        if self._partial_task is not None and not self._partial_task.done():
+        if self._partial is not None and not self._partial.task.done():
             return
         now = self._audio.end
         if now - self._last_partial_at < self._partial_every:
@@ -346,14 +481,22 @@ class WhisperStream(RecognizeStream):
             return
         self._last_partial_at = now
         audio = self._audio.slice(self._utt_start, now)
-        self._partial_task = asyncio.get_running_loop().create_task(
-            self._partial(self._utterance, audio), name="whisper-partial"
+        abandoned = threading.Event()
+        task = asyncio.get_running_loop().create_task(
+            self._decode_partial(self._utterance, audio, abandoned), name="whisper-partial"
         )
+        self._partial = _Decode(task, abandoned)
 
-    async def _partial(self, utterance: int, audio: Samples) -> None:
+    async def _decode_partial(
+        self, utterance: int, audio: Samples, abandoned: threading.Event
+    ) -> None:
         result = await self._pool.try_run(
             lambda: self._engine.transcribe(
-                audio, final=False, prompt=self._options.prompt, language=self._language
+                audio,
+                final=False,
+                prompt=self._options.prompt,
+                language=self._language,
+                abandoned=abandoned,
             )
         )
         # Drop a partial that lost the race with its utterance's final.
@@ -383,13 +526,18 @@ class WhisperStream(RecognizeStream):
             result = None
             if job.early is not None:
                 try:
-                    result = await job.early  # None: no worker was free, decode now
+                    result = await job.early.task  # None: no worker was free, decode now
                 except asyncio.CancelledError:
                     if _being_cancelled():
                         raise
                 self.early_finals += result is not None
             if result is None:
-                result = await self._pool.run(self._final_decoder(job.audio, start))
+                abandoned = threading.Event()
+                try:
+                    result = await self._pool.run(self._final_decoder(job.audio, start, abandoned))
+                except asyncio.CancelledError:
+                    abandoned.set()  # the session is closing
+                    raise
             if result.text:
                 await self._emit(
                     SpeechEvent(
@@ -406,15 +554,18 @@ class WhisperStream(RecognizeStream):
             )
 
     async def _on_close(self) -> None:
-        tasks = [self._partial_task, self._early[2] if self._early else None]
+        decodes: list[_Decode[Any] | None] = [
+            self._partial,
+            self._early[2] if self._early else None,
+        ]
         while not self._finals.empty():
             job = self._finals.get_nowait()
-            tasks.append(job.early if job is not None else None)
-        for task in tasks:
-            if task is not None:
-                task.cancel()
+            decodes.append(job.early if job is not None else None)
+        for decode in decodes:
+            if decode is not None:
+                decode.abandon()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                    await decode.task
         self._audio.clear()
         self._on_close_cb()
 
