@@ -2,7 +2,7 @@
 
 Run by hand (never in CI), from the repository root:
 
-    .venv/bin/python bench/final_variants.py [--synth] [--variants cut,pad-100,prompt,left-context]
+    .venv/bin/python bench/final_variants.py [--synth] [--variants cut,pad-100,prompt,left-context,rerank-pad,rerank-hello]
 
 No server: each clip is cut into utterances by the gateway's own VAD and
 endpointer (Silero, the endpointing the load benchmark uses), and every
@@ -16,7 +16,10 @@ before any is built into the stream:
 * ``prompt``: the session's previous finals as Whisper's prompt;
 * ``left-context``: the previous utterances' audio (up to 10 s) decoded in
   front of this one, their finals forced as the decoder's prefix, and only what
-  follows the prefix kept (decoded alone if nothing follows).
+  follows the prefix kept (decoded alone if nothing follows);
+* ``rerank-pad``: ``cut`` and ``pad-100`` both decoded, the one whose tokens
+  have the higher mean log-probability kept; ``rerank-hello``: the same among
+  those two and ``cut`` with the prompt "Hello." (a known Whisper nudge).
 
 WER is deterministic here (no timing): one run is the figure.
 """
@@ -115,12 +118,39 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
             finals.append(text or decode(audio[s:e]))
         return " ".join(finals)
 
+    def scored(audio: np.ndarray, prompt: str | None) -> tuple[float, str]:
+        # The final's decode, with the mean log-probability of its tokens.
+        segments, _ = engine.model.transcribe(
+            audio.astype(np.float32) / 32768.0,
+            language="en",
+            initial_prompt=prompt,
+            vad_filter=False,
+            condition_on_previous_text=False,
+            beam_size=5,
+            word_timestamps=True,
+        )
+        segments = list(segments)
+        tokens = sum(len(s.tokens) for s in segments)
+        score = sum(s.avg_logprob * len(s.tokens) for s in segments) / tokens if tokens else -1e9
+        return score, " ".join(s.text.strip() for s in segments).strip()
+
+    def reranked(*choices: tuple[int, str | None]) -> Variant:
+        def run(audio: np.ndarray, cuts: Utterances) -> str:
+            return " ".join(
+                max(scored(audio[s : e + ms * SAMPLE_RATE // 1000], p) for ms, p in choices)[1]
+                for s, e in cuts
+            )
+
+        return run
+
     return {
         "cut": cut,
         "pad-100": padded(100),
         "pad-350": padded(350),
         "prompt": prompt,
         "left-context": left_context,
+        "rerank-pad": reranked((0, None), (100, None)),
+        "rerank-hello": reranked((0, None), (100, None), (0, "Hello.")),
     }
 
 
