@@ -170,12 +170,12 @@ class Encoder:
 
     A decode is the encoder on a 30 s window (~0.4 s on one thread here) and
     then the token-by-token decoder (0.1-0.25 s).  The encoder is large matrix
-    products that scale with threads (0.415 -> 0.238 s on two); the decoder's
-    small steps do not (two threads made it slower).  So the pool's one-thread
-    replicas decode as before, and the encode of a decode that is the only one
-    under way runs on an extra replica with a thread per worker.  Only then:
-    beside other work its threads wait for each other's core, and it is no
-    faster than on one thread.
+    products that scale with threads (half the time on two); the decoder's
+    small steps do not (two threads made it slower; bench/whisper_threads.py).
+    So the pool's one-thread replicas decode as before, and the encode of a
+    decode that is the only one under way runs on an extra replica with a
+    thread per worker.  Only then: beside other work its threads wait for
+    each other's core, and it is no faster than on one thread.
 
     A decode whose result is no longer wanted (a partial overtaken by its
     final, a speculative final whose silence ended) cannot be interrupted
