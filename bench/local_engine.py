@@ -49,7 +49,7 @@ from tests.conftest import free_port  # noqa: E402
 from tests.textnorm import LIBRIVOX, SHARED_AUDIO, corpus_wer, normalize, references  # noqa: E402
 
 from transcribe_gateway.audio.files import read_audio  # noqa: E402
-from transcribe_gateway.audio.vad import Endpointer  # noqa: E402
+from transcribe_gateway.audio.vad import SAMPLE_RATE, Endpointer  # noqa: E402
 
 KEY = "bench-key"
 ENDPOINTING_MS = 500
@@ -173,7 +173,7 @@ def synthesize(
 
     clips = {name: speak("en-us", text, directory / f"{name}.wav") for name, text in SYNTH.items()}
     refs = {name: normalize(text) for name, text in SYNTH.items()}
-    pause = np.zeros(int(SYNTH_PAUSE_S * 16000), dtype=np.int16)
+    pause = np.zeros(int(SYNTH_PAUSE_S * SAMPLE_RATE), dtype=np.int16)
     for name, (voice, sentences) in SYNTH_TURNS.items():
         parts = [pause[:4800]]
         for k, text in enumerate(sentences):
@@ -199,7 +199,7 @@ def load_clips(
         refs = references()
         spoken = {n: read_audio(SHARED_AUDIO / n) for n in refs}
         groups = {"LibriVox": LIBRIVOX, "all files": list(refs)}
-    trail = np.zeros(16000, dtype=np.int16)
+    trail = np.zeros(SAMPLE_RATE, dtype=np.int16)
     return {n: np.concatenate([a, trail]) for n, a in spoken.items()}, refs, groups
 
 
@@ -333,7 +333,7 @@ def batch_figures(
             t = time.process_time()
             texts[name] = engine.transcribe(samples, final=True).text
             cpu += time.process_time() - t
-            audio += len(samples) / 16000
+            audio += len(samples) / SAMPLE_RATE
     else:
         from pocketsphinx import Decoder
 
@@ -346,7 +346,7 @@ def batch_figures(
             hyp = decoder.hyp()
             texts[name] = hyp.hypstr if hyp else ""
             cpu += time.process_time() - t
-            audio += len(samples) / 16000
+            audio += len(samples) / SAMPLE_RATE
     wers = {g: corpus_wer([(refs[n], texts[n]) for n in names]) for g, names in groups.items()}
     return wers, cpu / audio
 
@@ -380,7 +380,7 @@ def main() -> None:
     # Streamed clips end in enough silence for the endpoint to fire before the
     # session closes (else the close finalizes the last utterance early, and
     # its latency is meaningless); one second covers the default 500 ms.
-    extra = max(0, (endpointing + 500) * 16 - 16000)
+    extra = max(0, (endpointing + 500) * SAMPLE_RATE // 1000 - SAMPLE_RATE)
     streamed_clips = {n: np.concatenate([a, np.zeros(extra, np.int16)]) for n, a in clips.items()}
     print(f"## LOCAL {args.model}{' (synthesized speech)' if args.synth else ''}\n")
     shown = ", ".join(f"{g} {w:.3f}" for g, w in batch.items())
