@@ -2,7 +2,7 @@
 
 Run by hand (never in CI), from the repository root:
 
-    .venv/bin/python bench/final_variants.py [--synth] [--variants cut,pad-100,prompt,left-context,rerank-pad,rerank-hello]
+    .venv/bin/python bench/final_variants.py [--synth | --heldout] [--variants cut,pad-100,prompt,left-context,...]
 
 No server: each clip is cut into utterances by the gateway's own VAD and
 endpointer (Silero, the endpointing the load benchmark uses), and every
@@ -19,7 +19,18 @@ before any is built into the stream:
   follows the prefix kept (decoded alone if nothing follows);
 * ``rerank-pad``: ``cut`` and ``pad-100`` both decoded, the one whose tokens
   have the higher mean log-probability kept; ``rerank-hello``: the same among
-  those two and ``cut`` with the prompt "Hello." (a known Whisper nudge).
+  those two and ``cut`` with the prompt "Hello." (a known Whisper nudge);
+* ``lenpen-0.8``: ``cut`` with beam search's length penalty at 0.8 (1 is
+  faster-whisper's default; lower favours shorter hypotheses);
+* ``hold-1500``: semantic endpointing, roughly as OpenAI's ``semantic_vad``
+  and LiveKit's turn detector: a final whose text does not end a sentence
+  (no ``.``, ``?`` or ``!``) is held, and if speech resumes within 1500 ms of
+  its end the two are one utterance (decoded again, and held again if still
+  unfinished).
+
+``--heldout`` runs the variants on ``SYNTH_HELDOUT`` (bench/local_engine.py):
+clips in other voices, made after the variants above were chosen on the
+recordings and ``--synth``, to tell a setting that helps from one that fits.
 
 WER is deterministic here (no timing): one run is the figure.
 """
@@ -30,6 +41,7 @@ import argparse
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +50,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "bench")]
 
 from tests.textnorm import corpus_wer  # noqa: E402
 
-from local_engine import ENDPOINTING_MS, load_clips  # noqa: E402
+from local_engine import ENDPOINTING_MS, ClipSet, load_clips  # noqa: E402
 from transcribe_gateway.audio.vad import (  # noqa: E402
     SAMPLE_RATE,
     Endpointer,
@@ -52,6 +64,7 @@ from transcribe_gateway.providers.local_whisper import (  # noqa: E402
 )
 
 LEFT_CONTEXT_S = 10.0
+TERMINAL = (".", "?", "!")
 Utterances = list[tuple[int, int]]
 Variant = Callable[[np.ndarray, Utterances], str]
 
@@ -76,9 +89,9 @@ def cut(
     return cuts
 
 
-def utterances(audio: np.ndarray) -> Utterances:
+def utterances(audio: np.ndarray, endpointing_ms: int = ENDPOINTING_MS) -> Utterances:
     """(start, end) samples of each utterance, as the LOCAL stream's VAD cuts them."""
-    activity = VoiceActivity(Endpointer(endpointing_ms=ENDPOINTING_MS))
+    activity = VoiceActivity(Endpointer(endpointing_ms=endpointing_ms))
     step = SAMPLE_RATE // 50  # 20 ms chunks, as clients send
     return cut((audio[i : i + step] for i in range(0, len(audio), step)), activity.process)
 
@@ -118,9 +131,10 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
             finals.append(text or decode(audio[s:e]))
         return " ".join(finals)
 
-    def scored(audio: np.ndarray, prompt: str | None) -> tuple[float, str]:
-        # The final's decode, with the mean log-probability of its tokens.
-        segments, _ = engine.model.transcribe(
+    def segments(audio: np.ndarray, prompt: str | None = None, **options: Any) -> list[Any]:
+        # The final's decode with faster-whisper's own result (WhisperEngine.transcribe
+        # keeps only text and words) and, in ``options``, settings the stream does not use.
+        found, _ = engine.model.transcribe(
             audio.astype(np.float32) / 32768.0,
             language="en",
             initial_prompt=prompt,
@@ -128,11 +142,16 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
             condition_on_previous_text=False,
             beam_size=5,
             word_timestamps=True,
+            **options,
         )
-        segments = list(segments)
-        tokens = sum(len(s.tokens) for s in segments)
-        score = sum(s.avg_logprob * len(s.tokens) for s in segments) / tokens if tokens else -1e9
-        return score, " ".join(s.text.strip() for s in segments).strip()
+        return list(found)
+
+    def scored(audio: np.ndarray, prompt: str | None) -> tuple[float, str]:
+        # The final's decode, with the mean log-probability of its tokens.
+        segments_ = segments(audio, prompt)
+        tokens = sum(len(s.tokens) for s in segments_)
+        score = sum(s.avg_logprob * len(s.tokens) for s in segments_) / tokens if tokens else -1e9
+        return score, " ".join(s.text.strip() for s in segments_).strip()
 
     def reranked(*choices: tuple[int, str | None]) -> Variant:
         def run(audio: np.ndarray, cuts: Utterances) -> str:
@@ -140,6 +159,41 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
                 max(scored(audio[s : e + ms * SAMPLE_RATE // 1000], p) for ms, p in choices)[1]
                 for s, e in cuts
             )
+
+        return run
+
+    def length_penalty(penalty: float) -> Variant:
+        def run(audio: np.ndarray, cuts: Utterances) -> str:
+            return " ".join(
+                " ".join(x.text.strip() for x in segments(audio[s:e], length_penalty=penalty))
+                for s, e in cuts
+            ).strip()
+
+        return run
+
+    def hold(ms: int) -> Variant:
+        def run(audio: np.ndarray, cuts: Utterances) -> str:
+            # A pause shorter than ``ms`` lies inside one of the cuts made at ``ms``.
+            longer = utterances(audio, ms)
+            within = [
+                next((k for k, (s, e) in enumerate(longer) if s <= a < e), -1) for a, _ in cuts
+            ]
+            finals: list[str] = []
+            i = 0
+            while i < len(cuts):
+                start, end = cuts[i]
+                text = decode(audio[start:end])
+                while (
+                    i + 1 < len(cuts)
+                    and not text.endswith(TERMINAL)
+                    and within[i + 1] == within[i] != -1
+                ):
+                    i += 1
+                    end = cuts[i][1]
+                    text = decode(audio[start:end])
+                finals.append(text)
+                i += 1
+            return " ".join(finals)
 
         return run
 
@@ -151,6 +205,8 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
         "left-context": left_context,
         "rerank-pad": reranked((0, None), (100, None)),
         "rerank-hello": reranked((0, None), (100, None), (0, "Hello.")),
+        "lenpen-0.8": length_penalty(0.8),
+        "hold-1500": hold(1500),
     }
 
 
@@ -159,9 +215,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
+    parser.add_argument(
+        "--heldout", action="store_true", help="the held-out synthesized set (SYNTH_HELDOUT)"
+    )
     parser.add_argument("--variants", default="cut,pad-100,pad-350,prompt,left-context")
     args = parser.parse_args()
-    clips, refs, groups = load_clips(args.synth)
+    clip_set: ClipSet = "heldout" if args.heldout else "synth" if args.synth else "recordings"
+    clips, refs, groups = load_clips(clip_set)
     engine = WhisperEngine(BUNDLED_MODEL, resolve_whisper_model(BUNDLED_MODEL, {}, False), 1)
     texts = {"batch": {n: engine.transcribe(a, final=True).text for n, a in clips.items()}}
     cuts = {n: utterances(a) for n, a in clips.items()}
@@ -173,7 +233,7 @@ def main() -> None:
         return corpus_wer([(refs[n], texts[name][n]) for n in groups[group]])
 
     words = {g: sum(len(refs[n].split()) for n in names) for g, names in groups.items()}
-    print(f"## Final variants, {BUNDLED_MODEL}{' (synthesized speech)' if args.synth else ''}\n")
+    print(f"## Final variants, {BUNDLED_MODEL}, {clip_set}\n")
     print(
         "| | "
         + " | ".join(f"{g} ({len(groups[g])} clips, {words[g]} words)" for g in groups)

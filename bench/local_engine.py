@@ -38,6 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import websockets
@@ -160,26 +161,133 @@ SYNTH_TURNS: dict[str, tuple[str, tuple[str, ...]]] = {
 with :data:`SYNTH_PAUSE_S` of silence between, so each is its own utterance (as callers
 speak).  Harvard sentences (IEEE 1969) and short voice-agent turns, in three voices."""
 SYNTH_PAUSE_S = 0.8
+SYNTH_HELDOUT: dict[str, tuple[str, tuple[str, ...]]] = {
+    "h1": (
+        "en-us+m3",
+        ("The wide road shimmered in the hot sun.", "The lazy cow lay in the cool grass."),
+    ),
+    "h2": (
+        "en-gb-x-rp",
+        ("Lift the square stone over the fence.", "The rope will bind the seven books at once."),
+    ),
+    "h3": (
+        "en-us+f2",
+        ("Hop over the fence and plunge in.", "The friendly gang left the drug store."),
+    ),
+    "h4": (
+        "en-gb-scotland",
+        ("Mesh wire keeps chicks inside.", "The frosty air passed through the coat."),
+    ),
+    "h5": (
+        "en-us+m3",
+        ("The crooked maze failed to fool the mouse.", "Adding fast leads to wrong sums."),
+    ),
+    "h6": (
+        "en-gb-x-rp",
+        ("The show was a flop from the very start.", "A saw is a tool used for making boards."),
+    ),
+    "h7": (
+        "en-us+f2",
+        ("The wagon moved on well oiled wheels.", "March the soldiers past the next hill."),
+    ),
+    "h8": (
+        "en-gb-scotland",
+        ("A cup of sugar makes sweet fudge.", "Place a rosebush near the porch steps."),
+    ),
+    "h9": (
+        "en-us+m3",
+        ("Both lost their lives in the raging storm.", "We talked of the side show in the circus."),
+    ),
+    "h10": (
+        "en-gb-x-rp",
+        ("Use a pencil to write the first draft.", "He ran half way to the hardware store."),
+    ),
+    "h11": (
+        "en-us+f2",
+        ("The clock struck to mark the third period.", "A small creek cut across the field."),
+    ),
+    "h12": (
+        "en-gb-scotland",
+        ("Cars and busses stalled in snow drifts.", "The set of china hit the floor with a crash."),
+    ),
+    "h13": (
+        "en-us+m3",
+        (
+            "The dune rose from the edge of the water.",
+            "Those words were the cue for the actor to leave.",
+        ),
+    ),
+    "h14": (
+        "en-gb-x-rp",
+        ("A yacht slid around the point into the bay.", "The two met while playing on the sand."),
+    ),
+    "h15": (
+        "en-us+f2",
+        (
+            "The ink stain dried on the finished page.",
+            "The walled town was seized without a fight.",
+        ),
+    ),
+    "h16": (
+        "en-gb-scotland",
+        ("A tame squirrel makes a nice pet.", "The horn of the car woke the sleeping cop."),
+    ),
+    "h17": (
+        "en-us+m3",
+        ("The pearl was worn in a thin silver ring.", "The fruit peel was cut in thick slices."),
+    ),
+    "a1": ("en-gb-x-rp", ("Hi.", "I want to change my address.")),
+    "a2": ("en-us+f2", ("Yes.", "The account number is five five two eight.")),
+    "a3": ("en-gb-scotland", ("Not really.", "Can you send me an email instead?")),
+    "a4": ("en-us+m3", ("Perfect.", "See you on Friday at noon.")),
+    "a5": ("en-gb-x-rp", ("One moment.", "Let me get my glasses.")),
+    "a6": ("en-us+f2", ("Great.", "What is the next step?")),
+    "a7": ("en-gb-scotland", ("Sorry.", "I missed that.", "Could you say it again?")),
+    "a8": ("en-us+m3", ("No.", "I never got the package.")),
+    "p1": ("en-gb-x-rp", ("And so,", "my fellow citizens,", "we begin again.")),
+    "p2": ("en-us+f2", ("Well,", "I think that", "should be fine.")),
+    "p3": ("en-gb-scotland", ("If you could,", "please send the invoice", "by tomorrow.")),
+    "p4": ("en-us+m3", ("My order number", "is four two seven.")),
+    "p5": ("en-gb-x-rp", ("The thing is,", "I was never charged", "for the first month.")),
+    "p6": ("en-us+f2", ("So what I need", "is a refund.")),
+    "p7": ("en-gb-scotland", ("First,", "open the settings,", "then press save.")),
+    "p8": ("en-us+m3", ("Honestly,", "the second option", "sounds better to me.")),
+}
+"""Held out (``--heldout``, for bench/final_variants.py): clips no setting was chosen on,
+spoken like ``SYNTH_TURNS`` but in four other voices.  ``h``: Harvard sentences not
+in ``SYNTH_TURNS``; ``a``: voice-agent turns; ``p``: one sentence spoken in pieces
+with a pause after each, as a caller thinking aloud (and as ``jfk.flac``)."""
+ClipSet = Literal["recordings", "synth", "heldout"]
 
 
 def synthesize(
-    directory: Path,
+    directory: Path, heldout: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, list[str]]]:
-    """Speak ``SYNTH`` and ``SYNTH_TURNS`` with espeak-ng: clips at 16 kHz, references, groups."""
+    """Speak ``SYNTH`` and ``SYNTH_TURNS`` (or ``SYNTH_HELDOUT``) with espeak-ng: clips at
+    16 kHz, references, groups."""
 
     def speak(voice: str, text: str, path: Path) -> np.ndarray:
         subprocess.run(["espeak-ng", "-v", voice, "-s", "165", "-w", str(path), text], check=True)
         return read_audio(path)
 
-    clips = {name: speak("en-us", text, directory / f"{name}.wav") for name, text in SYNTH.items()}
-    refs = {name: normalize(text) for name, text in SYNTH.items()}
+    clips: dict[str, np.ndarray] = {}
+    refs: dict[str, str] = {}
+    if not heldout:
+        clips = {n: speak("en-us", text, directory / f"{n}.wav") for n, text in SYNTH.items()}
+        refs = {name: normalize(text) for name, text in SYNTH.items()}
     pause = np.zeros(int(SYNTH_PAUSE_S * SAMPLE_RATE), dtype=np.int16)
-    for name, (voice, sentences) in SYNTH_TURNS.items():
+    for name, (voice, sentences) in (SYNTH_HELDOUT if heldout else SYNTH_TURNS).items():
         parts = [pause[:4800]]
         for k, text in enumerate(sentences):
             parts += [speak(voice, text, directory / f"{name}-{k}.wav"), pause]
         clips[name] = np.concatenate(parts)
         refs[name] = normalize(" ".join(sentences))
+    if heldout:
+        groups = {
+            f"{label} (4 voices)": [n for n in refs if n[0] == prefix]
+            for prefix, label in (("h", "Harvard"), ("a", "agent turns"), ("p", "paused phrases"))
+        }
+        return clips, refs, {**groups, "all held out": list(refs)}
     groups = {
         "sentences (en-us)": list(SYNTH),
         "turns (3 voices)": list(SYNTH_TURNS),
@@ -189,12 +297,12 @@ def synthesize(
 
 
 def load_clips(
-    synth: bool,
+    clip_set: ClipSet,
 ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, list[str]]]:
     """The clips to stream (each followed by a second of silence), references, groups."""
-    if synth:
+    if clip_set != "recordings":
         with tempfile.TemporaryDirectory() as tmp:
-            spoken, refs, groups = synthesize(Path(tmp))
+            spoken, refs, groups = synthesize(Path(tmp), heldout=clip_set == "heldout")
     else:
         refs = references()
         spoken = {n: read_audio(SHARED_AUDIO / n) for n in refs}
@@ -374,7 +482,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     endpointing = args.endpointing
-    clips, refs, groups = load_clips(args.synth)
+    clips, refs, groups = load_clips("synth" if args.synth else "recordings")
 
     batch, rtf = batch_figures(args.model, clips, refs, groups)
     # Streamed clips end in enough silence for the endpoint to fire before the

@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
     parser.add_argument("--wer", action="store_true", help="decode the mu-law cuts (slower)")
     args = parser.parse_args()
-    clips, refs, _groups = load_clips(args.synth)
+    clips, refs, _groups = load_clips("synth" if args.synth else "recordings")
     engine = None
     if args.wer:
         engine = WhisperEngine(BUNDLED_MODEL, resolve_whisper_model(BUNDLED_MODEL, {}, False), 1)
