@@ -530,7 +530,9 @@ def main() -> None:
 
     # Capacity: the server pinned to one core with one decode worker, then (with
     # --sessions-all-cores) on every core with the default pool, one worker per core.
-    setups = [("1", 1, "0", args.sessions)] if args.sessions else []
+    setups: list[tuple[str, int, str | None, str]] = (
+        [("1", 1, "0", args.sessions)] if args.sessions else []
+    )
     if args.sessions_all_cores:
         setups.append((str(os.cpu_count()), 0, None, args.sessions_all_cores))
     if setups:
