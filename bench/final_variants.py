@@ -22,11 +22,11 @@ before any is built into the stream:
   those two and ``cut`` with the prompt "Hello." (a known Whisper nudge);
 * ``lenpen-0.8``: ``cut`` with beam search's length penalty at 0.8 (1 is
   faster-whisper's default; lower favours shorter hypotheses);
-* ``hold-1500``: semantic endpointing, roughly as OpenAI's ``semantic_vad``
-  and LiveKit's turn detector: a final whose text does not end a sentence
-  (no ``.``, ``?`` or ``!``) is held, and if speech resumes within 1500 ms of
-  its end the two are one utterance (decoded again, and held again if still
-  unfinished).
+* ``hold-1500``: semantic endpointing (``endpointing_unfinished`` 1500), roughly
+  as OpenAI's ``semantic_vad`` and LiveKit's turn detector: a final whose text
+  does not end a sentence (``local_whisper.ends_sentence``) is held, and if
+  speech resumes within 1500 ms of its end the two are one utterance (decoded
+  again, and held again if still unfinished).
 
 ``--heldout`` runs the variants on ``SYNTH_HELDOUT`` (bench/local_engine.py):
 clips in other voices, made after the variants above were chosen on the
@@ -60,11 +60,11 @@ from transcribe_gateway.audio.vad import (  # noqa: E402
 from transcribe_gateway.providers.local_whisper import (  # noqa: E402
     BUNDLED_MODEL,
     WhisperEngine,
+    ends_sentence,
     resolve_whisper_model,
 )
 
 LEFT_CONTEXT_S = 10.0
-TERMINAL = (".", "?", "!")
 Utterances = list[tuple[int, int]]
 Variant = Callable[[np.ndarray, Utterances], str]
 
@@ -185,7 +185,7 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
                 text = decode(audio[start:end])
                 while (
                     i + 1 < len(cuts)
-                    and not text.endswith(TERMINAL)
+                    and not ends_sentence(text)
                     and within[i + 1] == within[i] != -1
                 ):
                     i += 1

@@ -6,6 +6,7 @@ Run by hand (never in CI), from the repository root:
         [--sessions-all-cores 8,16,20]   # the same on every core, a decode worker each
     .venv/bin/python bench/local_engine.py --synth [...]   # synthesized speech (needs espeak-ng)
     .venv/bin/python bench/local_engine.py --endpointing 1500 --sessions ''   # accuracy at a longer pause
+    .venv/bin/python bench/local_engine.py --heldout --unfinished 1500 --sessions ''   # semantic endpointing
 
 It starts a real gateway process (pinned to core 0 with ``taskset`` for the
 capacity part, one decode worker; then, with ``--sessions-all-cores``, on every
@@ -16,6 +17,10 @@ audio of the end of speech was sent, less the endpointing silence.  The end of
 speech is the final's ``end_ms`` less the little silence the VAD keeps after
 the last voiced frame (``Endpointer.trailing_ms``, 96 ms by default).  Results
 are printed as a Markdown block for BENCHMARKS.md.
+
+With ``--unfinished MS`` the sessions ask for semantic endpointing
+(``endpointing_unfinished``); a held final's wait beyond ``--endpointing``
+counts in its latency.  ``--heldout`` streams ``SYNTH_HELDOUT`` (below).
 
 With ``--synth`` the clips are synthesized speech instead, spoken by espeak-ng
 (a system package: ``apt-get install espeak-ng``): ``SYNTH``, sentences with
@@ -351,20 +356,25 @@ def start_server(workers: int, cpus: str | None) -> tuple[subprocess.Popen[bytes
 
 
 async def stream_one(
-    url: str, name: str, samples: np.ndarray, model: str, endpointing_ms: int = ENDPOINTING_MS
+    url: str,
+    name: str,
+    samples: np.ndarray,
+    model: str,
+    endpointing_ms: int = ENDPOINTING_MS,
+    unfinished_ms: int | None = None,
 ) -> SessionResult:
     result = SessionResult(name)
     trailing_ms = Endpointer(endpointing_ms=endpointing_ms).trailing_ms
     async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
         await ws.recv()
-        await ws.send(
-            json.dumps(
-                {
-                    "type": "session.update",
-                    "session": {"provider": "LOCAL", "model": model, "endpointing": endpointing_ms},
-                }
-            )
-        )
+        session: dict[str, object] = {
+            "provider": "LOCAL",
+            "model": model,
+            "endpointing": endpointing_ms,
+        }
+        if unfinished_ms is not None:
+            session["endpointing_unfinished"] = unfinished_ms
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
         updated = json.loads(await ws.recv())
         if updated["type"] != "session.updated":
             result.errors.append(updated["error"]["code"])
@@ -417,12 +427,17 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def run_sessions(
-    url: str, model: str, n: int, clips: dict[str, np.ndarray], endpointing_ms: int
+    url: str,
+    model: str,
+    n: int,
+    clips: dict[str, np.ndarray],
+    endpointing_ms: int,
+    unfinished_ms: int | None,
 ) -> list[SessionResult]:
     names = list(clips)
     chosen = [names[i % len(names)] for i in range(n)]
     return await asyncio.gather(
-        *(stream_one(url, c, clips[c], model, endpointing_ms) for c in chosen)
+        *(stream_one(url, c, clips[c], model, endpointing_ms, unfinished_ms) for c in chosen)
     )
 
 
@@ -475,22 +490,33 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; medians reported")
     parser.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
     parser.add_argument(
+        "--heldout", action="store_true", help="the held-out synthesized set (SYNTH_HELDOUT)"
+    )
+    parser.add_argument(
         "--endpointing",
         type=int,
         default=ENDPOINTING_MS,
         help="the sessions' endpointing silence, ms (the accuracy/latency knob)",
     )
+    parser.add_argument(
+        "--unfinished",
+        type=int,
+        default=None,
+        help="the sessions' endpointing_unfinished, ms (semantic endpointing); off if unset",
+    )
     args = parser.parse_args()
-    endpointing = args.endpointing
-    clips, refs, groups = load_clips("synth" if args.synth else "recordings")
+    endpointing, unfinished = args.endpointing, args.unfinished
+    clip_set: ClipSet = "heldout" if args.heldout else "synth" if args.synth else "recordings"
+    clips, refs, groups = load_clips(clip_set)
 
     batch, rtf = batch_figures(args.model, clips, refs, groups)
     # Streamed clips end in enough silence for the endpoint to fire before the
     # session closes (else the close finalizes the last utterance early, and
     # its latency is meaningless); one second covers the default 500 ms.
-    extra = max(0, (endpointing + 500) * SAMPLE_RATE // 1000 - SAMPLE_RATE)
+    extra = max(0, (max(endpointing, unfinished or 0) + 500) * SAMPLE_RATE // 1000 - SAMPLE_RATE)
     streamed_clips = {n: np.concatenate([a, np.zeros(extra, np.int16)]) for n, a in clips.items()}
-    print(f"## LOCAL {args.model}{' (synthesized speech)' if args.synth else ''}\n")
+    semantic = f", endpointing_unfinished {unfinished} ms" if unfinished else ""
+    print(f"## LOCAL {args.model}, {clip_set}, endpointing {endpointing} ms{semantic}\n")
     shown = ", ".join(f"{g} {w:.3f}" for g, w in batch.items())
     print(f"batch (one thread): WER {shown}, CPU real-time factor {rtf:.3f}")
 
@@ -498,11 +524,14 @@ def main() -> None:
     med = statistics.median
     wer_runs: dict[str, list[float]] = {g: [] for g in groups}
     first_runs, final_runs, final_p95_runs = [], [], []
+    late, finals_seen = 0, 0  # finals more than 0.5 s after the endpointing (held ones)
     proc, url = start_server(workers=0, cpus=None)
     try:
         for _ in range(args.runs):
             solo = [
-                asyncio.run(stream_one(url, n, streamed_clips[n], args.model, endpointing))
+                asyncio.run(
+                    stream_one(url, n, streamed_clips[n], args.model, endpointing, unfinished)
+                )
                 for n in refs
             ]
             texts = {r.name: r.text for r in solo}
@@ -513,6 +542,8 @@ def main() -> None:
             first_runs.append(med(firsts) if firsts else float("nan"))
             final_runs.append(med(finals))
             final_p95_runs.append(pct(finals, 0.95))
+            late += sum(x > 0.5 for x in finals)
+            finals_seen += len(finals)
     finally:
         proc.terminate()
         proc.wait()
@@ -525,7 +556,8 @@ def main() -> None:
     print(
         f"time to final after end of speech, excluding {endpointing} ms endpointing: "
         f"median {med(final_runs):.3f} s, p95 {med(final_p95_runs):.3f} s "
-        f"(per run: {', '.join(f'{x:.3f}' for x in final_runs)})\n"
+        f"(per run: {', '.join(f'{x:.3f}' for x in final_runs)}); "
+        f"{late} of {finals_seen} finals more than 0.5 s after it\n"
     )
 
     # Capacity: the server pinned to one core with one decode worker, then (with
@@ -547,7 +579,7 @@ def main() -> None:
                 rows = []
                 for _ in range(args.runs):
                     results = asyncio.run(
-                        run_sessions(url, args.model, n, streamed_clips, endpointing)
+                        run_sessions(url, args.model, n, streamed_clips, endpointing, unfinished)
                     )
                     lat = [x for r in results for x in r.final_latencies_s]
                     rows.append(

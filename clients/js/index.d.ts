@@ -13,6 +13,8 @@ export interface SessionConfig {
   sample_rate?: number;
   /** ms of silence that ends an utterance */
   endpointing?: number;
+  /** ms of silence that ends an utterance whose text does not yet end a sentence (semantic endpointing; `LOCAL` Whisper) */
+  endpointing_unfinished?: number;
   [extra: string]: unknown;
 }
 

@@ -216,6 +216,23 @@ class TestEndpointer:
         assert [k for k, _ in events] == ["start", "end"]
         assert events[1][1] >= 60 * FRAME
 
+    def test_endpointer_ends_now_when_told(self) -> None:
+        # Semantic endpointing: the engine ends an utterance before the silence is
+        # complete, at the end it would have had, and the endpointer moves on.
+        endpointer = Endpointer(endpointing_ms=1500)
+        assert endpointer.end_now() is None  # nothing open
+        assert [e.kind for e in endpointer.process(probs((0.9, 20)))] == ["start"]
+        assert endpointer.end_now() is None  # no silence yet: no pending end
+        assert endpointer.process(probs((0.0, 16))) == []  # 512 ms of silence, under 1500
+        pending = endpointer.pending_end
+        assert pending == 20 * FRAME + TRAILING_MS * SAMPLE_RATE // 1000
+        event = endpointer.end_now()
+        assert event is not None and (event.kind, event.sample) == ("end", pending)
+        assert not endpointer.in_speech and endpointer.end_now() is None
+        # More silence ends nothing twice; new speech starts a new utterance.
+        assert endpointer.process(probs((0.0, 60))) == []
+        assert [e.kind for e in endpointer.process(probs((0.9, 10)))] == ["start"]
+
     def test_endpointer_never_starts_before_the_stream(self) -> None:
         assert endpoint(probs((0.9, 10), (0.0, 30)))[0] == ("start", 0)
 

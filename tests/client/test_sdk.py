@@ -306,6 +306,7 @@ async def test_configure_sends_fields_and_returns_effective(fake_gateway: FakeGa
             input_audio_format="mulaw",
             sample_rate=8000,
             endpointing=300,
+            endpointing_unfinished=1200,
             vad=VadConfig(threshold=0.6),
             fallback=FallbackConfig(provider="LOCAL", model="whisper-tiny.en"),
         )
@@ -322,6 +323,7 @@ async def test_configure_sends_fields_and_returns_effective(fake_gateway: FakeGa
             "sample_rate": 8000,
             "prompt": "Kubernetes, gRPC",
             "endpointing": 300,
+            "endpointing_unfinished": 1200,
             "vad": {"threshold": 0.6},
             "fallback": {"provider": "LOCAL", "model": "whisper-tiny.en"},
         }

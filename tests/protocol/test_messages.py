@@ -54,6 +54,7 @@ class TestSessionUpdate:
         assert msg.session.sample_rate == 16000
         assert msg.session.prompt is None
         assert msg.session.endpointing is None
+        assert msg.session.endpointing_unfinished is None
 
     def test_client_sends_full_session_update(self) -> None:
         msg = m.parse_client_message(
@@ -63,6 +64,7 @@ class TestSessionUpdate:
                 input_audio_format="mulaw",
                 sample_rate=8000,
                 endpointing=300,
+                endpointing_unfinished=1200,
                 vad={"threshold": 0.6, "prefix_padding_ms": 200, "min_speech_ms": 50},
                 fallback={"provider": "DEEPGRAM", "model": "nova-3"},
             )
@@ -76,6 +78,7 @@ class TestSessionUpdate:
                 input_audio_format="mulaw",
                 sample_rate=8000,
                 endpointing=300,
+                endpointing_unfinished=1200,
                 vad=m.VadConfig(threshold=0.6, prefix_padding_ms=200, min_speech_ms=50),
                 fallback=m.FallbackConfig(provider="DEEPGRAM", model="nova-3"),
             )
@@ -135,6 +138,7 @@ class TestSessionUpdate:
             ({"model": 3}, "session.model"),
             ({"endpointing": 5}, "session.endpointing"),
             ({"endpointing": "500"}, "session.endpointing"),
+            ({"endpointing_unfinished": 20000}, "session.endpointing_unfinished"),
             ({"vad": {"threshold": 2}}, "session.vad.threshold"),
             ({"vad": {"min_speech_ms": -1}}, "session.vad.min_speech_ms"),
             ({"vad": "on"}, "session.vad"),
@@ -372,7 +376,18 @@ ALL_SERVER_MESSAGES: list[m.ServerMessage] = [
     m.SessionUpdated(EFFECTIVE),
     m.SessionUpdated(
         m.EffectiveConfig(
-            "LOCAL", "m", "fr", "alaw", 8000, 10, "p", m.VadConfig(0.5, 0, 0), None, "X", "y"
+            "LOCAL",
+            "m",
+            "fr",
+            "alaw",
+            8000,
+            10,
+            "p",
+            m.VadConfig(0.5, 0, 0),
+            None,
+            "X",
+            "y",
+            endpointing_unfinished=1500,
         )
     ),
     m.SpeechStarted("u1", 0),
@@ -407,6 +422,7 @@ class TestRoundTrip:
                     300,
                     m.VadConfig(threshold=0.4),
                     m.FallbackConfig("LOCAL", "tiny"),
+                    endpointing_unfinished=1500,
                 )
             ),
             m.AudioAppend(b"\x00\x01\x02"),

@@ -23,6 +23,7 @@ from transcribe_gateway.providers.local_whisper import (
     Transcript,
     WhisperEngine,
     WhisperStream,
+    ends_sentence,
     resolve_whisper_model,
 )
 
@@ -42,10 +43,15 @@ class Run:
     """Chunks ``push_audio_nowait`` refused, pushed with ``push_audio`` instead."""
 
 
-async def run(stt: LocalSTT, audio: np.ndarray, *, live: bool = True, **options: int) -> Run:
+async def run(
+    stt: LocalSTT, audio: np.ndarray, *, live: bool = True, patient: bool = False, **options: int
+) -> Run:
     """Push ``audio`` in 20 ms chunks the way the gateway does: at once when the
     stream takes them, else awaited.  ``live``: yield between chunks, as a live
-    stream would (the decode tasks get to run); otherwise flood."""
+    stream would (the decode tasks get to run); otherwise flood.  ``patient``:
+    let each speculative final finish before the next chunk, as on a machine
+    that decodes faster than the pause lasts, so what the stream decides from
+    it does not depend on this machine's speed."""
     stream = await stt.open_stream(StreamOptions(model="whisper-tiny.en", **options))
     assert isinstance(stream, WhisperStream)
     result = Run(stream)
@@ -61,6 +67,8 @@ async def run(stt: LocalSTT, audio: np.ndarray, *, live: bool = True, **options:
             await stream.push_audio(audio[i : i + 320])
         if live:
             await asyncio.sleep(0)
+        if patient and stream._early is not None:
+            await asyncio.wait_for(asyncio.shield(stream._early[2].task), 30)
     await stream.end_input()
     await asyncio.wait_for(collector, 60)
     await stream.aclose()
@@ -125,6 +133,64 @@ async def test_trailing_speech_is_finalized_at_end_of_input(stt: LocalSTT) -> No
         SpeechEventType.FINAL,
         SpeechEventType.SPEECH_STOPPED,
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "finished"),
+    [
+        ("Go forward 10 meters.", True),
+        ("Can you repeat that?", True),
+        ("Stop!", True),
+        ('He said "stop."', True),
+        ("ask not", False),
+        ("And so, my fellow citizens,", False),
+        ("My fellow kid isn't...", False),  # tiny.en's mark for speech breaking off
+        ("Well\u2026", False),
+        ("", False),
+    ],
+)
+def test_a_sentence_is_finished_by_its_punctuation(text: str, finished: bool) -> None:
+    assert ends_sentence(text) is finished
+
+
+async def test_semantic_endpointing_holds_an_unfinished_sentence(stt: LocalSTT) -> None:
+    # jfk pauses ~0.7 s after "And so my fellow Americans" and after "ask not":
+    # at 500 ms endpointing both pauses end an utterance. With
+    # endpointing_unfinished the first still does (its guess ends in a period),
+    # and "ask not", unpunctuated, waits and joins the rest of its sentence.
+    audio = np.concatenate([read_audio(SHARED_AUDIO / "jfk.flac"), np.zeros(16000, np.int16)])
+    plain = [normalize(f.text) for f in finals((await run(stt, audio, patient=True)).events)]
+    assert plain[1] == "ask not" and len(plain) == 4, plain
+    result = await run(stt, audio, patient=True, endpointing_ms=500, endpointing_unfinished_ms=1500)
+    held = [normalize(f.text) for f in finals(result.events)]
+    assert held[0] == plain[0] == "and so am i fellow americans"
+    assert held[1].startswith("ask not what your country can do for you"), held
+    assert len(held) == 3 and held[2] == plain[3], held
+    starts = [e for e in result.events if e.type is SpeechEventType.SPEECH_STARTED]
+    assert len(starts) == 3  # one utterance for the whole held sentence
+
+
+async def test_semantic_endpointing_ends_a_finished_sentence_at_the_endpointing(
+    stt: LocalSTT,
+) -> None:
+    # "Go forward 10 meters." then 0.9 s of silence, then "ten of clubs": under
+    # the 1500 ms hold, so only the guess's full stop keeps them apart.
+    words = read_audio(SHARED_AUDIO / "goforward.raw")[: int(2.35 * 16000)]
+    cards = read_audio(SHARED_AUDIO / "cards-001.wav")
+    gap = np.zeros(int(0.9 * 16000), np.int16)
+    audio = np.concatenate([words, gap, cards, np.zeros(16000, np.int16)])
+    options = {"endpointing_ms": 500, "endpointing_unfinished_ms": 1500}
+    result = await run(stt, audio, patient=True, **options)
+    first, second = finals(result.events)
+    assert normalize(first.text) == "go forward ten meters" and first.end_ms < 2400
+    assert second.start_ms > first.end_ms + 500
+    assert result.stream.early_finals >= 1  # the guess that judged it became its final
+    # Without time to guess (a flood: no speculative final is ready when the
+    # endpointing silence has passed, nor before speech resumes) the hold is
+    # the longer silence, and the two are one utterance.
+    flood = await run(stt, audio, live=False, **options)
+    (final,) = finals(flood.events)
+    assert normalize(final.text).startswith("go forward ten meters")
 
 
 @dataclass

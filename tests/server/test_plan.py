@@ -69,6 +69,31 @@ def test_features_a_model_lacks_are_listed_not_refused(registry: ProviderRegistr
     )
 
 
+def test_semantic_endpointing_is_for_models_that_can_judge_a_sentence(
+    registry: ProviderRegistry,
+) -> None:
+    whisper = registry.resolve("LOCAL", "whisper-tiny.en", "en")
+    plan = plan_for(config(endpointing_unfinished=1500), whisper, endpointing_ms=500)
+    assert plan.options.endpointing_unfinished_ms == plan.effective.endpointing_unfinished == 1500
+    assert plan.options.endpointing_ms == 500 and plan.effective.unsupported == []
+    # Never sooner than a finished sentence: raised to the endpointing.
+    plan = plan_for(
+        config(endpointing=800, endpointing_unfinished=300), whisper, endpointing_ms=500
+    )
+    assert plan.options.endpointing_unfinished_ms == plan.effective.endpointing_unfinished == 800
+    # Off unless asked for, and not announced then.
+    plan = plan_for(config(), whisper, endpointing_ms=500)
+    assert plan.options.endpointing_unfinished_ms is None
+    assert "endpointing_unfinished" not in m.encode(m.SessionUpdated(session=plan.effective))
+    # pocketsphinx writes no punctuation to judge by: listed, dropped.
+    sphinx = registry.resolve("LOCAL", "pocketsphinx-en-us", "en")
+    session = config(model="pocketsphinx-en-us", endpointing_unfinished=1500)
+    plan = plan_for(session, sphinx, endpointing_ms=500)
+    assert plan.options.endpointing_unfinished_ms is None
+    assert plan.effective.endpointing_unfinished is None
+    assert plan.effective.unsupported == ["endpointing_unfinished"]
+
+
 def test_a_fallback_is_announced_in_place_of_the_provider_that_failed(
     registry: ProviderRegistry,
 ) -> None:

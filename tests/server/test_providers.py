@@ -58,6 +58,20 @@ class TestDevelopmentProfile:
         }
         await ws.close()
 
+    async def test_semantic_endpointing_is_announced_where_it_is_honoured(
+        self, gateway: GatewayProcess
+    ) -> None:
+        ws, updated = await open_session(gateway.url, endpointing_unfinished=1500)
+        assert updated["session"]["endpointing_unfinished"] == 1500
+        assert "unsupported" not in updated["session"]
+        await ws.close()
+        ws, updated = await open_session(
+            gateway.url, model="pocketsphinx-en-us", endpointing_unfinished=1500
+        )
+        assert "endpointing_unfinished" not in updated["session"]
+        assert updated["session"]["unsupported"] == ["endpointing_unfinished"]
+        await ws.close()
+
 
 class TestStrictProviders:
     async def test_strict_server_refuses_unconfigured_provider(self) -> None:

@@ -181,6 +181,17 @@ class Endpointer:
             return None
         return self._end_after_silence()
 
+    def end_now(self) -> VadEvent | None:
+        """End the open utterance at :attr:`pending_end`, before the endpointing
+        silence is complete (an engine that knows the speech is finished, see
+        ``endpointing_unfinished``); ``None`` when there is no pending end."""
+        end = self.pending_end
+        if end is None:
+            return None
+        events: list[VadEvent] = []
+        self._finish(end, events)
+        return events[0]
+
     def _begin(self, sample: int, events: list[VadEvent]) -> None:
         self.in_speech = True
         self._voiced_run = 0

@@ -504,6 +504,7 @@ class TranscribeClient:
         input_audio_format: AudioFormat = "pcm16",
         sample_rate: int = 16000,
         endpointing: int | None = None,
+        endpointing_unfinished: int | None = None,
         vad: VadConfig | None = None,
         fallback: FallbackConfig | None = None,
     ) -> EffectiveConfig:
@@ -523,6 +524,8 @@ class TranscribeClient:
                 you will send (:meth:`send_samples` encodes accordingly).
             sample_rate: Hz of the audio you will send.
             endpointing: ms of silence that end an utterance.
+            endpointing_unfinished: ms of silence that end an utterance whose
+                text does not yet end a sentence (semantic endpointing).
             vad: voice-activity tuning.
             fallback: another provider/model to switch to on failure.
 
@@ -546,6 +549,8 @@ class TranscribeClient:
             session["prompt"] = prompt
         if endpointing is not None:
             session["endpointing"] = endpointing
+        if endpointing_unfinished is not None:
+            session["endpointing_unfinished"] = endpointing_unfinished
         if vad is not None:
             session["vad"] = msgspec.to_builtins(vad)
         if fallback is not None:

@@ -60,6 +60,10 @@ class SessionConfig(_Strict, frozen=True):
     """Milliseconds of silence that end an utterance."""
     vad: VadConfig | None = None
     fallback: FallbackConfig | None = None
+    # Last, so positional construction keeps working (fields only ever get appended).
+    endpointing_unfinished: Annotated[int, msgspec.Meta(ge=10, le=10000)] | None = None
+    """Milliseconds of silence that end an utterance whose text does not yet end a
+    sentence (semantic endpointing; engines that can judge it)."""
 
 
 class Auth(_Strict, frozen=True, tag="auth", tag_field="type"):
@@ -205,6 +209,7 @@ class EffectiveConfig(msgspec.Struct, omit_defaults=True):
     """Plain-words explanation of any substitution."""
     unsupported: list[str] = msgspec.field(default_factory=list)
     """Options the serving engine cannot honour (reported, never silently dropped)."""
+    endpointing_unfinished: int | None = None
 
 
 class Word(msgspec.Struct, omit_defaults=True):

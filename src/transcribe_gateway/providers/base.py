@@ -82,6 +82,9 @@ class StreamOptions:
     """Rate the client sends; the gateway resampled it to ``sample_rate`` (at 8 kHz
     and below, a phone line's band: a VAD reading it adapts, see ``audio/vad.py``)."""
     endpointing_ms: int = 500
+    endpointing_unfinished_ms: int | None = None
+    """Silence that ends an utterance whose text does not end a sentence (at least
+    ``endpointing_ms``); ``None``: every utterance ends at ``endpointing_ms``."""
     vad_threshold: float = 0.5
     vad_prefix_padding_ms: int = 300
     vad_min_speech_ms: int = 100
@@ -100,6 +103,8 @@ class ModelInfo:
     supports_prompt: bool = True
     supports_endpointing: bool = True
     supports_vad: bool = True
+    supports_endpointing_unfinished: bool = False
+    """Can hold an utterance whose text does not end a sentence (semantic endpointing)."""
     extra: dict[str, str] = field(default_factory=dict)
 
 

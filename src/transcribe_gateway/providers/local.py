@@ -65,6 +65,7 @@ class LocalSTT(STT):
                 name,
                 "Whisper via faster-whisper (CTranslate2 int8, CPU)",
                 languages=("en",) if name.endswith(".en") else None,
+                supports_endpointing_unfinished=True,
             )
             for name in whisper
         ]
@@ -82,7 +83,12 @@ class LocalSTT(STT):
         if found is None and name.startswith("whisper-") and len(name) > len("whisper-"):
             # Any other Whisper model by hub name; resolved (or refused) when opened.
             languages = ("en",) if name.endswith(".en") else None
-            found = ModelInfo(name, "Whisper via faster-whisper", languages=languages)
+            found = ModelInfo(
+                name,
+                "Whisper via faster-whisper",
+                languages=languages,
+                supports_endpointing_unfinished=True,
+            )
         return found
 
     @property

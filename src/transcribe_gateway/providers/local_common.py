@@ -6,13 +6,16 @@ from transcribe_gateway.audio.vad import NARROWBAND_RATE, Endpointer, VoiceActiv
 from transcribe_gateway.providers.base import StreamOptions
 
 
-def voice_activity(options: StreamOptions, max_utterance_ms: int) -> VoiceActivity:
-    """Silero VAD with the session's endpointing and VAD settings."""
+def voice_activity(
+    options: StreamOptions, max_utterance_ms: int, *, endpointing_ms: int | None = None
+) -> VoiceActivity:
+    """Silero VAD with the session's endpointing and VAD settings; ``endpointing_ms``
+    overrides the session's (a stream that ends some utterances sooner itself)."""
     return VoiceActivity(
         Endpointer(
             threshold=options.vad_threshold,
             min_speech_ms=options.vad_min_speech_ms,
-            endpointing_ms=options.endpointing_ms,
+            endpointing_ms=endpointing_ms or options.endpointing_ms,
             prefix_padding_ms=options.vad_prefix_padding_ms,
             max_utterance_ms=max_utterance_ms,
         ),

@@ -13,6 +13,11 @@ Whisper is not incremental, so streaming is built from three pieces:
   been heard and a worker is free: if the silence then reaches the endpoint
   (no speech resumed), the final is ready when the VAD ends the utterance,
   instead of ~0.45 s after it.  If speech resumes, the guess is abandoned.
+* with ``endpointing_unfinished`` (semantic endpointing), that guess also
+  decides when the utterance ends: at ``endpointing`` if its text ends a
+  sentence, else only after the longer silence, so a caller who pauses
+  mid-sentence gets one final with the whole sentence's context
+  (:func:`ends_sentence`).
 
 A decode nobody waits for any more (that guess; a partial once its utterance's
 final is under way) stops after Whisper's encoder, and a decode that is the only
@@ -39,7 +44,7 @@ import numpy as np
 
 from transcribe_gateway.audio.buffer import AudioBuffer
 from transcribe_gateway.audio.decode import Samples
-from transcribe_gateway.audio.vad import FRAME, SAMPLE_RATE, TRAILING_MS
+from transcribe_gateway.audio.vad import FRAME, SAMPLE_RATE, TRAILING_MS, VadEvent
 from transcribe_gateway.exceptions import ProviderUnavailable
 from transcribe_gateway.providers.base import (
     STT,
@@ -62,6 +67,14 @@ MIN_PARTIAL_SAMPLES: Final = SAMPLE_RATE // 2
 SPECULATE_AFTER_MS: Final = TRAILING_MS
 """Silence heard before the final decode starts speculatively (capped at half the
 endpointing): as soon as the utterance's audio, with its trailing silence, is in."""
+
+
+def ends_sentence(text: str) -> bool:
+    """Whether Whisper's text reads as a finished sentence (its punctuation is the
+    judge: ``.``, ``?`` or ``!``, but not a trailing ``...``, which tiny.en writes
+    for speech it hears break off)."""
+    text = text.rstrip().rstrip("\"')]\u201d\u2019")
+    return text.endswith((".", "?", "!")) and not text.endswith(("...", "\u2026"))
 
 
 def _bundled_model_dir() -> Path | None:
@@ -359,7 +372,13 @@ class WhisperStream(RecognizeStream):
         self._partial_every = partial_interval_ms * SAMPLE_RATE // 1000
         self._on_close_cb = on_close
         self._language = whisper_language(options.language)
-        self._activity = voice_activity(options, max_utterance_ms)
+        unfinished = options.endpointing_unfinished_ms
+        self._semantic = unfinished is not None and unfinished > options.endpointing_ms
+        """Semantic endpointing: the VAD waits for the longer silence, and an
+        utterance whose text ends a sentence is ended sooner (:meth:`_boundaries`)."""
+        self._activity = voice_activity(
+            options, max_utterance_ms, endpointing_ms=unfinished if self._semantic else None
+        )
         self._keep = (options.vad_prefix_padding_ms + 1000) * SAMPLE_RATE // 1000
         self._audio = AudioBuffer()
         self._utterance = -1
@@ -368,6 +387,7 @@ class WhisperStream(RecognizeStream):
         self._partial_text = ""
         self._partial: _Decode[None] | None = None
         self._speculate_after = min(SPECULATE_AFTER_MS, options.endpointing_ms // 2)
+        self._endpointing_ms = options.endpointing_ms
         self._early: tuple[int, int, _Decode[Transcript | None]] | None = None
         """(utterance, end sample, decode) of the speculative final under way."""
         self._finals: asyncio.Queue[_Final | None] = asyncio.Queue(FINAL_QUEUE)
@@ -382,11 +402,11 @@ class WhisperStream(RecognizeStream):
         # so the chunk is taken here, without a task (the usual 20 ms chunk;
         # chunks of FINAL_QUEUE frames, 128 ms, or more always take the task path,
         # which at their few messages a second costs little).
-        bound = len(samples) // FRAME + 1
+        bound = len(samples) // FRAME + 1 + self._semantic  # + an end of semantic endpointing
         if self._event_room() < bound or FINAL_QUEUE - self._finals.qsize() < bound:
             return False
         self._audio.append(samples)
-        for event in self._activity.process(samples):
+        for event in self._boundaries(samples):
             if event.kind == "start":
                 self._emit_nowait(self._begin_utterance(event.sample))
             else:
@@ -396,13 +416,35 @@ class WhisperStream(RecognizeStream):
 
     async def _on_audio(self, samples: Samples) -> None:
         self._audio.append(samples)
-        for event in self._activity.process(samples):
+        for event in self._boundaries(samples):
             if event.kind == "start":
                 await self._emit(self._begin_utterance(event.sample))
             else:
                 # Waits while FINAL_QUEUE utterances are pending: the backpressure.
                 await self._finals.put(self._end_utterance(event.sample))
         self._after_audio()
+
+    def _boundaries(self, samples: Samples) -> list[VadEvent]:
+        events = self._activity.process(samples)
+        if events or not self._semantic:
+            return events
+        # Semantic endpointing: past the usual endpointing silence, a guess whose
+        # text ends a sentence ends the utterance now; one that does not holds it
+        # until the VAD's longer silence (or speech resumes). No guess (no worker
+        # was free) or a failed one: end it now, as plain endpointing would.
+        endpointer = self._activity.endpointer
+        end = endpointer.pending_end
+        if end is None or endpointer.silence_ms < self._endpointing_ms:
+            return events
+        if self._early is not None and self._early[:2] == (self._utterance, end):
+            task = self._early[2].task
+            if not task.done():
+                return events  # its text decides: ask again at the next chunk
+            result = None if task.cancelled() or task.exception() else task.result()
+            if result is not None and result.text and not ends_sentence(result.text):
+                return events
+        event = endpointer.end_now()
+        return [event] if event is not None else events
 
     def _after_audio(self) -> None:
         if self._activity.in_speech:

@@ -53,6 +53,12 @@ def plan_for(config: m.SessionConfig, resolution: Resolution, *, endpointing_ms:
         unsupported.append("endpointing")
     vad = config.vad or m.VadConfig()
     endpointing = config.endpointing or endpointing_ms
+    unfinished = config.endpointing_unfinished
+    if unfinished is not None and not model.supports_endpointing_unfinished:
+        unsupported.append("endpointing_unfinished")
+        unfinished = None
+    elif unfinished is not None:
+        unfinished = max(unfinished, endpointing)  # never sooner than a finished sentence
     options = StreamOptions(
         model=model.name,
         language=language,
@@ -60,6 +66,7 @@ def plan_for(config: m.SessionConfig, resolution: Resolution, *, endpointing_ms:
         sample_rate=model.input_rate,
         source_rate=config.sample_rate,
         endpointing_ms=endpointing,
+        endpointing_unfinished_ms=unfinished,
         vad_threshold=_DEFAULTS.vad_threshold if vad.threshold is None else vad.threshold,
         vad_prefix_padding_ms=(
             _DEFAULTS.vad_prefix_padding_ms
@@ -77,6 +84,7 @@ def plan_for(config: m.SessionConfig, resolution: Resolution, *, endpointing_ms:
         input_audio_format=config.input_audio_format,
         sample_rate=config.sample_rate,
         endpointing=endpointing,
+        endpointing_unfinished=unfinished,
         prompt=config.prompt,
         vad=config.vad,
         fallback=config.fallback,

@@ -26,6 +26,8 @@
  * @property {"pcm16" | "mulaw"} [input_audio_format] default `pcm16`
  * @property {number} [sample_rate] Hz, default 16000
  * @property {number} [endpointing] ms of silence that ends an utterance
+ * @property {number} [endpointing_unfinished] ms of silence that ends an utterance whose
+ *   text does not yet end a sentence (semantic endpointing; `LOCAL` Whisper)
  */
 
 /**
