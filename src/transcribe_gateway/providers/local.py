@@ -41,6 +41,17 @@ log = logging.getLogger(__name__)
 SPHINX_MODEL: Final = "pocketsphinx-en-us"
 
 
+def _whisper_info(name: str, description: str) -> ModelInfo:
+    """A Whisper model: ``.en`` models transcribe English only; every Whisper
+    writes punctuation, so it can judge an unfinished sentence."""
+    return ModelInfo(
+        name,
+        description,
+        languages=("en",) if name.endswith(".en") else None,
+        supports_endpointing_unfinished=True,
+    )
+
+
 class LocalSTT(STT):
     """Embedded engines behind the provider interface."""
 
@@ -61,12 +72,7 @@ class LocalSTT(STT):
     def models(self) -> Sequence[ModelInfo]:
         whisper = [BUNDLED_MODEL, *(n for n in self._local.whisper_models if n != BUNDLED_MODEL)]
         infos = [
-            ModelInfo(
-                name,
-                "Whisper via faster-whisper (CTranslate2 int8, CPU)",
-                languages=("en",) if name.endswith(".en") else None,
-                supports_endpointing_unfinished=True,
-            )
+            _whisper_info(name, "Whisper via faster-whisper (CTranslate2 int8, CPU)")
             for name in whisper
         ]
         infos.append(
@@ -82,13 +88,7 @@ class LocalSTT(STT):
         found = super().find_model(name)
         if found is None and name.startswith("whisper-") and len(name) > len("whisper-"):
             # Any other Whisper model by hub name; resolved (or refused) when opened.
-            languages = ("en",) if name.endswith(".en") else None
-            found = ModelInfo(
-                name,
-                "Whisper via faster-whisper",
-                languages=languages,
-                supports_endpointing_unfinished=True,
-            )
+            found = _whisper_info(name, "Whisper via faster-whisper")
         return found
 
     @property

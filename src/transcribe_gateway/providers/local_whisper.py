@@ -387,7 +387,6 @@ class WhisperStream(RecognizeStream):
         self._partial_text = ""
         self._partial: _Decode[None] | None = None
         self._speculate_after = min(SPECULATE_AFTER_MS, options.endpointing_ms // 2)
-        self._endpointing_ms = options.endpointing_ms
         self._early: tuple[int, int, _Decode[Transcript | None]] | None = None
         """(utterance, end sample, decode) of the speculative final under way."""
         self._finals: asyncio.Queue[_Final | None] = asyncio.Queue(FINAL_QUEUE)
@@ -434,10 +433,11 @@ class WhisperStream(RecognizeStream):
         # was free) or a failed one: end it now, as plain endpointing would.
         endpointer = self._activity.endpointer
         end = endpointer.pending_end
-        if end is None or endpointer.silence_ms < self._endpointing_ms:
+        if end is None or endpointer.silence_ms < self._options.endpointing_ms:
             return events
-        if self._early is not None and self._early[:2] == (self._utterance, end):
-            task = self._early[2].task
+        guess = self._guess_at(end)
+        if guess is not None:
+            task = guess.task
             if not task.done():
                 return events  # its text decides: ask again at the next chunk
             result = None if task.cancelled() or task.exception() else task.result()
@@ -467,11 +467,10 @@ class WhisperStream(RecognizeStream):
         job = _Final(
             self._utterance, self._utt_start, sample, self._audio.slice(self._utt_start, sample)
         )
-        early, self._early = self._early, None
-        if early is not None and early[:2] == (self._utterance, sample):
-            job.early = early[2]  # the silence held: the speculative decode is the final
-        elif early is not None:
-            early[2].abandon()
+        job.early = self._guess_at(sample)  # if any, the silence held: it is the final
+        if job.early is None and self._early is not None:
+            self._early[2].abandon()
+        self._early = None
         if self._partial is not None:
             self._partial.abandon()  # its result would be dropped: the utterance is over
         self._audio.discard_before(sample)
@@ -482,9 +481,9 @@ class WhisperStream(RecognizeStream):
         end = endpointer.pending_end
         if end is None or endpointer.silence_ms < self._speculate_after or end > self._audio.end:
             return
+        if self._guess_at(end) is not None:
+            return  # already decoding exactly this
         if self._early is not None:
-            if self._early[:2] == (self._utterance, end):
-                return  # already decoding exactly this
             self._early[2].abandon()  # speech resumed since: a new end
             self._early = None
         if self._pool.busy >= self._pool.workers:
@@ -499,6 +498,11 @@ class WhisperStream(RecognizeStream):
         if self._partial is not None:
             # The final is on its way: a partial still encoding gives it the cores.
             self._partial.abandon()
+
+    def _guess_at(self, end: int) -> _Decode[Transcript | None] | None:
+        """The speculative final under way for the open utterance ending at ``end``."""
+        early = self._early
+        return early[2] if early is not None and early[:2] == (self._utterance, end) else None
 
     def _final_decoder(
         self, audio: Samples, start: int, abandoned: threading.Event
