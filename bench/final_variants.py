@@ -7,9 +7,10 @@ Run by hand (never in CI), from the repository root:
 No server: each clip is cut into utterances by the gateway's own VAD and
 endpointer (Silero, the endpointing the load benchmark uses), and every
 utterance is decoded the way a variant says, with the final's settings (beam 5,
-word timestamps).  ``cut`` is what the LOCAL stream does; the others are ideas
-for closing the gap to batch (the whole clip decoded at once), measured here
-before any is built into the stream:
+word timestamps).  ``cut`` is what the LOCAL stream does with ``final_context =
+false`` (each utterance alone), ``context`` what it does by default; the others
+are ideas for closing the gap to batch (the whole clip decoded at once),
+measured here before any is built into the stream:
 
 * ``pad-N``: N ms more of the audio after the cut (the endpointing silence is
   already in the buffer when the final is due, so this costs no latency);
@@ -22,11 +23,15 @@ before any is built into the stream:
   those two and ``cut`` with the prompt "Hello." (a known Whisper nudge);
 * ``lenpen-0.8``: ``cut`` with beam search's length penalty at 0.8 (1 is
   faster-whisper's default; lower favours shorter hypotheses);
+* ``context``: as the LOCAL stream decodes finals by default (``final_context``):
+  after the session's speech of the last 10 s and before a repeat of the
+  utterance, in one window (``local_whisper.in_context``);
 * ``hold-1500``: semantic endpointing (``endpointing_unfinished`` 1500), roughly
   as OpenAI's ``semantic_vad`` and LiveKit's turn detector: a final whose text
   does not end a sentence (``local_whisper.ends_sentence``) is held, and if
   speech resumes within 1500 ms of its end the two are one utterance (decoded
-  again, and held again if still unfinished).
+  again, and held again if still unfinished); ``context-hold-1500``: the same
+  with ``context``.
 
 ``--heldout`` runs the variants on ``SYNTH_HELDOUT`` (bench/local_engine.py):
 clips in other voices, made after the variants above were chosen on the
@@ -59,6 +64,7 @@ from transcribe_gateway.audio.vad import (  # noqa: E402
 )
 from transcribe_gateway.providers.local_whisper import (  # noqa: E402
     BUNDLED_MODEL,
+    CONTEXT_MS,
     WhisperEngine,
     ends_sentence,
     resolve_whisper_model,
@@ -97,11 +103,19 @@ def utterances(audio: np.ndarray, endpointing_ms: int = ENDPOINTING_MS) -> Utter
 
 
 def variants(engine: WhisperEngine) -> dict[str, Variant]:
-    def decode(audio: np.ndarray, prompt: str | None = None, prefix: str | None = None) -> str:
+    def decode(
+        audio: np.ndarray,
+        prompt: str | None = None,
+        prefix: str | None = None,
+        context: np.ndarray | None = None,
+    ) -> str:
         # The final's own decode (beam search, word timestamps), as the stream runs it.
-        return engine.transcribe(audio, final=True, prompt=prompt, prefix=prefix).text.strip()
+        return engine.transcribe(
+            audio, final=True, prompt=prompt, prefix=prefix, context=context
+        ).text.strip()
 
     def cut(audio: np.ndarray, cuts: Utterances) -> str:
+        # Each utterance alone: the LOCAL stream with ``final_context = false``.
         return " ".join(decode(audio[s:e]) for s, e in cuts)
 
     def padded(ms: int) -> Variant:
@@ -130,6 +144,19 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
                     text = whole[len(prefix) :].strip()
             finals.append(text or decode(audio[s:e]))
         return " ".join(finals)
+
+    def context_of(audio: np.ndarray, starts: list[int], start: int) -> np.ndarray:
+        # As the LOCAL stream decodes finals with ``final_context``: the audio since
+        # the first utterance (of ``starts``) that started within CONTEXT_MS before.
+        since = next(a for a in [*starts, start] if start - a <= CONTEXT_MS * SAMPLE_RATE // 1000)
+        return audio[since:start]
+
+    def in_context(audio: np.ndarray, cuts: Utterances) -> str:
+        starts = [s for s, _ in cuts]
+        return " ".join(
+            decode(audio[s:e], context=context_of(audio, starts[:i], s))
+            for i, (s, e) in enumerate(cuts)
+        )
 
     def segments(audio: np.ndarray, prompt: str | None = None, **options: Any) -> list[Any]:
         # The final's decode with faster-whisper's own result (WhisperEngine.transcribe
@@ -171,7 +198,7 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
 
         return run
 
-    def hold(ms: int) -> Variant:
+    def hold(ms: int, context: bool = False) -> Variant:
         def run(audio: np.ndarray, cuts: Utterances) -> str:
             # A pause shorter than ``ms`` lies inside one of the cuts made at ``ms``.
             longer = utterances(audio, ms)
@@ -179,10 +206,12 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
                 next((k for k, (s, e) in enumerate(longer) if s <= a < e), -1) for a, _ in cuts
             ]
             finals: list[str] = []
+            starts: list[int] = []  # of the utterances ended so far
             i = 0
             while i < len(cuts):
                 start, end = cuts[i]
-                text = decode(audio[start:end])
+                before = context_of(audio, starts, start) if context else None
+                text = decode(audio[start:end], context=before)
                 while (
                     i + 1 < len(cuts)
                     and not ends_sentence(text)
@@ -190,8 +219,9 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
                 ):
                     i += 1
                     end = cuts[i][1]
-                    text = decode(audio[start:end])
+                    text = decode(audio[start:end], context=before)
                 finals.append(text)
+                starts.append(start)
                 i += 1
             return " ".join(finals)
 
@@ -199,6 +229,7 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
 
     return {
         "cut": cut,
+        "context": in_context,
         "pad-100": padded(100),
         "pad-350": padded(350),
         "prompt": prompt,
@@ -207,6 +238,7 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
         "rerank-hello": reranked((0, None), (100, None), (0, "Hello.")),
         "lenpen-0.8": length_penalty(0.8),
         "hold-1500": hold(1500),
+        "context-hold-1500": hold(1500, context=True),
     }
 
 
@@ -246,6 +278,12 @@ def main() -> None:
             ratio = wer(name, g) / max(wer("batch", g), 1e-9)
             cells.append(f"{wer(name, g):.3f}" + ("" if name == "batch" else f" ({ratio:.2f}x)"))
         print(f"| {name} | " + " | ".join(cells) + " |")
+    if "context" in texts:
+        finals = sum(len(c) for c in cuts.values())
+        print(
+            f"\n`context`: {engine.repeat_mismatches} of {finals} finals decoded alone again "
+            "(the repeat read differently)"
+        )
 
 
 if __name__ == "__main__":

@@ -157,6 +157,12 @@ class TestEnvironment:
         )
         assert (s.port, s.api_keys, s.local.workers) == (9100, ["env-a", "env-b"], 5)
 
+    def test_env_turns_finals_in_context_off(self, tmp_path: Path) -> None:
+        path = toml(tmp_path, "[local]\nworkers = 2\n")
+        assert load_settings(path, environ={}).local.final_context is True
+        s = load_settings(path, environ={"TRANSCRIBE_LOCAL_FINAL_CONTEXT": "false"})
+        assert (s.local.final_context, s.local.workers) == (False, 2)
+
     def test_env_keeps_file_values_it_does_not_name(self, tmp_path: Path) -> None:
         path = toml(tmp_path, 'host = "0.0.0.0"\n[local]\nworkers = 2\ndefault_model = "m"\n')
         s = load_settings(path, environ={"TRANSCRIBE_LOCAL_WORKERS": "5"})

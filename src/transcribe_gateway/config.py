@@ -39,6 +39,10 @@ class LocalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """pocketsphinx sessions per worker: continuous speech costs ~0.4 core-seconds a
     second (a live pass for partials and a second pass for finals)."""
     max_utterance_ms: Annotated[int, msgspec.Meta(ge=1000, le=30000)] = 25000
+    final_context: bool = True
+    """Decode each Whisper final in context: after the session's speech of the 10 s
+    before it and before a repeat of it, in Whisper's one 30 s window (streaming WER
+    nearer batch, ~15% more decode time; BENCHMARKS.md). false: each utterance alone."""
 
 
 class StoreSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -150,6 +154,7 @@ _ENV: Final[dict[str, tuple[tuple[str, ...], str]]] = {
     "TRANSCRIBE_LOCAL_DEFAULT_MODEL": (("local", "default_model"), "str"),
     "TRANSCRIBE_LOCAL_ALLOW_DOWNLOADS": (("local", "allow_downloads"), "bool"),
     "TRANSCRIBE_LOCAL_PARTIAL_INTERVAL_MS": (("local", "partial_interval_ms"), "int"),
+    "TRANSCRIBE_LOCAL_FINAL_CONTEXT": (("local", "final_context"), "bool"),
     "TRANSCRIBE_LOCAL_MAX_SESSIONS_PER_WORKER": (("local", "max_sessions_per_worker"), "int"),
     "TRANSCRIBE_LOCAL_SPHINX_SESSIONS_PER_WORKER": (("local", "sphinx_sessions_per_worker"), "int"),
 }

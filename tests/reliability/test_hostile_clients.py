@@ -58,11 +58,16 @@ class Server:
         health = await self.settle()
         assert health["sessions"] == 0, health
         assert not any(health["streams"]["LOCAL"].values()), health
-        # The kernel may take a moment to release sockets after the last close.
+        # The kernel may take a moment to release sockets after the last close,
+        # and a decode the closed sessions abandoned may still be finishing in the
+        # pool, holding its window's transient buffers (tens of MB for a final
+        # decoded in context), which go back to the system when it ends.
         deadline = time.monotonic() + 10
         while True:
             after = hostile.proc_stats(self.pid)
-            if after.fds <= before.fds + MAX_FD_GROWTH or time.monotonic() > deadline:
+            settled = after.fds <= before.fds + MAX_FD_GROWTH
+            settled &= after.rss_kb <= before.rss_kb + MAX_RSS_GROWTH_KB
+            if settled or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.2)
         assert after.fds <= before.fds + MAX_FD_GROWTH, (before, after)

@@ -170,6 +170,7 @@ class LocalSTT(STT):
                 beam_size=self._local.whisper_beam_size,
                 partial_interval_ms=self._local.partial_interval_ms,
                 max_utterance_ms=self._local.max_utterance_ms,
+                final_context=self._local.final_context,
                 on_close=lambda: self._release("whisper"),
             )
             self.active["whisper"] += 1

@@ -13,6 +13,9 @@ Whisper is not incremental, so streaming is built from three pieces:
   been heard and a worker is free: if the silence then reaches the endpoint
   (no speech resumed), the final is ready when the VAD ends the utterance,
   instead of ~0.45 s after it.  If speech resumes, the guess is abandoned.
+  The final is decoded in context (:func:`in_context`): after the session's
+  recent speech and before a repeat of the utterance, in Whisper's one window,
+  so it reads nearly as the whole recording decoded at once would.
 * with ``endpointing_unfinished`` (semantic endpointing), that guess also
   decides when the utterance ends: at ``endpointing`` if its text ends a
   sentence, else only after the longer silence, so a caller who pauses
@@ -34,9 +37,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
 
@@ -67,6 +72,12 @@ MIN_PARTIAL_SAMPLES: Final = SAMPLE_RATE // 2
 SPECULATE_AFTER_MS: Final = TRAILING_MS
 """Silence heard before the final decode starts speculatively (capped at half the
 endpointing): as soon as the utterance's audio, with its trailing silence, is in."""
+WINDOW: Final = 30 * SAMPLE_RATE
+"""Whisper's encoder window: every decode encodes 30 s, padded with silence."""
+CONTEXT_MS: Final = 10_000
+"""A final is decoded after the session's speech of up to this long before it."""
+REPEAT_GAP_MS: Final = 300
+"""Silence between an utterance and its repeat in a final's window."""
 
 
 def ends_sentence(text: str) -> bool:
@@ -75,6 +86,37 @@ def ends_sentence(text: str) -> bool:
     for speech it hears break off)."""
     text = text.rstrip().rstrip("\"')]\u201d\u2019")
     return text.endswith((".", "?", "!")) and not text.endswith(("...", "\u2026"))
+
+
+def in_context(before: Samples, utterance: Samples) -> tuple[Samples, int, int]:
+    """The window a final is decoded in, and where in it the words to keep lie.
+
+    A final decoded alone gets a 30 s window of which the utterance fills a
+    few seconds, but Whisper's encoder attends over the whole window in both
+    directions: in batch the words around an utterance, the same voice, help
+    decode it (tiny.en: "and so am i fellow americans" alone, "and so my
+    fellow americans" with the rest of jfk after it).  The words after an
+    utterance do not exist yet when its final is due, so the window holds the
+    session's speech before it (``before``, up to the window's room) and the
+    utterance again after a short silence, standing in for what comes next.
+    The final is the words of the first copy: ``[keep_from, keep_to)``, in
+    samples of the window (the bound runs to the middle of the silence, for a
+    word timed a little late), the words after it are the repeat's, and
+    :meth:`WhisperEngine.transcribe` trusts the first only if the repeat reads
+    the same (else it decodes the utterance alone; tiny.en may skip a
+    repetition, and then times the words it kept wildly).  BENCHMARKS.md,
+    *Finals in context*.
+
+    An utterance too long to fit twice (over ~14.8 s) is decoded alone: it
+    holds context enough.
+    """
+    gap = REPEAT_GAP_MS * SAMPLE_RATE // 1000
+    room = WINDOW - 2 * len(utterance) - gap
+    if room < 0:
+        return utterance, 0, len(utterance)
+    before = before[max(0, len(before) - room) :]
+    window = np.concatenate([before, utterance, np.zeros(gap, np.int16), utterance])
+    return window, len(before), len(before) + len(utterance) + gap // 2
 
 
 def _bundled_model_dir() -> Path | None:
@@ -165,6 +207,7 @@ class _Final:
     start: int
     end: int
     audio: Samples
+    context: Samples | None
     early: _Decode[Transcript | None] | None = None
 
 
@@ -282,6 +325,9 @@ class WhisperEngine:
         )
         self.encoder = Encoder(self.model, path, workers)
         self.english_only = bool(getattr(self.model.model, "is_multilingual", True) is False)
+        self.repeat_mismatches = 0
+        """Finals decoded in context whose repeat read differently, so decoded
+        alone instead (:func:`in_context`; for tests and benchmarks)."""
 
     def warm_up(self) -> None:
         """Run one decode so the first session does not pay the first-call cost."""
@@ -297,12 +343,15 @@ class WhisperEngine:
         beam_size: int = 5,
         offset_ms: int = 0,
         prefix: str | None = None,
+        context: Samples | None = None,
         abandoned: threading.Event | None = None,
     ) -> Transcript:
         """Decode one utterance (blocking; call from a pool worker).
 
         ``prefix``: text the decoder must start with (it is part of the result);
         the streams do not use it, ``bench/final_variants.py`` does.
+        ``context``: decode the utterance in context (:func:`in_context`), after
+        this audio (the session's earlier speech; may be empty).
         ``abandoned``: set it when the result is no longer wanted; the decode
         then stops after its encoder and returns an empty transcript.
         """
@@ -319,30 +368,102 @@ class WhisperEngine:
             kwargs.update(beam_size=beam_size, word_timestamps=True)
         else:
             kwargs.update(beam_size=1, without_timestamps=True, temperature=0.0)
-        texts: list[str] = []
-        words: list[WordTiming] = []
+        if context is not None:
+            window, keep_from, keep_to = in_context(context, audio)
+            if window is not audio:
+                # One pass, no fallback to sampling at higher temperatures:
+                # faster-whisper takes a repeat for a repetition loop (too
+                # compressible) and would resample it, at random; the check
+                # below stands for that one, and the decode alone keeps it.
+                segments = self._segments(window, {**kwargs, "temperature": 0.0}, abandoned)
+                found = [w for segment in segments for w in segment.words or ()]
+                kept = [w for w in found if keep_from <= _middle(w) < keep_to and _said(w)]
+                repeat = [w for w in found if _middle(w) >= keep_to and _said(w)]
+                if _read_alike(kept, repeat):
+                    # The same words. The first copy's, but for how the last one
+                    # ends: the repeat ends the window as the utterance ends the
+                    # speech so far, so its punctuation there is an utterance's
+                    # (the first copy reads on into the repeat: "Americans,").
+                    spelled = [w.word for w in kept]
+                    if kept:
+                        spelled[-1] = _ending(spelled[-1], repeat[-1].word)
+                    timings = _timings(kept, offset_ms, len(audio), shift=keep_from)
+                    words = tuple(
+                        replace(t, word=w.strip()) for t, w in zip(timings, spelled, strict=True)
+                    )
+                    return Transcript("".join(spelled).strip(), words)  # each has its space
+                # Whisper misheard one of the two, or lost its place: it may skip
+                # a repetition (the context can hold the same words again) and
+                # then stacks the words it is left with at one instant.
+                self.repeat_mismatches += 1
+        segments = self._segments(audio, kwargs, abandoned)
+        text = " ".join(t for t in (segment.text.strip() for segment in segments) if t)
+        found = [w for segment in segments for w in segment.words or ()]
+        return Transcript(text, _timings(found, offset_ms, len(audio)))
+
+    def _segments(
+        self, audio: Samples, kwargs: dict[str, Any], abandoned: threading.Event | None
+    ) -> list[Any]:
+        """faster-whisper's segments; none if the decode was abandoned."""
         with self.encoder.decoding(abandoned or threading.Event()):
             try:
-                segments = self._segments(audio, kwargs)
+                # transcribe() is lazy: the work happens while its segments are listed.
+                found, _info = self.model.transcribe(audio.astype(np.float32) / 32768.0, **kwargs)
+                return list(found)
             except _Abandoned:
-                return Transcript("", ())
-        for segment in segments:
-            texts.append(segment.text.strip())
-            for w in segment.words or ():
-                words.append(
-                    WordTiming(
-                        word=w.word.strip(),
-                        start_ms=offset_ms + round(w.start * 1000),
-                        end_ms=offset_ms + round(w.end * 1000),
-                        confidence=round(float(w.probability), 4),
-                    )
-                )
-        return Transcript(" ".join(t for t in texts if t), tuple(words))
+                return []
 
-    def _segments(self, audio: Samples, kwargs: dict[str, Any]) -> list[Any]:
-        # transcribe() is lazy: the work happens while its segments are listed.
-        segments, _info = self.model.transcribe(audio.astype(np.float32) / 32768.0, **kwargs)
-        return list(segments)
+
+def _middle(word: Any) -> float:
+    """Where a faster-whisper word lies, in samples of its window."""
+    return float((word.start + word.end) / 2 * SAMPLE_RATE)
+
+
+def _read_alike(first: list[Any], repeat: list[Any]) -> bool:
+    """Two readings of one utterance agree: the same words, and Whisper kept its
+    place in the audio for both.  A decode that skipped a repetition times what
+    it is left with at one instant: several words with no duration (one such
+    word happens at a segment's end; no final of BENCHMARKS.md's sets has two)."""
+
+    def aligned(words: list[Any]) -> bool:
+        return sum(1 for w in words if w.end <= w.start) < 2
+
+    return aligned(first) and aligned(repeat) and [*map(_said, first)] == [*map(_said, repeat)]
+
+
+def _said(word: Any) -> str:
+    """A faster-whisper word as said, for comparing two decodes: no case, no punctuation."""
+    return re.sub(r"[^\w']", "", word.word.lower())
+
+
+def _ending(word: str, like: str) -> str:
+    """``word`` with the punctuation ``like`` ends with instead of its own."""
+
+    def stem(word: str) -> str:
+        return re.sub(r"[^\w']+$", "", word)
+
+    return stem(word) + like[len(stem(like)) :]
+
+
+def _timings(
+    words: list[Any], offset_ms: int, length: int, shift: int = 0
+) -> tuple[WordTiming, ...]:
+    """The words of an utterance of ``length`` samples that starts at ``offset_ms`` in
+    the stream and ``shift`` samples into the decoded window.  Whisper stretches a
+    word next to silence into it; a word's times stay within its utterance."""
+
+    def clamp(seconds: float) -> int:
+        return offset_ms + _ms(min(max(0, round(seconds * SAMPLE_RATE) - shift), length))
+
+    return tuple(
+        WordTiming(
+            word=w.word.strip(),
+            start_ms=clamp(w.start),
+            end_ms=clamp(w.end),
+            confidence=round(float(w.probability), 4),
+        )
+        for w in words
+    )
 
 
 def whisper_language(language: str) -> str | None:
@@ -363,6 +484,7 @@ class WhisperStream(RecognizeStream):
         beam_size: int,
         partial_interval_ms: int,
         max_utterance_ms: int,
+        final_context: bool,
         on_close: Callable[[], None],
     ) -> None:
         super().__init__(stt, options)
@@ -379,7 +501,13 @@ class WhisperStream(RecognizeStream):
         self._activity = voice_activity(
             options, max_utterance_ms, endpointing_ms=unfinished if self._semantic else None
         )
-        self._keep = (options.vad_prefix_padding_ms + 1000) * SAMPLE_RATE // 1000
+        self._history = CONTEXT_MS * SAMPLE_RATE // 1000 if final_context else 0
+        """Audio kept before the open utterance, for finals decoded in context."""
+        self._starts: deque[int] = deque()
+        """Where the utterances of the last ``_history`` samples started."""
+        self._keep = max(
+            self._history, (options.vad_prefix_padding_ms + 1000) * SAMPLE_RATE // 1000
+        )
         self._audio = AudioBuffer()
         self._utterance = -1
         self._utt_start = 0
@@ -458,6 +586,10 @@ class WhisperStream(RecognizeStream):
     def _begin_utterance(self, sample: int) -> SpeechEvent:
         self._utterance += 1
         self._utt_start = max(sample, self._audio.start)
+        if self._history:
+            while self._starts and self._starts[0] < self._utt_start - self._history:
+                self._starts.popleft()
+            self._starts.append(self._utt_start)
         # The first partial is due as soon as there is MIN_PARTIAL_SAMPLES of speech.
         self._last_partial_at = self._utt_start + MIN_PARTIAL_SAMPLES - self._partial_every
         self._partial_text = ""
@@ -465,7 +597,11 @@ class WhisperStream(RecognizeStream):
 
     def _end_utterance(self, sample: int) -> _Final:
         job = _Final(
-            self._utterance, self._utt_start, sample, self._audio.slice(self._utt_start, sample)
+            self._utterance,
+            self._utt_start,
+            sample,
+            self._audio.slice(self._utt_start, sample),
+            self._context(),
         )
         job.early = self._guess_at(sample)  # if any, the silence held: it is the final
         if job.early is None and self._early is not None:
@@ -473,7 +609,7 @@ class WhisperStream(RecognizeStream):
         self._early = None
         if self._partial is not None:
             self._partial.abandon()  # its result would be dropped: the utterance is over
-        self._audio.discard_before(sample)
+        self._audio.discard_before(sample - self._history)
         return job
 
     def _maybe_speculate(self) -> None:
@@ -490,8 +626,9 @@ class WhisperStream(RecognizeStream):
             return  # never delay another session's work for a guess
         abandoned = threading.Event()
         audio = self._audio.slice(self._utt_start, end)
+        decoder = self._final_decoder(audio, self._context(), self._utt_start, abandoned)
         task = asyncio.get_running_loop().create_task(
-            self._pool.try_run(self._final_decoder(audio, self._utt_start, abandoned)),
+            self._pool.try_run(decoder),
             name="whisper-early-final",
         )
         self._early = (self._utterance, end, _Decode(task, abandoned))
@@ -504,8 +641,15 @@ class WhisperStream(RecognizeStream):
         early = self._early
         return early[2] if early is not None and early[:2] == (self._utterance, end) else None
 
+    def _context(self) -> Samples | None:
+        """The open utterance's context for its final: the audio since the first
+        utterance that started within ``CONTEXT_MS`` before it (None: decode alone)."""
+        if not self._history:
+            return None
+        return self._audio.slice(self._starts[0] if self._starts else 0, self._utt_start)
+
     def _final_decoder(
-        self, audio: Samples, start: int, abandoned: threading.Event
+        self, audio: Samples, context: Samples | None, start: int, abandoned: threading.Event
     ) -> Callable[[], Transcript]:
         return lambda: self._engine.transcribe(
             audio,
@@ -514,6 +658,7 @@ class WhisperStream(RecognizeStream):
             language=self._language,
             beam_size=self._beam,
             offset_ms=_ms(start),
+            context=context,
             abandoned=abandoned,
         )
 
@@ -580,7 +725,9 @@ class WhisperStream(RecognizeStream):
             if result is None:
                 abandoned = threading.Event()
                 try:
-                    result = await self._pool.run(self._final_decoder(job.audio, start, abandoned))
+                    result = await self._pool.run(
+                        self._final_decoder(job.audio, job.context, start, abandoned)
+                    )
                 except asyncio.CancelledError:
                     abandoned.set()  # the session is closing
                     raise
