@@ -42,7 +42,8 @@ class LocalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     final_context: bool = True
     """Decode each Whisper final in context: after the session's speech of the 10 s
     before it and before a repeat of it, in Whisper's one 30 s window (streaming WER
-    nearer batch, ~15% more decode time; BENCHMARKS.md). false: each utterance alone."""
+    nearer batch, ~15% more decode time; BENCHMARKS.md). false: each utterance alone,
+    as are the finals of sessions with a ``prompt``, which context would outweigh."""
 
 
 class StoreSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
