@@ -504,8 +504,8 @@ class WhisperStream(RecognizeStream):
         # A prompt (keyterms) is context the client chose, and the audio context
         # outweighs it: cards-002 prompted "clubs" reads "Queen of clubs" alone,
         # "Queen of Cloves" in context. So prompted sessions decode finals alone.
-        in_context_ = final_context and not options.prompt
-        self._history = CONTEXT_MS * SAMPLE_RATE // 1000 if in_context_ else 0
+        contextual = final_context and not options.prompt
+        self._history = CONTEXT_MS * SAMPLE_RATE // 1000 if contextual else 0
         """Audio kept before the open utterance, for finals decoded in context."""
         self._starts: deque[int] = deque()
         """Where the utterances of the last ``_history`` samples started."""
