@@ -258,8 +258,11 @@ def main() -> None:
     texts = {"batch": {n: engine.transcribe(a, final=True).text for n, a in clips.items()}}
     cuts = {n: utterances(a) for n, a in clips.items()}
     table = variants(engine)
+    redecoded: dict[str, int] = {}  # finals decoded alone again, per variant
     for name in args.variants.split(","):
+        before = engine.repeat_mismatches
         texts[name] = {n: table[name](a, cuts[n]) for n, a in clips.items()}
+        redecoded[name] = engine.repeat_mismatches - before
 
     def wer(name: str, group: str) -> float:
         return corpus_wer([(refs[n], texts[name][n]) for n in groups[group]])
@@ -278,12 +281,11 @@ def main() -> None:
             ratio = wer(name, g) / max(wer("batch", g), 1e-9)
             cells.append(f"{wer(name, g):.3f}" + ("" if name == "batch" else f" ({ratio:.2f}x)"))
         print(f"| {name} | " + " | ".join(cells) + " |")
-    if "context" in texts:
-        finals = sum(len(c) for c in cuts.values())
-        print(
-            f"\n`context`: {engine.repeat_mismatches} of {finals} finals decoded alone again "
-            "(the repeat read differently)"
-        )
+    for name, count in redecoded.items():
+        if count:
+            print(
+                f"\n`{name}`: {count} decodes in context redone alone (the repeat read otherwise)"
+            )
 
 
 if __name__ == "__main__":
