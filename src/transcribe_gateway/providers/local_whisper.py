@@ -369,37 +369,51 @@ class WhisperEngine:
         else:
             kwargs.update(beam_size=1, without_timestamps=True, temperature=0.0)
         if context is not None:
-            window, keep_from, keep_to = in_context(context, audio)
-            if window is not audio:
-                # One pass, no fallback to sampling at higher temperatures:
-                # faster-whisper takes a repeat for a repetition loop (too
-                # compressible) and would resample it, at random; the check
-                # below stands for that one, and the decode alone keeps it.
-                segments = self._segments(window, {**kwargs, "temperature": 0.0}, abandoned)
-                found = [w for segment in segments for w in segment.words or ()]
-                kept = [w for w in found if keep_from <= _middle(w) < keep_to and _said(w)]
-                repeat = [w for w in found if _middle(w) >= keep_to and _said(w)]
-                if _read_alike(kept, repeat):
-                    # The same words. The first copy's, but for how the last one
-                    # ends: the repeat ends the window as the utterance ends the
-                    # speech so far, so its punctuation there is an utterance's
-                    # (the first copy reads on into the repeat: "Americans,").
-                    spelled = [w.word for w in kept]
-                    if kept:
-                        spelled[-1] = _ending(spelled[-1], repeat[-1].word)
-                    timings = _timings(kept, offset_ms, len(audio), shift=keep_from)
-                    words = tuple(
-                        replace(t, word=w.strip()) for t, w in zip(timings, spelled, strict=True)
-                    )
-                    return Transcript("".join(spelled).strip(), words)  # each has its space
-                # Whisper misheard one of the two, or lost its place: it may skip
-                # a repetition (the context can hold the same words again) and
-                # then stacks the words it is left with at one instant.
-                self.repeat_mismatches += 1
+            read = self._transcribe_in_context(audio, context, kwargs, offset_ms, abandoned)
+            if read is not None:
+                return read
         segments = self._segments(audio, kwargs, abandoned)
         text = " ".join(t for t in (segment.text.strip() for segment in segments) if t)
         found = [w for segment in segments for w in segment.words or ()]
         return Transcript(text, _timings(found, offset_ms, len(audio)))
+
+    def _transcribe_in_context(
+        self,
+        audio: Samples,
+        context: Samples,
+        kwargs: dict[str, Any],
+        offset_ms: int,
+        abandoned: threading.Event | None,
+    ) -> Transcript | None:
+        """The utterance decoded in context (:func:`in_context`); None when it must be
+        decoded alone: too long to fit twice, or its two readings disagree."""
+        window, keep_from, keep_to = in_context(context, audio)
+        if window is audio:
+            return None
+        # One pass, no fallback to sampling at higher temperatures: faster-whisper
+        # takes a repeat for a repetition loop (too compressible) and would resample
+        # it, at random; the check below stands for that one, and the decode alone
+        # keeps it.
+        segments = self._segments(window, {**kwargs, "temperature": 0.0}, abandoned)
+        found = [w for segment in segments for w in segment.words or ()]
+        kept = [w for w in found if keep_from <= _middle(w) < keep_to and _said(w)]
+        repeat = [w for w in found if _middle(w) >= keep_to and _said(w)]
+        if not _read_alike(kept, repeat):
+            # Whisper misheard one of the two, or lost its place: it may skip a
+            # repetition (the context can hold the same words again) and then
+            # stacks the words it is left with at one instant.
+            self.repeat_mismatches += 1
+            return None
+        # The same words. The first copy's, but for how the last one ends: the
+        # repeat ends the window as the utterance ends the speech so far, so its
+        # punctuation there is an utterance's (the first copy reads on into the
+        # repeat: "Americans,").
+        spelled = [w.word for w in kept]
+        if kept:
+            spelled[-1] = _ending(spelled[-1], repeat[-1].word)
+        timings = _timings(kept, offset_ms, len(audio), shift=keep_from)
+        words = tuple(replace(t, word=w.strip()) for t, w in zip(timings, spelled, strict=True))
+        return Transcript("".join(spelled).strip(), words)  # each word has its space
 
     def _segments(
         self, audio: Samples, kwargs: dict[str, Any], abandoned: threading.Event | None
