@@ -37,12 +37,21 @@ measured here before any is built into the stream:
 clips in other voices, made after the variants above were chosen on the
 recordings and ``--synth``, to tell a setting that helps from one that fits.
 
-WER is deterministic here (no timing): one run is the figure.
+``--batch-spread`` adds batch's own spread (each clip decoded whole again with
+10-100 ms of silence in front, which gives Whisper nothing new to hear), the
+scale a streaming figure's distance from batch is read against.
+``--by-position`` (synthesized sets) adds the WER of each clip's first
+utterance (a session's first, with no earlier speech) and of the later ones.
+
+WER does not depend on timing here; one run is the figure, but for the decodes
+that fall back to faster-whisper's sampling (a word or two between runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import statistics
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -53,15 +62,23 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "bench")]
 
-from tests.textnorm import corpus_wer  # noqa: E402
+from tests.textnorm import corpus_wer, normalize  # noqa: E402
 
-from local_engine import ENDPOINTING_MS, ClipSet, load_clips  # noqa: E402
+from local_engine import (  # noqa: E402
+    ENDPOINTING_MS,
+    SYNTH,
+    SYNTH_HELDOUT,
+    SYNTH_TURNS,
+    ClipSet,
+    load_clips,
+)
 from transcribe_gateway.audio.vad import (  # noqa: E402
     SAMPLE_RATE,
     Endpointer,
     VadEvent,
     VoiceActivity,
 )
+from transcribe_gateway.providers.base import WordTiming  # noqa: E402
 from transcribe_gateway.providers.local_whisper import (  # noqa: E402
     BUNDLED_MODEL,
     CONTEXT_MS,
@@ -100,6 +117,13 @@ def utterances(audio: np.ndarray, endpointing_ms: int = ENDPOINTING_MS) -> Utter
     activity = VoiceActivity(Endpointer(endpointing_ms=endpointing_ms))
     step = SAMPLE_RATE // 50  # 20 ms chunks, as clients send
     return cut((audio[i : i + step] for i in range(0, len(audio), step)), activity.process)
+
+
+def context_of(audio: np.ndarray, starts: list[int], start: int) -> np.ndarray:
+    """As the LOCAL stream decodes finals with ``final_context``: the audio since the
+    first utterance (of ``starts``) that started within CONTEXT_MS before ``start``."""
+    since = next(a for a in [*starts, start] if start - a <= CONTEXT_MS * SAMPLE_RATE // 1000)
+    return audio[since:start]
 
 
 def variants(engine: WhisperEngine) -> dict[str, Variant]:
@@ -144,12 +168,6 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
                     text = whole[len(prefix) :].strip()
             finals.append(text or decode(audio[s:e]))
         return " ".join(finals)
-
-    def context_of(audio: np.ndarray, starts: list[int], start: int) -> np.ndarray:
-        # As the LOCAL stream decodes finals with ``final_context``: the audio since
-        # the first utterance (of ``starts``) that started within CONTEXT_MS before.
-        since = next(a for a in [*starts, start] if start - a <= CONTEXT_MS * SAMPLE_RATE // 1000)
-        return audio[since:start]
 
     def in_context(audio: np.ndarray, cuts: Utterances) -> str:
         starts = [s for s, _ in cuts]
@@ -242,6 +260,91 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
     }
 
 
+def batch_spread(
+    engine: WhisperEngine,
+    clips: dict[str, np.ndarray],
+    refs: dict[str, str],
+    groups: dict[str, list[str]],
+) -> None:
+    """Batch's own noise: the same clips with 10-100 ms more silence in front, which
+    adds nothing to hear.  A streaming figure within this spread of batch is as near
+    batch as one batch decode is to another."""
+    shifts = (0, 10, 20, 30, 40, 60, 80, 100)
+    rows: dict[int, dict[str, float]] = {}
+    for ms in shifts:
+        lead = np.zeros(ms * SAMPLE_RATE // 1000, np.int16)
+        texts = {
+            n: engine.transcribe(np.concatenate([lead, a]), final=True).text
+            for n, a in clips.items()
+        }
+        rows[ms] = {
+            g: corpus_wer([(refs[n], texts[n]) for n in names]) for g, names in groups.items()
+        }
+    print("\n### Batch with more silence in front (its own spread)\n")
+    print("| ms of silence added | " + " | ".join(groups) + " |")
+    print("|---" * (len(groups) + 1) + "|")
+    for ms, wers in rows.items():
+        print(f"| {ms} | " + " | ".join(f"{w:.3f}" for w in wers.values()) + " |")
+    for label, pick in (("min", min), ("mean", statistics.mean), ("max", max)):
+        cells = [f"{pick(rows[ms][g] for ms in shifts):.3f}" for g in groups]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+def _owner(starts: list[int], word: WordTiming) -> int:
+    """The utterance (of those starting at ``starts``) a batch word's middle lies in."""
+    middle = (word.start_ms + word.end_ms) * SAMPLE_RATE // 2000
+    return max(0, bisect.bisect_right(starts, middle) - 1)
+
+
+def by_position(
+    engine: WhisperEngine,
+    clips: dict[str, np.ndarray],
+    cuts: dict[str, Utterances],
+    sentences: dict[str, tuple[str, ...]],
+) -> None:
+    """WER of a session's first utterance and of the later ones, streamed (alone and
+    in context) and in batch.  Only clips the VAD cuts at their sentences count, so
+    each utterance has its own reference; batch's words go to the utterance their
+    middle lies in (from its start to the next one's)."""
+    found: dict[str, dict[str, list[tuple[str, str]]]] = {
+        position: {"batch": [], "cut": [], "context": []} for position in ("first", "later")
+    }
+    left_out = 0
+    for name, said in sentences.items():
+        audio, clip_cuts = clips[name], cuts[name]
+        if len(clip_cuts) != len(said):
+            left_out += 1
+            continue
+        starts = [s for s, _ in clip_cuts]
+        batch = engine.transcribe(audio, final=True).words
+        owners = [_owner(starts, w) for w in batch]
+        for k, (start, end) in enumerate(clip_cuts):
+            texts = found["first" if k == 0 else "later"]
+            ours = " ".join(w.word for w, owner in zip(batch, owners, strict=True) if owner == k)
+            texts["batch"].append((said[k], ours))
+            utterance = audio[start:end]
+            texts["cut"].append((said[k], engine.transcribe(utterance, final=True).text))
+            context = context_of(audio, starts[:k], start)
+            in_context = engine.transcribe(utterance, final=True, context=context).text
+            texts["context"].append((said[k], in_context))
+    print("\n### A session's first utterance and the later ones\n")
+    print(f"Clips left out (not cut at their sentences): {left_out} of {len(sentences)}\n")
+    print("| | utterances (words) | batch | `cut` | `context` |")
+    print("|---|---|---|---|---|")
+    for position, texts in found.items():
+        words = sum(len(normalize(ref).split()) for ref, _ in texts["batch"])
+        base = corpus_wer(texts["batch"])
+        cells = [
+            f"{corpus_wer(texts[v]):.3f} ({corpus_wer(texts[v]) / max(base, 1e-9):.2f}x)"
+            for v in ("cut", "context")
+        ]
+        print(
+            f"| {position} | {len(texts['batch'])} ({words}) | {base:.3f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -251,6 +354,16 @@ def main() -> None:
         "--heldout", action="store_true", help="the held-out synthesized set (SYNTH_HELDOUT)"
     )
     parser.add_argument("--variants", default="cut,pad-100,pad-350,prompt,left-context")
+    parser.add_argument(
+        "--batch-spread",
+        action="store_true",
+        help="also batch with 10-100 ms more silence in front: its own spread",
+    )
+    parser.add_argument(
+        "--by-position",
+        action="store_true",
+        help="also WER of each clip's first utterance and of the later ones (synthesized sets)",
+    )
     args = parser.parse_args()
     clip_set: ClipSet = "heldout" if args.heldout else "synth" if args.synth else "recordings"
     clips, refs, groups = load_clips(clip_set)
@@ -286,6 +399,14 @@ def main() -> None:
             print(
                 f"\n`{name}`: {count} decodes in context redone alone (the repeat read otherwise)"
             )
+    if args.batch_spread:
+        batch_spread(engine, clips, refs, groups)
+    if args.by_position and clip_set != "recordings":
+        spoken = SYNTH_HELDOUT if clip_set == "heldout" else SYNTH_TURNS
+        sentences = {name: said for name, (_voice, said) in spoken.items()}
+        if clip_set == "synth":
+            sentences |= {name: (text,) for name, text in SYNTH.items()}
+        by_position(engine, clips, cuts, sentences)
 
 
 if __name__ == "__main__":
