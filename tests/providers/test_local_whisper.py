@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import SHARED_AUDIO
-from tests.textnorm import normalize
+from tests.textnorm import normalize, references
 from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.config import LocalSettings, Settings
 from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, StreamOptions
@@ -29,6 +29,7 @@ from transcribe_gateway.providers.local_whisper import (
     ends_sentence,
     in_context,
     resolve_whisper_model,
+    token_budget,
 )
 
 JFK_REFERENCE = (
@@ -166,13 +167,25 @@ def test_the_window_holds_context_utterance_silence_and_repeat() -> None:
     assert window is long and (keep_from, keep_to) == (0, len(long))
 
 
-def test_a_repeated_phrase_in_the_context_is_neither_doubled_nor_lost(engines: Engines) -> None:
+def test_a_repeated_phrase_in_the_context_is_neither_doubled_nor_lost(
+    engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The same recording again and again before it: tiny.en then skips copies
     # and stacks the words it keeps at one instant (with three copies on the
     # two-thread encoder, the first reading was the phrase twice). The check
     # that both readings agree and kept their place sends those to a decode
-    # of the utterance alone.
+    # of the utterance alone, which is one decode at temperature 0, like the
+    # decode in context: no sampled retries, and a bound on the tokens.
     phrase = engines.audio
+    decodes: list[tuple[object, object]] = []
+    for engine in (engines.alone, engines.engine):
+
+        def spy(audio: np.ndarray, _decode: Any = engine.model.transcribe, **kwargs: Any) -> Any:
+            expected = token_budget(len(audio))  # a float32 copy of the decoded samples
+            decodes.append((kwargs.get("temperature"), kwargs.get("max_new_tokens") == expected))
+            return _decode(audio, **kwargs)
+
+        monkeypatch.setattr(engine.model, "transcribe", spy)
     before = engines.engine.repeat_mismatches + engines.alone.repeat_mismatches
     for copies in range(6):
         context = np.tile(np.concatenate([phrase, np.zeros(16000, np.int16)]), copies)
@@ -180,7 +193,55 @@ def test_a_repeated_phrase_in_the_context_is_neither_doubled_nor_lost(engines: E
             text = engine.transcribe(phrase, final=True, context=context).text
             said = normalize(text).replace("metres", "meters")  # tiny.en spells it both ways
             assert said == "go forward ten meters", (copies, engine, text)
-    assert engines.engine.repeat_mismatches + engines.alone.repeat_mismatches > before
+    mismatches = engines.engine.repeat_mismatches + engines.alone.repeat_mismatches - before
+    assert mismatches > 0
+    # Every decode, in context or alone after a mismatch: 12 in context, one more per mismatch.
+    assert decodes == [(0.0, True)] * (12 + mismatches)
+
+
+def test_the_token_budget_leaves_speech_room_and_stops_a_loop(
+    engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each recording in its final's window (itself, then itself again), decoded at
+    # temperature 0 with no budget: speech takes under half of the budget, but
+    # cards-004 reads "5, 5, 5, ..." to the model's limit, ~1 s of a core.
+    def written(window: np.ndarray) -> int:
+        found, _ = engines.alone.model.transcribe(
+            window.astype(np.float32) / 32768.0,
+            language="en",
+            beam_size=5,
+            word_timestamps=True,
+            temperature=0.0,
+            condition_on_previous_text=False,
+        )
+        return sum(len(segment.tokens) for segment in found)
+
+    nothing = np.zeros(0, np.int16)
+    for name in references():
+        window, _, _ = in_context(nothing, read_audio(SHARED_AUDIO / name))
+        tokens = written(window)
+        if name == "cards-004.wav":
+            assert tokens > 3 * token_budget(len(window)), tokens
+        else:
+            assert 0 < 2 * tokens < token_budget(len(window)), (name, tokens)
+    # Through the engine the loop stops at the budget, and the final (decoded
+    # alone, since the repeat reads otherwise) is the card.
+    lengths: list[tuple[int, int]] = []
+    decode = engines.alone.model.transcribe
+
+    def spy(audio: np.ndarray, **kwargs: Any) -> Any:
+        found, info = decode(audio, **kwargs)
+        segments = list(found)
+        lengths.append((sum(len(s.tokens) for s in segments), kwargs["max_new_tokens"]))
+        return iter(segments), info
+
+    monkeypatch.setattr(engines.alone.model, "transcribe", spy)
+    card = read_audio(SHARED_AUDIO / "cards-004.wav")
+    text = engines.alone.transcribe(card, final=True, context=nothing).text
+    assert normalize(text) == normalize(references()["cards-004.wav"])
+    assert len(lengths) == 2 and all(n <= budget for n, budget in lengths), lengths
+    # A whole window's budget leaves the other half of the 448 to a prompt.
+    assert token_budget(WINDOW) == token_budget(2 * WINDOW) <= 448 // 2
 
 
 async def test_speculation_is_dropped_when_speech_resumes(stt: LocalSTT) -> None:

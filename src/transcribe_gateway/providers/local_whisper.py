@@ -78,6 +78,17 @@ CONTEXT_MS: Final = 10_000
 """A final is decoded after the session's speech of up to this long before it."""
 REPEAT_GAP_MS: Final = 300
 """Silence between an utterance and its repeat in a final's window."""
+TOKENS_PER_S: Final = 12
+"""Bound on what a decode at temperature 0 may write per second of its audio.
+Speech reads at most ~5.3 tokens a second of window on BENCHMARKS.md's sets;
+a repetition loop writes ~40 until the model's limit of 448 (~2 s of a core),
+and at temperature 0 nothing else stops it (faster-whisper's fallback would)."""
+
+
+def token_budget(samples: int) -> int:
+    """``max_new_tokens`` for a decode at temperature 0 of ``samples`` of audio (per
+    30 s window, and no more than half the model's 448: a prompt takes the rest)."""
+    return min(16 + TOKENS_PER_S * min(samples, WINDOW) // SAMPLE_RATE, 220)
 
 
 def ends_sentence(text: str) -> bool:
@@ -367,11 +378,23 @@ class WhisperEngine:
         if final:
             kwargs.update(beam_size=beam_size, word_timestamps=True)
         else:
-            kwargs.update(beam_size=1, without_timestamps=True, temperature=0.0)
+            kwargs.update(
+                beam_size=1,
+                without_timestamps=True,
+                temperature=0.0,
+                max_new_tokens=token_budget(len(audio)),
+            )
         if context is not None:
-            read = self._transcribe_in_context(audio, context, kwargs, offset_ms, abandoned)
-            if read is not None:
-                return read
+            return self._transcribe_in_context(audio, context, kwargs, offset_ms, abandoned)
+        return self._transcribe_alone(audio, kwargs, offset_ms, abandoned)
+
+    def _transcribe_alone(
+        self,
+        audio: Samples,
+        kwargs: dict[str, Any],
+        offset_ms: int,
+        abandoned: threading.Event | None,
+    ) -> Transcript:
         segments = self._segments(audio, kwargs, abandoned)
         text = " ".join(t for t in (segment.text.strip() for segment in segments) if t)
         found = [w for segment in segments for w in segment.words or ()]
@@ -384,17 +407,18 @@ class WhisperEngine:
         kwargs: dict[str, Any],
         offset_ms: int,
         abandoned: threading.Event | None,
-    ) -> Transcript | None:
-        """The utterance decoded in context (:func:`in_context`); None when it must be
-        decoded alone: too long to fit twice, or its two readings disagree."""
+    ) -> Transcript:
+        """The utterance decoded in context (:func:`in_context`), or alone when it is
+        too long to fit twice or its two readings disagree."""
         window, keep_from, keep_to = in_context(context, audio)
         if window is audio:
-            return None
-        # One pass, no fallback to sampling at higher temperatures: faster-whisper
-        # takes a repeat for a repetition loop (too compressible) and would resample
-        # it, at random; the check below stands for that one, and the decode alone
-        # keeps it.
-        segments = self._segments(window, {**kwargs, "temperature": 0.0}, abandoned)
+            return self._transcribe_alone(audio, kwargs, offset_ms, abandoned)
+        # One pass at temperature 0, no fallback to sampling: faster-whisper takes a
+        # repeat for a repetition loop (too compressible) and would resample it, at
+        # random. The check below stands for its loop detector, the token budget
+        # for its bound on what a loop costs.
+        once = {"temperature": 0.0, "max_new_tokens": token_budget(len(window))}
+        segments = self._segments(window, {**kwargs, **once}, abandoned)
         found = [w for segment in segments for w in segment.words or ()]
         kept = [w for w in found if keep_from <= _middle(w) < keep_to and _said(w)]
         repeat = [w for w in found if _middle(w) >= keep_to and _said(w)]
@@ -403,7 +427,16 @@ class WhisperEngine:
             # repetition (the context can hold the same words again) and then
             # stacks the words it is left with at one instant.
             self.repeat_mismatches += 1
-            return None
+            # Decoded alone, once at temperature 0 too: faster-whisper's fallback
+            # would resample an unsure reading up to five times more, at random
+            # (~0.4 s a decode on a core), which made held-out finals late for
+            # about one word in 400 (BENCHMARKS.md, *Finals in context*).
+            return self._transcribe_alone(
+                audio,
+                {**kwargs, **once, "max_new_tokens": token_budget(len(audio))},
+                offset_ms,
+                abandoned,
+            )
         # The same words. The first copy's, but for how the last one ends: the
         # repeat ends the window as the utterance ends the speech so far, so its
         # punctuation there is an utterance's (the first copy reads on into the
