@@ -87,7 +87,8 @@ and at temperature 0 nothing else stops it (faster-whisper's fallback would)."""
 
 def token_budget(samples: int) -> int:
     """``max_new_tokens`` for a decode at temperature 0 of ``samples`` of audio (per
-    30 s window, and no more than half the model's 448: a prompt takes the rest)."""
+    30 s window; at most 220, so that with the longest prompt faster-whisper keeps,
+    223 tokens, and the start tokens, it stays within the model's 448)."""
     return min(16 + TOKENS_PER_S * min(samples, WINDOW) // SAMPLE_RATE, 220)
 
 
@@ -430,7 +431,7 @@ class WhisperEngine:
             # Decoded alone, once at temperature 0 too: faster-whisper's fallback
             # would resample an unsure reading up to five times more, at random
             # (~0.4 s a decode on a core), which made held-out finals late for
-            # about one word in 400 (BENCHMARKS.md, *Finals in context*).
+            # about one word in 400 (BENCHMARKS.md, *No sampled retries*).
             return self._transcribe_alone(
                 audio,
                 {**kwargs, **once, "max_new_tokens": token_budget(len(audio))},
