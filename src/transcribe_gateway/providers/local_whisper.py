@@ -379,12 +379,7 @@ class WhisperEngine:
         if final:
             kwargs.update(beam_size=beam_size, word_timestamps=True)
         else:
-            kwargs.update(
-                beam_size=1,
-                without_timestamps=True,
-                temperature=0.0,
-                max_new_tokens=token_budget(len(audio)),
-            )
+            kwargs.update(beam_size=1, without_timestamps=True, temperature=0.0)
         if context is not None:
             return self._transcribe_in_context(audio, context, kwargs, offset_ms, abandoned)
         return self._transcribe_alone(audio, kwargs, offset_ms, abandoned)
@@ -417,9 +412,9 @@ class WhisperEngine:
         # One pass at temperature 0, no fallback to sampling: faster-whisper takes a
         # repeat for a repetition loop (too compressible) and would resample it, at
         # random. The check below stands for its loop detector, the token budget
-        # for its bound on what a loop costs.
-        once = {"temperature": 0.0, "max_new_tokens": token_budget(len(window))}
-        segments = self._segments(window, {**kwargs, **once}, abandoned)
+        # (_segments) for its bound on what a loop costs.
+        once = {**kwargs, "temperature": 0.0}
+        segments = self._segments(window, once, abandoned)
         found = [w for segment in segments for w in segment.words or ()]
         kept = [w for w in found if keep_from <= _middle(w) < keep_to and _said(w)]
         repeat = [w for w in found if _middle(w) >= keep_to and _said(w)]
@@ -432,12 +427,7 @@ class WhisperEngine:
             # would resample an unsure reading up to five times more, at random
             # (~0.4 s a decode on a core), which made held-out finals late for
             # about one word in 400 (BENCHMARKS.md, *No sampled retries*).
-            return self._transcribe_alone(
-                audio,
-                {**kwargs, **once, "max_new_tokens": token_budget(len(audio))},
-                offset_ms,
-                abandoned,
-            )
+            return self._transcribe_alone(audio, once, offset_ms, abandoned)
         # The same words. The first copy's, but for how the last one ends: the
         # repeat ends the window as the utterance ends the speech so far, so its
         # punctuation there is an utterance's (the first copy reads on into the
@@ -453,6 +443,9 @@ class WhisperEngine:
         self, audio: Samples, kwargs: dict[str, Any], abandoned: threading.Event | None
     ) -> list[Any]:
         """faster-whisper's segments; none if the decode was abandoned."""
+        if kwargs.get("temperature") == 0.0:
+            # Nothing else stops a repetition loop without the fallback (TOKENS_PER_S).
+            kwargs = {**kwargs, "max_new_tokens": token_budget(len(audio))}
         with self.encoder.decoding(abandoned or threading.Event()):
             try:
                 # transcribe() is lazy: the work happens while its segments are listed.
