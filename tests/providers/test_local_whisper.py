@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from faster_whisper.transcribe import Word
 
 from tests.conftest import SHARED_AUDIO
 from tests.textnorm import normalize, references
@@ -26,6 +27,8 @@ from transcribe_gateway.providers.local_whisper import (
     Transcript,
     WhisperEngine,
     WhisperStream,
+    _copies,
+    _read_alike,
     ends_sentence,
     in_context,
     resolve_whisper_model,
@@ -165,6 +168,59 @@ def test_the_window_holds_context_utterance_silence_and_repeat() -> None:
     long = np.full(WINDOW // 2, 3, np.int16)
     window, keep_from, keep_to = in_context(before, long)
     assert window is long and (keep_from, keep_to) == (0, len(long))
+
+
+def _words(*timed: tuple[str, float, float]) -> list[Word]:
+    return [
+        Word(start=start, end=end, word=f" {word}", probability=0.9) for word, start, end in timed
+    ]
+
+
+def _spoken(words: list[Word]) -> str:
+    return "".join(w.word for w in words).strip()
+
+
+def test_the_copies_are_split_by_their_words_when_whisper_times_one_into_the_gap() -> None:
+    # A window of context (to 1 s), the utterance (to 2 s), the gap, and its repeat:
+    # the first copy's words are those in [1 s, 2.5 s), the middle of the gap.
+    keep_from, keep_to = 16000, 40000
+    context = [("okay.", 0.2, 0.6)]
+    repeat = [("sound", 3.0, 3.3), ("better", 3.3, 3.6), ("to", 3.6, 3.8), ("me.", 3.8, 4.2)]
+    # The first copy's last word timed past the gap's middle: split one word later.
+    drifted_late = _words(
+        *context, ("sound", 1.0, 1.3), ("better", 1.3, 1.6), ("to", 1.6, 2.0),
+        ("me", 2.3, 2.9), *repeat,
+    )  # fmt: skip
+    first, again = _copies(drifted_late, keep_from, keep_to)
+    assert _read_alike(first, again)
+    assert first == drifted_late[1:5] and again == drifted_late[5:]
+    # Its first word timed back into the context: the copy starts one word sooner.
+    drifted_early = _words(
+        *context, ("sound", 0.7, 1.1), ("better", 1.3, 1.6), ("to", 1.6, 1.8),
+        ("me", 1.8, 2.0), *repeat,
+    )  # fmt: skip
+    first, again = _copies(drifted_early, keep_from, keep_to)
+    assert first == drifted_early[1:5] and _spoken(first) == "sound better to me"
+    # Timed right, the split is the timed one (the context is never taken in).
+    timed = _words(
+        *context, ("okay", 1.0, 1.2), ("sound", 1.2, 1.5), ("better", 1.5, 1.8),
+        ("to", 1.8, 1.9), ("me", 1.9, 2.1), ("okay", 2.9, 3.0), *repeat,
+    )  # fmt: skip
+    first, again = _copies(timed, keep_from, keep_to)
+    assert first == timed[1:6] and again == timed[6:]
+    # Two readings that differ in a word disagree whatever the split...
+    misheard = _words(
+        *context, ("sound", 1.0, 1.3), ("bitter", 1.3, 1.6), ("to", 1.6, 2.0),
+        ("me", 2.0, 2.2), *repeat,
+    )  # fmt: skip
+    assert not _read_alike(*_copies(misheard, keep_from, keep_to))
+    # ... and a split two words off the timed one is not looked for.
+    far = _words(
+        *context, ("sound", 1.0, 1.3), ("better", 1.3, 1.6), ("to", 2.6, 2.8),
+        ("me", 2.8, 2.9), *repeat,
+    )  # fmt: skip
+    first, again = _copies(far, keep_from, keep_to)
+    assert _spoken(first) == "sound better" and not _read_alike(first, again)
 
 
 def test_a_repeated_phrase_in_the_context_is_neither_doubled_nor_lost(

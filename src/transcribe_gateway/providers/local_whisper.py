@@ -416,8 +416,7 @@ class WhisperEngine:
         once = {**kwargs, "temperature": 0.0}
         segments = self._segments(window, once, abandoned)
         found = [w for segment in segments for w in segment.words or ()]
-        kept = [w for w in found if keep_from <= _middle(w) < keep_to and _said(w)]
-        repeat = [w for w in found if _middle(w) >= keep_to and _said(w)]
+        kept, repeat = _copies(found, keep_from, keep_to)
         if not _read_alike(kept, repeat):
             # Whisper misheard one of the two, or lost its place: it may skip a
             # repetition (the context can hold the same words again) and then
@@ -458,6 +457,36 @@ class WhisperEngine:
 def _middle(word: Any) -> float:
     """Where a faster-whisper word lies, in samples of its window."""
     return float((word.start + word.end) / 2 * SAMPLE_RATE)
+
+
+def _copies(words: list[Any], keep_from: int, keep_to: int) -> tuple[list[Any], list[Any]]:
+    """The words Whisper read in the first copy of the utterance and in its repeat
+    (:func:`in_context`), from the window's ``words``.
+
+    By time, they are the words in ``[keep_from, keep_to)`` and after it.  But the
+    timing is Whisper's, and a word beside a silence drifts into it: the first
+    copy's last word past the middle of the gap ("sound better to" / "me sound
+    better to me"), or its first word back before ``keep_from``.  So a split one
+    word either way that reads as the same words twice wins over the timed one;
+    it spares such a final a second decode (5 of 11 held-out finals whose
+    readings seemed to disagree; BENCHMARKS.md, *Copies split by their words*).
+    """
+    said = [w for w in words if _said(w)]
+    timed = (
+        [w for w in said if keep_from <= _middle(w) < keep_to],
+        [w for w in said if _middle(w) >= keep_to],
+    )
+    if _read_alike(*timed):
+        return timed
+    start = sum(1 for w in said if _middle(w) < keep_from)
+    split = len(said) - len(timed[1])
+    for at in (split, split + 1, split - 1):
+        first_from = 2 * at - len(said)  # two copies of equal length end the window
+        if 0 <= first_from < at and abs(first_from - start) <= 1:
+            copies = said[first_from:at], said[at:]
+            if _read_alike(*copies):
+                return copies
+    return timed
 
 
 def _read_alike(first: list[Any], repeat: list[Any]) -> bool:
