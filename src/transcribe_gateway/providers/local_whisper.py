@@ -416,8 +416,8 @@ class WhisperEngine:
         once = {**kwargs, "temperature": 0.0}
         segments = self._segments(window, once, abandoned)
         found = [w for segment in segments for w in segment.words or ()]
-        kept, repeat = _copies(found, keep_from, keep_to)
-        if not _read_alike(kept, repeat):
+        copies = _copies(found, keep_from, keep_to)
+        if copies is None:
             # Whisper misheard one of the two, or lost its place: it may skip a
             # repetition (the context can hold the same words again) and then
             # stacks the words it is left with at one instant.
@@ -427,6 +427,7 @@ class WhisperEngine:
             # (~0.4 s a decode on a core), which made held-out finals late for
             # about one word in 400 (BENCHMARKS.md, *No sampled retries*).
             return self._transcribe_alone(audio, once, offset_ms, abandoned)
+        kept, repeat = copies
         # The same words. The first copy's, but for how the last one ends: the
         # repeat ends the window as the utterance ends the speech so far, so its
         # punctuation there is an utterance's (the first copy reads on into the
@@ -459,9 +460,10 @@ def _middle(word: Any) -> float:
     return float((word.start + word.end) / 2 * SAMPLE_RATE)
 
 
-def _copies(words: list[Any], keep_from: int, keep_to: int) -> tuple[list[Any], list[Any]]:
+def _copies(words: list[Any], keep_from: int, keep_to: int) -> tuple[list[Any], list[Any]] | None:
     """The words Whisper read in the first copy of the utterance and in its repeat
-    (:func:`in_context`), from the window's ``words``.
+    (:func:`in_context`), from the window's ``words``, if the two read alike
+    (:func:`_read_alike`); None if they do not.
 
     By time, they are the words in ``[keep_from, keep_to)`` and after it.  But the
     timing is Whisper's, and a word beside a silence drifts into it: the first
@@ -486,7 +488,7 @@ def _copies(words: list[Any], keep_from: int, keep_to: int) -> tuple[list[Any], 
             copies = said[first_from:at], said[at:]
             if _read_alike(*copies):
                 return copies
-    return timed
+    return None
 
 
 def _read_alike(first: list[Any], repeat: list[Any]) -> bool:
