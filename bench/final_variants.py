@@ -24,8 +24,9 @@ measured here before any is built into the stream:
 * ``lenpen-0.8``: ``cut`` with beam search's length penalty at 0.8 (1 is
   faster-whisper's default; lower favours shorter hypotheses);
 * ``context``: as the LOCAL stream decodes finals by default (``final_context``):
-  after the session's speech of the last 10 s and before a repeat of the
-  utterance, in one window (``local_whisper.in_context``);
+  after the session's speech of the last ``CONTEXT_MS`` and before a repeat of
+  the utterance, in one window (``local_whisper.in_context``); ``context-N``:
+  the same after N ms of earlier speech (``context-0``: the repeat alone);
 * ``hold-1500``: semantic endpointing (``endpointing_unfinished`` 1500), roughly
   as OpenAI's ``semantic_vad`` and LiveKit's turn detector: a final whose text
   does not end a sentence (``local_whisper.ends_sentence``) is held, and if
@@ -42,6 +43,9 @@ recordings and ``--synth``, to tell a setting that helps from one that fits.
 scale a streaming figure's distance from batch is read against.
 ``--by-position`` (synthesized sets) adds the WER of each clip's first
 utterance (a session's first, with no earlier speech) and of the later ones.
+``--calls`` (synthesized sets) streams each voice's clips one after another as
+one session, as a call of many turns is, instead of one session per clip: a
+session's first utterance is then one in twenty, not one in two or three.
 
 WER does not depend on timing here; one run is the figure, but for the decodes
 that fall back to faster-whisper's sampling (a word or two between runs).
@@ -53,6 +57,7 @@ import argparse
 import bisect
 import statistics
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -70,7 +75,9 @@ from local_engine import (  # noqa: E402
     SYNTH_HELDOUT,
     SYNTH_TURNS,
     ClipSet,
+    calls,
     load_clips,
+    pct,
 )
 from transcribe_gateway.audio.vad import (  # noqa: E402
     SAMPLE_RATE,
@@ -119,14 +126,18 @@ def utterances(audio: np.ndarray, endpointing_ms: int = ENDPOINTING_MS) -> Utter
     return cut((audio[i : i + step] for i in range(0, len(audio), step)), activity.process)
 
 
-def context_of(audio: np.ndarray, starts: list[int], start: int) -> np.ndarray:
+def context_of(
+    audio: np.ndarray, starts: list[int], start: int, context_ms: int = CONTEXT_MS
+) -> np.ndarray:
     """As the LOCAL stream decodes finals with ``final_context``: the audio since the
-    first utterance (of ``starts``) that started within CONTEXT_MS before ``start``."""
-    since = next(a for a in [*starts, start] if start - a <= CONTEXT_MS * SAMPLE_RATE // 1000)
+    first utterance (of ``starts``) that started within ``context_ms`` before ``start``."""
+    since = next(a for a in [*starts, start] if start - a <= context_ms * SAMPLE_RATE // 1000)
     return audio[since:start]
 
 
-def variants(engine: WhisperEngine) -> dict[str, Variant]:
+def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
+    """The variants by name; ``times`` gets the wall time of each final's decode(s)."""
+
     def decode(
         audio: np.ndarray,
         prompt: str | None = None,
@@ -134,9 +145,10 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
         context: np.ndarray | None = None,
     ) -> str:
         # The final's own decode (beam search, word timestamps), as the stream runs it.
-        return engine.transcribe(
-            audio, final=True, prompt=prompt, prefix=prefix, context=context
-        ).text.strip()
+        began = time.perf_counter()
+        text = engine.transcribe(audio, final=True, prompt=prompt, prefix=prefix, context=context)
+        times.append(time.perf_counter() - began)
+        return text.text.strip()
 
     def cut(audio: np.ndarray, cuts: Utterances) -> str:
         # Each utterance alone: the LOCAL stream with ``final_context = false``.
@@ -169,12 +181,15 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
             finals.append(text or decode(audio[s:e]))
         return " ".join(finals)
 
-    def in_context(audio: np.ndarray, cuts: Utterances) -> str:
-        starts = [s for s, _ in cuts]
-        return " ".join(
-            decode(audio[s:e], context=context_of(audio, starts[:i], s))
-            for i, (s, e) in enumerate(cuts)
-        )
+    def in_context(context_ms: int = CONTEXT_MS) -> Variant:
+        def run(audio: np.ndarray, cuts: Utterances) -> str:
+            starts = [s for s, _ in cuts]
+            return " ".join(
+                decode(audio[s:e], context=context_of(audio, starts[:i], s, context_ms))
+                for i, (s, e) in enumerate(cuts)
+            )
+
+        return run
 
     def segments(audio: np.ndarray, prompt: str | None = None, **options: Any) -> list[Any]:
         # The final's decode with faster-whisper's own result (WhisperEngine.transcribe
@@ -247,7 +262,8 @@ def variants(engine: WhisperEngine) -> dict[str, Variant]:
 
     return {
         "cut": cut,
-        "context": in_context,
+        "context": in_context(),
+        **{f"context-{ms}": in_context(ms) for ms in (0, 10_000, 15_000, 20_000, 25_000)},
         "pad-100": padded(100),
         "pad-350": padded(350),
         "prompt": prompt,
@@ -364,18 +380,40 @@ def main() -> None:
         action="store_true",
         help="also WER of each clip's first utterance and of the later ones (synthesized sets)",
     )
+    parser.add_argument(
+        "--calls",
+        action="store_true",
+        help="each voice's clips in turn as one session, a call (synthesized sets)",
+    )
     args = parser.parse_args()
     clip_set: ClipSet = "heldout" if args.heldout else "synth" if args.synth else "recordings"
     clips, refs, groups = load_clips(clip_set)
+    spoken = SYNTH_HELDOUT if clip_set == "heldout" else SYNTH_TURNS
+    sentences = {name: said for name, (_voice, said) in spoken.items()}
+    if clip_set == "synth":
+        sentences |= {name: (text,) for name, text in SYNTH.items()}
+    if args.calls and clip_set != "recordings":
+        clips, refs, groups = calls(clips, refs, spoken)
+        # "call VOICE: NAME NAME ...": a call's sentences are its clips' in turn.
+        sentences = {
+            name: sentences[name]
+            if name in sentences
+            else tuple(s for n in name.split(": ")[1].split() for s in sentences[n])
+            for name in clips
+        }
     engine = WhisperEngine(BUNDLED_MODEL, resolve_whisper_model(BUNDLED_MODEL, {}, False), 1)
     texts = {"batch": {n: engine.transcribe(a, final=True).text for n, a in clips.items()}}
     cuts = {n: utterances(a) for n, a in clips.items()}
-    table = variants(engine)
+    times: list[float] = []
+    table = variants(engine, times)
     redecoded: dict[str, int] = {}  # finals decoded alone again, per variant
+    timed: dict[str, list[float]] = {}  # seconds each decode took, per variant
     for name in args.variants.split(","):
         before = engine.repeat_mismatches
+        times.clear()
         texts[name] = {n: table[name](a, cuts[n]) for n, a in clips.items()}
         redecoded[name] = engine.repeat_mismatches - before
+        timed[name] = sorted(times)
 
     def wer(name: str, group: str) -> float:
         return corpus_wer([(refs[n], texts[name][n]) for n in groups[group]])
@@ -399,13 +437,15 @@ def main() -> None:
             print(
                 f"\n`{name}`: {count} decodes in context redone alone (the repeat read otherwise)"
             )
+    # Wall time of each final's decode on this process's one worker: read as ratios
+    # between variants of one run (the machine is shared).
+    print("\n| decode per final (s, one worker) | median | p95 |\n|---|---|---|")
+    for name, spent in timed.items():
+        if spent:
+            print(f"| {name} | {statistics.median(spent):.3f} | {pct(spent, 0.95):.3f} |")
     if args.batch_spread:
         batch_spread(engine, clips, refs, groups)
     if args.by_position and clip_set != "recordings":
-        spoken = SYNTH_HELDOUT if clip_set == "heldout" else SYNTH_TURNS
-        sentences = {name: said for name, (_voice, said) in spoken.items()}
-        if clip_set == "synth":
-            sentences |= {name: (text,) for name, text in SYNTH.items()}
         by_position(engine, clips, cuts, sentences)
 
 

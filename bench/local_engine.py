@@ -7,6 +7,7 @@ Run by hand (never in CI), from the repository root:
     .venv/bin/python bench/local_engine.py --synth [...]   # synthesized speech (needs espeak-ng)
     .venv/bin/python bench/local_engine.py --endpointing 1500 --sessions ''   # accuracy at a longer pause
     .venv/bin/python bench/local_engine.py --heldout --unfinished 1500 --sessions ''   # semantic endpointing
+    .venv/bin/python bench/local_engine.py --heldout --calls --sessions ''   # a session per voice
 
 It starts a real gateway process (pinned to core 0 with ``taskset`` for the
 capacity part, one decode worker; then, with ``--sessions-all-cores``, on every
@@ -21,6 +22,9 @@ are printed as a Markdown block for BENCHMARKS.md.
 With ``--unfinished MS`` the sessions ask for semantic endpointing
 (``endpointing_unfinished``); a held final's wait beyond ``--endpointing``
 counts in its latency.  ``--heldout`` streams ``SYNTH_HELDOUT`` (below).
+
+With ``--calls`` (synthesized sets) each voice's clips are streamed one after
+another as one session, a call of many turns, instead of a session per clip.
 
 With ``--synth`` the clips are synthesized speech instead, spoken by espeak-ng
 (a system package: ``apt-get install espeak-ng``): ``SYNTH``, sentences with
@@ -316,6 +320,31 @@ def load_clips(
     return {n: np.concatenate([a, trail]) for n, a in spoken.items()}, refs, groups
 
 
+def calls(
+    clips: dict[str, np.ndarray],
+    refs: dict[str, str],
+    spoken: dict[str, tuple[str, tuple[str, ...]]],
+) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, list[str]]]:
+    """Each voice's clips of ``spoken`` (each with its second of silence after it) one
+    after another, in the set's order, as one clip: a call of many turns in one
+    session; ``SYNTH``'s single sentences stay as they are.  Clips, references, and
+    groups: "sentences" (if any) and "all calls", whose members name the clips they
+    join ("call en-us: h01 h04 ...")."""
+    by_voice: dict[str, list[str]] = {}
+    for name, (voice, _said) in spoken.items():
+        by_voice.setdefault(voice, []).append(name)
+    called = {f"call {voice}: {' '.join(names)}": names for voice, names in by_voice.items()}
+    solo = [n for n in clips if n not in spoken]
+    joined = {c: np.concatenate([clips[n] for n in names]) for c, names in called.items()}
+    texts = {c: " ".join(refs[n] for n in names) for c, names in called.items()}
+    groups = {"sentences": solo} if solo else {}
+    return (
+        {**{n: clips[n] for n in solo}, **joined},
+        {**{n: refs[n] for n in solo}, **texts},
+        {**groups, "all calls": list(called)},
+    )
+
+
 @dataclass
 class SessionResult:
     name: str
@@ -407,14 +436,22 @@ async def stream_one(
                     result.errors.append(msg["error"]["code"])
 
         receiver = asyncio.create_task(receive())
-        for n, i in enumerate(range(0, len(data), 640)):
-            chunk = base64.b64encode(data[i : i + 640]).decode()
-            await ws.send(json.dumps({"type": "audio.append", "audio": chunk}))
-            delay = start + (n + 1) * 0.02 - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        await ws.send(json.dumps({"type": "session.close"}))
-        await asyncio.wait_for(receiver, 120)
+        try:
+            for n, i in enumerate(range(0, len(data), 640)):
+                chunk = base64.b64encode(data[i : i + 640]).decode()
+                await ws.send(json.dumps({"type": "audio.append", "audio": chunk}))
+                delay = start + (n + 1) * 0.02 - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await ws.send(json.dumps({"type": "session.close"}))
+            await asyncio.wait_for(receiver, 120)
+        except websockets.ConnectionClosed as closed:
+            # Past capacity the gateway stops reading a session that its engine
+            # cannot keep up with (backpressure), and the client's keepalive
+            # pings time out: counted as an error, not a crash of the benchmark.
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+            result.errors.append(f"closed {closed.rcvd.code if closed.rcvd else 'abnormally'}")
         result.text = " ".join(texts)
     return result
 
@@ -504,10 +541,19 @@ def main() -> None:
         default=None,
         help="the sessions' endpointing_unfinished, ms (semantic endpointing); off if unset",
     )
+    parser.add_argument(
+        "--calls",
+        action="store_true",
+        help="each voice's clips in turn as one session, a call (synthesized sets)",
+    )
     args = parser.parse_args()
     endpointing, unfinished = args.endpointing, args.unfinished
     clip_set: ClipSet = "heldout" if args.heldout else "synth" if args.synth else "recordings"
     clips, refs, groups = load_clips(clip_set)
+    if args.calls and clip_set != "recordings":
+        clips, refs, groups = calls(
+            clips, refs, SYNTH_HELDOUT if clip_set == "heldout" else SYNTH_TURNS
+        )
 
     batch, rtf = batch_figures(args.model, clips, refs, groups)
     # Streamed clips end in enough silence for the endpoint to fire before the

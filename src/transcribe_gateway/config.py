@@ -40,9 +40,9 @@ class LocalSettings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     second (a live pass for partials and a second pass for finals)."""
     max_utterance_ms: Annotated[int, msgspec.Meta(ge=1000, le=30000)] = 25000
     final_context: bool = True
-    """Decode each Whisper final in context: after the session's speech of the 10 s
+    """Decode each Whisper final in context: after the session's speech of the 5 s
     before it and before a repeat of it, in Whisper's one 30 s window (streaming WER
-    nearer batch, ~15% more decode time; BENCHMARKS.md). false: each utterance alone,
+    nearer batch, ~15-25% more decode time; BENCHMARKS.md). false: each utterance alone,
     as are the finals of sessions with a ``prompt``, which context would outweigh."""
 
 

@@ -74,8 +74,11 @@ SPECULATE_AFTER_MS: Final = TRAILING_MS
 endpointing): as soon as the utterance's audio, with its trailing silence, is in."""
 WINDOW: Final = 30 * SAMPLE_RATE
 """Whisper's encoder window: every decode encodes 30 s, padded with silence."""
-CONTEXT_MS: Final = 10_000
-"""A final is decoded after the session's speech of up to this long before it."""
+CONTEXT_MS: Final = 5_000
+"""A final is decoded after the session's speech of up to this long before it.  In a
+long session (a call) every final has that much to decode first: 10 s cost ~0.13 s
+more per final than 5 s, late finals past the latency target, for no better WER
+(BENCHMARKS.md, *A call: one long session*)."""
 REPEAT_GAP_MS: Final = 300
 """Silence between an utterance and its repeat in a final's window."""
 TOKENS_PER_S: Final = 12
