@@ -76,9 +76,10 @@ WINDOW: Final = 30 * SAMPLE_RATE
 """Whisper's encoder window: every decode encodes 30 s, padded with silence."""
 CONTEXT_MS: Final = 5_000
 """A final is decoded after the session's speech of up to this long before it.  In a
-long session (a call) every final has that much to decode first: 10 s cost ~0.13 s
-more per final than 5 s, late finals past the latency target, for no better WER
-(BENCHMARKS.md, *A call: one long session*)."""
+long session (a call) every final has that much earlier speech to decode first: 10 s
+cost 0.08-0.13 s more per final than 5 s and took a call's final p95 from 0.42 to
+0.66 s after the endpoint, for no better WER (BENCHMARKS.md, *A call: one long
+session*)."""
 REPEAT_GAP_MS: Final = 300
 """Silence between an utterance and its repeat in a final's window."""
 TOKENS_PER_S: Final = 12
