@@ -146,9 +146,9 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
     ) -> str:
         # The final's own decode (beam search, word timestamps), as the stream runs it.
         began = time.perf_counter()
-        text = engine.transcribe(audio, final=True, prompt=prompt, prefix=prefix, context=context)
+        found = engine.transcribe(audio, final=True, prompt=prompt, prefix=prefix, context=context)
         times.append(time.perf_counter() - began)
-        return text.text.strip()
+        return found.text.strip()
 
     def cut(audio: np.ndarray, cuts: Utterances) -> str:
         # Each utterance alone: the LOCAL stream with ``final_context = false``.
@@ -399,12 +399,10 @@ def main() -> None:
     if clip_set == "synth":
         sentences |= {name: (text,) for name, text in SYNTH.items()}
     if args.calls and clip_set != "recordings":
-        clips, refs, groups = calls(clips, refs, spoken)
-        # "call VOICE: NAME NAME ...": a call's sentences are its clips' in turn.
+        clips, refs, groups, members = calls(clips, refs, spoken)
+        # A call's sentences are its clips' in turn.
         sentences = {
-            name: sentences[name]
-            if name in sentences
-            else tuple(s for n in name.split(": ")[1].split() for s in sentences[n])
+            name: tuple(s for n in members.get(name, [name]) for s in sentences[n])
             for name in clips
         }
     model = resolve_whisper_model(BUNDLED_MODEL, {}, False)

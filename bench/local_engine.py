@@ -324,24 +324,23 @@ def calls(
     clips: dict[str, np.ndarray],
     refs: dict[str, str],
     spoken: dict[str, tuple[str, tuple[str, ...]]],
-) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, list[str]]]:
+) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, list[str]], dict[str, list[str]]]:
     """Each voice's clips of ``spoken`` (each with its second of silence after it) one
     after another, in the set's order, as one clip: a call of many turns in one
-    session; ``SYNTH``'s single sentences stay as they are.  Clips, references, and
-    groups: "sentences" (if any) and "all calls", whose members name the clips they
-    join ("call en-us: h01 h04 ...")."""
-    by_voice: dict[str, list[str]] = {}
+    session; ``SYNTH``'s single sentences stay as they are.  Clips, references,
+    groups ("sentences" if any, and "all calls"), and the clips each call joins."""
+    members: dict[str, list[str]] = {}
     for name, (voice, _said) in spoken.items():
-        by_voice.setdefault(voice, []).append(name)
-    called = {f"call {voice}: {' '.join(names)}": names for voice, names in by_voice.items()}
+        members.setdefault(f"call {voice}", []).append(name)
     solo = [n for n in clips if n not in spoken]
-    joined = {c: np.concatenate([clips[n] for n in names]) for c, names in called.items()}
-    texts = {c: " ".join(refs[n] for n in names) for c, names in called.items()}
+    joined = {c: np.concatenate([clips[n] for n in names]) for c, names in members.items()}
+    texts = {c: " ".join(refs[n] for n in names) for c, names in members.items()}
     groups = {"sentences": solo} if solo else {}
     return (
         {**{n: clips[n] for n in solo}, **joined},
         {**{n: refs[n] for n in solo}, **texts},
-        {**groups, "all calls": list(called)},
+        {**groups, "all calls": list(members)},
+        members,
     )
 
 
@@ -551,7 +550,7 @@ def main() -> None:
     clip_set: ClipSet = "heldout" if args.heldout else "synth" if args.synth else "recordings"
     clips, refs, groups = load_clips(clip_set)
     if args.calls and clip_set != "recordings":
-        clips, refs, groups = calls(
+        clips, refs, groups, _ = calls(
             clips, refs, SYNTH_HELDOUT if clip_set == "heldout" else SYNTH_TURNS
         )
 
