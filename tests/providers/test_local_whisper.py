@@ -16,12 +16,15 @@ from faster_whisper.transcribe import Word
 from tests.conftest import SHARED_AUDIO
 from tests.textnorm import normalize, references
 from transcribe_gateway.audio.files import read_audio
+from transcribe_gateway.audio.vad import SAMPLE_RATE
 from transcribe_gateway.config import LocalSettings, Settings
 from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, StreamOptions
 from transcribe_gateway.providers.local import LocalSTT
 from transcribe_gateway.providers.local_whisper import (
     BUNDLED_MODEL,
     CONTEXT_MS,
+    FRAMES_PER_S,
+    PARTIAL_PADDING_MS,
     REPEAT_GAP_MS,
     WINDOW,
     Transcript,
@@ -510,3 +513,53 @@ def test_an_abandoned_decode_stops_after_its_encoder(engines: Engines) -> None:
     assert engine.encoder.stopped == stopped_before + 1
     # Abandoned before it starts, a decode stops at once, and sets nothing aside.
     assert engines.alone.transcribe(audio, final=True, abandoned=abandoned) == Transcript("", ())
+
+
+def test_a_partial_is_encoded_over_its_audio_and_part_of_the_padding(engines: Engines) -> None:
+    # The encoder's cost grows faster than its window: a partial's window is cut
+    # to its audio and PARTIAL_PADDING_MS; a final's stays whole (30 s).
+    engine, audio = engines.alone, engines.audio
+    seen: list[int] = []
+    narrow = engine.encoder._narrow
+
+    def encode(features: np.ndarray) -> Any:
+        seen.append(features.shape[-1])
+        return narrow(features)
+
+    engine.encoder._narrow = encode
+    try:
+        partial = engine.transcribe(audio, final=False)
+        final = engine.transcribe(audio, final=True)
+        engine.partial_padding_ms = None
+        whole = engine.transcribe(audio, final=False)
+    finally:
+        engine.encoder._narrow = narrow
+        engine.partial_padding_ms = PARTIAL_PADDING_MS
+    frames = WINDOW // SAMPLE_RATE * FRAMES_PER_S
+    audio_frames = len(audio) * FRAMES_PER_S // SAMPLE_RATE
+    padding = PARTIAL_PADDING_MS * FRAMES_PER_S // 1000
+    assert seen[0] % 2 == 0 and 0 <= seen[0] - audio_frames - padding <= 3
+    assert seen[1:] == [frames, frames]
+    assert final == engines.expected
+    # The short window reads the words the whole one does.
+    assert normalize(partial.text).startswith("go forward ten meters")
+    assert normalize(whole.text).startswith("go forward ten meters")
+
+
+def test_only_the_padding_is_cut_from_a_window(engines: Engines) -> None:
+    # faster-whisper pads a window with zero frames; a frame of audio, even
+    # silence, is never all zeros. Without padding (or outside a decode with a
+    # padding bound) a window is encoded whole.
+    encoder = engines.alone.encoder
+    before = encoder.short_encodes
+    window = np.zeros((1, 80, 3000), np.float32)
+    window[..., :501] = -1.5  # 5 s of digital silence's log-mel
+    assert encoder._shortened(window) is window
+    with encoder.decoding(threading.Event(), padding_ms=1000):
+        assert encoder._shortened(window).shape == (1, 80, 602)
+        full = np.full((80, 3000), -0.5, np.float32)
+        assert encoder._shortened(full) is full
+    with encoder.decoding(threading.Event()):
+        assert encoder._shortened(window) is window
+    assert encoder._shortened(window) is window
+    assert encoder.short_encodes == before + 1

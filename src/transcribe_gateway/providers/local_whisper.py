@@ -4,9 +4,10 @@ Whisper is not incremental, so streaming is built from three pieces:
 
 * Silero VAD cuts the stream into utterances (:mod:`transcribe_gateway.audio.vad`);
 * while an utterance is open, it is re-decoded every ``partial_interval_ms`` for
-  ``transcription.partial``, but only when a pool worker is free right now: a
-  decode costs ~0.45 core-seconds whatever the length (the encoder always sees a
-  30 s window), so under load partials are skipped, never queued;
+  ``transcription.partial``, but only when a pool worker is free right now, so
+  under load partials are skipped, never queued.  A partial's encoder sees its
+  audio and ``PARTIAL_PADDING_MS`` of the padding, not the whole 30 s window a
+  final's does: ~0.12 core-seconds instead of ~0.5 (:class:`Encoder`);
 * at the endpoint the utterance is decoded once more, with beam search and
   word timestamps, for ``transcription.completed``.  That decode starts early,
   *speculatively*, once ``SPECULATE_AFTER_MS`` of the endpointing silence has
@@ -80,6 +81,18 @@ long session (a call) every final has that much earlier speech to decode first: 
 cost 0.08-0.13 s more per final than 5 s and took a call's final p95 from 0.42 to
 0.66 s after the endpoint, for no better WER (BENCHMARKS.md, *A call: one long
 session*)."""
+PARTIAL_PADDING_MS: Final = 10_000
+"""A partial is encoded over its audio and this much of the silence faster-whisper
+pads a window with, not the whole 30 s: the encoder's cost grows faster than its
+length (0.07 s for 10 s, 0.16 s for 20 s, 0.39 s for 30 s on a core here), so a
+partial costs a quarter of what it did.  Whisper was trained on whole windows,
+and with less padding it reads a little differently: with 10 s, whole
+utterances read as well as on the full window (a word worse on the recordings,
+better on the synthesized sets); 6 s lost words (BENCHMARKS.md, *Partials on a
+short window*).  Finals keep the whole window: shortened, they
+sometimes fell into a repetition loop ("5, 5" read "5, 5, 5, 5, 5, 5, 5, 5")."""
+FRAMES_PER_S: Final = 100
+"""Whisper's log-mel frames per second of audio."""
 REPEAT_GAP_MS: Final = 300
 """Silence between an utterance and its repeat in a final's window."""
 TOKENS_PER_S: Final = 12
@@ -241,9 +254,11 @@ class Encoder:
     """Where Whisper's encoder runs, and where an abandoned decode stops.
 
     A decode is the encoder on a 30 s window (~0.4 s on one thread here) and
-    then the token-by-token decoder (0.1-0.25 s).  The encoder is large matrix
-    products that scale with threads (half the time on two); the decoder's
-    small steps do not (two threads made it slower; bench/whisper_threads.py).
+    then the token-by-token decoder (0.1-0.25 s); a partial's window is
+    shortened to its audio and ``PARTIAL_PADDING_MS`` (:meth:`decoding`).
+    The encoder is large matrix products that scale with threads (half the
+    time on two); the decoder's small steps do not (two threads made it
+    slower; bench/whisper_threads.py).
     So the pool's one-thread replicas decode as before, and the encode of a
     decode that is the only one under way runs on an extra replica with a
     thread per worker.  Only then: beside other work its threads wait for
@@ -272,6 +287,8 @@ class Encoder:
         self._decoding: list[threading.Event] = []
         """The ``abandoned`` flags of the decodes under way."""
         self._calls = threading.local()
+        self.short_encodes = 0
+        """Encodes of a shortened window (for tests and benchmarks)."""
         self.wide_encodes = 0
         """Encodes that ran on the extra replica (for tests and benchmarks)."""
         self.stopped = 0
@@ -281,22 +298,43 @@ class Encoder:
         model.encode = self.encode
 
     @contextlib.contextmanager
-    def decoding(self, abandoned: threading.Event) -> Iterator[None]:
-        """Mark the calling thread's decode, for :meth:`encode` to route and stop."""
+    def decoding(self, abandoned: threading.Event, padding_ms: int | None = None) -> Iterator[None]:
+        """Mark the calling thread's decode, for :meth:`encode` to route and stop.
+
+        ``padding_ms``: encode each window's audio and at most this much of its
+        padding (None: the whole window).
+        """
         self._calls.abandoned = abandoned
+        self._calls.padding = None if padding_ms is None else padding_ms * FRAMES_PER_S // 1000
         with self._changed:
             self._decoding.append(abandoned)
         try:
             yield
         finally:
-            del self._calls.abandoned
+            del self._calls.abandoned, self._calls.padding
             with self._changed:
                 self._decoding.remove(abandoned)
+
+    def _shortened(self, features: np.ndarray) -> np.ndarray:
+        """``features`` without the padding past what the calling decode keeps."""
+        padding: int | None = getattr(self._calls, "padding", None)
+        if padding is None:
+            return features
+        # faster-whisper pads a window's log-mel frames with zeros (pad_or_trim); a
+        # frame of audio, even digital silence, is never all zeros.
+        voiced = np.flatnonzero(features.reshape(-1, features.shape[-1]).any(axis=0))
+        keep = int(voiced[-1]) + 1 + padding if len(voiced) else padding
+        keep += keep % 2  # the encoder's stride is 2
+        if keep >= features.shape[-1]:
+            return features
+        self.short_encodes += 1
+        return np.ascontiguousarray(features[..., :keep])
 
     def encode(self, features: np.ndarray) -> Any:
         from faster_whisper.transcribe import get_ctranslate2_storage
 
         abandoned: threading.Event = getattr(self._calls, "abandoned", None) or threading.Event()
+        features = self._shortened(features)
         with self._changed:
             self._changed.wait_for(lambda: self._holder is None or not self._holder.is_set())
             if abandoned.is_set():
@@ -341,6 +379,8 @@ class WhisperEngine:
         )
         self.encoder = Encoder(self.model, path, workers)
         self.english_only = bool(getattr(self.model.model, "is_multilingual", True) is False)
+        self.partial_padding_ms: int | None = PARTIAL_PADDING_MS
+        """Padding a partial's window keeps (None: all of it; benchmarks set it)."""
         self.repeat_mismatches = 0
         """Finals decoded in context whose repeat read differently, so decoded
         alone instead (:func:`in_context`; for tests and benchmarks)."""
@@ -386,7 +426,8 @@ class WhisperEngine:
             kwargs.update(beam_size=1, without_timestamps=True, temperature=0.0)
         if context is not None:
             return self._transcribe_in_context(audio, context, kwargs, offset_ms, abandoned)
-        return self._transcribe_alone(audio, kwargs, offset_ms, abandoned)
+        padding_ms = None if final else self.partial_padding_ms
+        return self._transcribe_alone(audio, kwargs, offset_ms, abandoned, padding_ms)
 
     def _transcribe_alone(
         self,
@@ -394,8 +435,9 @@ class WhisperEngine:
         kwargs: dict[str, Any],
         offset_ms: int,
         abandoned: threading.Event | None,
+        padding_ms: int | None = None,
     ) -> Transcript:
-        segments = self._segments(audio, kwargs, abandoned)
+        segments = self._segments(audio, kwargs, abandoned, padding_ms)
         text = " ".join(t for t in (segment.text.strip() for segment in segments) if t)
         found = [w for segment in segments for w in segment.words or ()]
         return Transcript(text, _timings(found, offset_ms, len(audio)))
@@ -444,13 +486,18 @@ class WhisperEngine:
         return Transcript("".join(spelled).strip(), words)  # each word has its space
 
     def _segments(
-        self, audio: Samples, kwargs: dict[str, Any], abandoned: threading.Event | None
+        self,
+        audio: Samples,
+        kwargs: dict[str, Any],
+        abandoned: threading.Event | None,
+        padding_ms: int | None = None,
     ) -> list[Any]:
-        """faster-whisper's segments; none if the decode was abandoned."""
+        """faster-whisper's segments; none if the decode was abandoned.  ``padding_ms``:
+        see :meth:`Encoder.decoding`."""
         if kwargs.get("temperature") == 0.0:
             # Nothing else stops a repetition loop without the fallback (TOKENS_PER_S).
             kwargs = {**kwargs, "max_new_tokens": token_budget(len(audio))}
-        with self.encoder.decoding(abandoned or threading.Event()):
+        with self.encoder.decoding(abandoned or threading.Event(), padding_ms):
             try:
                 # transcribe() is lazy: the work happens while its segments are listed.
                 found, _info = self.model.transcribe(audio.astype(np.float32) / 32768.0, **kwargs)
