@@ -27,6 +27,8 @@ measured here before any is built into the stream:
   after the session's speech of the last ``CONTEXT_MS`` and before a repeat of
   the utterance, in one window (``local_whisper.in_context``); ``context-N``:
   the same after N ms of earlier speech (``context-0``: the repeat alone);
+  ``context-short``: ``context`` on a short window (``SHORT_PADDING_MS``), as a
+  final decoded while other decodes wait for a worker is;
 * ``hold-1500``: semantic endpointing (``endpointing_unfinished`` 1500), roughly
   as OpenAI's ``semantic_vad`` and LiveKit's turn detector: a final whose text
   does not end a sentence (``local_whisper.ends_sentence``) is held, and if
@@ -143,10 +145,13 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
         prompt: str | None = None,
         prefix: str | None = None,
         context: np.ndarray | None = None,
+        short: bool = False,
     ) -> str:
         # The final's own decode (beam search, word timestamps), as the stream runs it.
         began = time.perf_counter()
-        found = engine.transcribe(audio, final=True, prompt=prompt, prefix=prefix, context=context)
+        found = engine.transcribe(
+            audio, final=True, prompt=prompt, prefix=prefix, context=context, short_window=short
+        )
         times.append(time.perf_counter() - began)
         return found.text.strip()
 
@@ -181,11 +186,13 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
             finals.append(text or decode(audio[s:e]))
         return " ".join(finals)
 
-    def in_context(context_ms: int = CONTEXT_MS) -> Variant:
+    def in_context(context_ms: int = CONTEXT_MS, short: bool = False) -> Variant:
         def run(audio: np.ndarray, cuts: Utterances) -> str:
             starts = [s for s, _ in cuts]
             return " ".join(
-                decode(audio[s:e], context=context_of(audio, starts[:i], s, context_ms))
+                decode(
+                    audio[s:e], context=context_of(audio, starts[:i], s, context_ms), short=short
+                )
                 for i, (s, e) in enumerate(cuts)
             )
 
@@ -263,6 +270,7 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
     return {
         "cut": cut,
         "context": in_context(),
+        "context-short": in_context(short=True),
         **{f"context-{ms}": in_context(ms) for ms in (0, 10_000, 15_000, 20_000, 25_000)},
         "pad-100": padded(100),
         "pad-350": padded(350),

@@ -9,7 +9,7 @@ endpointer (as ``bench/final_variants.py`` does), and every utterance is decoded
 as the LOCAL stream decodes partials (beam 1, no timestamps, temperature 0):
 once for each ``partial_interval_ms`` (700 ms) of its audio, as the partials of
 a stream come, and once whole.  Each ``--padding`` setting is how much of the
-padding a partial's window keeps (``WhisperEngine.partial_padding_ms``;
+padding a partial's window keeps (``WhisperEngine.short_padding_ms``;
 ``full``: the whole window, as every decode was before).
 
 Printed per setting: the WER of the whole-utterance partials against the
@@ -73,7 +73,7 @@ def main() -> None:
     coming: dict[str, list[str]] = {}  # setting -> the partials as a stream makes them
     timed: dict[str, list[float]] = {}
     for setting in settings:
-        engine.partial_padding_ms = None if setting == "full" else int(setting)
+        engine.short_padding_ms = None if setting == "full" else int(setting)
         before = engine.encoder.short_encodes
         spent = timed[setting] = []
         coming[setting], whole[setting] = [], {}

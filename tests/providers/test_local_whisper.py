@@ -24,8 +24,8 @@ from transcribe_gateway.providers.local_whisper import (
     BUNDLED_MODEL,
     CONTEXT_MS,
     FRAMES_PER_S,
-    PARTIAL_PADDING_MS,
     REPEAT_GAP_MS,
+    SHORT_PADDING_MS,
     WINDOW,
     Transcript,
     WhisperEngine,
@@ -517,7 +517,7 @@ def test_an_abandoned_decode_stops_after_its_encoder(engines: Engines) -> None:
 
 def test_a_partial_is_encoded_over_its_audio_and_part_of_the_padding(engines: Engines) -> None:
     # The encoder's cost grows faster than its window: a partial's window is cut
-    # to its audio and PARTIAL_PADDING_MS; a final's stays whole (30 s).
+    # to its audio and SHORT_PADDING_MS; a final's stays whole (30 s).
     engine, audio = engines.alone, engines.audio
     seen: list[int] = []
     narrow = engine.encoder._narrow
@@ -530,14 +530,14 @@ def test_a_partial_is_encoded_over_its_audio_and_part_of_the_padding(engines: En
     try:
         partial = engine.transcribe(audio, final=False)
         final = engine.transcribe(audio, final=True)
-        engine.partial_padding_ms = None
+        engine.short_padding_ms = None
         whole = engine.transcribe(audio, final=False)
     finally:
         engine.encoder._narrow = narrow
-        engine.partial_padding_ms = PARTIAL_PADDING_MS
+        engine.short_padding_ms = SHORT_PADDING_MS
     frames = WINDOW // SAMPLE_RATE * FRAMES_PER_S
     audio_frames = len(audio) * FRAMES_PER_S // SAMPLE_RATE
-    padding = PARTIAL_PADDING_MS * FRAMES_PER_S // 1000
+    padding = SHORT_PADDING_MS * FRAMES_PER_S // 1000
     assert seen[0] % 2 == 0 and 0 <= seen[0] - audio_frames - padding <= 3
     assert seen[1:] == [frames, frames]
     assert final == engines.expected
@@ -563,3 +563,36 @@ def test_only_the_padding_is_cut_from_a_window(engines: Engines) -> None:
         assert encoder._shortened(window) is window
     assert encoder._shortened(window) is window
     assert encoder.short_encodes == before + 1
+
+
+async def test_a_final_decoded_while_others_wait_takes_a_short_window() -> None:
+    # One worker, held: two sessions' finals wait for it. The first to get it
+    # has the other waiting behind it (the engine is behind real time) and is
+    # decoded on a short window; the second, with nobody behind it, on the
+    # whole one. Both read the words.
+    stt = LocalSTT(Settings(local=LocalSettings(workers=1)))
+    await stt.start()
+    try:
+        encoder = stt._engines[BUNDLED_MODEL].encoder
+        before = encoder.short_encodes
+        gate = threading.Event()
+        holder = asyncio.create_task(stt.pool.run(lambda: gate.wait(60)))
+        await asyncio.sleep(0)  # an idle pool's slot is taken without waiting
+        assert stt.pool.busy == 1
+        audio = np.concatenate(
+            [read_audio(SHARED_AUDIO / "goforward.raw"), np.zeros(16000, np.int16)]
+        )
+        runs = [asyncio.create_task(run(stt, audio)) for _ in range(2)]
+        async with asyncio.timeout(60):
+            while stt.pool.waiting < 2:  # noqa: ASYNC110 (the pool has no event for it)
+                await asyncio.sleep(0.01)
+        assert encoder.short_encodes == before  # no partial, no guess: the worker was busy
+        gate.set()
+        await holder
+        for result in await asyncio.gather(*runs):
+            (final,) = finals(result.events)
+            assert normalize(final.text) == "go forward ten meters"
+            assert result.stream.early_finals == 0
+        assert encoder.short_encodes == before + 1
+    finally:
+        await stt.aclose()

@@ -6,7 +6,7 @@ Whisper is not incremental, so streaming is built from three pieces:
 * while an utterance is open, it is re-decoded every ``partial_interval_ms`` for
   ``transcription.partial``, but only when a pool worker is free right now, so
   under load partials are skipped, never queued.  A partial's encoder sees its
-  audio and ``PARTIAL_PADDING_MS`` of the padding, not the whole 30 s window a
+  audio and ``SHORT_PADDING_MS`` of the padding, not the whole 30 s window a
   final's does: ~0.12 core-seconds instead of ~0.5 (:class:`Encoder`);
 * at the endpoint the utterance is decoded once more, with beam search and
   word timestamps, for ``transcription.completed``.  That decode starts early,
@@ -16,7 +16,11 @@ Whisper is not incremental, so streaming is built from three pieces:
   instead of ~0.45 s after it.  If speech resumes, the guess is abandoned.
   The final is decoded in context (:func:`in_context`): after the session's
   recent speech and before a repeat of the utterance, in Whisper's one window,
-  so it reads nearly as the whole recording decoded at once would.
+  so it reads nearly as the whole recording decoded at once would.  A final
+  decoded while other decodes wait for a worker (the engine has more to do
+  than workers) takes a short window too: half the cost, so an overloaded
+  engine catches up, at a small risk to its words (BENCHMARKS.md, *Finals on
+  a short window when the engine is behind*).
 * with ``endpointing_unfinished`` (semantic endpointing), that guess also
   decides when the utterance ends: at ``endpointing`` if its text ends a
   sentence, else only after the longer silence, so a caller who pauses
@@ -81,7 +85,7 @@ long session (a call) every final has that much earlier speech to decode first: 
 cost 0.08-0.13 s more per final than 5 s and took a call's final p95 from 0.42 to
 0.66 s after the endpoint, for no better WER (BENCHMARKS.md, *A call: one long
 session*)."""
-PARTIAL_PADDING_MS: Final = 10_000
+SHORT_PADDING_MS: Final = 10_000
 """A partial is encoded over its audio and this much of the silence faster-whisper
 pads a window with, not the whole 30 s: the encoder's cost grows faster than its
 length (0.07 s for 10 s, 0.16 s for 20 s, 0.39 s for 30 s on a core here), so a
@@ -89,8 +93,10 @@ partial costs a quarter of what it did.  Whisper was trained on whole windows,
 and with less padding it reads a little differently: with 10 s, whole
 utterances read as well as on the full window (a word worse on the recordings,
 better on the synthesized sets); 6 s lost words (BENCHMARKS.md, *Partials on a
-short window*).  Finals keep the whole window: shortened, they
-sometimes fell into a repetition loop ("5, 5" read "5, 5, 5, 5, 5, 5, 5, 5")."""
+short window*).  A final keeps the whole window unless other decodes wait for a
+worker: shortened, finals read about as well on the synthesized sets at half the
+decode, but on the recordings one fell into a repetition loop ("5, 5" read "5,
+5, 5, 5, 5, 5, 5, 5"), which its repeat cannot catch."""
 FRAMES_PER_S: Final = 100
 """Whisper's log-mel frames per second of audio."""
 REPEAT_GAP_MS: Final = 300
@@ -255,7 +261,8 @@ class Encoder:
 
     A decode is the encoder on a 30 s window (~0.4 s on one thread here) and
     then the token-by-token decoder (0.1-0.25 s); a partial's window is
-    shortened to its audio and ``PARTIAL_PADDING_MS`` (:meth:`decoding`).
+    shortened to its audio and ``SHORT_PADDING_MS`` (:meth:`decoding`), as is
+    a final's when the pool is behind.
     The encoder is large matrix products that scale with threads (half the
     time on two); the decoder's small steps do not (two threads made it
     slower; bench/whisper_threads.py).
@@ -379,8 +386,8 @@ class WhisperEngine:
         )
         self.encoder = Encoder(self.model, path, workers)
         self.english_only = bool(getattr(self.model.model, "is_multilingual", True) is False)
-        self.partial_padding_ms: int | None = PARTIAL_PADDING_MS
-        """Padding a partial's window keeps (None: all of it; benchmarks set it)."""
+        self.short_padding_ms: int | None = SHORT_PADDING_MS
+        """Padding a short window keeps (None: all of it; benchmarks set it)."""
         self.repeat_mismatches = 0
         """Finals decoded in context whose repeat read differently, so decoded
         alone instead (:func:`in_context`; for tests and benchmarks)."""
@@ -401,6 +408,7 @@ class WhisperEngine:
         prefix: str | None = None,
         context: Samples | None = None,
         abandoned: threading.Event | None = None,
+        short_window: bool = False,
     ) -> Transcript:
         """Decode one utterance (blocking; call from a pool worker).
 
@@ -410,6 +418,8 @@ class WhisperEngine:
         this audio (the session's earlier speech; may be empty).
         ``abandoned``: set it when the result is no longer wanted; the decode
         then stops after its encoder and returns an empty transcript.
+        ``short_window``: encode a final over its audio and ``short_padding_ms``
+        of the padding, as every partial is (:data:`SHORT_PADDING_MS`).
         """
         if self.english_only:
             language = "en"
@@ -424,9 +434,11 @@ class WhisperEngine:
             kwargs.update(beam_size=beam_size, word_timestamps=True)
         else:
             kwargs.update(beam_size=1, without_timestamps=True, temperature=0.0)
+        padding_ms = self.short_padding_ms if short_window or not final else None
         if context is not None:
-            return self._transcribe_in_context(audio, context, kwargs, offset_ms, abandoned)
-        padding_ms = None if final else self.partial_padding_ms
+            return self._transcribe_in_context(
+                audio, context, kwargs, offset_ms, abandoned, padding_ms
+            )
         return self._transcribe_alone(audio, kwargs, offset_ms, abandoned, padding_ms)
 
     def _transcribe_alone(
@@ -449,18 +461,19 @@ class WhisperEngine:
         kwargs: dict[str, Any],
         offset_ms: int,
         abandoned: threading.Event | None,
+        padding_ms: int | None,
     ) -> Transcript:
         """The utterance decoded in context (:func:`in_context`), or alone when it is
         too long to fit twice or its two readings disagree."""
         window, keep_from, keep_to = in_context(context, audio)
         if window is audio:
-            return self._transcribe_alone(audio, kwargs, offset_ms, abandoned)
+            return self._transcribe_alone(audio, kwargs, offset_ms, abandoned, padding_ms)
         # One pass at temperature 0, no fallback to sampling: faster-whisper takes a
         # repeat for a repetition loop (too compressible) and would resample it, at
         # random. The check below stands for its loop detector, the token budget
         # (_segments) for its bound on what a loop costs.
         once = {**kwargs, "temperature": 0.0}
-        segments = self._segments(window, once, abandoned)
+        segments = self._segments(window, once, abandoned, padding_ms)
         found = [w for segment in segments for w in segment.words or ()]
         copies = _copies(found, keep_from, keep_to)
         if copies is None:
@@ -472,7 +485,7 @@ class WhisperEngine:
             # would resample an unsure reading up to five times more, at random
             # (~0.4 s a decode on a core), which made held-out finals late for
             # about one word in 400 (BENCHMARKS.md, *No sampled retries*).
-            return self._transcribe_alone(audio, once, offset_ms, abandoned)
+            return self._transcribe_alone(audio, once, offset_ms, abandoned, padding_ms)
         kept, repeat = copies
         # The same words. The first copy's, but for how the last one ends: the
         # repeat ends the window as the utterance ends the speech so far, so its
@@ -787,6 +800,10 @@ class WhisperStream(RecognizeStream):
             offset_ms=_ms(start),
             context=context,
             abandoned=abandoned,
+            # Read as the decode starts (on its worker; a dict's len is safe to
+            # read across threads): decodes waiting behind this one mean the
+            # engine has more to do than workers; half the cost helps it catch up.
+            short_window=self._pool.waiting > 0,
         )
 
     def _maybe_partial(self) -> None:
