@@ -551,7 +551,6 @@ def test_only_the_padding_is_cut_from_a_window(engines: Engines) -> None:
     # silence, is never all zeros. Without padding (or outside a decode with a
     # padding bound) a window is encoded whole.
     encoder = engines.alone.encoder
-    before = encoder.short_encodes
     window = np.zeros((1, 80, 3000), np.float32)
     window[..., :501] = -1.5  # 5 s of digital silence's log-mel
     assert encoder._shortened(window) is window
@@ -562,12 +561,11 @@ def test_only_the_padding_is_cut_from_a_window(engines: Engines) -> None:
     with encoder.decoding(threading.Event()):
         assert encoder._shortened(window) is window
     assert encoder._shortened(window) is window
-    assert encoder.short_encodes == before + 1
 
 
 async def test_a_final_decoded_while_others_wait_takes_a_short_window() -> None:
     # One worker, held: two sessions' finals wait for it. The first to get it
-    # has the other waiting behind it (the engine is behind real time) and is
+    # has the other waiting behind it (more to do than workers) and is
     # decoded on a short window; the second, with nobody behind it, on the
     # whole one. Both read the words.
     stt = LocalSTT(Settings(local=LocalSettings(workers=1)))

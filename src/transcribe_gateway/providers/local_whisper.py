@@ -334,15 +334,16 @@ class Encoder:
         keep += keep % 2  # the encoder's stride is 2
         if keep >= features.shape[-1]:
             return features
-        self.short_encodes += 1
         return np.ascontiguousarray(features[..., :keep])
 
     def encode(self, features: np.ndarray) -> Any:
         from faster_whisper.transcribe import get_ctranslate2_storage
 
         abandoned: threading.Event = getattr(self._calls, "abandoned", None) or threading.Event()
-        features = self._shortened(features)
+        shortened = self._shortened(features)
         with self._changed:
+            self.short_encodes += shortened is not features
+            features = shortened
             self._changed.wait_for(lambda: self._holder is None or not self._holder.is_set())
             if abandoned.is_set():
                 self.stopped += 1
