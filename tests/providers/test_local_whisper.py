@@ -594,3 +594,17 @@ async def test_a_final_decoded_while_others_wait_takes_a_short_window() -> None:
         assert encoder.short_encodes == before + 1
     finally:
         await stt.aclose()
+
+
+def test_a_short_final_whose_readings_disagree_is_decoded_alone_on_the_whole_window(
+    engines: Engines,
+) -> None:
+    # "five five" with its repeat loops in context (fourteen fives: the repeat
+    # check rejects it). Decoded alone again on a short window it loops again;
+    # on the whole window it reads as batch does.
+    engine = engines.alone
+    audio = read_audio(SHARED_AUDIO / "cards-004.wav")
+    mismatches = engine.repeat_mismatches
+    final = engine.transcribe(audio, final=True, context=audio[:0], short_window=True)
+    assert engine.repeat_mismatches == mismatches + 1
+    assert normalize(final.text) == "five five"

@@ -94,9 +94,10 @@ and with less padding it reads a little differently: with 10 s, whole
 utterances read as well as on the full window (a word worse on the recordings,
 better on the synthesized sets); 6 s lost words (BENCHMARKS.md, *Partials on a
 short window*).  A final keeps the whole window unless other decodes wait for a
-worker: shortened, finals read about as well on the synthesized sets at half the
-decode, but on the recordings one fell into a repetition loop ("5, 5" read "5,
-5, 5, 5, 5, 5, 5, 5"), which its repeat cannot catch."""
+worker: shortened, finals read as well or better on the synthesized sets at half
+the decode, but a single-utterance recording no longer read as batch ("ten of
+clubs" as "ten of close"; BENCHMARKS.md, *Finals on a short window when the
+engine is behind*)."""
 FRAMES_PER_S: Final = 100
 """Whisper's log-mel frames per second of audio."""
 REPEAT_GAP_MS: Final = 300
@@ -485,8 +486,10 @@ class WhisperEngine:
             # Decoded alone, once at temperature 0 too: faster-whisper's fallback
             # would resample an unsure reading up to five times more, at random
             # (~0.4 s a decode on a core), which made held-out finals late for
-            # about one word in 400 (BENCHMARKS.md, *No sampled retries*).
-            return self._transcribe_alone(audio, once, offset_ms, abandoned, padding_ms)
+            # about one word in 400 (BENCHMARKS.md, *No sampled retries*). On the
+            # whole window even after a short one: a disagreement is often a loop
+            # ("5, 5" as fourteen fives), and alone on a short window it loops again.
+            return self._transcribe_alone(audio, once, offset_ms, abandoned)
         kept, repeat = copies
         # The same words. The first copy's, but for how the last one ends: the
         # repeat ends the window as the utterance ends the speech so far, so its
