@@ -69,14 +69,21 @@ class Run:
 
 
 async def run(
-    stt: LocalSTT, audio: np.ndarray, *, live: bool = True, patient: bool = False, **options: int
+    stt: LocalSTT,
+    audio: np.ndarray,
+    *,
+    live: bool = True,
+    patient: bool = False,
+    paced: bool = False,
+    **options: int,
 ) -> Run:
     """Push ``audio`` in 20 ms chunks the way the gateway does: at once when the
     stream takes them, else awaited.  ``live``: yield between chunks, as a live
     stream would (the decode tasks get to run); otherwise flood.  ``patient``:
     let each speculative final finish before the next chunk, as on a machine
     that decodes faster than the pause lasts, so what the stream decides from
-    it does not depend on this machine's speed."""
+    it does not depend on this machine's speed.  ``paced``: one chunk per 20 ms,
+    as a caller sends."""
     stream = await stt.open_stream(StreamOptions(model="whisper-tiny.en", **options))
     assert isinstance(stream, WhisperStream)
     result = Run(stream)
@@ -91,7 +98,9 @@ async def run(
             result.waited += 1
             await stream.push_audio(audio[i : i + 320])
         result.held = max(result.held, stream._audio.end - stream._audio.start)
-        if live:
+        if paced:
+            await asyncio.sleep(0.02)
+        elif live:
             await asyncio.sleep(0)
         if patient and stream._early is not None:
             await asyncio.wait_for(asyncio.shield(stream._early[2].task), 30)
@@ -563,11 +572,13 @@ def test_only_the_padding_is_cut_from_a_window(engines: Engines) -> None:
     assert encoder._shortened(window) is window
 
 
-async def test_a_final_decoded_while_others_wait_takes_a_short_window() -> None:
+@pytest.mark.parametrize("paced", [True, False], ids=["real-time", "faster"])
+async def test_a_final_decoded_while_others_wait_takes_a_short_window(paced: bool) -> None:
     # One worker, held: two sessions' finals wait for it. The first to get it
-    # has the other waiting behind it (more to do than workers) and is
-    # decoded on a short window; the second, with nobody behind it, on the
-    # whole one. Both read the words.
+    # has the other waiting behind it (more to do than workers) and, if its
+    # client streams in real time, is decoded on a short window; the second,
+    # with nobody behind it, on the whole one. A client sending faster than
+    # real time keeps the whole window. Both read the words.
     stt = LocalSTT(Settings(local=LocalSettings(workers=1)))
     await stt.start()
     try:
@@ -580,7 +591,7 @@ async def test_a_final_decoded_while_others_wait_takes_a_short_window() -> None:
         audio = np.concatenate(
             [read_audio(SHARED_AUDIO / "goforward.raw"), np.zeros(16000, np.int16)]
         )
-        runs = [asyncio.create_task(run(stt, audio)) for _ in range(2)]
+        runs = [asyncio.create_task(run(stt, audio, paced=paced)) for _ in range(2)]
         async with asyncio.timeout(60):
             while stt.pool.waiting < 2:  # noqa: ASYNC110 (the pool has no event for it)
                 await asyncio.sleep(0.01)
@@ -591,7 +602,7 @@ async def test_a_final_decoded_while_others_wait_takes_a_short_window() -> None:
             (final,) = finals(result.events)
             assert normalize(final.text) == "go forward ten meters"
             assert result.stream.early_finals == 0
-        assert encoder.short_encodes == before + 1
+        assert encoder.short_encodes == before + paced
     finally:
         await stt.aclose()
 

@@ -17,10 +17,12 @@ Whisper is not incremental, so streaming is built from three pieces:
   The final is decoded in context (:func:`in_context`): after the session's
   recent speech and before a repeat of the utterance, in Whisper's one window,
   so it reads nearly as the whole recording decoded at once would.  A final
-  decoded while other decodes wait for a worker (the engine has more to do
-  than workers) takes a short window too: half the cost, so an overloaded
-  engine catches up, at a small risk to its words (BENCHMARKS.md, *Finals on
-  a short window when the engine is behind*).
+  of a real-time stream decoded while other decodes wait for a worker (the
+  engine has more to do than workers) takes a short window too: half the
+  cost, so an overloaded engine catches up, at a small risk to its words
+  (BENCHMARKS.md, *Finals on a short window when the engine is behind*).  A
+  client sending faster than real time wants the words, not the speed, and
+  the backpressure already paces it: its finals keep the whole window.
 * with ``endpointing_unfinished`` (semantic endpointing), that guess also
   decides when the utterance ends: at ``endpointing`` if its text ends a
   sentence, else only after the longer silence, so a caller who pauses
@@ -44,6 +46,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -98,6 +101,9 @@ worker: shortened, finals read as well or better on the synthesized sets at half
 the decode, but a single-utterance recording no longer read as batch ("ten of
 clubs" as "ten of close"; BENCHMARKS.md, *Finals on a short window when the
 engine is behind*)."""
+AHEAD_OF_REAL_TIME_S: Final = 1.0
+"""Audio received this far ahead of the wall clock since the stream's first chunk
+marks a client sending faster than real time (a file, not a caller)."""
 FRAMES_PER_S: Final = 100
 """Whisper's log-mel frames per second of audio."""
 REPEAT_GAP_MS: Final = 300
@@ -662,6 +668,9 @@ class WhisperStream(RecognizeStream):
         self._early: tuple[int, int, _Decode[Transcript | None]] | None = None
         """(utterance, end sample, decode) of the speculative final under way."""
         self._finals: asyncio.Queue[_Final | None] = asyncio.Queue(FINAL_QUEUE)
+        self._received = 0
+        """Samples received, for :meth:`_in_real_time`."""
+        self._first_audio_at: float | None = None
         self.early_finals = 0
         """Finals that came from a speculative decode (for benchmarks and tests)."""
 
@@ -676,6 +685,7 @@ class WhisperStream(RecognizeStream):
         bound = len(samples) // FRAME + 1 + self._semantic  # + an end of semantic endpointing
         if self._event_room() < bound or FINAL_QUEUE - self._finals.qsize() < bound:
             return False
+        self._count(samples)
         self._audio.append(samples)
         for event in self._boundaries(samples):
             if event.kind == "start":
@@ -686,6 +696,7 @@ class WhisperStream(RecognizeStream):
         return True
 
     async def _on_audio(self, samples: Samples) -> None:
+        self._count(samples)
         self._audio.append(samples)
         for event in self._boundaries(samples):
             if event.kind == "start":
@@ -694,6 +705,18 @@ class WhisperStream(RecognizeStream):
                 # Waits while FINAL_QUEUE utterances are pending: the backpressure.
                 await self._finals.put(self._end_utterance(event.sample))
         self._after_audio()
+
+    def _count(self, samples: Samples) -> None:
+        if self._first_audio_at is None:
+            self._first_audio_at = time.monotonic()
+        self._received += len(samples)
+
+    def _in_real_time(self) -> bool:
+        """Whether the client sends no faster than real time (a caller, not a file)."""
+        if self._first_audio_at is None:
+            return True
+        elapsed = time.monotonic() - self._first_audio_at
+        return self._received / SAMPLE_RATE <= elapsed + AHEAD_OF_REAL_TIME_S
 
     def _boundaries(self, samples: Samples) -> list[VadEvent]:
         events = self._activity.process(samples)
@@ -795,6 +818,7 @@ class WhisperStream(RecognizeStream):
     def _final_decoder(
         self, audio: Samples, context: Samples | None, start: int, abandoned: threading.Event
     ) -> Callable[[], Transcript]:
+        real_time = self._in_real_time()
         return lambda: self._engine.transcribe(
             audio,
             final=True,
@@ -807,7 +831,7 @@ class WhisperStream(RecognizeStream):
             # Read as the decode starts (on its worker; a dict's len is safe to
             # read across threads): decodes waiting behind this one mean the
             # engine has more to do than workers; half the cost helps it catch up.
-            short_window=self._pool.waiting > 0,
+            short_window=real_time and self._pool.waiting > 0,
         )
 
     def _maybe_partial(self) -> None:
