@@ -707,6 +707,7 @@ class WhisperStream(RecognizeStream):
         self._after_audio()
 
     def _count(self, samples: Samples) -> None:
+        """Note a chunk taken, for :meth:`_in_real_time`."""
         if self._first_audio_at is None:
             self._first_audio_at = time.monotonic()
         self._received += len(samples)
