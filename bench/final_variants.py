@@ -23,12 +23,14 @@ measured here before any is built into the stream:
   those two and ``cut`` with the prompt "Hello." (a known Whisper nudge);
 * ``lenpen-0.8``: ``cut`` with beam search's length penalty at 0.8 (1 is
   faster-whisper's default; lower favours shorter hypotheses);
-* ``context``: as the LOCAL stream decodes finals by default (``final_context``):
+* ``context``: as the LOCAL stream decoded finals before ``context-short-later`` (``final_context``):
   after the session's speech of the last ``CONTEXT_MS`` and before a repeat of
   the utterance, in one window (``local_whisper.in_context``); ``context-N``:
   the same after N ms of earlier speech (``context-0``: the repeat alone);
   ``context-short``: ``context`` on a short window (``SHORT_PADDING_MS``), as a
-  final decoded while other decodes wait for a worker is;
+  final decoded while other decodes wait for a worker is; ``context-short-later``:
+  the short window only for a final with earlier speech before it, as the
+  stream decodes finals by default;
 * ``hold-1500``: semantic endpointing (``endpointing_unfinished`` 1500), roughly
   as OpenAI's ``semantic_vad`` and LiveKit's turn detector: a final whose text
   does not end a sentence (``local_whisper.ends_sentence``) is held, and if
@@ -186,15 +188,16 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
             finals.append(text or decode(audio[s:e]))
         return " ".join(finals)
 
-    def in_context(context_ms: int = CONTEXT_MS, short: bool = False) -> Variant:
+    def in_context(context_ms: int = CONTEXT_MS, short: bool | None = False) -> Variant:
+        # short=None: a short window for a final with earlier speech before it.
         def run(audio: np.ndarray, cuts: Utterances) -> str:
             starts = [s for s, _ in cuts]
-            return " ".join(
-                decode(
-                    audio[s:e], context=context_of(audio, starts[:i], s, context_ms), short=short
-                )
-                for i, (s, e) in enumerate(cuts)
-            )
+            texts = []
+            for i, (s, e) in enumerate(cuts):
+                before = context_of(audio, starts[:i], s, context_ms)
+                after_speech = len(before) > 0 if short is None else short
+                texts.append(decode(audio[s:e], context=before, short=after_speech))
+            return " ".join(texts)
 
         return run
 
@@ -271,6 +274,7 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
         "cut": cut,
         "context": in_context(),
         "context-short": in_context(short=True),
+        "context-short-later": in_context(short=None),
         **{f"context-{ms}": in_context(ms) for ms in (0, 10_000, 15_000, 20_000, 25_000)},
         "pad-100": padded(100),
         "pad-350": padded(350),

@@ -619,3 +619,28 @@ def test_a_short_final_whose_readings_disagree_is_decoded_alone_on_the_whole_win
     final = engine.transcribe(audio, final=True, context=audio[:0], short_window=True)
     assert engine.repeat_mismatches == mismatches + 1
     assert normalize(final.text) == "five five"
+
+
+async def test_a_final_with_earlier_speech_before_it_takes_a_short_window(
+    stt: LocalSTT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A session's first final has nothing before it: the whole window. The
+    # second has the first's speech in its window: a short one (as a call's
+    # finals do). Both read the words.
+    engine = stt._engines[BUNDLED_MODEL]
+    windows: list[tuple[int, bool]] = []  # (offset_ms, short_window) of each final's decode
+    transcribe = engine.transcribe
+
+    def spy(audio: np.ndarray, **kwargs: Any) -> Transcript:
+        if kwargs["final"]:
+            windows.append((kwargs["offset_ms"], kwargs.get("short_window", False)))
+        return transcribe(audio, **kwargs)
+
+    monkeypatch.setattr(engine, "transcribe", spy)
+    phrase = np.concatenate([read_audio(SHARED_AUDIO / "goforward.raw"), np.zeros(16000, np.int16)])
+    result = await run(stt, np.tile(phrase, 2), patient=True)
+    texts = [normalize(f.text) for f in finals(result.events)]
+    assert texts == ["go forward ten meters"] * 2, texts
+    second = len(phrase) * 1000 // SAMPLE_RATE
+    assert {short for at, short in windows if at < second} == {False}
+    assert {short for at, short in windows if at >= second} == {True}

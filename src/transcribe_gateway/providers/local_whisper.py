@@ -17,12 +17,15 @@ Whisper is not incremental, so streaming is built from three pieces:
   The final is decoded in context (:func:`in_context`): after the session's
   recent speech and before a repeat of the utterance, in Whisper's one window,
   so it reads nearly as the whole recording decoded at once would.  A final
-  of a real-time stream decoded while other decodes wait for a worker (the
-  engine has more to do than workers) takes a short window too: half the
-  cost, so an overloaded engine catches up, at a small risk to its words
-  (BENCHMARKS.md, *Finals on a short window when the engine is behind*).  A
-  client sending faster than real time wants the words, not the speed, and
-  the backpressure already paces it: its finals keep the whole window.
+  with the session's earlier speech in its window takes a short window too,
+  as every final of a call does: it reads as well there at 0.6x the decode.
+  A final with nothing before it keeps the whole window (alone in a short one,
+  "ten of clubs" read "ten of close"), unless its stream is real time and
+  other decodes wait for a worker (the engine has more to do than workers):
+  then half the cost lets an overloaded engine catch up, at a small risk to
+  its words (BENCHMARKS.md, *Finals on a short window*).  A client sending
+  faster than real time wants the words, not the speed, and the backpressure
+  already paces it.
 * with ``endpointing_unfinished`` (semantic endpointing), that guess also
   decides when the utterance ends: at ``endpointing`` if its text ends a
   sentence, else only after the longer silence, so a caller who pauses
@@ -96,11 +99,11 @@ partial costs a quarter of what it did.  Whisper was trained on whole windows,
 and with less padding it reads a little differently: with 10 s, whole
 utterances read as well as on the full window (a word worse on the recordings,
 better on the synthesized sets); 6 s lost words (BENCHMARKS.md, *Partials on a
-short window*).  A final keeps the whole window unless other decodes wait for a
-worker: shortened, finals read as well or better on the synthesized sets at half
-the decode, but a single-utterance recording no longer read as batch ("ten of
-clubs" as "ten of close"; BENCHMARKS.md, *Finals on a short window when the
-engine is behind*)."""
+short window*).  Finals with earlier speech in their window take it too
+(they read as well, at 0.6x the decode); a final with nothing before it only
+when the engine is behind, as alone in a short window a single-utterance
+recording no longer read as batch ("ten of clubs" as "ten of close";
+BENCHMARKS.md, *Finals on a short window*)."""
 AHEAD_OF_REAL_TIME_S: Final = 1.0
 """Audio received this far ahead of the wall clock since the stream's first chunk
 marks a client sending faster than real time (a file, not a caller)."""
@@ -269,7 +272,7 @@ class Encoder:
     A decode is the encoder on a 30 s window (~0.4 s on one thread here) and
     then the token-by-token decoder (0.1-0.25 s); a partial's window is
     shortened to its audio and ``SHORT_PADDING_MS`` (:meth:`decoding`), as is
-    a final's when the pool is behind.
+    a final's with earlier speech before it, or when the pool is behind.
     The encoder is large matrix products that scale with threads (half the
     time on two); the decoder's small steps do not (two threads made it
     slower; bench/whisper_threads.py).
@@ -820,6 +823,9 @@ class WhisperStream(RecognizeStream):
         self, audio: Samples, context: Samples | None, start: int, abandoned: threading.Event
     ) -> Callable[[], Transcript]:
         real_time = self._in_real_time()
+        # Earlier speech in the window: the short window reads as well there (and
+        # a call's finals all have it); alone, a lone utterance may not.
+        after_speech = context is not None and len(context) > 0
         return lambda: self._engine.transcribe(
             audio,
             final=True,
@@ -832,7 +838,7 @@ class WhisperStream(RecognizeStream):
             # Read as the decode starts (on its worker; a dict's len is safe to
             # read across threads): decodes waiting behind this one mean the
             # engine has more to do than workers; half the cost helps it catch up.
-            short_window=real_time and self._pool.waiting > 0,
+            short_window=after_speech or (real_time and self._pool.waiting > 0),
         )
 
     def _maybe_partial(self) -> None:
