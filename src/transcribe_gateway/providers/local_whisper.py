@@ -671,9 +671,8 @@ class WhisperStream(RecognizeStream):
         self._early: tuple[int, int, _Decode[Transcript | None]] | None = None
         """(utterance, end sample, decode) of the speculative final under way."""
         self._finals: asyncio.Queue[_Final | None] = asyncio.Queue(FINAL_QUEUE)
-        self._received = 0
-        """Samples received, for :meth:`_in_real_time`."""
         self._first_audio_at: float | None = None
+        """``time.monotonic()`` of the first chunk, for :meth:`_in_real_time`."""
         self.early_finals = 0
         """Finals that came from a speculative decode (for benchmarks and tests)."""
 
@@ -688,7 +687,7 @@ class WhisperStream(RecognizeStream):
         bound = len(samples) // FRAME + 1 + self._semantic  # + an end of semantic endpointing
         if self._event_room() < bound or FINAL_QUEUE - self._finals.qsize() < bound:
             return False
-        self._count(samples)
+        self._mark_start()
         self._audio.append(samples)
         for event in self._boundaries(samples):
             if event.kind == "start":
@@ -699,7 +698,7 @@ class WhisperStream(RecognizeStream):
         return True
 
     async def _on_audio(self, samples: Samples) -> None:
-        self._count(samples)
+        self._mark_start()
         self._audio.append(samples)
         for event in self._boundaries(samples):
             if event.kind == "start":
@@ -709,18 +708,17 @@ class WhisperStream(RecognizeStream):
                 await self._finals.put(self._end_utterance(event.sample))
         self._after_audio()
 
-    def _count(self, samples: Samples) -> None:
-        """Note a chunk taken, for :meth:`_in_real_time`."""
+    def _mark_start(self) -> None:
         if self._first_audio_at is None:
             self._first_audio_at = time.monotonic()
-        self._received += len(samples)
 
     def _in_real_time(self) -> bool:
         """Whether the client sends no faster than real time (a caller, not a file)."""
         if self._first_audio_at is None:
             return True
         elapsed = time.monotonic() - self._first_audio_at
-        return self._received / SAMPLE_RATE <= elapsed + AHEAD_OF_REAL_TIME_S
+        # The buffer's end counts every sample taken (clearing it keeps the count).
+        return self._audio.end / SAMPLE_RATE <= elapsed + AHEAD_OF_REAL_TIME_S
 
     def _boundaries(self, samples: Samples) -> list[VadEvent]:
         events = self._activity.process(samples)
