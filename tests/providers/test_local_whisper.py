@@ -110,12 +110,17 @@ async def run(
     return result
 
 
+def go_forward() -> np.ndarray:
+    """goforward.raw, one utterance, and a second of silence: its endpoint comes."""
+    return np.concatenate([read_audio(SHARED_AUDIO / "goforward.raw"), np.zeros(16000, np.int16)])
+
+
 def finals(events: list[SpeechEvent]) -> list[SpeechEvent]:
     return [e for e in events if e.type is SpeechEventType.FINAL]
 
 
 async def test_final_is_decoded_during_the_endpointing_silence(stt: LocalSTT) -> None:
-    audio = np.concatenate([read_audio(SHARED_AUDIO / "goforward.raw"), np.zeros(16000, np.int16)])
+    audio = go_forward()
     result = await run(stt, audio)
     (final,) = finals(result.events)
     assert normalize(final.text) == "go forward ten meters"
@@ -128,7 +133,7 @@ async def test_a_flood_of_utterances_waits_for_the_final_queue(stt: LocalSTT) ->
     # Six utterances pushed without yielding: the stream's task cannot decode
     # meanwhile, so after FINAL_QUEUE pending finals the stream stops taking
     # chunks at once, and push_audio waits; every utterance is still final.
-    phrase = np.concatenate([read_audio(SHARED_AUDIO / "goforward.raw"), np.zeros(16000, np.int16)])
+    phrase = go_forward()
     result = await run(stt, np.tile(phrase, 6), live=False)
     texts = [normalize(f.text) for f in finals(result.events)]
     assert texts == ["go forward ten meters"] * 6, texts
@@ -588,9 +593,7 @@ async def test_a_final_decoded_while_others_wait_takes_a_short_window(paced: boo
         holder = asyncio.create_task(stt.pool.run(lambda: gate.wait(60)))
         await asyncio.sleep(0)  # an idle pool's slot is taken without waiting
         assert stt.pool.busy == 1
-        audio = np.concatenate(
-            [read_audio(SHARED_AUDIO / "goforward.raw"), np.zeros(16000, np.int16)]
-        )
+        audio = go_forward()
         runs = [asyncio.create_task(run(stt, audio, paced=paced)) for _ in range(2)]
         async with asyncio.timeout(60):
             while stt.pool.waiting < 2:  # noqa: ASYNC110 (the pool has no event for it)
@@ -637,7 +640,7 @@ async def test_a_final_with_earlier_speech_before_it_takes_a_short_window(
         return transcribe(audio, **kwargs)
 
     monkeypatch.setattr(engine, "transcribe", spy)
-    phrase = np.concatenate([read_audio(SHARED_AUDIO / "goforward.raw"), np.zeros(16000, np.int16)])
+    phrase = go_forward()
     result = await run(stt, np.tile(phrase, 2), patient=True)
     texts = [normalize(f.text) for f in finals(result.events)]
     assert texts == ["go forward ten meters"] * 2, texts
