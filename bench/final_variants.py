@@ -25,7 +25,7 @@ measured here before any is built into the stream:
   faster-whisper's default; lower favours shorter hypotheses);
 * ``context``: as the LOCAL stream decoded finals before ``context-short-later`` (``final_context``):
   after the session's speech of the last ``CONTEXT_MS`` and before a repeat of
-  the utterance, in one window (``local_whisper.in_context``); ``context-N``:
+  the utterance, in one window (``whisper_engine.in_context``); ``context-N``:
   the same after N ms of earlier speech (``context-0``: the repeat alone);
   ``context-short``: ``context`` on a short window (``SHORT_PADDING_MS``), as a
   final decoded while other decodes wait for a worker is; ``context-short-later``:
@@ -90,11 +90,10 @@ from transcribe_gateway.audio.vad import (  # noqa: E402
     VoiceActivity,
 )
 from transcribe_gateway.providers.base import WordTiming  # noqa: E402
-from transcribe_gateway.providers.local_whisper import (  # noqa: E402
+from transcribe_gateway.providers.local_whisper import CONTEXT_MS, ends_sentence  # noqa: E402
+from transcribe_gateway.providers.whisper_engine import (  # noqa: E402
     BUNDLED_MODEL,
-    CONTEXT_MS,
     WhisperEngine,
-    ends_sentence,
     resolve_whisper_model,
 )
 

@@ -484,7 +484,7 @@ def batch_figures(
     texts: dict[str, str] = {}
     cpu = audio = 0.0
     if model.startswith("whisper"):
-        from transcribe_gateway.providers.local_whisper import WhisperEngine, resolve_whisper_model
+        from transcribe_gateway.providers.whisper_engine import WhisperEngine, resolve_whisper_model
 
         engine = WhisperEngine(model, resolve_whisper_model(model, {}, False), 1)
         engine.transcribe(clips[next(iter(clips))], final=True)  # warm-up

@@ -49,7 +49,7 @@ from transcribe_gateway.audio.vad import (  # noqa: E402
     SileroVad,
     Widen,
 )
-from transcribe_gateway.providers.local_whisper import (  # noqa: E402
+from transcribe_gateway.providers.whisper_engine import (  # noqa: E402
     BUNDLED_MODEL,
     WhisperEngine,
     resolve_whisper_model,

@@ -36,7 +36,7 @@ from final_variants import utterances  # noqa: E402
 from local_engine import ClipSet, load_clips, pct  # noqa: E402
 from transcribe_gateway.audio.decode import Samples  # noqa: E402
 from transcribe_gateway.audio.vad import SAMPLE_RATE  # noqa: E402
-from transcribe_gateway.providers.local_whisper import (  # noqa: E402
+from transcribe_gateway.providers.whisper_engine import (  # noqa: E402
     BUNDLED_MODEL,
     WhisperEngine,
     resolve_whisper_model,

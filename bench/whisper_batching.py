@@ -29,7 +29,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 from tests.conftest import SHARED_AUDIO  # noqa: E402
 
 from transcribe_gateway.audio.files import read_audio  # noqa: E402
-from transcribe_gateway.providers.local_whisper import (  # noqa: E402
+from transcribe_gateway.providers.whisper_engine import (  # noqa: E402
     BUNDLED_MODEL,
     WhisperEngine,
     resolve_whisper_model,

@@ -10,7 +10,7 @@ workers run them) and on a replica with ``--threads`` intra-op threads, alone
 and beside another part running in a second thread (what a busy pool does), then
 whole finals (beam 5, word timestamps) of the recordings in ``../shared/audio``
 on a one-worker engine against a two-worker engine, whose
-:class:`~transcribe_gateway.providers.local_whisper.Encoder` encodes a lone
+:class:`~transcribe_gateway.providers.whisper_encoder.Encoder` encodes a lone
 decode on every core.  Medians of ``--repeats`` calls; the parts on LibriVox
 0870 (8 s of speech).
 """
@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 from tests.textnorm import SHARED_AUDIO, references  # noqa: E402
 
 from transcribe_gateway.audio.files import read_audio  # noqa: E402
-from transcribe_gateway.providers.local_whisper import (  # noqa: E402
+from transcribe_gateway.providers.whisper_engine import (  # noqa: E402
     BUNDLED_MODEL,
     WhisperEngine,
     resolve_whisper_model,

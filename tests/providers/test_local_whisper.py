@@ -20,18 +20,16 @@ from transcribe_gateway.audio.vad import SAMPLE_RATE
 from transcribe_gateway.config import LocalSettings, Settings
 from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, StreamOptions
 from transcribe_gateway.providers.local import LocalSTT
-from transcribe_gateway.providers.local_whisper import (
+from transcribe_gateway.providers.local_whisper import CONTEXT_MS, WhisperStream, ends_sentence
+from transcribe_gateway.providers.whisper_copies import copies
+from transcribe_gateway.providers.whisper_encoder import FRAMES_PER_S
+from transcribe_gateway.providers.whisper_engine import (
     BUNDLED_MODEL,
-    CONTEXT_MS,
-    FRAMES_PER_S,
     REPEAT_GAP_MS,
     SHORT_PADDING_MS,
     WINDOW,
     Transcript,
     WhisperEngine,
-    WhisperStream,
-    _copies,
-    ends_sentence,
     in_context,
     resolve_whisper_model,
     token_budget,
@@ -208,33 +206,33 @@ def test_the_copies_are_split_by_their_words_when_whisper_times_one_into_the_gap
         *context, ("sound", 1.0, 1.3), ("better", 1.3, 1.6), ("to", 1.6, 2.0),
         ("me", 2.3, 2.9), *repeat,
     )  # fmt: skip
-    assert _copies(drifted_late, keep_from, keep_to) == (drifted_late[1:5], drifted_late[5:])
+    assert copies(drifted_late, keep_from, keep_to) == (drifted_late[1:5], drifted_late[5:])
     # Its first word timed back into the context: the copy starts one word sooner.
     drifted_early = _words(
         *context, ("sound", 0.7, 1.1), ("better", 1.3, 1.6), ("to", 1.6, 1.8),
         ("me", 1.8, 2.0), *repeat,
     )  # fmt: skip
-    copies = _copies(drifted_early, keep_from, keep_to)
-    assert copies == (drifted_early[1:5], drifted_early[5:])
-    assert _spoken(copies[0]) == "sound better to me"
+    pair = copies(drifted_early, keep_from, keep_to)
+    assert pair == (drifted_early[1:5], drifted_early[5:])
+    assert _spoken(pair[0]) == "sound better to me"
     # Timed right, the split is the timed one (the context is never taken in).
     timed = _words(
         *context, ("okay", 1.0, 1.2), ("sound", 1.2, 1.5), ("better", 1.5, 1.8),
         ("to", 1.8, 1.9), ("me", 1.9, 2.1), ("okay", 2.9, 3.0), *repeat,
     )  # fmt: skip
-    assert _copies(timed, keep_from, keep_to) == (timed[1:6], timed[6:])
+    assert copies(timed, keep_from, keep_to) == (timed[1:6], timed[6:])
     # Two readings that differ in a word disagree whatever the split (no copies)...
     misheard = _words(
         *context, ("sound", 1.0, 1.3), ("bitter", 1.3, 1.6), ("to", 1.6, 2.0),
         ("me", 2.0, 2.2), *repeat,
     )  # fmt: skip
-    assert _copies(misheard, keep_from, keep_to) is None
+    assert copies(misheard, keep_from, keep_to) is None
     # ... and a split two words off the timed one is not looked for.
     far = _words(
         *context, ("sound", 1.0, 1.3), ("better", 1.3, 1.6), ("to", 2.6, 2.8),
         ("me", 2.8, 2.9), *repeat,
     )  # fmt: skip
-    assert _copies(far, keep_from, keep_to) is None
+    assert copies(far, keep_from, keep_to) is None
 
 
 def test_a_repeated_phrase_in_the_context_is_neither_doubled_nor_lost(
@@ -257,12 +255,12 @@ def test_a_repeated_phrase_in_the_context_is_neither_doubled_nor_lost(
 
         monkeypatch.setattr(engine.model, "transcribe", spy)
     before = engines.engine.repeat_mismatches + engines.alone.repeat_mismatches
-    for copies in range(6):
-        context = np.tile(np.concatenate([phrase, np.zeros(16000, np.int16)]), copies)
+    for said_before in range(6):
+        context = np.tile(np.concatenate([phrase, np.zeros(16000, np.int16)]), said_before)
         for engine in (engines.alone, engines.engine):
             text = engine.transcribe(phrase, final=True, context=context).text
             said = normalize(text).replace("metres", "meters")  # tiny.en spells it both ways
-            assert said == "go forward ten meters", (copies, engine, text)
+            assert said == "go forward ten meters", (said_before, engine, text)
     mismatches = engines.engine.repeat_mismatches + engines.alone.repeat_mismatches - before
     assert mismatches > 0
     # Every decode, in context or alone after a mismatch: 12 in context, one more per mismatch.

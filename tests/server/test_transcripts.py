@@ -65,7 +65,7 @@ async def transcribe_stream(
 @pytest.fixture(scope="module")
 def batch_whisper(shared_audio: Path) -> dict[str, tuple[str, str]]:
     """Batch transcripts with the same model: name -> (pcm16 16 kHz, mu-law 8 kHz)."""
-    from transcribe_gateway.providers.local_whisper import WhisperEngine, resolve_whisper_model
+    from transcribe_gateway.providers.whisper_engine import WhisperEngine, resolve_whisper_model
 
     engine = WhisperEngine(
         "whisper-tiny.en", resolve_whisper_model("whisper-tiny.en", {}, False), 1

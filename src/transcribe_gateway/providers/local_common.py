@@ -1,8 +1,9 @@
-"""What the embedded engines' streams share: voice activity from the stream options."""
+"""What the embedded engines' streams share: voice activity from the stream options,
+and stream time in milliseconds."""
 
 from __future__ import annotations
 
-from transcribe_gateway.audio.vad import NARROWBAND_RATE, Endpointer, VoiceActivity
+from transcribe_gateway.audio.vad import NARROWBAND_RATE, SAMPLE_RATE, Endpointer, VoiceActivity
 from transcribe_gateway.providers.base import StreamOptions
 
 
@@ -21,3 +22,8 @@ def voice_activity(
         ),
         narrowband=options.source_rate <= NARROWBAND_RATE,
     )
+
+
+def to_ms(sample: int) -> int:
+    """A position in the stream, in samples at ``SAMPLE_RATE``, as milliseconds."""
+    return sample * 1000 // SAMPLE_RATE

@@ -99,7 +99,7 @@ from transcribe_gateway.providers.base import (
     StreamOptions,
     WordTiming,
 )
-from transcribe_gateway.providers.local_common import voice_activity
+from transcribe_gateway.providers.local_common import to_ms, voice_activity
 from transcribe_gateway.providers.pool import DecodePool
 
 T = TypeVar("T")
@@ -621,7 +621,7 @@ class SphinxStream(RecognizeStream):
                         SpeechEvent(
                             SpeechEventType.SPEECH_STARTED,
                             utterance.index,
-                            start_ms=_ms(utterance.start),
+                            start_ms=to_ms(utterance.start),
                         )
                     )
                 if not self._decoder_ready:
@@ -672,7 +672,7 @@ class SphinxStream(RecognizeStream):
         )
         length = end - utterance.start
         result = await self._call(_host_finish, self._key, fed, length)
-        start_ms, end_ms = _ms(utterance.start), _ms(end)
+        start_ms, end_ms = to_ms(utterance.start), to_ms(end)
         if result.text:
             words = tuple(
                 WordTiming(
@@ -724,7 +724,3 @@ class SphinxStream(RecognizeStream):
         callback, self._on_close_cb = self._on_close_cb, None
         if callback is not None:
             callback()
-
-
-def _ms(sample: int) -> int:
-    return sample * 1000 // SAMPLE_RATE
