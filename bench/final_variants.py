@@ -30,7 +30,8 @@ measured here before any is built into the stream:
   ``context-short``: ``context`` on a short window (``SHORT_PADDING_MS``), as a
   final decoded while other decodes wait for a worker is; ``context-short-later``:
   the short window only for a final with earlier speech before it, as the
-  stream decodes finals by default;
+  stream decodes finals by default; ``context-short-first-N``: that, and a
+  session's first final on a short window with N ms of padding;
 * ``hold-1500``: semantic endpointing (``endpointing_unfinished`` 1500), roughly
   as OpenAI's ``semantic_vad`` and LiveKit's turn detector: a final whose text
   does not end a sentence (``local_whisper.ends_sentence``) is held, and if
@@ -187,15 +188,27 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
             finals.append(text or decode(audio[s:e]))
         return " ".join(finals)
 
-    def in_context(context_ms: int = CONTEXT_MS, short: bool | None = False) -> Variant:
-        # short=None: a short window for a final with earlier speech before it.
+    def in_context(
+        context_ms: int = CONTEXT_MS,
+        short: bool | None = False,
+        first_padding_ms: int | None = None,
+    ) -> Variant:
+        # short=None: a short window for a final with earlier speech before it;
+        # first_padding_ms: a session's first final too, with this much padding.
         def run(audio: np.ndarray, cuts: Utterances) -> str:
             starts = [s for s, _ in cuts]
             texts = []
             for i, (s, e) in enumerate(cuts):
                 before = context_of(audio, starts[:i], s, context_ms)
                 after_speech = len(before) > 0 if short is None else short
-                texts.append(decode(audio[s:e], context=before, short=after_speech))
+                if first_padding_ms is None or after_speech:
+                    texts.append(decode(audio[s:e], context=before, short=after_speech))
+                    continue
+                kept, engine.short_padding_ms = engine.short_padding_ms, first_padding_ms
+                try:
+                    texts.append(decode(audio[s:e], context=before, short=True))
+                finally:
+                    engine.short_padding_ms = kept
             return " ".join(texts)
 
         return run
@@ -274,6 +287,10 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
         "context": in_context(),
         "context-short": in_context(short=True),
         "context-short-later": in_context(short=None),
+        **{
+            f"context-short-first-{ms}": in_context(short=None, first_padding_ms=ms)
+            for ms in (15_000, 20_000)
+        },
         **{f"context-{ms}": in_context(ms) for ms in (0, 10_000, 15_000, 20_000, 25_000)},
         "pad-100": padded(100),
         "pad-350": padded(350),

@@ -8,6 +8,7 @@ Run by hand (never in CI), from the repository root:
     .venv/bin/python bench/local_engine.py --endpointing 1500 --sessions ''   # accuracy at a longer pause
     .venv/bin/python bench/local_engine.py --heldout --unfinished 1500 --sessions ''   # semantic endpointing
     .venv/bin/python bench/local_engine.py --heldout --calls --sessions ''   # a session per voice
+    .venv/bin/python bench/local_engine.py --heldout --calls --sessions 4,8 --probe 30   # admission
 
 It starts a real gateway process (pinned to core 0 with ``taskset`` for the
 capacity part, one decode worker; then, with ``--sessions-all-cores``, on every
@@ -25,6 +26,12 @@ counts in its latency.  ``--heldout`` streams ``SYNTH_HELDOUT`` (below).
 
 With ``--calls`` (synthesized sets) each voice's clips are streamed one after
 another as one session, a call of many turns, instead of a session per clip.
+
+With ``--probe S`` each capacity run opens one session more, S seconds in, and
+reports whether the gateway admitted it (admission control: LOCAL refuses a new
+session with a retryable ``provider_unavailable`` while its decodes wait for a
+worker longer than real time allows, ``DecodePool.saturated``; the count limit
+is lifted here, so the probe sees that check alone).
 
 With ``--synth`` the clips are synthesized speech instead, spoken by espeak-ng
 (a system package: ``apt-get install espeak-ng``): ``SYNTH``, sentences with
@@ -462,6 +469,18 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
+async def probe(url: str, model: str, after_s: float) -> str:
+    """Whether one more LOCAL session is admitted ``after_s`` seconds from now:
+    ``admitted``, or the error code it was refused with."""
+    await asyncio.sleep(after_s)
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        await ws.recv()
+        session = {"provider": "LOCAL", "model": model}
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
+        reply = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        return "admitted" if reply["type"] == "session.updated" else str(reply["error"]["code"])
+
+
 async def run_sessions(
     url: str,
     model: str,
@@ -469,12 +488,18 @@ async def run_sessions(
     clips: dict[str, np.ndarray],
     endpointing_ms: int,
     unfinished_ms: int | None,
-) -> list[SessionResult]:
+    probe_after_s: float | None = None,
+) -> tuple[list[SessionResult], str | None]:
+    """``n`` sessions at once, and the outcome of a probe (:func:`probe`) if asked."""
     names = list(clips)
     chosen = [names[i % len(names)] for i in range(n)]
-    return await asyncio.gather(
+    sessions = asyncio.gather(
         *(stream_one(url, c, clips[c], model, endpointing_ms, unfinished_ms) for c in chosen)
     )
+    if probe_after_s is None:
+        return await sessions, None
+    results, outcome = await asyncio.gather(sessions, probe(url, model, probe_after_s))
+    return results, outcome
 
 
 def batch_figures(
@@ -545,6 +570,12 @@ def main() -> None:
         action="store_true",
         help="each voice's clips in turn as one session, a call (synthesized sets)",
     )
+    parser.add_argument(
+        "--probe",
+        type=float,
+        default=None,
+        help="seconds into each capacity run to ask for one session more (admission)",
+    )
     args = parser.parse_args()
     endpointing, unfinished = args.endpointing, args.unfinished
     clip_set: ClipSet = "heldout" if args.heldout else "synth" if args.synth else "recordings"
@@ -613,19 +644,24 @@ def main() -> None:
     if args.sessions_all_cores:
         setups.append((str(os.cpu_count()), 0, None, args.sessions_all_cores))
     if setups:
+        probed = " probe admitted |" if args.probe is not None else ""
         print(
             "| cores | sessions | final latency p50 (s) | p95 (s) | partials/session | WER | errors |"
+            + probed
         )
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|" + "---|" * bool(probed))
     for cores, workers, cpus, levels in setups:
         proc, url = start_server(workers=workers, cpus=cpus)
         try:
             for n in [int(x) for x in levels.split(",")]:
-                rows = []
+                rows, outcomes = [], []
                 for _ in range(args.runs):
-                    results = asyncio.run(
-                        run_sessions(url, args.model, n, streamed_clips, endpointing, unfinished)
+                    results, outcome = asyncio.run(
+                        run_sessions(
+                            url, args.model, n, streamed_clips, endpointing, unfinished, args.probe
+                        )
                     )
+                    outcomes.append(outcome)
                     lat = [x for r in results for x in r.final_latencies_s]
                     rows.append(
                         (
@@ -638,8 +674,13 @@ def main() -> None:
                     )
                 p50, p95, parts, wer = (med(row[i] for row in rows) for i in range(4))
                 errors = sum(row[4] for row in rows)
+                admitted = sum(o == "admitted" for o in outcomes)
+                refused = ", ".join(sorted({o for o in outcomes if o and o != "admitted"}))
+                probe_cell = f" {admitted} of {len(outcomes)}"
+                probe_cell += f" (refused: {refused}) |" if refused else " |"
                 print(
                     f"| {cores} | {n} | {p50:.3f} | {p95:.3f} | {parts:.1f} | {wer:.3f} | {errors} |"
+                    + (probe_cell if args.probe is not None else "")
                 )
         finally:
             proc.terminate()
