@@ -29,9 +29,10 @@ another as one session, a call of many turns, instead of a session per clip.
 
 With ``--probe S`` each capacity run opens one session more, S seconds in, and
 reports whether the gateway admitted it (admission control: LOCAL refuses a new
-session with a retryable ``provider_unavailable`` while its decodes wait for a
-worker longer than real time allows, ``DecodePool.saturated``; the count limit
-is lifted here, so the probe sees that check alone).
+session with a retryable ``provider_unavailable`` while it is behind real time,
+``DecodePool.saturated``; the count limit is lifted here, so the probe sees that
+check alone).  Each capacity run starts ``LATENESS_WINDOW_S`` after the last, so
+that the check has forgotten it.
 
 With ``--synth`` the clips are synthesized speech instead, spoken by espeak-ng
 (a system package: ``apt-get install espeak-ng``): ``SYNTH``, sentences with
@@ -67,6 +68,7 @@ from tests.textnorm import LIBRIVOX, SHARED_AUDIO, corpus_wer, normalize, refere
 
 from transcribe_gateway.audio.files import read_audio  # noqa: E402
 from transcribe_gateway.audio.vad import SAMPLE_RATE, Endpointer  # noqa: E402
+from transcribe_gateway.providers.pool import LATENESS_WINDOW_S  # noqa: E402
 
 KEY = "bench-key"
 ENDPOINTING_MS = 500
@@ -646,16 +648,19 @@ def main() -> None:
     if setups:
         probed = " probe admitted |" if args.probe is not None else ""
         print(
-            "| cores | sessions | final latency p50 (s) | p95 (s) | partials/session | WER | errors |"
-            + probed
+            "| cores | sessions | final latency p50 (s) | p95 (s) | mean (s) | partials/session "
+            "| WER | errors |" + probed
         )
-        print("|---|---|---|---|---|---|---|" + "---|" * bool(probed))
+        print("|---|---|---|---|---|---|---|---|" + "---|" * bool(probed))
     for cores, workers, cpus, levels in setups:
         proc, url = start_server(workers=workers, cpus=cpus)
         try:
             for n in [int(x) for x in levels.split(",")]:
                 rows, outcomes = [], []
                 for _ in range(args.runs):
+                    # Admission remembers how late the last run's finals were: let
+                    # it forget, so this run's sessions all start on a fresh pool.
+                    time.sleep(LATENESS_WINDOW_S + 1)
                     results, outcome = asyncio.run(
                         run_sessions(
                             url, args.model, n, streamed_clips, endpointing, unfinished, args.probe
@@ -667,20 +672,21 @@ def main() -> None:
                         (
                             pct(lat, 0.5),
                             pct(lat, 0.95),
+                            statistics.fmean(lat) if lat else float("nan"),
                             statistics.mean(r.partials for r in results),
                             corpus_wer([(refs[r.name], r.text) for r in results]),
                             sum(len(r.errors) for r in results),
                         )
                     )
-                p50, p95, parts, wer = (med(row[i] for row in rows) for i in range(4))
-                errors = sum(row[4] for row in rows)
+                p50, p95, mean, parts, wer = (med(row[i] for row in rows) for i in range(5))
+                errors = sum(row[5] for row in rows)
                 admitted = sum(o == "admitted" for o in outcomes)
                 refused = ", ".join(sorted({o for o in outcomes if o and o != "admitted"}))
                 probe_cell = f" {admitted} of {len(outcomes)}"
                 probe_cell += f" (refused: {refused}) |" if refused else " |"
                 print(
-                    f"| {cores} | {n} | {p50:.3f} | {p95:.3f} | {parts:.1f} | {wer:.3f} | {errors} |"
-                    + (probe_cell if args.probe is not None else "")
+                    f"| {cores} | {n} | {p50:.3f} | {p95:.3f} | {mean:.3f} | {parts:.1f} | {wer:.3f} "
+                    f"| {errors} |" + (probe_cell if args.probe is not None else "")
                 )
         finally:
             proc.terminate()

@@ -18,9 +18,12 @@ from tests.textnorm import normalize, references
 from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.audio.vad import SAMPLE_RATE
 from transcribe_gateway.config import LocalSettings, Settings
+from transcribe_gateway.exceptions import ProviderUnavailable
+from transcribe_gateway.providers import pool as pool_module
 from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, StreamOptions
 from transcribe_gateway.providers.local import LocalSTT
 from transcribe_gateway.providers.local_whisper import CONTEXT_MS, WhisperStream, ends_sentence
+from transcribe_gateway.providers.pool import LATE_FINALS_S
 from transcribe_gateway.providers.whisper_copies import copies
 from transcribe_gateway.providers.whisper_encoder import FRAMES_PER_S
 from transcribe_gateway.providers.whisper_engine import (
@@ -604,6 +607,43 @@ async def test_a_final_decoded_while_others_wait_takes_a_short_window(paced: boo
             assert normalize(final.text) == "go forward ten meters"
             assert result.stream.early_finals == 0
         assert encoder.short_encodes == before + paced
+    finally:
+        await stt.aclose()
+
+
+@pytest.mark.parametrize("paced", [True, False], ids=["real-time", "faster"])
+async def test_late_finals_of_a_real_time_stream_stop_admission(
+    paced: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A final held behind a busy worker for over LATE_FINALS_S: a caller heard
+    # it late, so a new session is refused even once the worker is free (callers
+    # who talk without pause keep a worker busy with partials, and their finals
+    # wait in short turns: no queue shows). A client sending faster than real
+    # time is paced by the queue instead; its finals' lateness is not the pool's.
+    monkeypatch.setattr(pool_module, "LATE_FINALS_MIN", 1)  # one session, one final
+    stt = LocalSTT(Settings(local=LocalSettings(workers=1)))
+    await stt.start()
+    try:
+        gate = threading.Event()
+        holder = asyncio.create_task(stt.pool.run(lambda: gate.wait(60)))
+        await asyncio.sleep(0)  # an idle pool's slot is taken without waiting
+        pending = asyncio.create_task(run(stt, go_forward(), paced=paced))
+        async with asyncio.timeout(60):
+            while stt.pool.waiting < 1:  # noqa: ASYNC110 (the pool has no event for it)
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(LATE_FINALS_S + 0.2)
+        gate.set()
+        await holder
+        (final,) = finals((await pending).events)
+        assert normalize(final.text) == "go forward ten meters"
+        assert stt.pool.busy == 0 and stt.pool.waiting == 0
+        assert (stt.pool.final_lateness > LATE_FINALS_S) is paced
+        if paced:
+            with pytest.raises(ProviderUnavailable, match="saturated"):
+                await stt.open_stream(StreamOptions(model="whisper-tiny.en"))
+        else:
+            stream = await stt.open_stream(StreamOptions(model="whisper-tiny.en"))
+            await stream.aclose()
     finally:
         await stt.aclose()
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from transcribe_gateway.providers import pool as pool_module
-from transcribe_gateway.providers.pool import MAX_QUEUE_DELAY_S, DecodePool
+from transcribe_gateway.providers.pool import LATE_FINALS_S, MAX_QUEUE_DELAY_S, DecodePool
 
 
 async def test_try_run_skips_when_every_worker_is_busy() -> None:
@@ -76,4 +76,27 @@ async def test_saturation_follows_the_average_wait(monkeypatch: pytest.MonkeyPat
     assert pool.average_wait > 0.02
     assert not pool.saturated  # an idle pool admits again, whatever the past average
     assert MAX_QUEUE_DELAY_S == 1.0  # the production threshold is unchanged
+    pool.shutdown()
+
+
+async def test_saturation_follows_the_lateness_of_recent_finals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool_module, "LATENESS_WINDOW_S", 0.2)
+    pool = DecodePool(1)
+    pool.final_delivered(2.5)
+    assert pool.final_lateness == 2.5
+    assert not pool.saturated  # one slow final is not a pool behind (LATE_FINALS_MIN)
+    await asyncio.sleep(0.25)
+    for late in (0.2, 0.4, 0.3):
+        pool.final_delivered(late)
+    assert pool.final_lateness == pytest.approx(0.3)  # the first has been forgotten
+    assert not pool.saturated  # finals on time
+    for late in (2.5, 2.0):
+        pool.final_delivered(late)
+    assert pool.final_lateness == pytest.approx(1.08)
+    assert pool.busy == 0 and pool.saturated  # late finals: behind, with a worker free now
+    await asyncio.sleep(0.25)
+    assert pool.final_lateness == 0.0 and not pool.saturated  # forgotten: admits again
+    assert LATE_FINALS_S == 1.0  # the production threshold
     pool.shutdown()

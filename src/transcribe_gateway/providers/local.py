@@ -134,8 +134,9 @@ class LocalSTT(STT):
         if self.pool.saturated:
             raise ProviderUnavailable(
                 "LOCAL",
-                "the embedded engine is saturated (decodes wait over a second for a worker, "
-                "behind real time); try again later or use another provider",
+                "the embedded engine is saturated (behind real time: its finals come over a "
+                "second late, or decodes wait for a worker); try again later or use another "
+                "provider",
             )
 
     def _release(self, family: str) -> None:

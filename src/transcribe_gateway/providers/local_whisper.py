@@ -125,6 +125,10 @@ class _Final:
     end: int
     audio: Samples
     context: Samples | None
+    ended_at: float
+    """``time.monotonic()`` when the utterance was ended (its endpoint)."""
+    real_time: bool
+    """Whether the stream sent it in real time (its lateness is the pool's)."""
     early: _Decode[Transcript | None] | None = None
 
 
@@ -284,6 +288,8 @@ class WhisperStream(RecognizeStream):
             sample,
             self._audio.slice(self._utt_start, sample),
             self._context(),
+            time.monotonic(),
+            self._in_real_time(),
         )
         job.early = self._guess_at(sample)  # if any, the silence held: it is the final
         if job.early is None and self._early is not None:
@@ -421,6 +427,9 @@ class WhisperStream(RecognizeStream):
                 except asyncio.CancelledError:
                     abandoned.set()  # the session is closing
                     raise
+            if job.real_time:
+                # What callers feel of the engine's load: admission reads it.
+                self._pool.final_delivered(time.monotonic() - job.ended_at)
             if result.text:
                 await self._emit(
                     SpeechEvent(

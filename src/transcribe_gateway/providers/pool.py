@@ -8,18 +8,33 @@ Two ways in:
 * :meth:`DecodePool.try_run` runs only if a worker is free right now, else
   returns ``None`` (partials: skip a round rather than queue behind real time).
 
-``saturated`` tells admission control that decodes are waiting for a worker
-for longer than real time allows: the recent average wait is over
-:data:`MAX_QUEUE_DELAY_S`, or something has waited :data:`STUCK_QUEUE_DELAY_S`.
-A new session would then only make every session fall behind.  A short burst
-(sessions starting or finishing utterances at the same moment) does not count.
+``saturated`` tells admission control that the decoders are behind, so a new
+session would only make every session fall behind further:
+
+* the finals that real-time streams received over the last
+  :data:`LATENESS_WINDOW_S` (at least :data:`LATE_FINALS_MIN` of them) came
+  :data:`LATE_FINALS_S` after their endpoint on average (the streams report
+  it: :meth:`DecodePool.final_delivered`).
+  This is what callers feel, and it sees a pool that is never idle long
+  enough for a queue to show: callers who talk without pause keep its worker
+  busy with partials, which never wait, and finals that wait in short turns
+  (BENCHMARKS.md, *Admission under continuous talk*);
+* or decodes wait for a worker: the recent average wait is over
+  :data:`MAX_QUEUE_DELAY_S`, or something has waited :data:`STUCK_QUEUE_DELAY_S`
+  (a client sending a file faster than real time is paced by this queue, and
+  its finals' lateness says nothing about the pool).
+
+A short burst (sessions starting or finishing utterances at the same moment)
+does not count.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import statistics
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Final, TypeVar
@@ -30,6 +45,13 @@ MAX_QUEUE_DELAY_S: Final = 1.0
 """Average wait for a worker (recent decodes) above which the pool is saturated."""
 STUCK_QUEUE_DELAY_S: Final = 3.0
 """Wait of a single decode still in line above which the pool is saturated."""
+LATE_FINALS_S: Final = 1.0
+"""Mean lateness of real-time streams' recent finals above which the pool is saturated."""
+LATENESS_WINDOW_S: Final = 10.0
+"""How recent a final must be to count in that mean."""
+LATE_FINALS_MIN: Final = 3
+"""Recent finals needed for that mean to count: one slow final (a long utterance
+whose two readings disagreed, decoded again) is not a pool that is behind."""
 _SMOOTHING: Final = 0.2
 
 
@@ -54,15 +76,32 @@ class DecodePool:
         """Total time workers spent decoding (for benchmarks and metrics)."""
         self.finished_at = time.monotonic()
         """When a decode last ended: a pool that finishes decodes is alive, if busy."""
+        self._lateness: deque[tuple[float, float]] = deque(maxlen=10_000)
+        """(when, seconds late) of the recent finals of real-time streams."""
 
     @property
     def waiting(self) -> int:
         """Decodes waiting for a worker."""
         return len(self._waiting_since)
 
+    def final_delivered(self, late_s: float) -> None:
+        """A real-time stream delivered a final ``late_s`` after its endpoint."""
+        self._lateness.append((time.monotonic(), late_s))
+
+    @property
+    def final_lateness(self) -> float:
+        """Mean lateness of the finals delivered in the last ``LATENESS_WINDOW_S``
+        (0 when there were none)."""
+        since = time.monotonic() - LATENESS_WINDOW_S
+        while self._lateness and self._lateness[0][0] < since:
+            self._lateness.popleft()
+        return statistics.fmean(late for _, late in self._lateness) if self._lateness else 0.0
+
     @property
     def saturated(self) -> bool:
-        """True when decodes wait for a worker longer than real time allows."""
+        """True when the decoders are behind real time (see the module's docstring)."""
+        if self.final_lateness > LATE_FINALS_S and len(self._lateness) >= LATE_FINALS_MIN:
+            return True  # checked first: such a pool can have a worker free now
         if not self._waiting_since and self.busy < self.workers:
             return False  # a free worker now: whatever the past average says
         if self.average_wait > MAX_QUEUE_DELAY_S:
