@@ -11,14 +11,14 @@ Two ways in:
 ``saturated`` tells admission control that the decoders are behind, so a new
 session would only make every session fall behind further:
 
-* the finals that real-time streams received over the last
+* the finals that real-time streams delivered over the last
   :data:`LATENESS_WINDOW_S` (at least :data:`LATE_FINALS_MIN` of them) came
-  :data:`LATE_FINALS_S` after their endpoint on average (the streams report
-  it: :meth:`DecodePool.final_delivered`).
-  This is what callers feel, and it sees a pool that is never idle long
-  enough for a queue to show: callers who talk without pause keep its worker
-  busy with partials, which never wait, and finals that wait in short turns
-  (BENCHMARKS.md, *Admission under continuous talk*);
+  more than :data:`LATE_FINALS_S` after their endpoint on average (the
+  streams report it: :meth:`DecodePool.final_delivered`).  This is what
+  callers feel, and it sees a pool whose queue never shows: callers who talk
+  without pause keep its worker busy with partials, which never wait, and with
+  finals that wait in short turns (BENCHMARKS.md, *Admission under continuous
+  talk*);
 * or decodes wait for a worker: the recent average wait is over
   :data:`MAX_QUEUE_DELAY_S`, or something has waited :data:`STUCK_QUEUE_DELAY_S`
   (a client sending a file faster than real time is paced by this queue, and
