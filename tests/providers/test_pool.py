@@ -83,6 +83,7 @@ async def test_saturation_follows_the_lateness_of_recent_finals(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(pool_module, "LATENESS_WINDOW_S", 0.2)
+    monkeypatch.setattr(pool_module, "IDLE_FORGETS_S", 60.0)  # the window alone here
     pool = DecodePool(1)
     pool.final_delivered(2.5)
     assert pool.final_lateness == 2.5
@@ -99,4 +100,25 @@ async def test_saturation_follows_the_lateness_of_recent_finals(
     await asyncio.sleep(0.25)
     assert pool.final_lateness == 0.0 and not pool.saturated  # forgotten: admits again
     assert LATE_FINALS_S == 1.0  # the production threshold
+    pool.shutdown()
+
+
+async def test_a_pool_that_has_caught_up_forgets_late_finals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A burst that is over (callers hung up, the last decode ended) does not keep
+    # new sessions out for the rest of the lateness window.
+    monkeypatch.setattr(pool_module, "IDLE_FORGETS_S", 0.2)
+    pool = DecodePool(1)
+    gate = threading.Event()
+    decoding = asyncio.create_task(pool.run(gate.wait))
+    await asyncio.sleep(0.3)
+    for late in (2.0, 3.0, 2.5):
+        pool.final_delivered(late)
+    assert pool.saturated  # behind, and still decoding
+    gate.set()
+    await decoding
+    assert pool.saturated  # the last decode just ended: not yet caught up
+    await asyncio.sleep(0.3)
+    assert pool.final_lateness == 0.0 and not pool.saturated  # idle 0.3 s: caught up
     pool.shutdown()

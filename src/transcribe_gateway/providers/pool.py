@@ -18,7 +18,7 @@ session would only make every session fall behind further:
   callers feel, and it sees a pool whose queue never shows: callers who talk
   without pause keep its worker busy with partials, which never wait, and with
   finals that wait in short turns (BENCHMARKS.md, *Admission under continuous
-  talk*);
+  talk*).  A pool idle for :data:`IDLE_FORGETS_S` has caught up, and forgets;
 * or decodes wait for a worker: the recent average wait is over
   :data:`MAX_QUEUE_DELAY_S`, or something has waited :data:`STUCK_QUEUE_DELAY_S`
   (a client sending a file faster than real time is paced by this queue, and
@@ -52,6 +52,10 @@ LATENESS_WINDOW_S: Final = 10.0
 LATE_FINALS_MIN: Final = 3
 """Recent finals needed for that mean to count: one slow final (a long utterance
 whose two readings disagreed, decoded again) is not a pool that is behind."""
+IDLE_FORGETS_S: Final = 1.0
+"""A pool that has had no decode under way for this long has caught up: how late
+earlier finals were is forgotten (else a burst that is over, twenty callers
+hanging up at once, would keep new sessions out for the rest of the window)."""
 _SMOOTHING: Final = 0.2
 
 
@@ -91,9 +95,11 @@ class DecodePool:
     @property
     def final_lateness(self) -> float:
         """Mean lateness of the finals delivered in the last ``LATENESS_WINDOW_S``
-        (0 when there were none)."""
-        since = time.monotonic() - LATENESS_WINDOW_S
-        while self._lateness and self._lateness[0][0] < since:
+        (0 when there were none, or the pool has been idle ``IDLE_FORGETS_S``)."""
+        now = time.monotonic()
+        if self.busy == 0 and not self._waiting_since and now - self.finished_at > IDLE_FORGETS_S:
+            self._lateness.clear()
+        while self._lateness and self._lateness[0][0] < now - LATENESS_WINDOW_S:
             self._lateness.popleft()
         return statistics.fmean(late for _, late in self._lateness) if self._lateness else 0.0
 
