@@ -92,21 +92,27 @@ class DecodePool:
         """A real-time stream delivered a final ``late_s`` after its endpoint."""
         self._lateness.append((time.monotonic(), late_s))
 
-    @property
-    def final_lateness(self) -> float:
-        """Mean lateness of the finals delivered in the last ``LATENESS_WINDOW_S``
-        (0 when there were none, or the pool has been idle ``IDLE_FORGETS_S``)."""
+    def _recent_lateness(self) -> list[float]:
+        """How late the finals of the last ``LATENESS_WINDOW_S`` came (none once the
+        pool has been idle ``IDLE_FORGETS_S``)."""
         now = time.monotonic()
         if self.busy == 0 and not self._waiting_since and now - self.finished_at > IDLE_FORGETS_S:
             self._lateness.clear()
         while self._lateness and self._lateness[0][0] < now - LATENESS_WINDOW_S:
             self._lateness.popleft()
-        return statistics.fmean(late for _, late in self._lateness) if self._lateness else 0.0
+        return [late for _, late in self._lateness]
+
+    @property
+    def final_lateness(self) -> float:
+        """Mean lateness of the recent finals (0 when there were none)."""
+        recent = self._recent_lateness()
+        return statistics.fmean(recent) if recent else 0.0
 
     @property
     def saturated(self) -> bool:
         """True when the decoders are behind real time (see the module's docstring)."""
-        if self.final_lateness > LATE_FINALS_S and len(self._lateness) >= LATE_FINALS_MIN:
+        recent = self._recent_lateness()
+        if len(recent) >= LATE_FINALS_MIN and statistics.fmean(recent) > LATE_FINALS_S:
             return True  # checked first: such a pool can have a worker free now
         if not self._waiting_since and self.busy < self.workers:
             return False  # a free worker now: whatever the past average says
