@@ -4,7 +4,9 @@ finals in context; the engine's encoder on every core."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -578,6 +580,40 @@ def test_only_the_padding_is_cut_from_a_window(engines: Engines) -> None:
     assert encoder._shortened(window) is window
 
 
+@dataclass
+class HeldWorker:
+    """A one-worker engine whose only worker is busy until :meth:`release`."""
+
+    stt: LocalSTT
+    gate: threading.Event
+    holder: asyncio.Task[bool]
+
+    async def until_waiting(self, decodes: int) -> None:
+        """Return once ``decodes`` decodes wait for the worker."""
+        async with asyncio.timeout(60):
+            while self.stt.pool.waiting < decodes:  # noqa: ASYNC110 (the pool has no event for it)
+                await asyncio.sleep(0.01)
+
+    async def release(self) -> None:
+        self.gate.set()
+        await self.holder
+
+
+@contextlib.asynccontextmanager
+async def held_worker() -> AsyncIterator[HeldWorker]:
+    stt = LocalSTT(Settings(local=LocalSettings(workers=1)))
+    await stt.start()
+    gate = threading.Event()
+    try:
+        holder = asyncio.create_task(stt.pool.run(lambda: gate.wait(60)))
+        await asyncio.sleep(0)  # an idle pool's slot is taken without waiting
+        assert stt.pool.busy == 1
+        yield HeldWorker(stt, gate, holder)
+    finally:
+        gate.set()
+        await stt.aclose()
+
+
 @pytest.mark.parametrize("paced", [True, False], ids=["real-time", "faster"])
 async def test_a_final_decoded_while_others_wait_takes_a_short_window(paced: bool) -> None:
     # One worker, held: two sessions' finals wait for it. The first to get it
@@ -585,30 +621,19 @@ async def test_a_final_decoded_while_others_wait_takes_a_short_window(paced: boo
     # client streams in real time, is decoded on a short window; the second,
     # with nobody behind it, on the whole one. A client sending faster than
     # real time keeps the whole window. Both read the words.
-    stt = LocalSTT(Settings(local=LocalSettings(workers=1)))
-    await stt.start()
-    try:
-        encoder = stt._engines[BUNDLED_MODEL].encoder
+    async with held_worker() as held:
+        encoder = held.stt._engines[BUNDLED_MODEL].encoder
         before = encoder.short_encodes
-        gate = threading.Event()
-        holder = asyncio.create_task(stt.pool.run(lambda: gate.wait(60)))
-        await asyncio.sleep(0)  # an idle pool's slot is taken without waiting
-        assert stt.pool.busy == 1
         audio = go_forward()
-        runs = [asyncio.create_task(run(stt, audio, paced=paced)) for _ in range(2)]
-        async with asyncio.timeout(60):
-            while stt.pool.waiting < 2:  # noqa: ASYNC110 (the pool has no event for it)
-                await asyncio.sleep(0.01)
+        runs = [asyncio.create_task(run(held.stt, audio, paced=paced)) for _ in range(2)]
+        await held.until_waiting(2)
         assert encoder.short_encodes == before  # no partial, no guess: the worker was busy
-        gate.set()
-        await holder
+        await held.release()
         for result in await asyncio.gather(*runs):
             (final,) = finals(result.events)
             assert normalize(final.text) == "go forward ten meters"
             assert result.stream.early_finals == 0
         assert encoder.short_encodes == before + paced
-    finally:
-        await stt.aclose()
 
 
 @pytest.mark.parametrize("paced", [True, False], ids=["real-time", "faster"])
@@ -621,19 +646,12 @@ async def test_late_finals_of_a_real_time_stream_stop_admission(
     # wait in short turns: no queue shows). A client sending faster than real
     # time is paced by the queue instead; its finals' lateness is not the pool's.
     monkeypatch.setattr(pool_module, "LATE_FINALS_MIN", 1)  # one session, one final
-    stt = LocalSTT(Settings(local=LocalSettings(workers=1)))
-    await stt.start()
-    try:
-        gate = threading.Event()
-        holder = asyncio.create_task(stt.pool.run(lambda: gate.wait(60)))
-        await asyncio.sleep(0)  # an idle pool's slot is taken without waiting
+    async with held_worker() as held:
+        stt = held.stt
         pending = asyncio.create_task(run(stt, go_forward(), paced=paced))
-        async with asyncio.timeout(60):
-            while stt.pool.waiting < 1:  # noqa: ASYNC110 (the pool has no event for it)
-                await asyncio.sleep(0.01)
+        await held.until_waiting(1)
         await asyncio.sleep(LATE_FINALS_S + 0.2)
-        gate.set()
-        await holder
+        await held.release()
         (final,) = finals((await pending).events)
         assert normalize(final.text) == "go forward ten meters"
         assert stt.pool.busy == 0 and stt.pool.waiting == 0
@@ -644,8 +662,6 @@ async def test_late_finals_of_a_real_time_stream_stop_admission(
         else:
             stream = await stt.open_stream(StreamOptions(model="whisper-tiny.en"))
             await stream.aclose()
-    finally:
-        await stt.aclose()
 
 
 def test_a_short_final_whose_readings_disagree_is_decoded_alone_on_the_whole_window(
