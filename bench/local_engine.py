@@ -31,8 +31,8 @@ With ``--probe S`` each capacity run opens one session more, S seconds in, and
 reports whether the gateway admitted it (admission control: LOCAL refuses a new
 session with a retryable ``provider_unavailable`` while it is behind real time,
 ``DecodePool.saturated``; the count limit is lifted here, so the probe sees that
-check alone).  Each capacity run starts ``LATENESS_WINDOW_S`` after the last, so
-that the check has forgotten it.
+check alone).  Each capacity run starts after the pool has idled long enough
+(``IDLE_FORGETS_S``) for that check to forget the last.
 
 With ``--synth`` the clips are synthesized speech instead, spoken by espeak-ng
 (a system package: ``apt-get install espeak-ng``): ``SYNTH``, sentences with
@@ -55,7 +55,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import websockets
@@ -68,7 +68,7 @@ from tests.textnorm import LIBRIVOX, SHARED_AUDIO, corpus_wer, normalize, refere
 
 from transcribe_gateway.audio.files import read_audio  # noqa: E402
 from transcribe_gateway.audio.vad import SAMPLE_RATE, Endpointer  # noqa: E402
-from transcribe_gateway.providers.pool import LATENESS_WINDOW_S  # noqa: E402
+from transcribe_gateway.providers.pool import IDLE_FORGETS_S  # noqa: E402
 
 KEY = "bench-key"
 ENDPOINTING_MS = 500
@@ -392,6 +392,14 @@ def start_server(workers: int, cpus: str | None) -> tuple[subprocess.Popen[bytes
     raise RuntimeError("server did not start")
 
 
+async def configure(ws: websockets.ClientConnection, session: dict[str, object]) -> dict[str, Any]:
+    """Take ``session.created``, ask for ``session``; the reply (updated, or an error)."""
+    await ws.recv()
+    await ws.send(json.dumps({"type": "session.update", "session": session}))
+    reply: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 30))
+    return reply
+
+
 async def stream_one(
     url: str,
     name: str,
@@ -403,7 +411,6 @@ async def stream_one(
     result = SessionResult(name)
     trailing_ms = Endpointer(endpointing_ms=endpointing_ms).trailing_ms
     async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
-        await ws.recv()
         session: dict[str, object] = {
             "provider": "LOCAL",
             "model": model,
@@ -411,8 +418,7 @@ async def stream_one(
         }
         if unfinished_ms is not None:
             session["endpointing_unfinished"] = unfinished_ms
-        await ws.send(json.dumps({"type": "session.update", "session": session}))
-        updated = json.loads(await ws.recv())
+        updated = await configure(ws, session)
         if updated["type"] != "session.updated":
             result.errors.append(updated["error"]["code"])
             return result
@@ -476,10 +482,7 @@ async def probe(url: str, model: str, after_s: float) -> str:
     ``admitted``, or the error code it was refused with."""
     await asyncio.sleep(after_s)
     async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}) as ws:
-        await ws.recv()
-        session = {"provider": "LOCAL", "model": model}
-        await ws.send(json.dumps({"type": "session.update", "session": session}))
-        reply = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        reply = await configure(ws, {"provider": "LOCAL", "model": model})
         return "admitted" if reply["type"] == "session.updated" else str(reply["error"]["code"])
 
 
@@ -658,9 +661,9 @@ def main() -> None:
             for n in [int(x) for x in levels.split(",")]:
                 rows, outcomes = [], []
                 for _ in range(args.runs):
-                    # Admission remembers how late the last run's finals were: let
-                    # it forget, so this run's sessions all start on a fresh pool.
-                    time.sleep(LATENESS_WINDOW_S + 1)
+                    # Admission remembers how late the last run's finals were until
+                    # the pool has idled: so this run's sessions start on a fresh pool.
+                    time.sleep(IDLE_FORGETS_S + 1)
                     results, outcome = asyncio.run(
                         run_sessions(
                             url, args.model, n, streamed_clips, endpointing, unfinished, args.probe
