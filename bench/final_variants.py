@@ -32,6 +32,8 @@ measured here before any is built into the stream:
   the short window only for a final with earlier speech before it, as the
   stream decodes finals by default; ``context-short-first-N``: that, and a
   session's first final on a short window with N ms of padding;
+  ``context-short-later-beam-N``: the default with a beam of N instead of 5
+  (``[local] whisper_beam_size``);
 * ``hold-1500``: semantic endpointing (``endpointing_unfinished`` 1500), roughly
   as OpenAI's ``semantic_vad`` and LiveKit's turn detector: a final whose text
   does not end a sentence (``local_whisper.ends_sentence``) is held, and if
@@ -148,11 +150,18 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
         prefix: str | None = None,
         context: np.ndarray | None = None,
         short: bool = False,
+        beam: int = 5,
     ) -> str:
         # The final's own decode (beam search, word timestamps), as the stream runs it.
         began = time.perf_counter()
         found = engine.transcribe(
-            audio, final=True, prompt=prompt, prefix=prefix, context=context, short_window=short
+            audio,
+            final=True,
+            prompt=prompt,
+            prefix=prefix,
+            context=context,
+            short_window=short,
+            beam_size=beam,
         )
         times.append(time.perf_counter() - began)
         return found.text.strip()
@@ -192,9 +201,11 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
         context_ms: int = CONTEXT_MS,
         short: bool | None = False,
         first_padding_ms: int | None = None,
+        beam: int = 5,
     ) -> Variant:
         # short=None: a short window for a final with earlier speech before it;
-        # first_padding_ms: a session's first final too, with this much padding.
+        # first_padding_ms: a session's first final too, with this much padding;
+        # beam: the final's beam size ([local] whisper_beam_size).
         def run(audio: np.ndarray, cuts: Utterances) -> str:
             starts = [s for s, _ in cuts]
             texts = []
@@ -202,7 +213,7 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
                 before = context_of(audio, starts[:i], s, context_ms)
                 after_speech = len(before) > 0 if short is None else short
                 if first_padding_ms is None or after_speech:
-                    texts.append(decode(audio[s:e], context=before, short=after_speech))
+                    texts.append(decode(audio[s:e], context=before, short=after_speech, beam=beam))
                     continue
                 kept, engine.short_padding_ms = engine.short_padding_ms, first_padding_ms
                 try:
@@ -291,6 +302,7 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
             f"context-short-first-{ms}": in_context(short=None, first_padding_ms=ms)
             for ms in (15_000, 20_000)
         },
+        **{f"context-short-later-beam-{n}": in_context(short=None, beam=n) for n in (1, 2, 3)},
         **{f"context-{ms}": in_context(ms) for ms in (0, 10_000, 15_000, 20_000, 25_000)},
         "pad-100": padded(100),
         "pad-350": padded(350),

@@ -359,6 +359,8 @@ class SessionResult:
     text: str = ""
     first_partial_s: float | None = None
     final_latencies_s: list[float] = field(default_factory=list)
+    final_words: list[int] = field(default_factory=list)
+    """Each final's word count, beside its latency."""
     partials: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -446,6 +448,7 @@ async def stream_one(
                     speech_end = sent_at(msg["end_ms"] - trailing_ms)
                     latency = now - speech_end - endpointing_ms / 1000
                     result.final_latencies_s.append(latency)
+                    result.final_words.append(len(msg["text"].split()))
                 elif kind == "error":
                     result.errors.append(msg["error"]["code"])
 
@@ -606,6 +609,7 @@ def main() -> None:
     wer_runs: dict[str, list[float]] = {g: [] for g in groups}
     first_runs, final_runs, final_p95_runs = [], [], []
     late, finals_seen = 0, 0  # finals more than 0.5 s after the endpointing (held ones)
+    latest: list[tuple[float, str, int]] = []  # (latency, clip, words) of every final
     proc, url = start_server(workers=0, cpus=None)
     try:
         for _ in range(args.runs):
@@ -625,6 +629,11 @@ def main() -> None:
             final_p95_runs.append(pct(finals, 0.95))
             late += sum(x > 0.5 for x in finals)
             finals_seen += len(finals)
+            latest += [
+                (x, r.name, w)
+                for r in solo
+                for x, w in zip(r.final_latencies_s, r.final_words, strict=True)
+            ]
     finally:
         proc.terminate()
         proc.wait()
@@ -638,7 +647,14 @@ def main() -> None:
         f"time to final after end of speech, excluding {endpointing} ms endpointing: "
         f"median {med(final_runs):.3f} s, p95 {med(final_p95_runs):.3f} s "
         f"(per run: {', '.join(f'{x:.3f}' for x in final_runs)}); "
-        f"{late} of {finals_seen} finals more than 0.5 s after it\n"
+        f"{late} of {finals_seen} finals more than 0.5 s after it"
+    )
+    # What sets the p95: which finals come last, and how long they are.
+    slowest = sorted(latest, reverse=True)[: max(3, len(latest) // 20)]
+    print(
+        "latest finals (the slowest 5%): "
+        + ", ".join(f"{name} ({words} words) {x:.3f} s" for x, name, words in slowest)
+        + "\n"
     )
 
     # Capacity: the server pinned to one core with one decode worker, then (with
