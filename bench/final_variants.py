@@ -217,7 +217,7 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
                     continue
                 kept, engine.short_padding_ms = engine.short_padding_ms, first_padding_ms
                 try:
-                    texts.append(decode(audio[s:e], context=before, short=True))
+                    texts.append(decode(audio[s:e], context=before, short=True, beam=beam))
                 finally:
                     engine.short_padding_ms = kept
             return " ".join(texts)

@@ -652,7 +652,7 @@ def main() -> None:
     # What sets the p95: which finals come last, and how long they are.
     slowest = sorted(latest, reverse=True)[: max(3, len(latest) // 20)]
     print(
-        "latest finals (the slowest 5%): "
+        "latest finals (the slowest 5%, at least 3): "
         + ", ".join(f"{name} ({words} words) {x:.3f} s" for x, name, words in slowest)
         + "\n"
     )
