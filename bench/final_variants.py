@@ -2,7 +2,7 @@
 
 Run by hand (never in CI), from the repository root:
 
-    .venv/bin/python bench/final_variants.py [--synth | --heldout] [--variants cut,pad-100,prompt,left-context,...]
+    .venv/bin/python bench/final_variants.py [--synth | --heldout | --fresh] [--variants cut,pad-100,prompt,left-context,...]
 
 No server: each clip is cut into utterances by the gateway's own VAD and
 endpointer (Silero, the endpointing the load benchmark uses), and every
@@ -33,7 +33,9 @@ measured here before any is built into the stream:
   stream decodes finals by default; ``context-short-first-N``: that, and a
   session's first final on a short window with N ms of padding;
   ``context-short-later-beam-N``: the default with a beam of N instead of 5
-  (``[local] whisper_beam_size``);
+  (``[local] whisper_beam_size``); ``context-short-self``: the default, but a
+  session's first final, with no earlier speech, has its own utterance as that
+  speech (three copies, the middle one kept) and takes the short window;
 * ``hold-1500``: semantic endpointing (``endpointing_unfinished`` 1500), roughly
   as OpenAI's ``semantic_vad`` and LiveKit's turn detector: a final whose text
   does not end a sentence (``local_whisper.ends_sentence``) is held, and if
@@ -44,6 +46,8 @@ measured here before any is built into the stream:
 ``--heldout`` runs the variants on ``SYNTH_HELDOUT`` (bench/local_engine.py):
 clips in other voices, made after the variants above were chosen on the
 recordings and ``--synth``, to tell a setting that helps from one that fits.
+``--fresh`` runs them on ``SYNTH_FRESH``, a second such set, for a setting
+whose choice ``SYNTH_HELDOUT`` has helped make.
 
 ``--batch-spread`` adds batch's own spread (each clip decoded whole again with
 10-100 ms of silence in front, which gives Whisper nothing new to hear), the
@@ -78,11 +82,12 @@ from tests.textnorm import corpus_wer, normalize  # noqa: E402
 
 from local_engine import (  # noqa: E402
     ENDPOINTING_MS,
+    SPOKEN,
     SYNTH,
-    SYNTH_HELDOUT,
     SYNTH_TURNS,
-    ClipSet,
+    add_clip_set_arguments,
     calls,
+    clip_set_of,
     load_clips,
     pct,
 )
@@ -96,6 +101,7 @@ from transcribe_gateway.providers.base import WordTiming  # noqa: E402
 from transcribe_gateway.providers.local_whisper import CONTEXT_MS, ends_sentence  # noqa: E402
 from transcribe_gateway.providers.whisper_engine import (  # noqa: E402
     BUNDLED_MODEL,
+    REPEAT_GAP_MS,
     WhisperEngine,
     resolve_whisper_model,
 )
@@ -202,6 +208,7 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
         short: bool | None = False,
         first_padding_ms: int | None = None,
         beam: int = 5,
+        self_first: bool = False,
     ) -> Variant:
         # short=None: a short window for a final with earlier speech before it;
         # first_padding_ms: a session's first final too, with this much padding;
@@ -211,6 +218,9 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
             texts = []
             for i, (s, e) in enumerate(cuts):
                 before = context_of(audio, starts[:i], s, context_ms)
+                if self_first and not len(before):
+                    gap = np.zeros(REPEAT_GAP_MS * SAMPLE_RATE // 1000, np.int16)
+                    before = np.concatenate([audio[s:e], gap])
                 after_speech = len(before) > 0 if short is None else short
                 if first_padding_ms is None or after_speech:
                     texts.append(decode(audio[s:e], context=before, short=after_speech, beam=beam))
@@ -302,6 +312,7 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
             f"context-short-first-{ms}": in_context(short=None, first_padding_ms=ms)
             for ms in (15_000, 20_000)
         },
+        "context-short-self": in_context(short=None, self_first=True),
         **{f"context-short-later-beam-{n}": in_context(short=None, beam=n) for n in (1, 2, 3)},
         **{f"context-{ms}": in_context(ms) for ms in (0, 10_000, 15_000, 20_000, 25_000)},
         "pad-100": padded(100),
@@ -405,10 +416,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
-    parser.add_argument(
-        "--heldout", action="store_true", help="the held-out synthesized set (SYNTH_HELDOUT)"
-    )
+    add_clip_set_arguments(parser)
     parser.add_argument("--variants", default="cut,pad-100,pad-350,prompt,left-context")
     parser.add_argument(
         "--batch-spread",
@@ -432,9 +440,9 @@ def main() -> None:
         help="decode workers; with 2 or more a lone decode encodes on every core, as served",
     )
     args = parser.parse_args()
-    clip_set: ClipSet = "heldout" if args.heldout else "synth" if args.synth else "recordings"
+    clip_set = clip_set_of(args)
     clips, refs, groups = load_clips(clip_set)
-    spoken = SYNTH_HELDOUT if clip_set == "heldout" else SYNTH_TURNS
+    spoken = SPOKEN.get(clip_set, SYNTH_TURNS)
     sentences = {name: said for name, (_voice, said) in spoken.items()}
     if clip_set == "synth":
         sentences |= {name: (text,) for name, text in SYNTH.items()}

@@ -22,7 +22,8 @@ are printed as a Markdown block for BENCHMARKS.md.
 
 With ``--unfinished MS`` the sessions ask for semantic endpointing
 (``endpointing_unfinished``); a held final's wait beyond ``--endpointing``
-counts in its latency.  ``--heldout`` streams ``SYNTH_HELDOUT`` (below).
+counts in its latency.  ``--heldout`` streams ``SYNTH_HELDOUT`` (below), ``--fresh``
+``SYNTH_FRESH``.
 
 With ``--calls`` (synthesized sets) each voice's clips are streamed one after
 another as one session, a call of many turns, instead of a session per clip.
@@ -275,14 +276,121 @@ SYNTH_HELDOUT: dict[str, tuple[str, tuple[str, ...]]] = {
 spoken like ``SYNTH_TURNS`` but in four other voices.  ``h``: Harvard sentences not
 in ``SYNTH_TURNS``; ``a``: voice-agent turns; ``p``: one sentence spoken in pieces
 with a pause after each, as a caller thinking aloud (and as ``jfk.flac``)."""
-ClipSet = Literal["recordings", "synth", "heldout"]
+SYNTH_FRESH: dict[str, tuple[str, tuple[str, ...]]] = {
+    "f1": (
+        "en-us+f4",
+        ("Hoist the load to your left shoulder.", "Take the winding path to reach the lake."),
+    ),
+    "f2": (
+        "en-gb-x-gbclan",
+        ("Note closely the size of the gas tank.", "Wipe the grease off his dirty face."),
+    ),
+    "f3": (
+        "en-029",
+        ("Mend the coat before you go out.", "The wrist was badly strained and hung limp."),
+    ),
+    "f4": (
+        "en-us-nyc",
+        ("The stray cat gave birth to kittens.", "The young girl gave no clear response."),
+    ),
+    "f5": (
+        "en-us+f4",
+        ("The meal was cooked before the bell rang.", "What joy there is in living."),
+    ),
+    "f6": (
+        "en-gb-x-gbclan",
+        ("A king ruled the state in the early days.", "The ship was torn apart on the sharp reef."),
+    ),
+    "f7": (
+        "en-029",
+        (
+            "Sickness kept him home the third week.",
+            "It snowed, rained, and hailed the same morning.",
+        ),
+    ),
+    "f8": (
+        "en-us-nyc",
+        ("Read verse out loud for pleasure.", "The navy attacked the big task force."),
+    ),
+    "f9": (
+        "en-us+f4",
+        ("See the cat glaring at the scared mouse.", "There are more than two factors here."),
+    ),
+    "f10": (
+        "en-gb-x-gbclan",
+        ("The hat brim is wide and too droopy.", "The lawyer tried to lose his case."),
+    ),
+    "f11": ("en-029", ("The grass curled around the fence post.", "Cut the pie into large parts.")),
+    "f12": ("en-us-nyc", ("Men strive but seldom get rich.", "Always close the barn door tight.")),
+    "f13": (
+        "en-us+f4",
+        ("He lay prone and hardly moved a limb.", "The slush lay deep along the street."),
+    ),
+    "f14": (
+        "en-gb-x-gbclan",
+        ("A wisp of cloud hung in the blue air.", "A pound of sugar costs more than eggs."),
+    ),
+    "f15": (
+        "en-029",
+        ("The fin was sharp and cut the clear water.", "The play seems dull and quite stupid."),
+    ),
+    "f16": (
+        "en-us-nyc",
+        ("Bail the boat to stop it from sinking.", "The term ended in late June that year."),
+    ),
+    "b1": ("en-us+f4", ("Hello there.", "I need help with my router.")),
+    "b2": ("en-gb-x-gbclan", ("Okay, got it.", "What is your phone number?")),
+    "b3": ("en-029", ("Absolutely.", "Send it to my work address.")),
+    "b4": ("en-us-nyc", ("Not yet.", "The technician never showed up.")),
+    "b5": ("en-us+f4", ("Let me think.", "Maybe next Tuesday works.")),
+    "b6": ("en-gb-x-gbclan", ("That's right.", "It was twenty five dollars.")),
+    "b7": ("en-029", ("Wait.", "Can you spell that for me?")),
+    "b8": ("en-us-nyc", ("Thanks a lot.", "Have a good day.")),
+    "q1": ("en-us+f4", ("To be honest,", "I expected", "a faster answer.")),
+    "q2": ("en-gb-x-gbclan", ("Well, actually,", "the date", "is wrong.")),
+    "q3": ("en-029", ("When you get a chance,", "call me back", "after lunch.")),
+    "q4": ("en-us-nyc", ("The code", "is three one nine.")),
+    "q5": ("en-us+f4", ("In that case,", "I would rather", "cancel the plan.")),
+    "q6": ("en-gb-x-gbclan", ("Look,", "all I want", "is my money back.")),
+    "q7": ("en-029", ("Second,", "check the cable,", "then restart it.")),
+    "q8": ("en-us-nyc", ("Frankly,", "neither option", "works for me.")),
+}
+"""A second held-out set (``--fresh``), made on 2026-11-26 to check a setting chosen
+with the help of ``SYNTH_HELDOUT`` on clips nothing was yet chosen on: the same
+three kinds (``f``: Harvard sentences in neither set, ``b``: agent turns, ``q``:
+sentences in pieces) in four voices neither set uses."""
+ClipSet = Literal["recordings", "synth", "heldout", "fresh"]
+SPOKEN: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
+    "synth": SYNTH_TURNS,
+    "heldout": SYNTH_HELDOUT,
+    "fresh": SYNTH_FRESH,
+}
+"""Each synthesized set's clips of sentences spoken one by one (``synth`` has ``SYNTH`` too)."""
+
+
+def add_clip_set_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--synth``, ``--heldout`` and ``--fresh``: which clips a benchmark reads."""
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
+    which.add_argument(
+        "--heldout", action="store_true", help="the held-out synthesized set (SYNTH_HELDOUT)"
+    )
+    which.add_argument("--fresh", action="store_true", help="the second held-out set (SYNTH_FRESH)")
+
+
+def clip_set_of(args: argparse.Namespace) -> ClipSet:
+    """The clip set ``add_clip_set_arguments``' flags chose (the recordings by default)."""
+    for name in ("synth", "heldout", "fresh"):
+        if getattr(args, name):
+            return name  # type: ignore[return-value]
+    return "recordings"
 
 
 def synthesize(
-    directory: Path, heldout: bool = False
+    directory: Path, clip_set: ClipSet = "synth"
 ) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, list[str]]]:
-    """Speak ``SYNTH`` and ``SYNTH_TURNS`` (or ``SYNTH_HELDOUT``) with espeak-ng: clips at
-    16 kHz, references, groups."""
+    """Speak ``SYNTH`` and ``SYNTH_TURNS`` (or ``SYNTH_HELDOUT``, ``SYNTH_FRESH``) with
+    espeak-ng: clips at 16 kHz, references, groups."""
 
     def speak(voice: str, text: str, path: Path) -> np.ndarray:
         subprocess.run(["espeak-ng", "-v", voice, "-s", "165", "-w", str(path), text], check=True)
@@ -290,22 +398,30 @@ def synthesize(
 
     clips: dict[str, np.ndarray] = {}
     refs: dict[str, str] = {}
+    heldout = clip_set != "synth"
     if not heldout:
         clips = {n: speak("en-us", text, directory / f"{n}.wav") for n, text in SYNTH.items()}
         refs = {name: normalize(text) for name, text in SYNTH.items()}
     pause = np.zeros(int(SYNTH_PAUSE_S * SAMPLE_RATE), dtype=np.int16)
-    for name, (voice, sentences) in (SYNTH_HELDOUT if heldout else SYNTH_TURNS).items():
+    for name, (voice, sentences) in SPOKEN[clip_set].items():
         parts = [pause[:4800]]
         for k, text in enumerate(sentences):
             parts += [speak(voice, text, directory / f"{name}-{k}.wav"), pause]
         clips[name] = np.concatenate(parts)
         refs[name] = normalize(" ".join(sentences))
     if heldout:
+        kinds = ("h", "a", "p") if clip_set == "heldout" else ("f", "b", "q")
         groups = {
             f"{label} (4 voices)": [n for n in refs if n[0] == prefix]
-            for prefix, label in (("h", "Harvard"), ("a", "agent turns"), ("p", "paused phrases"))
+            for prefix, label in zip(
+                kinds, ("Harvard", "agent turns", "paused phrases"), strict=True
+            )
         }
-        return clips, refs, {**groups, "all held out": list(refs)}
+        return (
+            clips,
+            refs,
+            {**groups, f"all {'held out' if clip_set == 'heldout' else 'fresh'}": list(refs)},
+        )
     groups = {
         "sentences (en-us)": list(SYNTH),
         "turns (3 voices)": list(SYNTH_TURNS),
@@ -320,7 +436,7 @@ def load_clips(
     """The clips to stream (each followed by a second of silence), references, groups."""
     if clip_set != "recordings":
         with tempfile.TemporaryDirectory() as tmp:
-            spoken, refs, groups = synthesize(Path(tmp), heldout=clip_set == "heldout")
+            spoken, refs, groups = synthesize(Path(tmp), clip_set)
     else:
         refs = references()
         spoken = {n: read_audio(SHARED_AUDIO / n) for n in refs}
@@ -557,10 +673,7 @@ def main() -> None:
         help="levels on every core (default pool: a decode worker per core); none if empty",
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per figure; medians reported")
-    parser.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
-    parser.add_argument(
-        "--heldout", action="store_true", help="the held-out synthesized set (SYNTH_HELDOUT)"
-    )
+    add_clip_set_arguments(parser)
     parser.add_argument(
         "--endpointing",
         type=int,
@@ -586,12 +699,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     endpointing, unfinished = args.endpointing, args.unfinished
-    clip_set: ClipSet = "heldout" if args.heldout else "synth" if args.synth else "recordings"
+    clip_set = clip_set_of(args)
     clips, refs, groups = load_clips(clip_set)
     if args.calls and clip_set != "recordings":
-        clips, refs, groups, _ = calls(
-            clips, refs, SYNTH_HELDOUT if clip_set == "heldout" else SYNTH_TURNS
-        )
+        clips, refs, groups, _ = calls(clips, refs, SPOKEN[clip_set])
 
     batch, rtf = batch_figures(args.model, clips, refs, groups)
     # Streamed clips end in enough silence for the endpoint to fire before the

@@ -2,7 +2,7 @@
 
 Run by hand (never in CI), from the repository root, on an otherwise idle machine:
 
-    .venv/bin/python bench/partial_window.py [--synth | --heldout] [--padding full,10000,6000]
+    .venv/bin/python bench/partial_window.py [--synth | --heldout | --fresh] [--padding full,10000,6000]
 
 No server: each clip is cut into utterances by the gateway's own VAD and
 endpointer (as ``bench/final_variants.py`` does), and every utterance is decoded
@@ -33,7 +33,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "bench")]
 from tests.textnorm import corpus_wer  # noqa: E402
 
 from final_variants import utterances  # noqa: E402
-from local_engine import ClipSet, load_clips, pct  # noqa: E402
+from local_engine import add_clip_set_arguments, clip_set_of, load_clips, pct  # noqa: E402
 from transcribe_gateway.audio.decode import Samples  # noqa: E402
 from transcribe_gateway.audio.vad import SAMPLE_RATE  # noqa: E402
 from transcribe_gateway.providers.whisper_engine import (  # noqa: E402
@@ -58,13 +58,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--synth", action="store_true", help="synthesized speech (espeak-ng)")
-    parser.add_argument("--heldout", action="store_true", help="the held-out synthesized set")
+    add_clip_set_arguments(parser)
     parser.add_argument(
         "--padding", default="full,10000,6000", help="padding kept, ms, or full (comma list)"
     )
     args = parser.parse_args()
-    clip_set: ClipSet = "heldout" if args.heldout else "synth" if args.synth else "recordings"
+    clip_set = clip_set_of(args)
     clips, refs, _groups = load_clips(clip_set)
     engine = WhisperEngine(BUNDLED_MODEL, resolve_whisper_model(BUNDLED_MODEL, {}, False), 1)
     cuts = {name: utterances(audio) for name, audio in clips.items()}

@@ -314,7 +314,9 @@ class WhisperStream(RecognizeStream):
             return  # never delay another session's work for a guess
         abandoned = threading.Event()
         audio = self._audio.slice(self._utt_start, end)
-        decoder = self._final_decoder(audio, self._context(), self._utt_start, abandoned)
+        decoder = self._final_decoder(
+            audio, self._context(), self._utt_start, abandoned, self._in_real_time()
+        )
         task = asyncio.get_running_loop().create_task(
             self._pool.try_run(decoder),
             name="whisper-early-final",
@@ -337,9 +339,15 @@ class WhisperStream(RecognizeStream):
         return self._audio.slice(self._starts[0] if self._starts else 0, self._utt_start)
 
     def _final_decoder(
-        self, audio: Samples, context: Samples | None, start: int, abandoned: threading.Event
+        self,
+        audio: Samples,
+        context: Samples | None,
+        start: int,
+        abandoned: threading.Event,
+        real_time: bool,
     ) -> Callable[[], Transcript]:
-        real_time = self._in_real_time()
+        """The final's decode; ``real_time``: its client streamed it in real time
+        (:meth:`_in_real_time` when the utterance ended)."""
         # Earlier speech in the window: the short window reads as well there (and
         # a call's finals all have it); alone, a lone utterance may not.
         after_speech = context is not None and len(context) > 0
@@ -422,7 +430,7 @@ class WhisperStream(RecognizeStream):
                 abandoned = threading.Event()
                 try:
                     result = await self._pool.run(
-                        self._final_decoder(job.audio, job.context, start, abandoned)
+                        self._final_decoder(job.audio, job.context, start, abandoned, job.real_time)
                     )
                 except asyncio.CancelledError:
                     abandoned.set()  # the session is closing
