@@ -56,7 +56,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import websockets
@@ -469,14 +469,18 @@ def calls(
     )
 
 
+class FinalSeen(NamedTuple):
+    latency_s: float
+    """After the end of speech, less the endpointing silence."""
+    words: int
+
+
 @dataclass
 class SessionResult:
     name: str
     text: str = ""
     first_partial_s: float | None = None
-    final_latencies_s: list[float] = field(default_factory=list)
-    final_words: list[int] = field(default_factory=list)
-    """Each final's word count, beside its latency."""
+    finals: list[FinalSeen] = field(default_factory=list)
     partials: int = 0
     errors: list[str] = field(default_factory=list)
 
@@ -563,8 +567,7 @@ async def stream_one(
                     texts.append(msg["text"])
                     speech_end = sent_at(msg["end_ms"] - trailing_ms)
                     latency = now - speech_end - endpointing_ms / 1000
-                    result.final_latencies_s.append(latency)
-                    result.final_words.append(len(msg["text"].split()))
+                    result.finals.append(FinalSeen(latency, len(msg["text"].split())))
                 elif kind == "error":
                     result.errors.append(msg["error"]["code"])
 
@@ -734,17 +737,13 @@ def main() -> None:
             for g, names in groups.items():
                 wer_runs[g].append(corpus_wer([(refs[n], texts[n]) for n in names]))
             firsts = [r.first_partial_s for r in solo if r.first_partial_s is not None]
-            finals = [x for r in solo for x in r.final_latencies_s]
+            finals = [f.latency_s for r in solo for f in r.finals]
             first_runs.append(med(firsts) if firsts else float("nan"))
             final_runs.append(med(finals))
             final_p95_runs.append(pct(finals, 0.95))
             late += sum(x > 0.5 for x in finals)
             finals_seen += len(finals)
-            latest += [
-                (x, r.name, w)
-                for r in solo
-                for x, w in zip(r.final_latencies_s, r.final_words, strict=True)
-            ]
+            latest += [(f.latency_s, r.name, f.words) for r in solo for f in r.finals]
     finally:
         proc.terminate()
         proc.wait()
@@ -797,7 +796,7 @@ def main() -> None:
                         )
                     )
                     outcomes.append(outcome)
-                    lat = [x for r in results for x in r.final_latencies_s]
+                    lat = [f.latency_s for r in results for f in r.finals]
                     rows.append(
                         (
                             pct(lat, 0.5),
