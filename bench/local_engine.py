@@ -360,7 +360,7 @@ with the help of ``SYNTH_HELDOUT`` on clips nothing was yet chosen on: the same
 three kinds (``f``: Harvard sentences in neither set, ``b``: agent turns, ``q``:
 sentences in pieces) in four voices neither set uses."""
 ClipSet = Literal["recordings", "synth", "heldout", "fresh"]
-SPOKEN: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
+SPOKEN: dict[ClipSet, dict[str, tuple[str, tuple[str, ...]]]] = {
     "synth": SYNTH_TURNS,
     "heldout": SYNTH_HELDOUT,
     "fresh": SYNTH_FRESH,
@@ -380,10 +380,7 @@ def add_clip_set_arguments(parser: argparse.ArgumentParser) -> None:
 
 def clip_set_of(args: argparse.Namespace) -> ClipSet:
     """The clip set ``add_clip_set_arguments``' flags chose (the recordings by default)."""
-    for name in ("synth", "heldout", "fresh"):
-        if getattr(args, name):
-            return name  # type: ignore[return-value]
-    return "recordings"
+    return next((name for name in SPOKEN if getattr(args, name)), "recordings")
 
 
 def synthesize(
@@ -398,8 +395,7 @@ def synthesize(
 
     clips: dict[str, np.ndarray] = {}
     refs: dict[str, str] = {}
-    heldout = clip_set != "synth"
-    if not heldout:
+    if clip_set == "synth":
         clips = {n: speak("en-us", text, directory / f"{n}.wav") for n, text in SYNTH.items()}
         refs = {name: normalize(text) for name, text in SYNTH.items()}
     pause = np.zeros(int(SYNTH_PAUSE_S * SAMPLE_RATE), dtype=np.int16)
@@ -409,25 +405,22 @@ def synthesize(
             parts += [speak(voice, text, directory / f"{name}-{k}.wav"), pause]
         clips[name] = np.concatenate(parts)
         refs[name] = normalize(" ".join(sentences))
-    if heldout:
-        kinds = ("h", "a", "p") if clip_set == "heldout" else ("f", "b", "q")
+    if clip_set == "synth":
         groups = {
-            f"{label} (4 voices)": [n for n in refs if n[0] == prefix]
-            for prefix, label in zip(
-                kinds, ("Harvard", "agent turns", "paused phrases"), strict=True
-            )
+            "sentences (en-us)": list(SYNTH),
+            "turns (3 voices)": list(SYNTH_TURNS),
+            "all synthesized": list(refs),
         }
-        return (
-            clips,
-            refs,
-            {**groups, f"all {'held out' if clip_set == 'heldout' else 'fresh'}": list(refs)},
-        )
+        return clips, refs, groups
+    # The held-out sets: each name's first letter is its kind.
+    kinds = ("h", "a", "p") if clip_set == "heldout" else ("f", "b", "q")
+    labels = ("Harvard", "agent turns", "paused phrases")
     groups = {
-        "sentences (en-us)": list(SYNTH),
-        "turns (3 voices)": list(SYNTH_TURNS),
-        "all synthesized": list(refs),
+        f"{label} (4 voices)": [n for n in refs if n[0] == kind]
+        for kind, label in zip(kinds, labels, strict=True)
     }
-    return clips, refs, groups
+    everything = "all held out" if clip_set == "heldout" else "all fresh"
+    return clips, refs, {**groups, everything: list(refs)}
 
 
 def load_clips(
