@@ -347,7 +347,8 @@ class WhisperStream(RecognizeStream):
         real_time: bool,
     ) -> Callable[[], Transcript]:
         """The final's decode; ``real_time``: its client streamed it in real time
-        (:meth:`_in_real_time` when the utterance ended)."""
+        (:meth:`_in_real_time` when the decode was asked for: as the speculative
+        guess started, or as the utterance ended)."""
         # Earlier speech in the window: the short window reads as well there (and
         # a call's finals all have it); alone, a lone utterance may not.
         after_speech = context is not None and len(context) > 0
