@@ -53,7 +53,12 @@ whose choice ``SYNTH_HELDOUT`` has helped make.
 10-100 ms of silence in front, which gives Whisper nothing new to hear), the
 scale a streaming figure's distance from batch is read against.
 ``--by-position`` (synthesized sets) adds the WER of each clip's first
-utterance (a session's first, with no earlier speech) and of the later ones.
+utterance (a session's first, with no earlier speech) and of the later ones,
+and, for the first, what batch has that the stream does not: the first
+utterance followed by speech (``another voice after``: the next clip's first
+utterance, in another voice, after a silence; its words kept by their times),
+which tells how much of batch's lead is speech after an utterance at all and
+how much its own speaker's next words.
 ``--calls`` (synthesized sets) streams each voice's clips one after another as
 one session, as a call of many turns is, instead of one session per clip: a
 session's first utterance is then one in twenty, not one in two or three.
@@ -363,25 +368,43 @@ def _owner(starts: list[int], word: WordTiming) -> int:
     return max(0, bisect.bisect_right(starts, middle) - 1)
 
 
+def followed(engine: WhisperEngine, utterance: np.ndarray, after: np.ndarray) -> str:
+    """``utterance`` read with ``after`` following it in the window (after a
+    ``REPEAT_GAP_MS`` silence): its words, those whose middle lies before the
+    middle of the silence."""
+    gap = np.zeros(REPEAT_GAP_MS * SAMPLE_RATE // 1000, np.int16)
+    keep_to_ms = (len(utterance) + len(gap) // 2) * 1000 // SAMPLE_RATE
+    window = np.concatenate([utterance, gap, after])
+    words = engine.transcribe(window, final=True).words
+    return " ".join(w.word for w in words if w.start_ms + w.end_ms < 2 * keep_to_ms)
+
+
 def by_position(
     engine: WhisperEngine,
     clips: dict[str, np.ndarray],
     cuts: dict[str, Utterances],
     sentences: dict[str, tuple[str, ...]],
+    voices: dict[str, str],
 ) -> None:
     """WER of a session's first utterance and of the later ones, streamed (alone and
-    in context) and in batch.  Only clips the VAD cuts at their sentences count, so
+    in context) and in batch, and of the first followed by another voice's speech
+    (:func:`followed`).  Only clips the VAD cuts at their sentences count, so
     each utterance has its own reference; batch's words go to the utterance their
     middle lies in (from its start to the next one's)."""
     found: dict[str, dict[str, list[tuple[str, str]]]] = {
-        position: {"batch": [], "cut": [], "context": []} for position in ("first", "later")
+        position: {"batch": [], "cut": [], "context": [], "other": []}
+        for position in ("first", "later")
     }
-    left_out = 0
-    for name, said in sentences.items():
-        audio, clip_cuts = clips[name], cuts[name]
-        if len(clip_cuts) != len(said):
-            left_out += 1
-            continue
+    kept = [n for n, said in sentences.items() if len(cuts[n]) == len(said)]
+    left_out = len(sentences) - len(kept)
+    for i, name in enumerate(kept):
+        said, audio, clip_cuts = sentences[name], clips[name], cuts[name]
+        # The next clip in another voice (the sets take their voices in turn).
+        other = next(n for n in kept[i + 1 :] + kept[:i] if voices[n] != voices[name])
+        (start, end), (other_start, other_end) = clip_cuts[0], cuts[other][0]
+        found["first"]["other"].append(
+            (said[0], followed(engine, audio[start:end], clips[other][other_start:other_end]))
+        )
         starts = [s for s, _ in clip_cuts]
         batch = engine.transcribe(audio, final=True).words
         owners = [_owner(starts, w) for w in batch]
@@ -396,14 +419,16 @@ def by_position(
             texts["context"].append((said[k], in_context))
     print("\n### A session's first utterance and the later ones\n")
     print(f"Clips left out (not cut at their sentences): {left_out} of {len(sentences)}\n")
-    print("| | utterances (words) | batch | `cut` | `context` |")
-    print("|---|---|---|---|---|")
+    print("| | utterances (words) | batch | `cut` | `context` | another voice after |")
+    print("|---|---|---|---|---|---|")
     for position, texts in found.items():
         words = sum(len(normalize(ref).split()) for ref, _ in texts["batch"])
         base = corpus_wer(texts["batch"])
         cells = [
             f"{corpus_wer(texts[v]):.3f} ({corpus_wer(texts[v]) / max(base, 1e-9):.2f}x)"
-            for v in ("cut", "context")
+            if texts[v]
+            else "-"
+            for v in ("cut", "context", "other")
         ]
         print(
             f"| {position} | {len(texts['batch'])} ({words}) | {base:.3f} | "
@@ -499,7 +524,10 @@ def main() -> None:
     if args.batch_spread:
         batch_spread(engine, clips, refs, groups)
     if args.by_position and clip_set != "recordings":
-        by_position(engine, clips, cuts, sentences)
+        # A clip's voice is in the set's table (SYNTH's sentences: en-us); a
+        # call is one voice.
+        voices = {n: spoken[n][0] if n in spoken else "en-us" if n in SYNTH else n for n in clips}
+        by_position(engine, clips, cuts, sentences, voices)
 
 
 if __name__ == "__main__":

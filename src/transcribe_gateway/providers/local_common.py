@@ -1,10 +1,17 @@
 """What the embedded engines' streams share: voice activity from the stream options,
-and stream time in milliseconds."""
+whether a client streams in real time, and stream time in milliseconds."""
 
 from __future__ import annotations
 
+import time
+from typing import Final
+
 from transcribe_gateway.audio.vad import NARROWBAND_RATE, SAMPLE_RATE, Endpointer, VoiceActivity
 from transcribe_gateway.providers.base import StreamOptions
+
+AHEAD_OF_REAL_TIME_S: Final = 1.0
+"""Audio received this far ahead of the wall clock since the stream's first chunk
+marks a client sending faster than real time (a file, not a caller)."""
 
 
 def voice_activity(
@@ -27,3 +34,28 @@ def voice_activity(
 def to_ms(sample: int) -> int:
     """A position in the stream, in samples at ``SAMPLE_RATE``, as milliseconds."""
     return sample * 1000 // SAMPLE_RATE
+
+
+class RealTimeClock:
+    """Whether a stream's client sends no faster than real time (a caller, not a
+    file): the audio it sent against the wall time since its first chunk.
+
+    A real-time stream's late final is the engine's load, and the streams report
+    it to the pool for admission (:meth:`.DecodePool.final_delivered`); a faster
+    client is paced by its own backlog, and its finals' lateness is its own.
+    """
+
+    def __init__(self) -> None:
+        self._first_at: float | None = None
+
+    def audio_arrived(self) -> None:
+        """A chunk came in: the first one starts the clock."""
+        if self._first_at is None:
+            self._first_at = time.monotonic()
+
+    def in_real_time(self, samples: int) -> bool:
+        """Whether ``samples`` received so far are no more than real time allows."""
+        if self._first_at is None:
+            return True
+        elapsed = time.monotonic() - self._first_at
+        return samples / SAMPLE_RATE <= elapsed + AHEAD_OF_REAL_TIME_S

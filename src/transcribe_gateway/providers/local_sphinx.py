@@ -46,7 +46,9 @@ utterance's mean as prior, so they improve after the first utterance).
 Every event comes from the stream's task, in order: ``SPEECH_STARTED``,
 ``PARTIAL``\\*, ``FINAL`` (when there is text), ``SPEECH_STOPPED``, one
 utterance after the other. A client faster than the decoder waits in
-``push_audio`` once ``MAX_BACKLOG_MS`` of audio is undecoded.
+``push_audio`` once ``MAX_BACKLOG_MS`` of audio is undecoded. A real-time
+stream tells the shared pool how late each final came after its endpoint, as
+Whisper's streams do: admission reads it (:mod:`~transcribe_gateway.providers.pool`).
 
 Keyterms (``session.prompt``, comma separated). pocketsphinx offers keyword
 spotting (``add_kws``/``add_keyphrase``), but that search replaces the language
@@ -77,6 +79,7 @@ import itertools
 import logging
 import multiprocessing
 import re
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -99,7 +102,7 @@ from transcribe_gateway.providers.base import (
     StreamOptions,
     WordTiming,
 )
-from transcribe_gateway.providers.local_common import to_ms, voice_activity
+from transcribe_gateway.providers.local_common import RealTimeClock, to_ms, voice_activity
 from transcribe_gateway.providers.pool import DecodePool
 
 T = TypeVar("T")
@@ -399,6 +402,10 @@ class _Utterance:
     """Stream index up to which its audio went to the decoder."""
     end: int | None = None
     """Stream index after its last sample; ``None`` while it is open."""
+    ended_at: float = 0.0
+    """``time.monotonic()`` when it was ended (its endpoint)."""
+    real_time: bool = False
+    """Whether the stream sent it in real time (its final's lateness is the pool's)."""
     announced: bool = False
     partial: str = ""
 
@@ -513,6 +520,7 @@ class SphinxStream(RecognizeStream):
         self._min_batch = MIN_BATCH_MS * SAMPLE_RATE // 1000
         self._rescore_max = rescore_max_ms * SAMPLE_RATE // 1000
         self._audio = AudioBuffer()
+        self._clock = RealTimeClock()
         self._count = 0  # utterances begun
         self._last_end = 0
         self._utterances: deque[_Utterance] = deque()
@@ -548,6 +556,7 @@ class SphinxStream(RecognizeStream):
             await self._progress.wait()
 
     def _feed(self, samples: Samples) -> None:
+        self._clock.audio_arrived()
         self._audio.append(samples)
         for event in self._activity.process(samples):
             if event.kind == "start":
@@ -566,6 +575,9 @@ class SphinxStream(RecognizeStream):
     def _end_utterance(self, sample: int) -> None:
         utterance = self._utterances[-1]
         utterance.end = max(sample, utterance.start)
+        utterance.ended_at = time.monotonic()
+        # The buffer's end counts every sample taken (trimming keeps the count).
+        utterance.real_time = self._clock.in_real_time(self._audio.end)
         self._last_end = utterance.end
 
     def progress_at(self) -> float:
@@ -672,6 +684,9 @@ class SphinxStream(RecognizeStream):
         )
         length = end - utterance.start
         result = await self._call(_host_finish, self._key, fed, length)
+        if utterance.real_time:
+            # What callers feel of the engine's load: admission reads it.
+            self._pool.final_delivered(time.monotonic() - utterance.ended_at)
         start_ms, end_ms = to_ms(utterance.start), to_ms(end)
         if result.text:
             words = tuple(

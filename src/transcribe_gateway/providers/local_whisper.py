@@ -67,7 +67,7 @@ from transcribe_gateway.providers.base import (
     SpeechEventType,
     StreamOptions,
 )
-from transcribe_gateway.providers.local_common import to_ms, voice_activity
+from transcribe_gateway.providers.local_common import RealTimeClock, to_ms, voice_activity
 from transcribe_gateway.providers.pool import DecodePool
 from transcribe_gateway.providers.whisper_engine import Transcript, WhisperEngine
 
@@ -85,9 +85,6 @@ long session (a call) every final has that much earlier speech to decode first: 
 cost 0.08-0.13 s more per final than 5 s and took a call's final p95 from 0.42 to
 0.66 s after the endpoint, for no better WER (BENCHMARKS.md, *A call: one long
 session*)."""
-AHEAD_OF_REAL_TIME_S: Final = 1.0
-"""Audio received this far ahead of the wall clock since the stream's first chunk
-marks a client sending faster than real time (a file, not a caller)."""
 
 
 def ends_sentence(text: str) -> bool:
@@ -188,8 +185,7 @@ class WhisperStream(RecognizeStream):
         self._early: tuple[int, int, _Decode[Transcript | None]] | None = None
         """(utterance, end sample, decode) of the speculative final under way."""
         self._finals: asyncio.Queue[_Final | None] = asyncio.Queue(FINAL_QUEUE)
-        self._first_audio_at: float | None = None
-        """``time.monotonic()`` of the first chunk, for :meth:`_in_real_time`."""
+        self._clock = RealTimeClock()
         self.early_finals = 0
         """Finals that came from a speculative decode (for benchmarks and tests)."""
 
@@ -204,7 +200,7 @@ class WhisperStream(RecognizeStream):
         bound = len(samples) // FRAME + 1 + self._semantic  # + an end of semantic endpointing
         if self._event_room() < bound or FINAL_QUEUE - self._finals.qsize() < bound:
             return False
-        self._mark_start()
+        self._clock.audio_arrived()
         self._audio.append(samples)
         for event in self._boundaries(samples):
             if event.kind == "start":
@@ -215,7 +211,7 @@ class WhisperStream(RecognizeStream):
         return True
 
     async def _on_audio(self, samples: Samples) -> None:
-        self._mark_start()
+        self._clock.audio_arrived()
         self._audio.append(samples)
         for event in self._boundaries(samples):
             if event.kind == "start":
@@ -225,17 +221,10 @@ class WhisperStream(RecognizeStream):
                 await self._finals.put(self._end_utterance(event.sample))
         self._after_audio()
 
-    def _mark_start(self) -> None:
-        if self._first_audio_at is None:
-            self._first_audio_at = time.monotonic()
-
     def _in_real_time(self) -> bool:
         """Whether the client sends no faster than real time (a caller, not a file)."""
-        if self._first_audio_at is None:
-            return True
-        elapsed = time.monotonic() - self._first_audio_at
         # The buffer's end counts every sample taken (clearing it keeps the count).
-        return self._audio.end / SAMPLE_RATE <= elapsed + AHEAD_OF_REAL_TIME_S
+        return self._clock.in_real_time(self._audio.end)
 
     def _boundaries(self, samples: Samples) -> list[VadEvent]:
         events = self._activity.process(samples)
