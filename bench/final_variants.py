@@ -36,6 +36,10 @@ measured here before any is built into the stream:
   (``[local] whisper_beam_size``); ``context-short-self``: the default, but a
   session's first final, with no earlier speech, has its own utterance as that
   speech (three copies, the middle one kept) and takes the short window;
+  ``context-short-later-prompt``: the default, with the finals of the
+  session's utterances before its context (older than ``CONTEXT_MS``) as
+  Whisper's prompt, as batch's long-form decode carries a window's text into
+  the next;
 * ``hold-1500``: semantic endpointing (``endpointing_unfinished`` 1500), roughly
   as OpenAI's ``semantic_vad`` and LiveKit's turn detector: a final whose text
   does not end a sentence (``local_whisper.ends_sentence``) is held, and if
@@ -112,6 +116,8 @@ from transcribe_gateway.providers.whisper_engine import (  # noqa: E402
 )
 
 LEFT_CONTEXT_S = 10.0
+PROMPT_CHARS = 200
+"""The most of the earlier finals a variant gives Whisper as its prompt."""
 Utterances = list[tuple[int, int]]
 Variant = Callable[[np.ndarray, Utterances], str]
 
@@ -190,7 +196,7 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
     def prompt(audio: np.ndarray, cuts: Utterances) -> str:
         finals: list[str] = []
         for s, e in cuts:
-            finals.append(decode(audio[s:e], prompt=" ".join(finals)[-200:]))
+            finals.append(decode(audio[s:e], prompt=" ".join(finals)[-PROMPT_CHARS:]))
         return " ".join(finals)
 
     def left_context(audio: np.ndarray, cuts: Utterances) -> str:
@@ -214,21 +220,36 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
         first_padding_ms: int | None = None,
         beam: int = 5,
         self_first: bool = False,
+        earlier_prompt: bool = False,
     ) -> Variant:
         # short=None: a short window for a final with earlier speech before it;
         # first_padding_ms: a session's first final too, with this much padding;
-        # beam: the final's beam size ([local] whisper_beam_size).
+        # beam: the final's beam size ([local] whisper_beam_size); earlier_prompt:
+        # the finals of the utterances before the context's as the prompt.
         def run(audio: np.ndarray, cuts: Utterances) -> str:
             starts = [s for s, _ in cuts]
-            texts = []
+            texts: list[str] = []
             for i, (s, e) in enumerate(cuts):
                 before = context_of(audio, starts[:i], s, context_ms)
+                prompt = None
+                if earlier_prompt:
+                    # The context's first utterance: the one it starts at.
+                    first = next(
+                        j
+                        for j, a in enumerate([*starts[:i], s])
+                        if s - a <= (context_ms * SAMPLE_RATE // 1000)
+                    )
+                    prompt = " ".join(texts[:first])[-PROMPT_CHARS:] or None
                 if self_first and not len(before):
                     gap = np.zeros(REPEAT_GAP_MS * SAMPLE_RATE // 1000, np.int16)
                     before = np.concatenate([audio[s:e], gap])
                 after_speech = len(before) > 0 if short is None else short
                 if first_padding_ms is None or after_speech:
-                    texts.append(decode(audio[s:e], context=before, short=after_speech, beam=beam))
+                    texts.append(
+                        decode(
+                            audio[s:e], prompt=prompt, context=before, short=after_speech, beam=beam
+                        )
+                    )
                     continue
                 kept, engine.short_padding_ms = engine.short_padding_ms, first_padding_ms
                 try:
@@ -318,6 +339,7 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
             for ms in (15_000, 20_000)
         },
         "context-short-self": in_context(short=None, self_first=True),
+        "context-short-later-prompt": in_context(short=None, earlier_prompt=True),
         **{f"context-short-later-beam-{n}": in_context(short=None, beam=n) for n in (1, 2, 3)},
         **{f"context-{ms}": in_context(ms) for ms in (0, 10_000, 15_000, 20_000, 25_000)},
         "pad-100": padded(100),
