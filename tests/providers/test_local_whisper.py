@@ -240,6 +240,23 @@ def test_the_copies_are_split_by_their_words_when_whisper_times_one_into_the_gap
     assert copies(far, keep_from, keep_to) is None
 
 
+def test_a_first_copy_with_nothing_read_after_it_is_kept() -> None:
+    # tiny.en may stop after a short utterance's first copy: no repeat to
+    # compare, nothing against the first reading, which is kept (no decode
+    # alone). Not when Whisper lost its place in it (words stacked at one
+    # instant), when nothing was read in it, or when the repeat read otherwise.
+    keep_from, keep_to = 16000, 40000
+    context = [("okay.", 0.2, 0.6)]
+    stopped = _words(*context, ("sorry.", 1.1, 1.6))
+    assert copies(stopped, keep_from, keep_to) == (stopped[1:], stopped[1:])
+    stacked = _words(*context, ("yes", 1.5, 1.5), ("please", 1.5, 1.5))
+    assert copies(stacked, keep_from, keep_to) is None
+    only_in_the_repeat = _words(*context, ("sorry.", 3.0, 3.4))
+    assert copies(only_in_the_repeat, keep_from, keep_to) is None
+    otherwise = _words(*context, ("sorry.", 1.1, 1.6), ("story.", 3.0, 3.4))
+    assert copies(otherwise, keep_from, keep_to) is None
+
+
 def test_a_repeated_phrase_in_the_context_is_neither_doubled_nor_lost(
     engines: Engines, monkeypatch: pytest.MonkeyPatch
 ) -> None:

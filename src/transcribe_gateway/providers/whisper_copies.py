@@ -2,7 +2,8 @@
 
 A final's window holds the utterance twice
 (:func:`~transcribe_gateway.providers.whisper_engine.in_context`); the final
-is the first copy's words, trusted only if the repeat reads the same.
+is the first copy's words, trusted only if the repeat reads the same (or
+reads as nothing: Whisper stopped after the first copy).
 Whisper's word timings are what splits the two, and they drift beside a
 silence, so the split is checked by the words too.
 """
@@ -32,6 +33,8 @@ def copies(words: list[Any], keep_from: int, keep_to: int) -> tuple[list[Any], l
     word either way that reads as the same words twice wins over the timed one;
     it spares such a final a second decode (5 of 11 held-out finals whose
     readings seemed to disagree; BENCHMARKS.md, *Copies split by their words*).
+    A first copy read in place with nothing read after it is kept as both
+    readings (the repeat read as nothing: Whisper stopped early).
     """
     said = [w for w in words if _said(w)]
     timed = (
@@ -48,19 +51,30 @@ def copies(words: list[Any], keep_from: int, keep_to: int) -> tuple[list[Any], l
             pair = said[first_from:at], said[at:]
             if _read_alike(*pair):
                 return pair
+    first, repeat = timed
+    if first and not repeat and _aligned(first):
+        # Whisper read the utterance and stopped: nothing for the repeat (tiny.en
+        # ends early after a short one: "Sorry", "and so", "Yes, please"). There
+        # is no second reading to compare, but nothing contradicts the first, and
+        # decoding the utterance again alone read the same words in all six such
+        # finals of the synthesized sets, for one whole-window decode more
+        # (BENCHMARKS.md, *A repeat read as nothing*).
+        return first, first
     return None
+
+
+def _aligned(words: list[Any]) -> bool:
+    """Whisper kept its place in the audio for these words.  A decode that skipped
+    a repetition times what it is left with at one instant: several words with no
+    duration (one such word happens at a segment's end; no final of
+    BENCHMARKS.md's sets has two)."""
+    return sum(1 for w in words if w.end <= w.start) < 2
 
 
 def _read_alike(first: list[Any], repeat: list[Any]) -> bool:
     """Two readings of one utterance agree: the same words, and Whisper kept its
-    place in the audio for both.  A decode that skipped a repetition times what
-    it is left with at one instant: several words with no duration (one such
-    word happens at a segment's end; no final of BENCHMARKS.md's sets has two)."""
-
-    def aligned(words: list[Any]) -> bool:
-        return sum(1 for w in words if w.end <= w.start) < 2
-
-    return aligned(first) and aligned(repeat) and [*map(_said, first)] == [*map(_said, repeat)]
+    place in the audio for both (:func:`_aligned`)."""
+    return _aligned(first) and _aligned(repeat) and [*map(_said, first)] == [*map(_said, repeat)]
 
 
 def _said(word: Any) -> str:

@@ -69,8 +69,9 @@ def in_context(before: Samples, utterance: Samples) -> tuple[Samples, int, int]:
     samples of the window (the bound runs to the middle of the silence, for a
     word timed a little late), the words after it are the repeat's, and
     :meth:`WhisperEngine.transcribe` trusts the first only if the repeat reads
-    the same (else it decodes the utterance alone; tiny.en may skip a
-    repetition, and then times the words it kept wildly).  BENCHMARKS.md,
+    the same, or reads as nothing (else it decodes the utterance alone;
+    tiny.en may skip a repetition, and then times the words it kept wildly:
+    :func:`~.whisper_copies.copies`).  BENCHMARKS.md,
     *Finals in context*.
 
     An utterance too long to fit twice (over ~14.8 s) is decoded alone: it
