@@ -117,6 +117,8 @@ from transcribe_gateway.providers.whisper_engine import (  # noqa: E402
 
 LEFT_CONTEXT_S = 10.0
 PROMPT_CHARS = 200
+REPEAT_GAP = np.zeros(REPEAT_GAP_MS * SAMPLE_RATE // 1000, np.int16)
+"""The silence ``whisper_engine.in_context`` puts between two copies."""
 """The most of the earlier finals a variant gives Whisper as its prompt."""
 Utterances = list[tuple[int, int]]
 Variant = Callable[[np.ndarray, Utterances], str]
@@ -149,13 +151,20 @@ def utterances(audio: np.ndarray, endpointing_ms: int = ENDPOINTING_MS) -> Utter
     return cut((audio[i : i + step] for i in range(0, len(audio), step)), activity.process)
 
 
+def context_from(starts: list[int], start: int, context_ms: int = CONTEXT_MS) -> int:
+    """The first utterance (an index of ``starts``) that started within ``context_ms``
+    before ``start``; ``len(starts)`` if none did."""
+    return next(
+        k for k, a in enumerate([*starts, start]) if start - a <= context_ms * SAMPLE_RATE // 1000
+    )
+
+
 def context_of(
     audio: np.ndarray, starts: list[int], start: int, context_ms: int = CONTEXT_MS
 ) -> np.ndarray:
     """As the LOCAL stream decodes finals with ``final_context``: the audio since the
     first utterance (of ``starts``) that started within ``context_ms`` before ``start``."""
-    since = next(a for a in [*starts, start] if start - a <= context_ms * SAMPLE_RATE // 1000)
-    return audio[since:start]
+    return audio[[*starts, start][context_from(starts, start, context_ms)] : start]
 
 
 def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
@@ -233,16 +242,10 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
                 before = context_of(audio, starts[:i], s, context_ms)
                 prompt = None
                 if earlier_prompt:
-                    # The context's first utterance: the one it starts at.
-                    first = next(
-                        j
-                        for j, a in enumerate([*starts[:i], s])
-                        if s - a <= (context_ms * SAMPLE_RATE // 1000)
-                    )
+                    first = context_from(starts[:i], s, context_ms)
                     prompt = " ".join(texts[:first])[-PROMPT_CHARS:] or None
                 if self_first and not len(before):
-                    gap = np.zeros(REPEAT_GAP_MS * SAMPLE_RATE // 1000, np.int16)
-                    before = np.concatenate([audio[s:e], gap])
+                    before = np.concatenate([audio[s:e], REPEAT_GAP])
                 after_speech = len(before) > 0 if short is None else short
                 if first_padding_ms is None or after_speech:
                     texts.append(
@@ -394,9 +397,8 @@ def followed(engine: WhisperEngine, utterance: np.ndarray, after: np.ndarray) ->
     """``utterance`` read with ``after`` following it in the window (after a
     ``REPEAT_GAP_MS`` silence): its words, those whose middle lies before the
     middle of the silence."""
-    gap = np.zeros(REPEAT_GAP_MS * SAMPLE_RATE // 1000, np.int16)
-    keep_to_ms = (len(utterance) + len(gap) // 2) * 1000 // SAMPLE_RATE
-    window = np.concatenate([utterance, gap, after])
+    keep_to_ms = (len(utterance) + len(REPEAT_GAP) // 2) * 1000 // SAMPLE_RATE
+    window = np.concatenate([utterance, REPEAT_GAP, after])
     words = engine.transcribe(window, final=True).words
     return " ".join(w.word for w in words if w.start_ms + w.end_ms < 2 * keep_to_ms)
 

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -21,11 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.providers.held_worker import held_worker
 from tests.textnorm import SHARED_AUDIO, normalize, references, word_errors
 from transcribe_gateway.audio.decode import Samples
 from transcribe_gateway.audio.files import read_audio
-from transcribe_gateway.config import LocalSettings, Settings
-from transcribe_gateway.exceptions import ProviderError, ProviderUnavailable
+from transcribe_gateway.config import Settings
+from transcribe_gateway.exceptions import ProviderError
 from transcribe_gateway.providers import pool as pool_module
 from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, StreamOptions
 from transcribe_gateway.providers.local import LocalSTT
@@ -327,32 +327,16 @@ async def test_late_finals_of_a_real_time_stream_stop_admission(
     # the pool's. (cards-001, 1.1 s: its endpoint comes before the backlog
     # bound makes pushing wait.)
     monkeypatch.setattr(pool_module, "LATE_FINALS_MIN", 1)  # one session, one final
-    stt = LocalSTT(Settings(local=LocalSettings(workers=1)))
-    gate = threading.Event()
-    holder = asyncio.create_task(stt.pool.run(lambda: gate.wait(60)))
-    try:
-        await asyncio.sleep(0)  # an idle pool's slot is taken without waiting
-        assert stt.pool.busy == 1
+    async with held_worker(load_whisper=False) as held:
         samples = np.concatenate([audio("cards-001.wav"), silence(GAP_S)])
-        pending = asyncio.create_task(transcribe(stt, samples, pace=1.0 if paced else 0.0))
+        pending = asyncio.create_task(transcribe(held.stt, samples, pace=1.0 if paced else 0.0))
         await asyncio.sleep(len(samples) / RATE + LATE_FINALS_S + 0.2)
         assert not pending.done()
-        gate.set()
-        await holder
+        await held.release()
         run = await pending
         e, _ = word_errors(references()["cards-001.wav"], run.text)
         assert e <= 1, run.text
-        assert stt.pool.busy == 0 and stt.pool.waiting == 0
-        assert (stt.pool.final_lateness > LATE_FINALS_S) is paced
-        if paced:
-            with pytest.raises(ProviderUnavailable, match="saturated"):
-                await stt.open_stream(StreamOptions(model=MODEL))
-        else:
-            stream = await stt.open_stream(StreamOptions(model=MODEL))
-            await stream.aclose()
-    finally:
-        gate.set()
-        await stt.aclose()
+        await held.check_admission(MODEL, late=paced)
 
 
 # -- keyterms -------------------------------------------------------------------

@@ -4,9 +4,7 @@ finals in context; the engine's encoder on every core."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,11 +14,11 @@ import pytest
 from faster_whisper.transcribe import Word
 
 from tests.conftest import SHARED_AUDIO
+from tests.providers.held_worker import held_worker
 from tests.textnorm import normalize, references
 from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.audio.vad import SAMPLE_RATE
 from transcribe_gateway.config import LocalSettings, Settings
-from transcribe_gateway.exceptions import ProviderUnavailable
 from transcribe_gateway.providers import pool as pool_module
 from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, StreamOptions
 from transcribe_gateway.providers.local import LocalSTT
@@ -597,40 +595,6 @@ def test_only_the_padding_is_cut_from_a_window(engines: Engines) -> None:
     assert encoder._shortened(window) is window
 
 
-@dataclass
-class HeldWorker:
-    """A one-worker engine whose only worker is busy until :meth:`release`."""
-
-    stt: LocalSTT
-    gate: threading.Event
-    holder: asyncio.Task[bool]
-
-    async def until_waiting(self, decodes: int) -> None:
-        """Return once ``decodes`` decodes wait for the worker."""
-        async with asyncio.timeout(60):
-            while self.stt.pool.waiting < decodes:  # noqa: ASYNC110 (the pool has no event for it)
-                await asyncio.sleep(0.01)
-
-    async def release(self) -> None:
-        self.gate.set()
-        await self.holder
-
-
-@contextlib.asynccontextmanager
-async def held_worker() -> AsyncIterator[HeldWorker]:
-    stt = LocalSTT(Settings(local=LocalSettings(workers=1)))
-    await stt.start()
-    gate = threading.Event()
-    try:
-        holder = asyncio.create_task(stt.pool.run(lambda: gate.wait(60)))
-        await asyncio.sleep(0)  # an idle pool's slot is taken without waiting
-        assert stt.pool.busy == 1
-        yield HeldWorker(stt, gate, holder)
-    finally:
-        gate.set()
-        await stt.aclose()
-
-
 @pytest.mark.parametrize("paced", [True, False], ids=["real-time", "faster"])
 async def test_a_final_decoded_while_others_wait_takes_a_short_window(paced: bool) -> None:
     # One worker, held: two sessions' finals wait for it. The first to get it
@@ -671,14 +635,7 @@ async def test_late_finals_of_a_real_time_stream_stop_admission(
         await held.release()
         (final,) = finals((await pending).events)
         assert normalize(final.text) == "go forward ten meters"
-        assert stt.pool.busy == 0 and stt.pool.waiting == 0
-        assert (stt.pool.final_lateness > LATE_FINALS_S) is paced
-        if paced:
-            with pytest.raises(ProviderUnavailable, match="saturated"):
-                await stt.open_stream(StreamOptions(model="whisper-tiny.en"))
-        else:
-            stream = await stt.open_stream(StreamOptions(model="whisper-tiny.en"))
-            await stream.aclose()
+        await held.check_admission("whisper-tiny.en", late=paced)
 
 
 def test_a_short_final_whose_readings_disagree_is_decoded_alone_on_the_whole_window(
