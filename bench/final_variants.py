@@ -3,6 +3,7 @@
 Run by hand (never in CI), from the repository root:
 
     .venv/bin/python bench/final_variants.py [--synth | --heldout | --fresh] [--variants cut,pad-100,prompt,left-context,...]
+        [--model whisper-base=/path/to/ctranslate2/dir]   # another Whisper model than the bundled one
 
 No server: each clip is cut into utterances by the gateway's own VAD and
 endpointer (Silero, the endpointing the load benchmark uses), and every
@@ -117,9 +118,9 @@ from transcribe_gateway.providers.whisper_engine import (  # noqa: E402
 
 LEFT_CONTEXT_S = 10.0
 PROMPT_CHARS = 200
+"""The most of the earlier finals a variant gives Whisper as its prompt."""
 REPEAT_GAP = np.zeros(REPEAT_GAP_MS * SAMPLE_RATE // 1000, np.int16)
 """The silence ``whisper_engine.in_context`` puts between two copies."""
-"""The most of the earlier finals a variant gives Whisper as its prompt."""
 Utterances = list[tuple[int, int]]
 Variant = Callable[[np.ndarray, Utterances], str]
 
@@ -468,6 +469,11 @@ def main() -> None:
     add_clip_set_arguments(parser)
     parser.add_argument("--variants", default="cut,pad-100,pad-350,prompt,left-context")
     parser.add_argument(
+        "--model",
+        default=BUNDLED_MODEL,
+        help="the bundled model, or NAME=DIRECTORY of another CTranslate2 Whisper model",
+    )
+    parser.add_argument(
         "--batch-spread",
         action="store_true",
         help="also batch with 10-100 ms more silence in front: its own spread",
@@ -502,8 +508,9 @@ def main() -> None:
             name: tuple(s for n in members.get(name, [name]) for s in sentences[n])
             for name in clips
         }
-    model = resolve_whisper_model(BUNDLED_MODEL, {}, False)
-    engine = WhisperEngine(BUNDLED_MODEL, model, args.workers)
+    model_name, _, directory = args.model.partition("=")
+    path = resolve_whisper_model(model_name, {model_name: directory} if directory else {}, False)
+    engine = WhisperEngine(model_name, path, args.workers)
     texts = {"batch": {n: engine.transcribe(a, final=True).text for n, a in clips.items()}}
     cuts = {n: utterances(a) for n, a in clips.items()}
     times: list[float] = []
@@ -521,7 +528,7 @@ def main() -> None:
         return corpus_wer([(refs[n], texts[name][n]) for n in groups[group]])
 
     words = {g: sum(len(refs[n].split()) for n in names) for g, names in groups.items()}
-    print(f"## Final variants, {BUNDLED_MODEL}, {clip_set}\n")
+    print(f"## Final variants, {model_name}, {clip_set}\n")
     print(
         "| | "
         + " | ".join(f"{g} ({len(groups[g])} clips, {words[g]} words)" for g in groups)

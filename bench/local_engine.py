@@ -9,6 +9,8 @@ Run by hand (never in CI), from the repository root:
     .venv/bin/python bench/local_engine.py --heldout --unfinished 1500 --sessions ''   # semantic endpointing
     .venv/bin/python bench/local_engine.py --heldout --calls --sessions ''   # a session per voice
     .venv/bin/python bench/local_engine.py --heldout --calls --sessions 4,8 --probe 30   # admission
+    TRANSCRIBE_CONFIG=models.toml .venv/bin/python bench/local_engine.py --model whisper-base --sessions ''
+        # a model of [local.whisper_models] (batch and the gateway both read that config)
 
 It starts a real gateway process (pinned to core 0 with ``taskset`` for the
 capacity part, one decode worker; then, with ``--sessions-all-cores``, on every
@@ -629,9 +631,12 @@ def batch_figures(
     texts: dict[str, str] = {}
     cpu = audio = 0.0
     if model.startswith("whisper"):
+        from transcribe_gateway.config import load_settings
         from transcribe_gateway.providers.whisper_engine import WhisperEngine, resolve_whisper_model
 
-        engine = WhisperEngine(model, resolve_whisper_model(model, {}, False), 1)
+        # The models the gateway started below is configured with (TRANSCRIBE_CONFIG).
+        configured = load_settings().local.whisper_models
+        engine = WhisperEngine(model, resolve_whisper_model(model, configured, False), 1)
         engine.transcribe(clips[next(iter(clips))], final=True)  # warm-up
         for name, samples in clips.items():
             t = time.process_time()
