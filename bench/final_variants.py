@@ -3,7 +3,8 @@
 Run by hand (never in CI), from the repository root:
 
     .venv/bin/python bench/final_variants.py [--synth | --heldout | --fresh] [--variants cut,pad-100,prompt,left-context,...]
-        [--model whisper-base=/path/to/ctranslate2/dir]   # another Whisper model than the bundled one
+    TRANSCRIBE_CONFIG=models.toml .venv/bin/python bench/final_variants.py --model whisper-base [...]
+        # a model of [local.whisper_models] instead of the bundled one
 
 No server: each clip is cut into utterances by the gateway's own VAD and
 endpointer (Silero, the endpointing the load benchmark uses), and every
@@ -100,6 +101,7 @@ from local_engine import (  # noqa: E402
     clip_set_of,
     load_clips,
     pct,
+    whisper_engine,
 )
 from transcribe_gateway.audio.vad import (  # noqa: E402
     SAMPLE_RATE,
@@ -113,7 +115,6 @@ from transcribe_gateway.providers.whisper_engine import (  # noqa: E402
     BUNDLED_MODEL,
     REPEAT_GAP_MS,
     WhisperEngine,
-    resolve_whisper_model,
 )
 
 LEFT_CONTEXT_S = 10.0
@@ -471,7 +472,7 @@ def main() -> None:
     parser.add_argument(
         "--model",
         default=BUNDLED_MODEL,
-        help="the bundled model, or NAME=DIRECTORY of another CTranslate2 Whisper model",
+        help="a Whisper model: the bundled one, or one of [local.whisper_models] in TRANSCRIBE_CONFIG",
     )
     parser.add_argument(
         "--batch-spread",
@@ -508,9 +509,7 @@ def main() -> None:
             name: tuple(s for n in members.get(name, [name]) for s in sentences[n])
             for name in clips
         }
-    model_name, _, directory = args.model.partition("=")
-    path = resolve_whisper_model(model_name, {model_name: directory} if directory else {}, False)
-    engine = WhisperEngine(model_name, path, args.workers)
+    engine = whisper_engine(args.model, args.workers)
     texts = {"batch": {n: engine.transcribe(a, final=True).text for n, a in clips.items()}}
     cuts = {n: utterances(a) for n, a in clips.items()}
     times: list[float] = []
@@ -528,7 +527,7 @@ def main() -> None:
         return corpus_wer([(refs[n], texts[name][n]) for n in groups[group]])
 
     words = {g: sum(len(refs[n].split()) for n in names) for g, names in groups.items()}
-    print(f"## Final variants, {model_name}, {clip_set}\n")
+    print(f"## Final variants, {args.model}, {clip_set}\n")
     print(
         "| | "
         + " | ".join(f"{g} ({len(groups[g])} clips, {words[g]} words)" for g in groups)

@@ -58,7 +58,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import websockets
@@ -72,6 +72,9 @@ from tests.textnorm import LIBRIVOX, SHARED_AUDIO, corpus_wer, normalize, refere
 from transcribe_gateway.audio.files import read_audio  # noqa: E402
 from transcribe_gateway.audio.vad import SAMPLE_RATE, Endpointer  # noqa: E402
 from transcribe_gateway.providers.pool import IDLE_FORGETS_S  # noqa: E402
+
+if TYPE_CHECKING:
+    from transcribe_gateway.providers.whisper_engine import WhisperEngine
 
 KEY = "bench-key"
 ENDPOINTING_MS = 500
@@ -624,6 +627,17 @@ async def run_sessions(
     return results, outcome
 
 
+def whisper_engine(model: str, workers: int) -> WhisperEngine:
+    """``model`` loaded as the gateway loads it: the bundled one, or one that
+    ``[local.whisper_models]`` maps in the config ``TRANSCRIBE_CONFIG`` names
+    (the gateway the benchmark starts reads the same), never downloaded."""
+    from transcribe_gateway.config import load_settings
+    from transcribe_gateway.providers.whisper_engine import WhisperEngine, resolve_whisper_model
+
+    configured = load_settings().local.whisper_models
+    return WhisperEngine(model, resolve_whisper_model(model, configured, False), workers)
+
+
 def batch_figures(
     model: str, clips: dict[str, np.ndarray], refs: dict[str, str], groups: dict[str, list[str]]
 ) -> tuple[dict[str, float], float]:
@@ -631,12 +645,7 @@ def batch_figures(
     texts: dict[str, str] = {}
     cpu = audio = 0.0
     if model.startswith("whisper"):
-        from transcribe_gateway.config import load_settings
-        from transcribe_gateway.providers.whisper_engine import WhisperEngine, resolve_whisper_model
-
-        # The models the gateway started below is configured with (TRANSCRIBE_CONFIG).
-        configured = load_settings().local.whisper_models
-        engine = WhisperEngine(model, resolve_whisper_model(model, configured, False), 1)
+        engine = whisper_engine(model, 1)
         engine.transcribe(clips[next(iter(clips))], final=True)  # warm-up
         for name, samples in clips.items():
             t = time.process_time()
