@@ -32,8 +32,9 @@ measured here before any is built into the stream:
   ``context-short``: ``context`` on a short window (``SHORT_PADDING_MS``), as a
   final decoded while other decodes wait for a worker is; ``context-short-later``:
   the short window only for a final with earlier speech before it, as the
-  stream decodes finals by default; ``context-short-first-N``: that, and a
-  session's first final on a short window with N ms of padding;
+  stream decodes finals by default (but for ``-repeats``, below);
+  ``context-short-first-N``: that, and a session's first final on a short
+  window with N ms of padding;
   ``context-short-later-beam-N``: the default with a beam of N instead of 5
   (``[local] whisper_beam_size``); ``context-short-self``: the default, but a
   session's first final, with no earlier speech, has its own utterance as that
@@ -41,7 +42,10 @@ measured here before any is built into the stream:
   ``context-short-later-prompt``: the default, with the finals of the
   session's utterances before its context (older than ``CONTEXT_MS``) as
   Whisper's prompt, as batch's long-form decode carries a window's text into
-  the next;
+  the next; ``context-short-later-repeats``: the default, but an utterance
+  whose partial says a word or phrase twice in a row is decoded alone at once
+  (``whisper_copies.repeats_itself``), as the stream does since 2026-12-07
+  (here a partial's decode of the whole utterance stands for its last partial);
 * ``hold-1500``: semantic endpointing (``endpointing_unfinished`` 1500), roughly
   as OpenAI's ``semantic_vad`` and LiveKit's turn detector: a final whose text
   does not end a sentence (``local_whisper.ends_sentence``) is held, and if
@@ -111,6 +115,7 @@ from transcribe_gateway.audio.vad import (  # noqa: E402
 )
 from transcribe_gateway.providers.base import WordTiming  # noqa: E402
 from transcribe_gateway.providers.local_whisper import CONTEXT_MS, ends_sentence  # noqa: E402
+from transcribe_gateway.providers.whisper_copies import repeats_itself  # noqa: E402
 from transcribe_gateway.providers.whisper_engine import (  # noqa: E402
     BUNDLED_MODEL,
     REPEAT_GAP_MS,
@@ -169,8 +174,11 @@ def context_of(
     return audio[[*starts, start][context_from(starts, start, context_ms)] : start]
 
 
-def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
-    """The variants by name; ``times`` gets the wall time of each final's decode(s)."""
+def variants(
+    engine: WhisperEngine, times: list[float], unrepeated: list[str]
+) -> dict[str, Variant]:
+    """The variants by name; ``times`` gets the wall time of each final's decode(s),
+    ``unrepeated`` the partial of each final decoded without its repeat."""
 
     def decode(
         audio: np.ndarray,
@@ -179,6 +187,7 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
         context: np.ndarray | None = None,
         short: bool = False,
         beam: int = 5,
+        with_repeat: bool = True,
     ) -> str:
         # The final's own decode (beam search, word timestamps), as the stream runs it.
         began = time.perf_counter()
@@ -190,6 +199,7 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
             context=context,
             short_window=short,
             beam_size=beam,
+            with_repeat=with_repeat,
         )
         times.append(time.perf_counter() - began)
         return found.text.strip()
@@ -232,11 +242,14 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
         beam: int = 5,
         self_first: bool = False,
         earlier_prompt: bool = False,
+        as_partials_say: bool = False,
     ) -> Variant:
         # short=None: a short window for a final with earlier speech before it;
         # first_padding_ms: a session's first final too, with this much padding;
         # beam: the final's beam size ([local] whisper_beam_size); earlier_prompt:
-        # the finals of the utterances before the context's as the prompt.
+        # the finals of the utterances before the context's as the prompt;
+        # as_partials_say: no repeat for an utterance whose partial (here: a
+        # partial's decode of all of it) says a word or phrase twice in a row.
         def run(audio: np.ndarray, cuts: Utterances) -> str:
             starts = [s for s, _ in cuts]
             texts: list[str] = []
@@ -249,10 +262,18 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
                 if self_first and not len(before):
                     before = np.concatenate([audio[s:e], REPEAT_GAP])
                 after_speech = len(before) > 0 if short is None else short
+                partial = engine.transcribe(audio[s:e], final=False).text if as_partials_say else ""
+                if repeats_itself(partial):
+                    unrepeated.append(partial)
                 if first_padding_ms is None or after_speech:
                     texts.append(
                         decode(
-                            audio[s:e], prompt=prompt, context=before, short=after_speech, beam=beam
+                            audio[s:e],
+                            prompt=prompt,
+                            context=before,
+                            short=after_speech,
+                            beam=beam,
+                            with_repeat=not repeats_itself(partial),
                         )
                     )
                     continue
@@ -345,6 +366,7 @@ def variants(engine: WhisperEngine, times: list[float]) -> dict[str, Variant]:
         },
         "context-short-self": in_context(short=None, self_first=True),
         "context-short-later-prompt": in_context(short=None, earlier_prompt=True),
+        "context-short-later-repeats": in_context(short=None, as_partials_say=True),
         **{f"context-short-later-beam-{n}": in_context(short=None, beam=n) for n in (1, 2, 3)},
         **{f"context-{ms}": in_context(ms) for ms in (0, 10_000, 15_000, 20_000, 25_000)},
         "pad-100": padded(100),
@@ -513,14 +535,18 @@ def main() -> None:
     texts = {"batch": {n: engine.transcribe(a, final=True).text for n, a in clips.items()}}
     cuts = {n: utterances(a) for n, a in clips.items()}
     times: list[float] = []
-    table = variants(engine, times)
+    unrepeated: list[str] = []
+    table = variants(engine, times, unrepeated)
+    alone_at_once: dict[str, list[str]] = {}  # partials of finals decoded without a repeat
     redecoded: dict[str, int] = {}  # finals decoded alone again, per variant
     timed: dict[str, list[float]] = {}  # seconds each decode took, per variant
     for name in args.variants.split(","):
         before = engine.repeat_mismatches
         times.clear()
+        unrepeated.clear()
         texts[name] = {n: table[name](a, cuts[n]) for n, a in clips.items()}
         redecoded[name] = engine.repeat_mismatches - before
+        alone_at_once[name] = list(unrepeated)
         timed[name] = sorted(times)
 
     def wer(name: str, group: str) -> float:
@@ -544,6 +570,12 @@ def main() -> None:
         if count:
             print(
                 f"\n`{name}`: {count} decodes in context redone alone (the repeat read otherwise)"
+            )
+    for name, partials in alone_at_once.items():
+        if partials:
+            print(
+                f"\n`{name}`: {len(partials)} finals decoded alone at once, their partials"
+                " repeating themselves: " + "; ".join(repr(p[:40]) for p in partials)
             )
     # Wall time of each final's decode, one at a time: read as ratios between
     # variants of one run (the machine is shared).

@@ -25,7 +25,7 @@ are printed as a Markdown block for BENCHMARKS.md.
 With ``--unfinished MS`` the sessions ask for semantic endpointing
 (``endpointing_unfinished``); a held final's wait beyond ``--endpointing``
 counts in its latency.  ``--heldout`` streams ``SYNTH_HELDOUT`` (below), ``--fresh``
-``SYNTH_FRESH``.
+``SYNTH_FRESH``, ``--repeats`` ``SYNTH_REPEATS``.
 
 With ``--calls`` (synthesized sets) each voice's clips are streamed one after
 another as one session, a call of many turns, instead of a session per clip.
@@ -364,11 +364,32 @@ SYNTH_FRESH: dict[str, tuple[str, tuple[str, ...]]] = {
 with the help of ``SYNTH_HELDOUT`` on clips nothing was yet chosen on: the same
 three kinds (``f``: Harvard sentences in neither set, ``b``: agent turns, ``q``:
 sentences in pieces) in four voices neither set uses."""
-ClipSet = Literal["recordings", "synth", "heldout", "fresh"]
+_REPEATED = (
+    ("No, no, no.", "That is not my address."),
+    ("Yes, yes.", "Go ahead."),
+    ("Thank you, thank you.", "That helps a lot."),
+    ("Sorry, sorry.", "I missed that."),
+    ("Hello? Hello?", "Can you hear me?"),
+    ("Okay, okay.", "Let me check."),
+    ("Wait, wait.", "Not that one."),
+    ("Right, right.", "The blue one."),
+)
+_REPEAT_VOICES = ("en-us", "en-gb-x-rp", "en-us+f2", "en-us+m3", "en-gb-scotland")
+SYNTH_REPEATS: dict[str, tuple[str, tuple[str, ...]]] = {
+    f"r{i + 1}-{voice}": (voice, turn)
+    for i, turn in enumerate(_REPEATED)
+    for voice in (_REPEAT_VOICES[:3] if i % 2 else _REPEAT_VOICES[2:])
+}
+"""Utterances that say a word or a phrase twice in a row (``--repeats``), as callers
+do ("No, no, no."; "Hello? Hello?"), each followed by a plain sentence: 24 clips in
+the voices of the sets above, made on 2026-12-07 (BENCHMARKS.md, *Utterances that
+repeat themselves*)."""
+ClipSet = Literal["recordings", "synth", "heldout", "fresh", "repeats"]
 SPOKEN: dict[ClipSet, dict[str, tuple[str, tuple[str, ...]]]] = {
     "synth": SYNTH_TURNS,
     "heldout": SYNTH_HELDOUT,
     "fresh": SYNTH_FRESH,
+    "repeats": SYNTH_REPEATS,
 }
 """Each synthesized set's clips of sentences spoken one by one (``synth`` has ``SYNTH`` too)."""
 
@@ -381,6 +402,9 @@ def add_clip_set_arguments(parser: argparse.ArgumentParser) -> None:
         "--heldout", action="store_true", help="the held-out synthesized set (SYNTH_HELDOUT)"
     )
     which.add_argument("--fresh", action="store_true", help="the second held-out set (SYNTH_FRESH)")
+    which.add_argument(
+        "--repeats", action="store_true", help="phrases said twice in a row (SYNTH_REPEATS)"
+    )
 
 
 def clip_set_of(args: argparse.Namespace) -> ClipSet:
@@ -417,6 +441,8 @@ def synthesize(
             "all synthesized": list(refs),
         }
         return clips, refs, groups
+    if clip_set == "repeats":
+        return clips, refs, {"repeated phrases (5 voices)": list(refs)}
     # The held-out sets: each name's first letter is its kind.
     kinds = ("h", "a", "p") if clip_set == "heldout" else ("f", "b", "q")
     labels = ("Harvard", "agent turns", "paused phrases")
@@ -731,6 +757,7 @@ def main() -> None:
     first_runs, final_runs, final_p95_runs = [], [], []
     late, finals_seen = 0, 0  # finals more than 0.5 s after the endpointing (held ones)
     latest: list[tuple[float, str, int]] = []  # (latency, clip, words) of every final
+    by_position: dict[str, list[float]] = {"first": [], "later": []}  # finals of a session
     proc, url = start_server(workers=0, cpus=None)
     try:
         for _ in range(args.runs):
@@ -751,6 +778,9 @@ def main() -> None:
             late += sum(x > 0.5 for x in finals)
             finals_seen += len(finals)
             latest += [(f.latency_s, r.name, f.words) for r in solo for f in r.finals]
+            for r in solo:
+                by_position["first"] += [f.latency_s for f in r.finals[:1]]
+                by_position["later"] += [f.latency_s for f in r.finals[1:]]
     finally:
         proc.terminate()
         proc.wait()
@@ -765,6 +795,15 @@ def main() -> None:
         f"median {med(final_runs):.3f} s, p95 {med(final_p95_runs):.3f} s "
         f"(per run: {', '.join(f'{x:.3f}' for x in final_runs)}); "
         f"{late} of {finals_seen} finals more than 0.5 s after it"
+    )
+    # A session's first final has nothing before it in its window: the whole one.
+    print(
+        "time to final, a session's first / the later ones: "
+        + "; ".join(
+            f"{position} {len(xs)}, median {med(xs):.3f} s, p95 {pct(xs, 0.95):.3f} s"
+            for position, xs in by_position.items()
+            if xs
+        )
     )
     # What sets the p95: which finals come last, and how long they are.
     slowest = sorted(latest, reverse=True)[: max(3, len(latest) // 20)]

@@ -24,7 +24,7 @@ from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, Stre
 from transcribe_gateway.providers.local import LocalSTT
 from transcribe_gateway.providers.local_whisper import CONTEXT_MS, WhisperStream, ends_sentence
 from transcribe_gateway.providers.pool import LATE_FINALS_S
-from transcribe_gateway.providers.whisper_copies import copies
+from transcribe_gateway.providers.whisper_copies import copies, repeats_itself
 from transcribe_gateway.providers.whisper_encoder import FRAMES_PER_S
 from transcribe_gateway.providers.whisper_engine import (
     BUNDLED_MODEL,
@@ -76,6 +76,7 @@ async def run(
     live: bool = True,
     patient: bool = False,
     paced: bool = False,
+    partials: bool = False,
     **options: int,
 ) -> Run:
     """Push ``audio`` in 20 ms chunks the way the gateway does: at once when the
@@ -84,7 +85,8 @@ async def run(
     let each speculative final finish before the next chunk, as on a machine
     that decodes faster than the pause lasts, so what the stream decides from
     it does not depend on this machine's speed.  ``paced``: one chunk per 20 ms,
-    as a caller sends."""
+    as a caller sends.  ``partials``: let each partial's decode finish before the
+    next chunk, so that every partial due is decoded, whatever this machine's speed."""
     stream = await stt.open_stream(StreamOptions(model="whisper-tiny.en", **options))
     assert isinstance(stream, WhisperStream)
     result = Run(stream)
@@ -105,6 +107,8 @@ async def run(
             await asyncio.sleep(0)
         if patient and stream._early is not None:
             await asyncio.wait_for(asyncio.shield(stream._early[2].task), 30)
+        if partials and stream._partial is not None:
+            await asyncio.wait_for(asyncio.shield(stream._partial.task), 30)
     await stream.end_input()
     await asyncio.wait_for(collector, 60)
     await stream.aclose()
@@ -650,6 +654,80 @@ def test_a_short_final_whose_readings_disagree_is_decoded_alone_on_the_whole_win
     final = engine.transcribe(audio, final=True, context=audio[:0], short_window=True)
     assert engine.repeat_mismatches == mismatches + 1
     assert normalize(final.text) == "five five"
+
+
+@pytest.mark.parametrize(
+    ("text", "repeats"),
+    [
+        ("No, no.", True),
+        ("5, 5, 5, 5,", True),
+        ("Hello? Hello?", True),
+        ("Thank you, thank you.", True),
+        ("I want the red one, the red one.", True),
+        ("Bye-bye.", True),
+        ("Go forward ten meters.", False),
+        ("That is what it is.", False),  # the same words, not in a row
+        ("one two three four, one two three four", False),  # four words: past the bound
+        ("", False),
+    ],
+)
+def test_an_utterance_that_says_words_twice_in_a_row_repeats_itself(
+    text: str, repeats: bool
+) -> None:
+    assert repeats_itself(text) is repeats
+
+
+def test_a_final_without_its_repeat_is_one_decode_alone_at_temperature_0(
+    engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a final whose copies disagree gets after its decode in context,
+    # without that decode: the utterance alone, on the whole window, once.
+    engine = engines.alone
+    decoded: list[tuple[int, object, bool]] = []
+    model_transcribe = engine.model.transcribe
+
+    def spy(audio: np.ndarray, **kwargs: Any) -> Any:
+        budget = kwargs.get("max_new_tokens") == token_budget(len(audio))
+        decoded.append((len(audio), kwargs.get("temperature"), budget))
+        return model_transcribe(audio, **kwargs)
+
+    monkeypatch.setattr(engine.model, "transcribe", spy)
+    audio = read_audio(SHARED_AUDIO / "cards-004.wav")
+    mismatches = engine.repeat_mismatches
+    final = engine.transcribe(audio, final=True, context=audio, with_repeat=False)
+    assert normalize(final.text) == "five five"
+    assert decoded == [(len(audio), 0.0, True)]  # not the window of context and two copies
+    assert engine.repeat_mismatches == mismatches
+
+
+async def test_a_final_whose_partial_repeats_itself_is_decoded_without_its_repeat(
+    stt: LocalSTT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cards-004 ("five five"): its partial reads "5, 5, 5, ..."; goforward's
+    # does not repeat itself, so its final keeps its repeat.
+    engine = stt._engines[BUNDLED_MODEL]
+    repeats: list[bool] = []
+    transcribe = engine.transcribe
+
+    def spy(audio: np.ndarray, **kwargs: Any) -> Transcript:
+        if kwargs["final"]:
+            repeats.append(kwargs["with_repeat"])
+        return transcribe(audio, **kwargs)
+
+    monkeypatch.setattr(engine, "transcribe", spy)
+    lead = np.zeros(SAMPLE_RATE // 2, np.int16)
+    five_five = read_audio(SHARED_AUDIO / "cards-004.wav")
+    for audio, expected, with_repeat in (
+        (np.concatenate([lead, five_five, lead, lead]), "five five", False),
+        (go_forward(), "go forward ten meters", True),
+    ):
+        repeats.clear()
+        result = await run(stt, audio, patient=True, partials=True)
+        assert [e for e in result.events if e.type is SpeechEventType.PARTIAL]
+        assert [normalize(f.text) for f in finals(result.events)] == [expected]
+        # The last decode is the final's (a guess dropped in the pause between
+        # the fives may come before it).
+        assert repeats and repeats[-1] is with_repeat, repeats
 
 
 async def test_a_final_with_earlier_speech_before_it_takes_a_short_window(

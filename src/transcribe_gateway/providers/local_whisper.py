@@ -16,9 +16,12 @@ Whisper is not incremental, so streaming is built from three pieces:
   instead of ~0.45 s after it.  If speech resumes, the guess is abandoned.
   The final is decoded in context (``whisper_engine.in_context``): after the
   session's recent speech and before a repeat of the utterance, in one window,
-  so it reads nearly as the whole recording decoded at once would.  A final
-  with the session's earlier speech in its window takes a short window too,
-  as every final of a call does: it reads as well there at 0.6x the decode.
+  so it reads nearly as the whole recording decoded at once would; but an
+  utterance whose partial says a word or phrase twice in a row ("No, no")
+  is decoded alone on the whole window at once, as it would be after its two
+  copies disagreed.  A final with the session's earlier speech in its window
+  takes a short window too, as every final of a call does: it reads as well
+  there at 0.6x the decode.
   A final with nothing before it keeps the whole window (alone in a short one,
   "ten of clubs" read "ten of close"), unless its stream is real time and
   other decodes wait for a worker (the engine has more to do than workers):
@@ -69,6 +72,7 @@ from transcribe_gateway.providers.base import (
 )
 from transcribe_gateway.providers.local_common import RealTimeClock, to_ms, voice_activity
 from transcribe_gateway.providers.pool import DecodePool
+from transcribe_gateway.providers.whisper_copies import repeats_itself
 from transcribe_gateway.providers.whisper_engine import Transcript, WhisperEngine
 
 T = TypeVar("T")
@@ -126,6 +130,8 @@ class _Final:
     """``time.monotonic()`` when the utterance was ended (its endpoint)."""
     real_time: bool
     """Whether the stream sent it in real time (its lateness is the pool's)."""
+    with_repeat: bool
+    """Whether its final may be decoded before a repeat of it (:meth:`_with_repeat`)."""
     early: _Decode[Transcript | None] | None = None
 
 
@@ -279,6 +285,7 @@ class WhisperStream(RecognizeStream):
             self._context(),
             time.monotonic(),
             self._in_real_time(),
+            self._with_repeat(),
         )
         job.early = self._guess_at(sample)  # if any, the silence held: it is the final
         if job.early is None and self._early is not None:
@@ -304,7 +311,12 @@ class WhisperStream(RecognizeStream):
         abandoned = threading.Event()
         audio = self._audio.slice(self._utt_start, end)
         decoder = self._final_decoder(
-            audio, self._context(), self._utt_start, abandoned, self._in_real_time()
+            audio,
+            self._context(),
+            self._utt_start,
+            abandoned,
+            self._in_real_time(),
+            self._with_repeat(),
         )
         task = asyncio.get_running_loop().create_task(
             self._pool.try_run(decoder),
@@ -327,6 +339,12 @@ class WhisperStream(RecognizeStream):
             return None
         return self._audio.slice(self._starts[0] if self._starts else 0, self._utt_start)
 
+    def _with_repeat(self) -> bool:
+        """Whether the open utterance's final may be decoded before a repeat of it:
+        not if its partial says a word or a phrase twice in a row ("No, no"), as
+        the copies of such an utterance disagree (:func:`repeats_itself`)."""
+        return not repeats_itself(self._partial_text)
+
     def _final_decoder(
         self,
         audio: Samples,
@@ -334,6 +352,7 @@ class WhisperStream(RecognizeStream):
         start: int,
         abandoned: threading.Event,
         real_time: bool,
+        with_repeat: bool,
     ) -> Callable[[], Transcript]:
         """The final's decode; ``real_time``: its client streamed it in real time
         (:meth:`_in_real_time` when the decode was asked for: as the speculative
@@ -349,6 +368,7 @@ class WhisperStream(RecognizeStream):
             beam_size=self._beam,
             offset_ms=to_ms(start),
             context=context,
+            with_repeat=with_repeat,
             abandoned=abandoned,
             # Read as the decode starts (on its worker; a dict's len is safe to
             # read across threads): decodes waiting behind this one mean the
@@ -420,7 +440,9 @@ class WhisperStream(RecognizeStream):
                 abandoned = threading.Event()
                 try:
                     result = await self._pool.run(
-                        self._final_decoder(job.audio, job.context, start, abandoned, job.real_time)
+                        self._final_decoder(
+                            job.audio, job.context, start, abandoned, job.real_time, job.with_repeat
+                        )
                     )
                 except asyncio.CancelledError:
                     abandoned.set()  # the session is closing

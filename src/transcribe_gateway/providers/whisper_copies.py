@@ -5,7 +5,8 @@ A final's window holds the utterance twice
 is the first copy's words, trusted only if the repeat reads the same (or
 reads as nothing: Whisper stopped after the first copy).
 Whisper's word timings are what splits the two, and they drift beside a
-silence, so the split is checked by the words too.
+silence, so the split is checked by the words too.  An utterance that says
+the same words twice in a row is not decoded twice (:func:`repeats_itself`).
 """
 
 from __future__ import annotations
@@ -75,6 +76,22 @@ def _read_alike(first: list[Any], repeat: list[Any]) -> bool:
     """Two readings of one utterance agree: the same words, and Whisper kept its
     place in the audio for both (:func:`_aligned`)."""
     return _aligned(first) and _aligned(repeat) and [*map(_said, first)] == [*map(_said, repeat)]
+
+
+def repeats_itself(text: str) -> bool:
+    """``text`` says a word or a phrase of up to three words twice in a row ("No,
+    no"; "Thank you, thank you").  Such an utterance and its repeat make a run
+    of the same words in one window, which Whisper miscounts ("thank you" three
+    times for four) or loops on ("No, no, no" and its repeat read as a hundred
+    "no"s, until the token budget stops it): the copies disagree, and the
+    utterance is decoded alone after all, one decode later (BENCHMARKS.md,
+    *Utterances that repeat themselves*)."""
+    said = re.sub(r"[^\w'\s]", " ", text.lower()).split()
+    return any(
+        said[i : i + n] == said[i + n : i + 2 * n]
+        for n in (1, 2, 3)
+        for i in range(len(said) - 2 * n + 1)
+    )
 
 
 def _said(word: Any) -> str:

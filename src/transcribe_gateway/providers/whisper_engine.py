@@ -191,6 +191,7 @@ class WhisperEngine:
         context: Samples | None = None,
         abandoned: threading.Event | None = None,
         short_window: bool = False,
+        with_repeat: bool = True,
     ) -> Transcript:
         """Decode one utterance (blocking; call from a pool worker).
 
@@ -202,6 +203,9 @@ class WhisperEngine:
         then stops after its encoder and returns an empty transcript.
         ``short_window``: encode a final over its audio and ``short_padding_ms``
         of the padding, as every partial is (:data:`SHORT_PADDING_MS`).
+        ``with_repeat``: with ``context``, False for an utterance that says a word or a
+        phrase twice in a row (:func:`~.whisper_copies.repeats_itself`), whose
+        copies would disagree: it is decoded alone at once, as those are.
         """
         if self.english_only:
             language = "en"
@@ -219,7 +223,7 @@ class WhisperEngine:
         padding_ms = self.short_padding_ms if short_window or not final else None
         if context is not None:
             return self._transcribe_in_context(
-                audio, context, kwargs, offset_ms, abandoned, padding_ms
+                audio, context, kwargs, offset_ms, abandoned, padding_ms, with_repeat
             )
         return self._transcribe_alone(audio, kwargs, offset_ms, abandoned, padding_ms)
 
@@ -244,9 +248,10 @@ class WhisperEngine:
         offset_ms: int,
         abandoned: threading.Event | None,
         padding_ms: int | None,
+        with_repeat: bool,
     ) -> Transcript:
         """The utterance decoded in context (:func:`in_context`), or alone when it is
-        too long to fit twice or its two readings disagree."""
+        too long to fit twice, its two readings disagree or would (``with_repeat``)."""
         window, keep_from, keep_to = in_context(context, audio)
         if window is audio:
             return self._transcribe_alone(audio, kwargs, offset_ms, abandoned, padding_ms)
@@ -255,6 +260,8 @@ class WhisperEngine:
         # random. The check below stands for its loop detector, the token budget
         # (_segments) for its bound on what a loop costs.
         once = {**kwargs, "temperature": 0.0}
+        if not with_repeat:
+            return self._transcribe_alone(audio, once, offset_ms, abandoned)
         segments = self._segments(window, once, abandoned, padding_ms)
         found = [w for segment in segments for w in segment.words or ()]
         read = copies(found, keep_from, keep_to)
