@@ -263,7 +263,8 @@ def variants(
                     before = np.concatenate([audio[s:e], REPEAT_GAP])
                 after_speech = len(before) > 0 if short is None else short
                 partial = engine.transcribe(audio[s:e], final=False).text if as_partials_say else ""
-                if repeats_itself(partial):
+                alone = repeats_itself(partial)
+                if alone:
                     unrepeated.append(partial)
                 if first_padding_ms is None or after_speech:
                     texts.append(
@@ -273,7 +274,7 @@ def variants(
                             context=before,
                             short=after_speech,
                             beam=beam,
-                            with_repeat=not repeats_itself(partial),
+                            with_repeat=not alone,
                         )
                     )
                     continue
