@@ -46,6 +46,10 @@ measured here before any is built into the stream:
   whose partial says a word or phrase twice in a row is decoded alone at once
   (``whisper_copies.repeats_itself``), as the stream does since 2026-12-07
   (here a partial's decode of the whole utterance stands for its last partial);
+  ``context-short-later-primer-recorded`` and ``-primer-espeak``: the default,
+  but a session's first final has fixed speech before it, as if the session's
+  earlier speech, on the whole window: 3 s of a LibriVox recording, or a
+  sentence by espeak-ng in a voice no clip set uses (:func:`espeak_primer`);
 * ``hold-1500``: semantic endpointing (``endpointing_unfinished`` 1500), roughly
   as OpenAI's ``semantic_vad`` and LiveKit's turn detector: a final whose text
   does not end a sentence (``local_whisper.ends_sentence``) is held, and if
@@ -81,8 +85,11 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import functools
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -93,7 +100,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT), str(ROOT / "bench")]
 
-from tests.textnorm import corpus_wer, normalize  # noqa: E402
+from tests.textnorm import SHARED_AUDIO, corpus_wer, normalize  # noqa: E402
 
 from local_engine import (  # noqa: E402
     ENDPOINTING_MS,
@@ -107,6 +114,7 @@ from local_engine import (  # noqa: E402
     pct,
     whisper_engine,
 )
+from transcribe_gateway.audio.files import read_audio  # noqa: E402
 from transcribe_gateway.audio.vad import (  # noqa: E402
     SAMPLE_RATE,
     Endpointer,
@@ -243,13 +251,16 @@ def variants(
         self_first: bool = False,
         earlier_prompt: bool = False,
         as_partials_say: bool = False,
+        first_primer: Callable[[], np.ndarray] | None = None,
     ) -> Variant:
         # short=None: a short window for a final with earlier speech before it;
         # first_padding_ms: a session's first final too, with this much padding;
         # beam: the final's beam size ([local] whisper_beam_size); earlier_prompt:
         # the finals of the utterances before the context's as the prompt;
         # as_partials_say: no repeat for an utterance whose partial (here: a
-        # partial's decode of all of it) says a word or phrase twice in a row.
+        # partial's decode of all of it) says a word or phrase twice in a row;
+        # first_primer: a session's first final has this speech before it, on the
+        # whole window.
         def run(audio: np.ndarray, cuts: Utterances) -> str:
             starts = [s for s, _ in cuts]
             texts: list[str] = []
@@ -262,6 +273,8 @@ def variants(
                 if self_first and not len(before):
                     before = np.concatenate([audio[s:e], REPEAT_GAP])
                 after_speech = len(before) > 0 if short is None else short
+                if first_primer is not None and not len(before):
+                    before, after_speech = np.concatenate([first_primer(), REPEAT_GAP]), False
                 partial = engine.transcribe(audio[s:e], final=False).text if as_partials_say else ""
                 alone = repeats_itself(partial)
                 if alone:
@@ -368,6 +381,8 @@ def variants(
         "context-short-self": in_context(short=None, self_first=True),
         "context-short-later-prompt": in_context(short=None, earlier_prompt=True),
         "context-short-later-repeats": in_context(short=None, as_partials_say=True),
+        "context-short-later-primer-recorded": in_context(short=None, first_primer=recorded_primer),
+        "context-short-later-primer-espeak": in_context(short=None, first_primer=espeak_primer),
         **{f"context-short-later-beam-{n}": in_context(short=None, beam=n) for n in (1, 2, 3)},
         **{f"context-{ms}": in_context(ms) for ms in (0, 10_000, 15_000, 20_000, 25_000)},
         "pad-100": padded(100),
@@ -380,6 +395,34 @@ def variants(
         "hold-1500": hold(1500),
         "context-hold-1500": hold(1500, context=True),
     }
+
+
+PRIMER_TEXT = "Thank you for calling. How can I help you today?"
+PRIMER_VOICE = "en-gb-x-gbcwmd"
+"""The ``-primer-espeak`` variant's speech: a voice no clip set uses."""
+
+
+@functools.cache
+def recorded_primer() -> np.ndarray:
+    """The ``-primer-recorded`` variant's speech: the first 3 s of a LibriVox
+    recording (real speech; the recordings set holds it too)."""
+    audio = read_audio(SHARED_AUDIO / "sense_and_sensibility_01_austen_64kb-0930.wav")
+    return audio[: 3 * SAMPLE_RATE]
+
+
+@functools.cache
+def espeak_primer() -> np.ndarray:
+    """``PRIMER_TEXT`` in ``PRIMER_VOICE``, its silence trimmed to 100 ms each side."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "primer.wav"
+        subprocess.run(
+            ["espeak-ng", "-v", PRIMER_VOICE, "-s", "165", "-w", str(path), PRIMER_TEXT],
+            check=True,
+        )
+        audio = read_audio(path)
+    loud = np.flatnonzero(np.abs(audio) > 300)
+    margin = SAMPLE_RATE // 10
+    return audio[max(0, loud[0] - margin) : loud[-1] + margin]
 
 
 def batch_spread(
