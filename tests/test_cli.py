@@ -1,12 +1,15 @@
-"""The ``transcribe-gateway`` command: config check and serve's start-up errors."""
+"""The ``transcribe-gateway`` command: config check, serve's start-up errors and banner."""
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, free_port
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -40,3 +43,46 @@ def test_serve_refuses_production_without_keys(tmp_path: Path) -> None:
     result = run("serve", "--profile", "production", "--port", "0")
     assert result.returncode == 2
     assert "api_keys" in result.stderr
+
+
+def test_serve_prints_its_banner_once_it_accepts_connections(tmp_path: Path) -> None:
+    # The banner says what to try; a user who tries it at once must not be refused
+    # while the model still loads.
+    port = free_port()
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSCRIBE_LOCAL_ALLOW_DOWNLOADS": "false",
+        "TRANSCRIBE_STORE_PATH": str(tmp_path / "store.db"),
+    }
+    env.pop("TRANSCRIBE_API_KEYS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transcribe_gateway", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break  # exited
+            seen.append(line)
+            if "WebSocket URL" in line:
+                break
+        assert any("WebSocket URL" in line for line in seen), "".join(seen)
+        # Connected at once, no retry: the banner comes after the socket is bound.
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        assert any("local engine ready" in line for line in seen), "".join(seen)
+        rest = [proc.stderr.readline() for _ in range(3)]
+        assert "development key: dev-key" in rest[0]
+        assert f"stream --url ws://localhost:{port}/ws" in rest[1]
+        assert "demo page" in rest[2]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

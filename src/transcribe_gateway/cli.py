@@ -51,24 +51,31 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
     host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
     url = f"ws://{host}:{settings.port}/ws"
-    # The banner goes to the terminal, not the log, so the key is never in log files.
-    print(f"transcribe-gateway: WebSocket URL {url}", file=sys.stderr)
-    if not settings.api_keys:
+
+    def banner() -> None:
+        # Printed once the server is listening (the model loads first), so the line
+        # it suggests works at once. To the terminal, not the log: the key is never
+        # in log files.
+        print(f"transcribe-gateway: WebSocket URL {url}", file=sys.stderr)
+        if not settings.api_keys:
+            print(
+                f"transcribe-gateway: development key: {DEV_KEY}  (set TRANSCRIBE_API_KEYS to "
+                "use your own)",
+                file=sys.stderr,
+            )
         print(
-            f"transcribe-gateway: development key: {DEV_KEY}  (set TRANSCRIBE_API_KEYS to "
-            "use your own)",
+            f"transcribe-gateway: try  transcribe-gateway stream --url {url} "
+            "../shared/audio/jfk.flac",
             file=sys.stderr,
         )
-    print(
-        f"transcribe-gateway: try  transcribe-gateway stream --url {url} ../shared/audio/jfk.flac",
-        file=sys.stderr,
-    )
-    if settings.profile == "development":
-        print(
-            f"transcribe-gateway: demo page http://{host}:{settings.port}/  (local development)",
-            file=sys.stderr,
-        )
-    serve(settings)
+        if settings.profile == "development":
+            print(
+                f"transcribe-gateway: demo page http://{host}:{settings.port}/  "
+                "(local development)",
+                file=sys.stderr,
+            )
+
+    serve(settings, on_ready=banner)
     return 0
 
 

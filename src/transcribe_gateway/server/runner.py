@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -26,15 +27,21 @@ log = logging.getLogger(__name__)
 class GatewayServer(uvicorn.Server):
     """uvicorn server whose exit signal drains the gateway first."""
 
-    def __init__(self, config: uvicorn.Config, gateway: Gateway) -> None:
+    def __init__(
+        self, config: uvicorn.Config, gateway: Gateway, on_ready: Callable[[], None] | None = None
+    ) -> None:
         super().__init__(config)
         self.gateway = gateway
+        self._on_ready = on_ready
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets=sockets)  # type: ignore[arg-type]
+        if self.started and self._on_ready is not None:
+            # Listening, engines loaded: whatever on_ready tells a user to try works now.
+            self._on_ready()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in _captured_signals: uvicorn would re-raise it after
@@ -56,7 +63,7 @@ class GatewayServer(uvicorn.Server):
             self.should_exit = True
 
 
-def build_server(settings: Settings) -> GatewayServer:
+def build_server(settings: Settings, on_ready: Callable[[], None] | None = None) -> GatewayServer:
     gateway = Gateway(settings)
     app = create_app(settings, gateway)
     config = uvicorn.Config(
@@ -74,9 +81,9 @@ def build_server(settings: Settings) -> GatewayServer:
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
-    return GatewayServer(config, gateway)
+    return GatewayServer(config, gateway, on_ready)
 
 
-def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT (blocking)."""
-    build_server(settings).run()
+def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
+    """Run until SIGTERM/SIGINT (blocking); ``on_ready`` is called once it is listening."""
+    build_server(settings, on_ready).run()
