@@ -50,6 +50,10 @@ measured here before any is built into the stream:
   but a session's first final has fixed speech before it, as if the session's
   earlier speech, on the whole window: 3 s of a LibriVox recording, or a
   sentence by espeak-ng in a voice no clip set uses (:func:`espeak_primer`);
+  ``context-short-later-repeats-lookahead-N``: the stream's finals, but a
+  session's first final waits for N ms of the audio after its utterance and is
+  decoded with it on the whole window, its words those that start before the
+  utterance's end (a final that waits for the speaker's next words);
 * ``hold-1500``: semantic endpointing (``endpointing_unfinished`` 1500), roughly
   as OpenAI's ``semantic_vad`` and LiveKit's turn detector: a final whose text
   does not end a sentence (``local_whisper.ends_sentence``) is held, and if
@@ -212,6 +216,16 @@ def variants(
         times.append(time.perf_counter() - began)
         return found.text.strip()
 
+    def read_ahead(window: np.ndarray, length: int) -> str:
+        # The first ``length`` samples' words of ``window`` decoded whole: those that
+        # start 100 ms before that end or sooner (Whisper stretches an utterance's
+        # last word into the pause after it, so its middle may lie past the end).
+        began = time.perf_counter()
+        words = engine.transcribe(window, final=True).words
+        times.append(time.perf_counter() - began)
+        keep_ms = length * 1000 // SAMPLE_RATE - 100
+        return " ".join(w.word for w in words if w.start_ms < keep_ms)
+
     def cut(audio: np.ndarray, cuts: Utterances) -> str:
         # Each utterance alone: the LOCAL stream with ``final_context = false``.
         return " ".join(decode(audio[s:e]) for s, e in cuts)
@@ -252,6 +266,7 @@ def variants(
         earlier_prompt: bool = False,
         as_partials_say: bool = False,
         first_primer: Callable[[], np.ndarray] | None = None,
+        first_lookahead_ms: int | None = None,
     ) -> Variant:
         # short=None: a short window for a final with earlier speech before it;
         # first_padding_ms: a session's first final too, with this much padding;
@@ -260,7 +275,8 @@ def variants(
         # as_partials_say: no repeat for an utterance whose partial (here: a
         # partial's decode of all of it) says a word or phrase twice in a row;
         # first_primer: a session's first final has this speech before it, on the
-        # whole window.
+        # whole window; first_lookahead_ms: a session's first final waits for this
+        # much of the audio after it and is decoded with it (:func:`read_ahead`).
         def run(audio: np.ndarray, cuts: Utterances) -> str:
             starts = [s for s, _ in cuts]
             texts: list[str] = []
@@ -275,6 +291,10 @@ def variants(
                 after_speech = len(before) > 0 if short is None else short
                 if first_primer is not None and not len(before):
                     before, after_speech = np.concatenate([first_primer(), REPEAT_GAP]), False
+                if first_lookahead_ms is not None and not len(before):
+                    ahead = audio[s : e + first_lookahead_ms * SAMPLE_RATE // 1000]
+                    texts.append(read_ahead(ahead, e - s))
+                    continue
                 partial = engine.transcribe(audio[s:e], final=False).text if as_partials_say else ""
                 alone = repeats_itself(partial)
                 if alone:
@@ -383,6 +403,12 @@ def variants(
         "context-short-later-repeats": in_context(short=None, as_partials_say=True),
         "context-short-later-primer-recorded": in_context(short=None, first_primer=recorded_primer),
         "context-short-later-primer-espeak": in_context(short=None, first_primer=espeak_primer),
+        **{
+            f"context-short-later-repeats-lookahead-{ms}": in_context(
+                short=None, as_partials_say=True, first_lookahead_ms=ms
+            )
+            for ms in (1000, 2000, 3000)
+        },
         **{f"context-short-later-beam-{n}": in_context(short=None, beam=n) for n in (1, 2, 3)},
         **{f"context-{ms}": in_context(ms) for ms in (0, 10_000, 15_000, 20_000, 25_000)},
         "pad-100": padded(100),
