@@ -10,11 +10,24 @@ ways a real engine can.  The model name picks the failure:
 * ``crash-on-open``: ``open_stream`` raises a plain exception (a bug);
 * ``refuse-on-open``: ``open_stream`` fails as a provider refusing the key does.
 * ``echo``: a final per 0.5 s of audio, text = the count, and a clean end.
+* ``stall-then-fail``: once 0.5 s of audio arrived, stops taking audio (its
+  queue of 64 chunks fills, and a push waits) and raises 0.5 s later;
+* ``fail-on-finalize``: takes audio, then raises ``ProviderError`` 0.2 s after
+  ``end_input`` (a provider that dies while finishing);
+* ``count-slow-open``: ``open_stream`` takes 1.5 s (a fallback still
+  connecting), then one final at the end, text = the samples it was given;
+* ``count-slow-finalize``: the same final, 2 s after ``end_input``.
+
+With ``FAULTY_STREAM_LOG`` set to a file path, every stream appends
+``open <id> <model>`` when it opens and ``close <id>`` when it is closed, so a
+test can tell a stream the gateway never closed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 from collections.abc import Sequence
 
 from transcribe_gateway.audio.decode import Samples
@@ -29,13 +42,30 @@ from transcribe_gateway.providers.base import (
 )
 
 HALF_SECOND = 8000
+_ids = itertools.count()
+
+
+def _log(line: str) -> None:
+    if path := os.environ.get("FAULTY_STREAM_LOG"):
+        with open(path, "a") as log:
+            log.write(line + "\n")
 
 
 class FaultySTT(STT):
     provider = "FAULTY"
 
     def models(self) -> Sequence[ModelInfo]:
-        names = ("fail-after-audio", "hang-on-finalize", "crash-on-open", "refuse-on-open", "echo")
+        names = (
+            "fail-after-audio",
+            "hang-on-finalize",
+            "crash-on-open",
+            "refuse-on-open",
+            "echo",
+            "fail-on-finalize",
+            "count-slow-open",
+            "stall-then-fail",
+            "count-slow-finalize",
+        )
         return [ModelInfo(n, supports_prompt=False) for n in names]
 
     async def open_stream(self, options: StreamOptions) -> RecognizeStream:
@@ -43,6 +73,8 @@ class FaultySTT(STT):
             raise RuntimeError("bug in the engine")
         if options.model == "refuse-on-open":
             raise ProviderError("FAULTY", "authentication refused (HTTP 401)", retryable=False)
+        if options.model == "count-slow-open":
+            await asyncio.sleep(1.5)
         stream = FaultyStream(self, options)
         stream.start()
         return stream
@@ -54,6 +86,11 @@ class FaultyStream(RecognizeStream):
         self._samples = 0
         self._emitted = 0
         self._audio: asyncio.Queue[int | None] = asyncio.Queue(64)
+        self._id = next(_ids)
+        _log(f"open {self._id} {options.model}")
+
+    async def _on_close(self) -> None:
+        _log(f"close {self._id}")
 
     async def _on_audio(self, samples: Samples) -> None:
         await self._audio.put(len(samples))
@@ -67,6 +104,11 @@ class FaultyStream(RecognizeStream):
             self._samples += n
             if model == "fail-after-audio" and self._samples >= HALF_SECOND:
                 raise ProviderError("FAULTY", "connection reset by the engine")
+            if model == "stall-then-fail" and self._samples >= HALF_SECOND:
+                await asyncio.sleep(0.5)
+                raise ProviderError("FAULTY", "stopped answering, then reset")
+            if model.startswith("count-") or model == "fail-on-finalize":
+                continue
             while self._samples - self._emitted * HALF_SECOND >= HALF_SECOND:
                 start = self._emitted * 500
                 await self._emit(
@@ -87,3 +129,11 @@ class FaultyStream(RecognizeStream):
                 self._emitted += 1
         if model == "hang-on-finalize":
             await asyncio.Event().wait()  # never returns
+        if model == "fail-on-finalize":
+            await asyncio.sleep(0.2)
+            raise ProviderError("FAULTY", "connection reset while finalizing")
+        if model.startswith("count-"):
+            if model == "count-slow-finalize":
+                await asyncio.sleep(2.0)
+            text = str(self._samples)
+            await self._emit(SpeechEvent(SpeechEventType.FINAL, 0, text=text, end_ms=0))

@@ -24,9 +24,9 @@ import abc
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from transcribe_gateway.audio.decode import Samples
 from transcribe_gateway.exceptions import ProviderError
@@ -230,11 +230,42 @@ class RecognizeStream(abc.ABC):
         """Send int16 mono samples at ``options.sample_rate``.
 
         Raises:
-            RuntimeError: after :meth:`end_input` or :meth:`aclose`.
+            RuntimeError: after :meth:`end_input` or :meth:`aclose`, or once the
+                stream's task has ended (it failed: iterating gives the error).
         """
         if self._input_ended or self._closed:
             raise RuntimeError("stream input has ended")
-        await self._on_audio(samples)
+        if not await self._unless_ended(self._on_audio(samples)):
+            raise RuntimeError("the stream has ended")
+
+    async def _unless_ended(self, work: Coroutine[Any, Any, None]) -> bool:
+        """Run ``work`` (taking audio, or the end of it) unless the stream's task ends
+        first; returns False if it did.
+
+        ``work`` may wait on the engine's backpressure (a full queue) for the
+        task to take from it. A task that failed or was closed never will, and
+        the wait would hang, and with it the client's later messages. So it is
+        raced against the task (the slow path only: a task per call).
+        """
+        main = self._task
+        if main is None:  # not started: nothing can end it meanwhile
+            await work
+            return True
+        if main.done():
+            work.close()
+            return False
+        job = asyncio.ensure_future(work)
+        try:
+            await asyncio.wait({job, main}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not job.done():
+                job.cancel()
+                with contextlib.suppress(BaseException):
+                    await job
+        if job.cancelled():
+            return False
+        job.result()
+        return True
 
     def push_audio_nowait(self, samples: Samples) -> bool:
         """Hand over a chunk if the engine can take it without waiting.
@@ -264,7 +295,7 @@ class RecognizeStream(abc.ABC):
         if self._input_ended or self._closed:
             return
         self._input_ended = True
-        await self._on_end_input()
+        await self._unless_ended(self._on_end_input())
 
     def __aiter__(self) -> AsyncIterator[SpeechEvent]:
         return self._iterate()

@@ -101,11 +101,13 @@ class _Engine:
     """An open engine stream and where its clock sits in the session's audio."""
 
     stream: RecognizeStream
+    provider: str
     resampler: Resampler
     offset_ms: int
     generation: int
     can_fall_back: bool = False
-    """Whether this stream's failure switches the session to its fallback."""
+    """Whether this stream's failure switches the session to its fallback (not once
+    it is retired by a reconfiguration: that fallback is the new configuration's)."""
     pump: asyncio.Task[None] | None = None
     last_event_at: float = 0.0
     """Monotonic time of the stream's last event (drain progress)."""
@@ -162,7 +164,8 @@ class Connection:
         self._fallback: Plan | None = None
         self._replay: ReplayBuffer | None = None
         """Audio since the last final, kept while a fallback is configured."""
-        self._switching = False
+        self._switching_from: _Engine | None = None
+        """The failed engine whose pump is switching the session to its fallback."""
         self._samples_received = 0
         self._work: asyncio.Task[None] | None = None
         """The task running whatever must wait; messages meanwhile go to the inbox."""
@@ -223,6 +226,12 @@ class Connection:
             for timer in (self._idle_timer, self._auth_timer):
                 if timer is not None:
                     timer.cancel()
+            if (failed := self._switching_from) is not None and failed.pump is not None:
+                # First: a switch that ends now would otherwise hand the session
+                # a fallback stream after the engine was retired below.
+                failed.pump.cancel()
+                with contextlib.suppress(BaseException):
+                    await failed.pump
             tasks = [t for t in (self._ending, self._work) if t is not None and not t.done()]
             if self._engine is not None:
                 await self._retire(self._engine, finalize=False)
@@ -483,6 +492,10 @@ class Connection:
         except ResolutionError as exc:
             self.session.send_error(exc.code, exc.message, field=exc.field)
             return
+        if (failed := self._switching_from) is not None and failed.pump is not None:
+            # A switch to the fallback finishes first (its replay is the audio sent
+            # before this update); the update then replaces the fallback.
+            await asyncio.wait({failed.pump})
         endpointing_ms = self.settings.endpointing_ms
         plan = plan_for(config, resolution, endpointing_ms=endpointing_ms)
         fallback_plan = (
@@ -503,8 +516,14 @@ class Connection:
             except ProviderError as exc2:
                 self.session.send_error(exc2.code, str(exc2), retryable=exc2.retryable)
                 return
+        if self._ending_meanwhile():
+            await stream.aclose()
+            return
         if self._engine is not None:  # reconfiguration: finish the old stream in the background
             await self._retire(self._engine, finalize=True)
+            if self._ending_meanwhile():
+                await stream.aclose()
+                return
         self.config = config
         self._fallback = fallback_plan
         self._replay = (
@@ -521,6 +540,11 @@ class Connection:
             "session configured",
             extra={"provider": plan.effective.provider, "model": plan.effective.model},
         )
+
+    def _ending_meanwhile(self) -> bool:
+        """The session began to end (shutdown, idle, quota) while its update waited
+        for an engine: too late to serve it; what is ending drains the old one."""
+        return self.session.state not in (State.AWAITING_CONFIG, State.STREAMING)
 
     def _report_failure(self, exc: ProviderError, fallback: Plan) -> None:
         self._log.warning(
@@ -540,6 +564,7 @@ class Connection:
         self._generation += 1
         engine = _Engine(
             stream,
+            plan.effective.provider,
             Resampler(self.config.sample_rate, plan.options.sample_rate),
             offset_ms=round(self.audio_seconds * 1000),
             generation=self._generation,
@@ -559,6 +584,8 @@ class Connection:
         plan, replay = self._fallback, self._replay
         if plan is None or replay is None or not failed.can_fall_back:
             return False
+        if self._cleanup_task is not None:
+            return False  # the client is gone: nobody to transcribe for
         self._fallback = None  # one switch per configuration
         self._report_failure(exc, plan)
         metrics.fallbacks.labels(
@@ -566,7 +593,10 @@ class Connection:
         ).inc()
         if self._engine is failed:
             self._engine = None
-        self._switching = True
+        # Whoever ends, frees or reconfigures the session waits for this pump (or
+        # cancels it) first: _end, _cleanup, _configure, _drain.
+        self._switching_from = failed
+        engine: _Engine | None = None
         try:
             assert self.config is not None
             plan = serving_instead(plan, exc, self.config.model)
@@ -578,23 +608,23 @@ class Connection:
                 return True
             engine = self._start_engine(plan, stream, can_fall_back=False)
             engine.offset_ms = replay.start_ms
-            index = 0
-            while index < len(replay):  # grows while we wait: caught up when equal
-                converted = engine.resampler.push(replay.chunk(index))
-                index += 1
+            for chunk in replay.unplayed():  # grows while we wait: caught up when it ends
+                converted = engine.resampler.push(chunk)
                 if len(converted):
                     with contextlib.suppress(RuntimeError):
                         await engine.stream.push_audio(converted)
-            self._engine = engine
+            self._engine, engine = engine, None
             self._count_audio()
             self.effective = plan.effective
             self.session.announce_config(plan.effective)
             self._flush()
             return True
         finally:
-            self._switching = False
+            self._switching_from = None
             self._replay = None
             replay.clear()
+            if engine is not None:  # cancelled before it took over: the session is over
+                await self._retire(engine, finalize=False)
 
     async def _retire(self, engine: _Engine, *, finalize: bool) -> None:
         """Stop feeding ``engine``; with ``finalize`` let it finish its pending audio."""
@@ -605,6 +635,7 @@ class Connection:
                     await engine.pump
             await engine.stream.aclose()
             return
+        engine.can_fall_back = False
         await self._finish_input(engine)
         task = asyncio.create_task(self._drain(engine), name=f"{self.id}-retire")
         self._retired.add(task)
@@ -628,12 +659,18 @@ class Connection:
         started = time.monotonic()
         try:
             while engine.pump is not None and not engine.pump.done():
+                if self._switching_from is engine:
+                    # Its pump is switching to the fallback, which has timeouts of
+                    # its own (open, send) and is drained next (_end): cut off
+                    # halfway, the switch would lose the audio it was replaying.
+                    await asyncio.wait({engine.pump})
+                    continue
                 quiet_since = max(started, engine.last_event_at, engine.stream.progress_at())
                 remaining = self.settings.drain_timeout_s - (time.monotonic() - quiet_since)
                 if remaining <= 0:
                     self.session.send_error(
                         "provider_error",
-                        f"{self.effective.provider if self.effective else 'engine'}: no answer "
+                        f"{engine.provider}: no answer "
                         f"for {self.settings.drain_timeout_s:g} s while finalizing; the rest of "
                         "the audio could not be transcribed",
                         retryable=True,
@@ -662,7 +699,7 @@ class Connection:
         self._touch(now)
         engine = self._engine
         if engine is None:
-            if self._switching:
+            if self._switching_from is not None:
                 return None  # the fallback takes this chunk from the replay buffer
             now = time.monotonic()
             if now - self._last_no_engine_error > 1.0:  # one error a second, not one a chunk
@@ -708,6 +745,8 @@ class Connection:
                 self._flush()
         except ProviderError as exc:
             metrics.provider_errors.labels(provider=exc.provider).inc()
+            # Nothing more comes of it: free what it holds (a LOCAL slot, a socket).
+            await engine.stream.aclose()
             if await self._fall_back(engine, exc):
                 return
             self._log.warning("provider failed", extra={"reason": exc.reason})
@@ -807,7 +846,12 @@ class Connection:
             await asyncio.sleep(linger_s)
             self.session.start_draining()
         # A fallback may take over while the failed engine finalizes: finish it too.
-        while (engine := self._engine) is not None:
+        while True:
+            if (failed := self._switching_from) is not None and failed.pump is not None:
+                await asyncio.wait({failed.pump})  # a switch under way: its fallback is next
+                continue
+            if (engine := self._engine) is None:
+                break
             self._engine = None
             await self._finish_input(engine)
             await self._drain(engine)

@@ -23,6 +23,8 @@ class ReplayBuffer:
         self._max_samples = int(max_seconds * rate)
         self._chunks: deque[tuple[int, Samples]] = deque()
         """(index of the chunk's first sample in the session, samples)."""
+        self._gone = 0
+        """Chunks removed from the front so far: the first one's number in the session."""
         self._samples = 0
         self.dropped_samples = 0
         """Oldest audio dropped because the buffer was full."""
@@ -40,6 +42,7 @@ class ReplayBuffer:
         self._samples += len(samples)
         while self._samples > self._max_samples and len(self._chunks) > 1:
             _, dropped = self._chunks.popleft()
+            self._gone += 1
             self._samples -= len(dropped)
             self.dropped_samples += len(dropped)
 
@@ -48,14 +51,27 @@ class ReplayBuffer:
         limit = ms * self.rate // 1000
         while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= limit:
             _, gone = self._chunks.popleft()
+            self._gone += 1
             self._samples -= len(gone)
 
-    def chunk(self, index: int) -> Samples:
-        return self._chunks[index][1]
+    def unplayed(self) -> Iterator[Samples]:
+        """The chunks in order, from the oldest, until none is left: including those
+        appended while the caller waits between two, each once.
+
+        A position, not an index: a full buffer drops its oldest chunks as new
+        ones come, which shifts every index, and an index would then skip one
+        unplayed chunk per chunk dropped (the ones dropped are those already
+        replayed, unless the reader is slower than the audio comes).
+        """
+        number = self._gone  # the next chunk's, counted from the session's first
+        while (index := max(number - self._gone, 0)) < len(self._chunks):
+            number = self._gone + index + 1
+            yield self._chunks[index][1]
 
     def __iter__(self) -> Iterator[Samples]:
         return (samples for _, samples in self._chunks)
 
     def clear(self) -> None:
+        self._gone += len(self._chunks)
         self._chunks.clear()
         self._samples = 0

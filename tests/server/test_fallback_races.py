@@ -1,0 +1,192 @@
+"""Fallback and failure paths that race the session's end, a reconfiguration or
+the client: nothing accepted is lost, and every engine stream opened is closed.
+
+The engines are the ``FAULTY`` plugin (tests/plugins/faulty.py) on a gateway of
+this module's own: its streams log their opening and closing to a file, and its
+drain timeout is 1 s, shorter than the 1.5 s the ``count-slow-open`` fallback
+takes to open, so a switch outlasts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import ARTIFACTS, GatewayProcess
+from tests.server.wsutil import collect, open_session, recv_type, send_audio
+from transcribe_gateway.server.replay import ReplayBuffer
+
+SLOW_FALLBACK = {"provider": "FAULTY", "model": "count-slow-open"}
+ONE_SECOND = np.arange(16000, dtype=np.int16)
+
+
+class Server(GatewayProcess):
+    def __init__(self, log: Path) -> None:
+        self.stream_log = log
+        log.unlink(missing_ok=True)
+        super().__init__(
+            "fallback-races",
+            env={"FAULTY_STREAM_LOG": str(log), "TRANSCRIBE_DRAIN_TIMEOUT_S": "1"},
+        )
+
+    def unclosed(self, timeout: float = 8.0) -> set[str]:
+        """Streams opened and not closed, once none is left or ``timeout`` passed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.stream_log.read_text().splitlines() if self.stream_log.exists() else []
+            opened = {line.split()[1] for line in lines if line.startswith("open ")}
+            closed = {line.split()[1] for line in lines if line.startswith("close ")}
+            if not opened - closed or time.monotonic() > deadline:
+                return opened - closed
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    ARTIFACTS.mkdir(exist_ok=True)
+    gateway = Server(ARTIFACTS / "faulty-streams.log")
+    yield gateway
+    gateway.stop()
+
+
+def texts(messages: list[dict[str, Any]]) -> list[str]:
+    return [m["text"] for m in messages if m["type"] == "transcription.completed"]
+
+
+async def test_a_close_during_the_switch_waits_for_the_fallback(server: Server) -> None:
+    ws, _ = await open_session(
+        server.url, provider="FAULTY", model="fail-after-audio", fallback=SLOW_FALLBACK
+    )
+    await send_audio(ws, ONE_SECOND)
+    await recv_type(ws, "error")  # switching: the fallback takes 1.5 s to open
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws)
+    kinds = [m["type"] for m in messages]
+    # All of it, replayed into the fallback before the session closed.
+    assert texts(messages) == ["16000"], messages
+    assert kinds.index("session.updated") < kinds.index("transcription.completed")
+    assert kinds[-1] == "session.closed"
+    assert server.unclosed() == set()  # the failed stream too
+
+
+async def test_the_drain_timeout_does_not_cut_a_switch_off(server: Server) -> None:
+    # The primary dies 0.2 s into finalizing; its fallback opens 1.5 s later,
+    # past the 1 s drain timeout, which counts the failed engine's silence.
+    ws, _ = await open_session(
+        server.url, provider="FAULTY", model="fail-on-finalize", fallback=SLOW_FALLBACK
+    )
+    await send_audio(ws, ONE_SECOND)
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws)
+    assert texts(messages) == ["16000"], messages
+    errors = [m["error"]["message"] for m in messages if m["type"] == "error"]
+    assert len(errors) == 1 and "switching to the fallback" in errors[0]
+    assert server.unclosed() == set()
+
+
+async def test_a_client_gone_during_the_switch_leaves_no_stream_open(server: Server) -> None:
+    ws, _ = await open_session(
+        server.url, provider="FAULTY", model="fail-after-audio", fallback=SLOW_FALLBACK
+    )
+    await send_audio(ws, ONE_SECOND)
+    await recv_type(ws, "error")
+    await ws.close()  # gone, with no session.close
+    await asyncio.sleep(2.0)  # past the fallback's opening
+    assert server.unclosed() == set()
+    assert server.health()["sessions"] == 0
+
+
+async def test_an_update_during_the_switch_comes_after_it(server: Server) -> None:
+    ws, _ = await open_session(
+        server.url, provider="FAULTY", model="fail-after-audio", fallback=SLOW_FALLBACK
+    )
+    await send_audio(ws, ONE_SECOND)
+    await recv_type(ws, "error")
+    update = {"provider": "FAULTY", "model": "echo"}
+    await ws.send(json.dumps({"type": "session.update", "session": update}))
+    await send_audio(ws, ONE_SECOND)
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws)
+    served = [m["session"]["model"] for m in messages if m["type"] == "session.updated"]
+    # The switch ends first; the update then replaces the fallback, which
+    # finishes what was replayed into it; the second second goes to echo.
+    assert served == ["count-slow-open", "echo"], messages
+    assert sorted(texts(messages)) == ["16000", "chunk 0", "chunk 1"]
+    assert messages[-1]["type"] == "session.closed"
+    assert server.unclosed() == set()
+
+
+async def test_a_retired_stream_failing_does_not_take_the_new_fallback(server: Server) -> None:
+    ws, _ = await open_session(
+        server.url, provider="FAULTY", model="fail-on-finalize", fallback=SLOW_FALLBACK
+    )
+    await send_audio(ws, ONE_SECOND)
+    update = {"provider": "FAULTY", "model": "echo", "fallback": SLOW_FALLBACK}
+    await ws.send(json.dumps({"type": "session.update", "session": update}))
+    assert (await recv_type(ws, "session.updated"))["session"]["model"] == "echo"
+    # The old stream dies 0.2 s into finishing; the session stays on echo.
+    error = await recv_type(ws, "error")
+    assert "while finalizing" in error["error"]["message"]
+    assert "switching" not in error["error"]["message"]
+    await send_audio(ws, ONE_SECOND)
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws)
+    assert "session.updated" not in [m["type"] for m in messages], messages
+    assert texts(messages) == ["chunk 0", "chunk 1"]
+    assert messages[-1]["type"] == "session.closed"
+    assert server.unclosed() == set()
+
+
+async def test_a_push_into_a_failed_engine_does_not_hang_the_session(server: Server) -> None:
+    # The engine takes every chunk through the awaited path, holds 64, and
+    # stops taking them 0.5 s in: the 4 s sent at once leave a push waiting
+    # when it fails.
+    ws, _ = await open_session(server.url, provider="FAULTY", model="stall-then-fail")
+    await send_audio(ws, np.tile(ONE_SECOND, 4))
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws, timeout=15)
+    assert [m["type"] for m in messages if m["type"] != "error"] == ["session.closed"]
+    assert any(m["type"] == "error" for m in messages)
+    assert server.unclosed() == set()
+
+
+def test_replay_skips_no_chunk_while_a_full_buffer_drops_old_ones() -> None:
+    buffer = ReplayBuffer(rate=1000, max_seconds=0.3)
+    for i in range(3):  # full: three 100 ms chunks
+        buffer.append(i * 100, np.full(100, i, np.int16))
+    replayed = []
+    for chunk in buffer.unplayed():
+        replayed.append(int(chunk[0]))
+        if len(replayed) < 6:  # a live chunk arrives meanwhile, dropping the oldest
+            n = 2 + len(replayed)
+            buffer.append(n * 100, np.full(100, n, np.int16))
+    assert replayed == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert buffer.dropped_samples == 500
+
+
+async def test_a_shutdown_while_an_update_opens_its_engine_finishes_the_old_one() -> None:
+    # The update's engine takes 1.5 s to open; the shutdown's 0.5 s linger ends
+    # first and the session begins to end, finishing the old engine (2 s). The
+    # update comes too late to be served, and the session still ends cleanly.
+    server = GatewayProcess("shutdown-update")
+    try:
+        ws, _ = await open_session(server.url, provider="FAULTY", model="count-slow-finalize")
+        await send_audio(ws, ONE_SECOND)
+        update = {"provider": "FAULTY", "model": "count-slow-open"}
+        await ws.send(json.dumps({"type": "session.update", "session": update}))
+        await asyncio.sleep(0.2)
+        server.proc.send_signal(signal.SIGTERM)
+        messages = await collect(ws)
+        assert texts(messages) == ["16000"], messages
+        assert [m["type"] for m in messages][-1] == "session.closed"
+        assert ws.close_code == 1000
+    finally:
+        assert server.stop() == 0
