@@ -19,6 +19,8 @@ from tests.textnorm import normalize, references
 from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.audio.vad import SAMPLE_RATE
 from transcribe_gateway.config import LocalSettings, Settings
+from transcribe_gateway.exceptions import ProviderUnavailable
+from transcribe_gateway.providers import local as local_module
 from transcribe_gateway.providers import pool as pool_module
 from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, StreamOptions
 from transcribe_gateway.providers.local import LocalSTT
@@ -77,7 +79,7 @@ async def run(
     patient: bool = False,
     paced: bool = False,
     partials: bool = False,
-    **options: int,
+    **options: Any,
 ) -> Run:
     """Push ``audio`` in 20 ms chunks the way the gateway does: at once when the
     stream takes them, else awaited.  ``live``: yield between chunks, as a live
@@ -173,6 +175,20 @@ async def test_a_final_decoded_in_context_reads_as_batch(
     assert result.held <= (CONTEXT_MS + 4000) * 16
 
 
+async def test_an_utterance_read_in_context_as_nothing_is_decoded_alone(stt: LocalSTT) -> None:
+    # "Go forward" (goforward's first second) after jfk: in its final's window
+    # tiny.en reads jfk's last words and stops, reading neither copy of it. The
+    # words were spoken: decoded alone, the utterance reads them.
+    go = read_audio(SHARED_AUDIO / "goforward.raw")[:SAMPLE_RATE]
+    jfk = read_audio(SHARED_AUDIO / "jfk.flac")
+    audio = np.concatenate([jfk, np.zeros(8000, np.int16), go, np.zeros(16000, np.int16)])
+    result = await run(stt, audio, patient=True)
+    starts = [e for e in result.events if e.type is SpeechEventType.SPEECH_STARTED]
+    last = finals(result.events)[-1]
+    assert last.utterance == starts[-1].utterance
+    assert normalize(last.text) == "go forward"
+
+
 def test_the_window_holds_context_utterance_silence_and_repeat() -> None:
     before = np.full(16000, 1, np.int16)
     utterance = np.full(8000, 2, np.int16)
@@ -257,6 +273,18 @@ def test_a_first_copy_with_nothing_read_after_it_is_kept() -> None:
     assert copies(only_in_the_repeat, keep_from, keep_to) is None
     otherwise = _words(*context, ("sorry.", 1.1, 1.6), ("story.", 3.0, 3.4))
     assert copies(otherwise, keep_from, keep_to) is None
+
+
+def test_a_window_read_only_in_its_context_is_not_an_empty_final() -> None:
+    # Whisper read the earlier speech and stopped before the utterance: two
+    # empty copies are not two readings of silence, and the utterance is decoded
+    # alone (None). A window read as nothing at all is noise: an empty final,
+    # not a decode alone, where Whisper makes words of it ("Thank you.").
+    keep_from, keep_to = 16000, 40000
+    context_only = _words(("okay.", 0.2, 0.6), ("sure.", 0.6, 0.9))
+    assert copies(context_only, keep_from, keep_to) is None
+    assert copies([], keep_from, keep_to) == ([], [])
+    assert copies(_words(("...", 1.2, 1.6)), keep_from, keep_to) == ([], [])
 
 
 def test_a_repeated_phrase_in_the_context_is_neither_doubled_nor_lost(
@@ -374,6 +402,19 @@ async def test_trailing_speech_is_finalized_at_end_of_input(stt: LocalSTT) -> No
         SpeechEventType.FINAL,
         SpeechEventType.SPEECH_STOPPED,
     ]
+
+
+async def test_a_long_minimum_speech_keeps_the_head_of_the_utterance(stt: LocalSTT) -> None:
+    # The VAD dates a start back by the prefix padding and the voiced time it
+    # waits for (1.5 s here): the audio kept before an utterance covers both, in
+    # a prompted session too (finals decoded alone, no history kept).
+    lead = np.zeros(3 * SAMPLE_RATE, np.int16)
+    audio = np.concatenate([lead, go_forward()])
+    result = await run(stt, audio, prompt="Go forward.", vad_min_speech_ms=1500)
+    (started,) = [e for e in result.events if e.type is SpeechEventType.SPEECH_STARTED]
+    (final,) = finals(result.events)
+    assert final.start_ms == started.start_ms
+    assert normalize(final.text) == "go forward ten meters"
 
 
 @pytest.mark.parametrize(
@@ -753,3 +794,111 @@ async def test_a_final_with_earlier_speech_before_it_takes_a_short_window(
     second = len(phrase) * 1000 // SAMPLE_RATE
     assert {short for at, short in windows if at < second} == {False}
     assert {short for at, short in windows if at >= second} == {True}
+
+
+async def test_a_failed_decode_neither_fails_the_close_nor_keeps_the_slot(
+    stt: LocalSTT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A partial's decode raised, and nobody but the close awaits a partial: the
+    # session still closes, and gives its place in the engine back.
+    engine = stt._engines[BUNDLED_MODEL]
+    transcribe = engine.transcribe
+
+    def failing(audio: np.ndarray, **kwargs: Any) -> Transcript:
+        if not kwargs["final"]:
+            raise RuntimeError("the engine failed a partial")
+        return transcribe(audio, **kwargs)
+
+    monkeypatch.setattr(engine, "transcribe", failing)
+    active = stt.active["whisper"]
+    stream = await stt.open_stream(StreamOptions(model=BUNDLED_MODEL))
+    assert isinstance(stream, WhisperStream)
+    assert stt.active["whisper"] == active + 1
+    speech = read_audio(SHARED_AUDIO / "goforward.raw")
+    for i in range(0, len(speech), 320):
+        await stream.push_audio(speech[i : i + 320])
+        if stream._partial is not None:
+            break
+    assert stream._partial is not None
+    await asyncio.wait([stream._partial.task])
+    assert isinstance(stream._partial.task.exception(), RuntimeError)
+    await stream.aclose()
+    assert stt.active["whisper"] == active
+
+
+async def test_a_speculative_final_awaited_as_the_session_closes_is_abandoned(
+    stt: LocalSTT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The utterance ended while its speculative final decoded (held here), and
+    # the stream's task waits for it: closing the session stops that decode
+    # after its encoder, as it does a final decode that waits for a worker.
+    engine = stt._engines[BUNDLED_MODEL]
+    transcribe = engine.transcribe
+    loop = asyncio.get_running_loop()
+    entered, left, gate = asyncio.Event(), asyncio.Event(), threading.Event()
+    flags: list[threading.Event] = []
+
+    def held(audio: np.ndarray, **kwargs: Any) -> Transcript:
+        if not kwargs["final"]:
+            return transcribe(audio, **kwargs)
+        flags.append(kwargs["abandoned"])
+        loop.call_soon_threadsafe(entered.set)
+        try:
+            assert gate.wait(60)
+            return transcribe(audio, **kwargs)
+        finally:
+            loop.call_soon_threadsafe(left.set)
+
+    monkeypatch.setattr(engine, "transcribe", held)
+    stream = await stt.open_stream(StreamOptions(model=BUNDLED_MODEL))
+    assert isinstance(stream, WhisperStream)
+    audio = go_forward()
+    try:
+        for i in range(0, len(audio), 320):
+            await stream.push_audio(audio[i : i + 320])
+            if stream._partial is not None:  # done: the guess finds a worker free
+                await asyncio.wait([stream._partial.task])
+        await entered.wait()
+        # Until the stream's task has taken the utterance: it waits for the guess.
+        while not stream._finals.empty():  # noqa: ASYNC110 (the queue has no event for it)
+            await asyncio.sleep(0)
+        assert len(flags) == 1  # the one final decode is the guess
+        await stream.aclose()
+        assert flags[0].is_set()
+    finally:
+        gate.set()
+    await left.wait()
+
+
+async def test_a_loaded_model_opens_while_another_model_loads(
+    stt: LocalSTT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another model's weights are on their way (a download, held here): a
+    # session of the loaded model opens meanwhile, and a second session of the
+    # other model waits for the same load rather than starting another.
+    loop = asyncio.get_running_loop()
+    resolving, gate = asyncio.Event(), threading.Event()
+    resolved: list[str] = []
+
+    def slow_resolve(name: str, *args: Any) -> str:
+        resolved.append(name)
+        loop.call_soon_threadsafe(resolving.set)
+        gate.wait(60)
+        raise ProviderUnavailable("LOCAL", f"model {name} is not installed", retryable=False)
+
+    monkeypatch.setattr(local_module, "resolve_whisper_model", slow_resolve)
+    other = StreamOptions(model="whisper-other.en")
+    loads = [asyncio.create_task(stt.open_stream(other)) for _ in range(2)]
+    try:
+        await resolving.wait()
+        opened = asyncio.create_task(stt.open_stream(StreamOptions(model=BUNDLED_MODEL)))
+        done, _ = await asyncio.wait([opened, *loads], return_when=asyncio.FIRST_COMPLETED)
+        assert done == {opened}
+        await opened.result().aclose()
+        assert resolved == ["whisper-other.en"]
+    finally:
+        gate.set()
+    for load in loads:
+        with pytest.raises(ProviderUnavailable, match="not installed"):
+            await load
+    assert resolved == ["whisper-other.en"]

@@ -64,7 +64,8 @@ class LocalSTT(STT):
         self._sphinx_processes: SphinxProcesses | None = None
         """pocketsphinx's worker processes, started with the first such session."""
         self._engines: dict[str, WhisperEngine] = {}
-        self._loading = asyncio.Lock()
+        self._loading: dict[str, asyncio.Task[WhisperEngine]] = {}
+        """The load under way of each model being loaded (its sessions share it)."""
         self._ready = False
         self.active: dict[str, int] = {"whisper": 0, "sphinx": 0}
         """Open streams per engine family (admission control, metrics, tests)."""
@@ -112,17 +113,30 @@ class LocalSTT(STT):
         return self._ready
 
     async def _whisper(self, name: str) -> WhisperEngine:
-        async with self._loading:
-            engine = self._engines.get(name)
-            if engine is None:
-                local = self._local
-                path = await asyncio.to_thread(
-                    resolve_whisper_model, name, local.whisper_models, local.allow_downloads
-                )
-                engine = await asyncio.to_thread(WhisperEngine, name, path, self.pool.workers)
-                self._engines[name] = engine
-                log.info("loaded whisper model", extra={"model": name, "path": path})
+        """Model ``name``, loaded on first use.  A loaded model is at hand at once,
+        whatever else is loading (a download can take minutes); sessions asking
+        for one being loaded share its one load, and a failed load is tried
+        again by the next session."""
+        engine = self._engines.get(name)
+        if engine is not None:
             return engine
+        loading = self._loading.get(name)
+        if loading is None:
+            loading = asyncio.get_running_loop().create_task(self._load(name))
+            self._loading[name] = loading
+            loading.add_done_callback(lambda _: self._loading.pop(name, None))
+        # Shielded: a session that gives up does not cancel the others' load.
+        return await asyncio.shield(loading)
+
+    async def _load(self, name: str) -> WhisperEngine:
+        local = self._local
+        path = await asyncio.to_thread(
+            resolve_whisper_model, name, local.whisper_models, local.allow_downloads
+        )
+        engine = await asyncio.to_thread(WhisperEngine, name, path, self.pool.workers)
+        self._engines[name] = engine
+        log.info("loaded whisper model", extra={"model": name, "path": path})
+        return engine
 
     def _admit(self, family: str, capacity: int) -> None:
         if self.active[family] >= capacity:

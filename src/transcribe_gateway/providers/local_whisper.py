@@ -178,9 +178,10 @@ class WhisperStream(RecognizeStream):
         """Audio kept before the open utterance, for finals decoded in context."""
         self._starts: deque[int] = deque()
         """Where the utterances of the last ``_history`` samples started."""
-        self._keep = max(
-            self._history, (options.vad_prefix_padding_ms + 1000) * SAMPLE_RATE // 1000
-        )
+        # Kept between utterances: the VAD dates a start back by the prefix padding
+        # plus the voiced time it needs before deciding (else the head is cut).
+        padding_ms = options.vad_prefix_padding_ms + options.vad_min_speech_ms
+        self._keep = max(self._history, (padding_ms + 1000) * SAMPLE_RATE // 1000)
         self._audio = AudioBuffer()
         self._utterance = -1
         self._utt_start = 0
@@ -434,6 +435,7 @@ class WhisperStream(RecognizeStream):
                     result = await job.early.task  # None: no worker was free, decode now
                 except asyncio.CancelledError:
                     if _being_cancelled():
+                        job.early.abandoned.set()  # the session is closing
                         raise
                 self.early_finals += result is not None
             if result is None:
@@ -473,10 +475,14 @@ class WhisperStream(RecognizeStream):
         while not self._finals.empty():
             job = self._finals.get_nowait()
             decodes.append(job.early if job is not None else None)
-        for decode in decodes:
-            if decode is not None:
-                decode.abandon()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await decode.task
-        self._audio.clear()
-        self._on_close_cb()
+        try:
+            for decode in decodes:
+                if decode is not None:
+                    decode.abandon()
+                    # Nobody wants its result, nor its error (a partial's is seen by
+                    # nobody else): a failed decode must not fail the close.
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await decode.task
+            self._audio.clear()
+        finally:
+            self._on_close_cb()  # the session's admission slot, whatever happened

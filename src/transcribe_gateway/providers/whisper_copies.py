@@ -35,14 +35,21 @@ def copies(words: list[Any], keep_from: int, keep_to: int) -> tuple[list[Any], l
     it spares such a final a second decode (5 of 11 held-out finals whose
     readings seemed to disagree; BENCHMARKS.md, *Copies split by their words*).
     A first copy read in place with nothing read after it is kept as both
-    readings (the repeat read as nothing: Whisper stopped early).
+    readings (the repeat read as nothing: Whisper stopped early).  A window
+    read as nothing at all is two empty readings (noise); but words read in
+    the context and none after it are None: Whisper stopped before the
+    utterance, which decoded alone reads ("go forward" after jfk).
     """
     said = [w for w in words if _said(w)]
+    if not said:
+        # Nothing read in the whole window: noise, read as nothing. Decoded alone,
+        # Whisper would make words of it ("Thank you.").
+        return [], []
     timed = (
         [w for w in said if keep_from <= _middle(w) < keep_to],
         [w for w in said if _middle(w) >= keep_to],
     )
-    if _read_alike(*timed):
+    if any(timed) and _read_alike(*timed):
         return timed
     start = sum(1 for w in said if _middle(w) < keep_from)
     split = len(said) - len(timed[1])
