@@ -8,7 +8,8 @@ gateway's two paths (:meth:`RecognizeStream.push_audio_nowait` and the awaited
 
 * ``fast``: every chunk is taken at once;
 * ``mixed``: every third chunk pushes back (and then waits 2 ms);
-* ``slow``: every chunk goes through the awaited path and waits 2 ms.
+* ``slow``: every chunk goes through the awaited path and waits 2 ms;
+* ``sluggish``: the same, 50 ms (a push is almost always under way).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class ChecksumSTT(STT):
     provider = "CHECKSUM"
 
     def models(self) -> Sequence[ModelInfo]:
-        return [ModelInfo(n, supports_prompt=False) for n in ("fast", "mixed", "slow")]
+        return [ModelInfo(n, supports_prompt=False) for n in ("fast", "mixed", "slow", "sluggish")]
 
     async def open_stream(self, options: StreamOptions) -> RecognizeStream:
         stream = ChecksumStream(self, options)
@@ -51,13 +52,14 @@ class ChecksumStream(RecognizeStream):
     def _take_audio(self, samples: Samples) -> bool:
         self._offers += 1
         model = self.options.model
-        if model == "slow" or (model == "mixed" and self._offers % 3 == 0):
+        if model in ("slow", "sluggish") or (model == "mixed" and self._offers % 3 == 0):
             return False
         self._add(samples)
         return True
 
     async def _on_audio(self, samples: Samples) -> None:
-        await asyncio.sleep(0.002)  # a real wait: later messages must queue behind it
+        # A real wait: later messages must queue behind it.
+        await asyncio.sleep(0.05 if self.options.model == "sluggish" else 0.002)
         self._add(samples)
 
     def _add(self, samples: Samples) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -221,3 +223,35 @@ class TestFraming:
         assert [m["text"] for m in received if m["type"] == "transcription.completed"] == [
             f"{samples} {digest}"
         ]
+
+
+async def test_a_shutdown_while_a_push_waits_keeps_every_accepted_chunk() -> None:
+    # The sluggish model takes every chunk through the awaited path (50 ms each),
+    # so when the shutdown's linger ends a push is under way. Its chunk is
+    # counted in usage: it must reach the engine before the input ends.
+    process = GatewayProcess(
+        "transport-shutdown", env={"TRANSCRIBE_PLUGINS": "tests.plugins.checksum:ChecksumSTT"}
+    )
+    try:
+        signal_ = np.random.default_rng(11).integers(-3000, 3000, 3000 * 320, dtype=np.int16)
+        pcm = signal_.astype("<i2").tobytes()
+        ws, _ = await open_session(process.url, provider="CHECKSUM", model="sluggish")
+
+        async def send_all() -> None:
+            with contextlib.suppress(websockets.ConnectionClosed):
+                for i in range(0, len(pcm), 640):
+                    chunk = base64.b64encode(pcm[i : i + 640]).decode()
+                    await ws.send(json.dumps({"type": "audio.append", "audio": chunk}))
+
+        sender = asyncio.create_task(send_all())
+        await asyncio.sleep(1.0)
+        process.proc.send_signal(signal.SIGTERM)
+        received = await collect(ws, 60)
+        await sender
+        accepted = round(received[-1]["usage"]["audio_seconds"] * 16000)
+        assert 0 < accepted < len(signal_)
+        finals = [m["text"] for m in received if m["type"] == "transcription.completed"]
+        digest = hashlib.sha256(pcm[: accepted * 2]).hexdigest()[:16]
+        assert finals == [f"{accepted} {digest}"], (finals, accepted)
+    finally:
+        assert process.stop() == 0

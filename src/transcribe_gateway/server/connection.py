@@ -845,6 +845,10 @@ class Connection:
         if linger_s:
             await asyncio.sleep(linger_s)
             self.session.start_draining()
+        if (work := self._work) is not None:
+            # A push the engine held back is audio counted as accepted (usage): it
+            # goes in before the input ends. Later messages are refused (closing).
+            await asyncio.wait({work}, timeout=self.settings.drain_timeout_s)
         # A fallback may take over while the failed engine finalizes: finish it too.
         while True:
             if (failed := self._switching_from) is not None and failed.pump is not None:
