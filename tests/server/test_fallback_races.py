@@ -190,3 +190,27 @@ async def test_a_shutdown_while_an_update_opens_its_engine_finishes_the_old_one(
         assert ws.close_code == 1000
     finally:
         assert server.stop() == 0
+
+
+async def test_a_replay_after_the_rate_changed_keeps_the_session_clock(server: Server) -> None:
+    # 10 s at 8 kHz, then a configuration at 48 kHz with a fallback: the replay
+    # counts its samples at 48 kHz, and its audio starts at 10 s.
+    ws, _ = await open_session(server.url, provider="FAULTY", model="echo", sample_rate=8000)
+    await send_audio(ws, np.zeros(80000, np.int16), rate=8000)
+    update = {
+        "provider": "FAULTY",
+        "model": "fail-after-audio",
+        "sample_rate": 48000,
+        "fallback": SLOW_FALLBACK,
+    }
+    await ws.send(json.dumps({"type": "session.update", "session": update}))
+    await recv_type(ws, "session.updated")
+    await send_audio(ws, np.zeros(48000, np.int16), rate=48000)
+    await recv_type(ws, "error")
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws)
+    finals = [m for m in messages if m["type"] == "transcription.completed"]
+    (replayed,) = [m for m in finals if not m["text"].startswith("chunk")]  # echo's
+    assert replayed["text"] == "16000"  # all of the second second, at the engine's rate
+    assert replayed["start_ms"] == 10000
+    assert server.unclosed() == set()

@@ -58,6 +58,13 @@ def test_a_substitute_says_what_it_cannot_honour(registry: ProviderRegistry) -> 
     assert "DEEPGRAM_API_KEY" in (plan.effective.notice or "")
 
 
+def test_a_language_tag_is_read_whatever_its_case(registry: ProviderRegistry) -> None:
+    # BCP 47 tags are case-insensitive: "EN-US" is English, for an English-only model.
+    resolution = registry.resolve("LOCAL", "whisper-tiny.en", "EN-US")
+    plan = plan_for(config(language="EN-US"), resolution, endpointing_ms=500)
+    assert plan.effective.unsupported == []
+
+
 def test_features_a_model_lacks_are_listed_not_refused(registry: ProviderRegistry) -> None:
     bare = ModelInfo("bare", supports_prompt=False, supports_vad=False, supports_endpointing=False)
     resolution = Resolution(registry.local, bare)

@@ -134,7 +134,8 @@ class ProviderRegistry:
             )
         reason = stt.unavailable_reason() if stt else self.missing_reason(provider)
         if stt is not None and info is not None and reason is None:
-            if info.languages is not None and language.split("-")[0] not in info.languages:
+            # BCP 47 tags are case-insensitive ("EN-US").
+            if info.languages is not None and language.split("-")[0].lower() not in info.languages:
                 raise ResolutionError(
                     "invalid_session_config",
                     f"{provider}/{model} supports language {', '.join(info.languages)}, "

@@ -167,6 +167,7 @@ class Connection:
         self._switching_from: _Engine | None = None
         """The failed engine whose pump is switching the session to its fallback."""
         self._samples_received = 0
+        """The session's audio so far, in samples at the configured rate (replay)."""
         self._work: asyncio.Task[None] | None = None
         """The task running whatever must wait; messages meanwhile go to the inbox."""
         self._inbox: collections.deque[str | bytes] = collections.deque()
@@ -531,6 +532,9 @@ class Connection:
             if fallback_plan is not None
             else None
         )
+        # The replay's sample positions are at this configuration's rate, which
+        # may not be the last one's: the session's clock, counted anew in them.
+        self._samples_received = round(self.audio_seconds * config.sample_rate)
         self._engine = self._start_engine(plan, stream, can_fall_back=fallback_plan is not None)
         self._count_audio()  # what came before goes to the provider that had it
         self.effective = plan.effective

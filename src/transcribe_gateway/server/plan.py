@@ -42,7 +42,7 @@ def plan_for(config: m.SessionConfig, resolution: Resolution, *, endpointing_ms:
     model = resolution.model
     unsupported: list[str] = []
     language = config.language
-    if model.languages is not None and language.split("-")[0] not in model.languages:
+    if model.languages is not None and language.split("-")[0].lower() not in model.languages:
         unsupported.append(f"language={language} ({model.name} transcribes {model.languages[0]})")
         language = model.languages[0]
     if config.prompt and not model.supports_prompt:
