@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import websockets
 
-from tests.conftest import GatewayProcess
+from tests.conftest import TEST_KEYS, GatewayProcess
 from tests.ops.conftest import OPS_ENV, RedisServer, create_key, run_cli
 from tests.server.wsutil import connect, recv, recv_type, send_audio, silence
 
@@ -51,6 +51,18 @@ def mint_token(http: str, key: str) -> str:
     with urllib.request.urlopen(request, timeout=10) as r:
         token: str = json.loads(r.read())["token"]
     return token
+
+
+def http_call(method: str, url: str, key: str) -> tuple[int, str]:
+    """(status, body) of a request with ``Authorization: Bearer <key>``."""
+    data = b"" if method == "POST" else None
+    headers = {"Authorization": f"Bearer {key}"}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
 
 
 async def outcome(url: str, key: str) -> tuple[str, Any]:
@@ -234,6 +246,30 @@ class TestRedisReadiness:
             body = json.loads(info.value.read())
             assert (body["ready"], body["engines"], body["store"]) == (False, True, False)
             assert server.health()["status"] == "ok"  # alive, just not ready
+        finally:
+            server.stop()
+            redis.stop()
+
+    def test_tokens_and_usage_answer_503_unavailable_when_redis_is_down(
+        self, tmp_path_factory: pytest.TempPathFactory
+    ) -> None:
+        redis = RedisServer(tmp_path_factory.mktemp("redis-gone"))
+        env = redis_env(redis)
+        server = GatewayProcess("replica-store-down", env={**OPS_ENV, **env})
+        try:
+            key = create_key(env, "store-down")
+            redis.stop()
+            calls = [
+                ("POST", "/v1/tokens", key),
+                ("GET", "/v1/usage", key),
+                ("GET", "/v1/usage", TEST_KEYS[0]),  # a static key: only the report fails
+            ]
+            for method, path, bearer in calls:
+                status, text = http_call(method, f"{server.http}{path}", bearer)
+                assert status == 503, (method, path, text)
+                error = json.loads(text)["error"]
+                assert error["code"] == "unavailable" and error["message"]
+            assert "key store call failed" in server.log_path.read_text()
         finally:
             server.stop()
             redis.stop()

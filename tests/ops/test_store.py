@@ -110,6 +110,23 @@ class TestRedisOnly:
         finally:
             await store.aclose()
 
+    async def test_redis_renewal_counts_a_lapsed_session_again(
+        self, redis_server: RedisServer
+    ) -> None:
+        store = RedisStore(redis_server.url, lease_ttl_s=30.0)
+        await store.start()
+        try:
+            assert await store.acquire_slot("lapsed", "s1", 1)
+            # s1's lease lapsed while it streamed on (Redis away for longer than the
+            # lease, or restarted without its data): its slot is gone.
+            await store.client.delete("tg:slots:lapsed")
+            await store.renew_slots([("lapsed", "s1")])  # Redis is back: s1 renews
+            assert not await store.acquire_slot("lapsed", "s2", 1)
+            await store.release_slot("lapsed", "s1")
+            assert await store.acquire_slot("lapsed", "s2", 1)
+        finally:
+            await store.aclose()
+
     async def test_redis_token_ledger_claims_once(self, redis_server: RedisServer) -> None:
         store = RedisStore(redis_server.url)
         other = RedisStore(redis_server.url)  # another replica

@@ -5,7 +5,8 @@
 * ``GET /v1/usage?period=day|month``: the calling key's usage (``Authorization:
   Bearer <key>``), per period, newest first;
 * ``POST /v1/tokens``: a short-lived, single-use session token for a browser
-  (``Authorization: Bearer <key>``, optional JSON ``{"ttl_s": N}``);
+  (``Authorization: Bearer <key>``, optional JSON ``{"ttl_s": N}``); both answer
+  503 ``unavailable`` when the key store fails or does not answer;
 * ``GET /v1/providers``: the providers and models this server offers (public);
 * ``POST /demo/token``: a token minted with the server's first key, for the demo
   page; development profile only, loopback clients only.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
@@ -29,6 +31,8 @@ from transcribe_gateway.store.keys import SCOPE_USAGE
 
 if TYPE_CHECKING:
     from transcribe_gateway.server.app import Gateway
+
+log = logging.getLogger(__name__)
 
 _PING_TIMEOUT_S = 2.0
 
@@ -60,6 +64,13 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+def _store_failed() -> JSONResponse:
+    """503 ``unavailable``, from an ``except`` block: the store failed or did not answer."""
+    # Any exception: Redis's own errors do not subclass the builtin TimeoutError.
+    log.warning("key store call failed", exc_info=True)
+    return _error(503, "unavailable", "the key store did not answer; retry later")
+
+
 async def usage(gateway: Gateway, request: Request) -> JSONResponse:
     token = bearer_token(request.headers.get("authorization"))
     if token is None:
@@ -70,15 +81,21 @@ async def usage(gateway: Gateway, request: Request) -> JSONResponse:
     if gateway.admission.static.verify(token):
         key_id, name = f"static-{fingerprint(token)}", f"static:{fingerprint(token)}"
     else:
-        async with asyncio.timeout(_PING_TIMEOUT_S * 2):
-            record = await gateway.store.find_key(token)
+        try:
+            async with asyncio.timeout(_PING_TIMEOUT_S * 2):
+                record = await gateway.store.find_key(token)
+        except Exception:
+            return _store_failed()
         if record is None or record.status() != "active":
             return _error(401, "unauthorized", "unknown, revoked or expired key")
         if SCOPE_USAGE not in record.scopes:
             return _error(403, "forbidden", "this key lacks the 'usage' scope")
         key_id, name = record.id, record.name
-    async with asyncio.timeout(_PING_TIMEOUT_S * 2):
-        rows = await gateway.store.usage_report(key_id, period)  # type: ignore[arg-type]
+    try:
+        async with asyncio.timeout(_PING_TIMEOUT_S * 2):
+            rows = await gateway.store.usage_report(key_id, period)  # type: ignore[arg-type]
+    except Exception:
+        return _store_failed()
     return JSONResponse(
         {"key": name, "period": period, "usage": [row.to_dict() for row in rows]},
         headers={"Cache-Control": "no-store"},
@@ -127,8 +144,8 @@ async def create_token(gateway: Gateway, request: Request) -> JSONResponse:
     try:
         async with asyncio.timeout(_PING_TIMEOUT_S * 2):
             grant = await gateway.admission.identify(key)
-    except TimeoutError:
-        return _error(503, "unavailable", "the key store did not answer; retry later")
+    except Exception:
+        return _store_failed()
     if isinstance(grant, Refusal):
         if grant.code == "forbidden":
             return _error(403, "forbidden", grant.message)

@@ -191,8 +191,9 @@ class Admission:
         async with asyncio.timeout(_STORE_TIMEOUT_S):
             await self.store.release_slot(grant.key_id, session_id)
             if grant.unmetered and grant.period_id:
-                await self.store.add_audio(grant.key_id, grant.period_id, grant.unmetered)
-                grant.unmetered = 0.0
+                # Taken before the await: a tick meanwhile must not count them again.
+                delta, grant.unmetered = grant.unmetered, 0.0
+                await self.store.add_audio(grant.key_id, grant.period_id, delta)
             await self.store.record_usage(
                 UsageRecord(
                     key_id=grant.key_id,
@@ -257,8 +258,16 @@ class Admission:
                     conn.terminate(4001, "unauthorized", f"this key was {status}")
                     continue
             if grant.period_id and (grant.unmetered or self.shared):
+                # Taken before the await (an end() meanwhile must not count them again)
+                # and put back if the add fails or times out, for the next tick or end().
                 delta, grant.unmetered = grant.unmetered, 0.0
-                grant.audio_total = await self.store.add_audio(grant.key_id, grant.period_id, delta)
+                try:
+                    grant.audio_total = await self.store.add_audio(
+                        grant.key_id, grant.period_id, delta
+                    )
+                except BaseException:  # a timeout cancels
+                    grant.unmetered += delta
+                    raise
                 if grant.over_quota():
                     conn.terminate(
                         4029,
@@ -269,6 +278,7 @@ class Admission:
 
     async def _sync_rates(self) -> None:
         """Share this process's message counts and learn the other replicas' (Redis)."""
+        failing = False
         while True:
             await asyncio.sleep(_RATE_SYNC_S)
             second = int(time.time())
@@ -281,8 +291,15 @@ class Admission:
                     async with asyncio.timeout(_STORE_TIMEOUT_S):
                         total = await self.store.add_messages(key_id, window.second, pending)
                 except Exception:
-                    log.warning("rate sync failed", exc_info=True)
-                    return
+                    # Skip this round (the unpushed counts go with the next one); warn
+                    # once per outage, not ten times a second.
+                    if not failing:
+                        log.warning("rate sync failed", exc_info=True)
+                    failing = True
+                    break
+                if failing:
+                    log.info("rate sync resumed")
+                    failing = False
                 window.pushed += pending
                 window.others = max(0, total - window.pushed)
 

@@ -59,12 +59,15 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 return 1
 """
 
+# Plain ZADD, not XX: a live session whose lease lapsed (renewals failed for longer
+# than the lease, or Redis restarted without its data) counts again.  The cost: a
+# renewal racing the session's release can leave its slot until the lease expires.
 _RENEW: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
 return 1

@@ -1,0 +1,158 @@
+"""Admission in process against a real Redis: store failures in the ops tick and rate sync."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from tests.ops.conftest import RedisServer
+from transcribe_gateway.config import Settings, StoreSettings
+from transcribe_gateway.server.limits import Admission, Grant, SessionLimits, Verdict
+from transcribe_gateway.store.keys import KeyLimits
+from transcribe_gateway.store.redis import RedisStore
+
+
+@dataclass
+class Live:
+    """What the ops tick reads of a live Connection."""
+
+    grant: Grant
+    id: str
+    closed: list[int] = field(default_factory=list)
+
+    def terminate(self, code: int, error: str, message: str) -> None:
+        self.closed.append(code)
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisStore]:
+    backend = RedisStore(redis_server.url)
+    await backend.start()
+    await backend.client.flushdb()
+    yield backend
+    await backend.aclose()
+
+
+def admission(redis_server: RedisServer, store: RedisStore) -> Admission:
+    settings = Settings(store=StoreSettings(backend="redis", redis_url=redis_server.url))
+    return Admission(settings, store)
+
+
+async def metered(store: RedisStore, grant: Grant) -> float:
+    """The key's audio seconds in Redis (through the real store, not a patched one)."""
+    return await RedisStore.add_audio(store, grant.key_id, grant.period_id, 0.0)
+
+
+async def quota_session(gate: Admission, key_id: str, session_id: str) -> Live:
+    grant = Grant(key_id, key_id, KeyLimits(audio_minutes=10), stored=False)
+    assert await gate.admit(grant, session_id) is grant
+    return Live(grant, session_id)
+
+
+class TestRateSync:
+    async def test_rate_sharing_resumes_after_a_failed_round(
+        self, redis_server: RedisServer, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        gate = admission(redis_server, store)
+        failed = asyncio.Event()
+        real_add = store.add_messages
+
+        async def add_messages(key_id: str, window: int, count: int) -> int:
+            if not failed.is_set():  # Redis away for one round
+                failed.set()
+                raise RedisConnectionError("Connection closed by server.")
+            return await real_add(key_id, window, count)
+
+        monkeypatch.setattr(store, "add_messages", add_messages)
+        other = RedisStore(redis_server.url)  # another replica
+        await other.start()
+        grant = Grant("key_rate", "rate", KeyLimits(messages_per_second=50), stored=True)
+        limits = SessionLimits(grant)
+        runner = asyncio.create_task(gate.run([]))
+        try:
+            assert gate.check_message(limits) is Verdict.ACCEPT
+            async with asyncio.timeout(10):
+                await failed.wait()
+            # The other replica sends 100 messages a second for the key, this one ~20:
+            # once the sync runs again, this replica refuses.
+            verdict = Verdict.ACCEPT
+            deadline = time.monotonic() + 10
+            while verdict is Verdict.ACCEPT and time.monotonic() < deadline:
+                await other.add_messages("key_rate", int(time.time()), 100)
+                await asyncio.sleep(0.05)
+                verdict = gate.check_message(limits)
+            assert verdict in (Verdict.DROP, Verdict.DROP_AND_WARN)
+        finally:
+            runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await runner
+            await other.aclose()
+
+
+class TestMetering:
+    async def test_a_tick_during_end_does_not_meter_the_audio_twice(
+        self, redis_server: RedisServer, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        gate = admission(redis_server, store)
+        live = await quota_session(gate, "key_race", "ts_1")
+        live.grant.unmetered = 2.0
+        entered, answer = asyncio.Event(), asyncio.Event()
+        real_add = store.add_audio
+
+        async def add_audio(key_id: str, period: str, seconds: float) -> float:
+            if seconds and not entered.is_set():  # end()'s add, held until the tick ran
+                entered.set()
+                await answer.wait()
+            return await real_add(key_id, period, seconds)
+
+        monkeypatch.setattr(store, "add_audio", add_audio)
+        ending = asyncio.create_task(gate.end(live.grant, "ts_1", "LOCAL", "m", "x", 2.0))
+        async with asyncio.timeout(10):
+            await entered.wait()
+        await gate.tick([live])  # type: ignore[list-item]
+        answer.set()
+        await ending
+        assert await metered(store, live.grant) == pytest.approx(2.0)
+
+    @pytest.mark.parametrize("failure", ["error", "timeout"])
+    async def test_audio_a_tick_failed_to_meter_is_metered_later(
+        self,
+        redis_server: RedisServer,
+        store: RedisStore,
+        monkeypatch: pytest.MonkeyPatch,
+        failure: str,
+    ) -> None:
+        gate = admission(redis_server, store)
+        live = await quota_session(gate, f"key_{failure}", "ts_2")
+        live.grant.unmetered = 5.0
+        failed = asyncio.Event()
+        real_add = store.add_audio
+
+        async def add_audio(key_id: str, period: str, seconds: float) -> float:
+            if seconds and not failed.is_set():  # the tick's add
+                failed.set()
+                if failure == "error":
+                    raise RedisConnectionError("Connection closed by server.")
+                await asyncio.Event().wait()  # never answers
+            return await real_add(key_id, period, seconds)
+
+        monkeypatch.setattr(store, "add_audio", add_audio)
+        tick: asyncio.Task[Any] = asyncio.create_task(gate.tick([live]))  # type: ignore[list-item]
+        async with asyncio.timeout(10):
+            await failed.wait()
+        if failure == "error":
+            with pytest.raises(RedisConnectionError):
+                await tick
+        else:
+            tick.cancel()  # what the ops loop's timeout does
+            with pytest.raises(asyncio.CancelledError):
+                await tick
+        await gate.end(live.grant, "ts_2", "LOCAL", "m", "x", 5.0)
+        assert await metered(store, live.grant) == pytest.approx(5.0)
