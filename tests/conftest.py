@@ -31,7 +31,16 @@ def free_port() -> int:
 class GatewayProcess:
     """``transcribe-gateway serve`` in a subprocess, logs captured to a file."""
 
-    def __init__(self, name: str, env: dict[str, str] | None = None, args: list[str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+        *,
+        own_group: bool = False,
+    ):
+        """``own_group``: in a process group of its own, as a shell starts a
+        command (a terminal's Ctrl-C then signals the server and its children)."""
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}/ws"
         self.http = f"http://127.0.0.1:{self.port}"
@@ -71,6 +80,7 @@ class GatewayProcess:
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=own_group,
         )
         self._wait_ready()
 

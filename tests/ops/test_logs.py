@@ -41,6 +41,12 @@ async def test_json_logs_carry_session_ids_and_no_transcript_or_key(
     assert lines, json_gateway.logs()
     ended = [e for e in lines if e["msg"] == "session ended"]
     assert {e["session_id"] for e in ended} >= {session_id}
+    # Each call's own fields are kept beside the session's id: the key by its id.
+    (created,) = [
+        e for e in lines if e["msg"] == "session created" and e["session_id"] == session_id
+    ]
+    assert created["key"].startswith("key_")
+    assert any(e.get("audio_seconds", 0) > 10 for e in ended)  # jfk's 11 s
     assert all(e["level"] in ("info", "warning", "error") for e in lines)  # nothing at debug
     raw = json_gateway.logs()
     for secret in (*TEST_KEYS, stored, hash_key(stored)):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import sys
 import time
@@ -256,3 +258,31 @@ class TestShutdown:
             server.stop()
         with pytest.raises(OSError):
             await websockets.connect(server.url, open_timeout=2)
+
+    async def test_ctrl_c_drains_pocketsphinx_sessions_too(self, shared_audio) -> None:
+        # A terminal's Ctrl-C signals the whole process group: pocketsphinx's
+        # worker processes as well as the server. The server drains; the
+        # workers leave that to it (before, one interrupted mid-decode died, its
+        # KeyboardInterrupt came back as the call's result and killed the server).
+        server = GatewayProcess("ctrl-c", env={"TRANSCRIBE_DRAIN_TIMEOUT_S": "20"}, own_group=True)
+        try:
+            audio = read_audio(shared_audio / "jfk.flac")
+            ws, _ = await open_session(server.url, model="pocketsphinx-en-us")
+            sending = asyncio.create_task(send_audio(ws, audio, realtime=1.0))
+            await asyncio.sleep(3.0)  # mid-sentence: the worker is decoding
+            os.killpg(server.proc.pid, signal.SIGINT)
+            messages = await collect(ws, 60)
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await sending
+            assert [m for m in messages if m["type"] == "transcription.completed"]
+            assert not [
+                m
+                for m in messages
+                if m["type"] == "error" and m["error"]["code"] != "session_closing"
+            ], messages
+            assert messages[-1]["type"] == "session.closed"
+            assert messages[-1]["reason"] == "shutdown"
+            assert ws.close_code == 1000
+            assert server.proc.wait(30) == 0
+        finally:
+            server.stop()

@@ -54,6 +54,7 @@ from transcribe_gateway.exceptions import (
     ProviderError,
     ProviderTimeout,
 )
+from transcribe_gateway.logfields import Fields
 from transcribe_gateway.providers.base import (
     STT,
     ModelInfo,
@@ -279,7 +280,7 @@ class CloudStream(RecognizeStream):
         self._sender: asyncio.Task[None] | None = None
         self.sent_ms = 0.0
         """Milliseconds of audio handed to the sender so far (the stream's clock)."""
-        self.log = logging.LoggerAdapter(log, {"provider": stt.provider})
+        self.log = Fields(log, {"provider": stt.provider})
 
     # -- hooks for adapters -------------------------------------------------
 

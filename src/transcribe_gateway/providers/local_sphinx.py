@@ -79,6 +79,7 @@ import itertools
 import logging
 import multiprocessing
 import re
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -433,6 +434,17 @@ def _host_drop(key: int) -> None:
     _HOSTED.pop(key, None)
 
 
+def _leave_stopping_to_the_gateway() -> None:
+    """In a worker process: ignore SIGINT and SIGTERM.  A terminal's Ctrl-C (or a
+    process manager's group-wide SIGTERM) reaches every process of the group; the
+    gateway drains on it and shuts its workers down last.  A worker that took it
+    died mid-decode, failing its sessions, and the KeyboardInterrupt it sent back
+    as the call's result killed the server.  A worker whose gateway is gone ends
+    when the call queue's pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class SphinxProcesses:
     """Worker processes hosting the streams' decoders (one per decode worker).
 
@@ -457,7 +469,9 @@ class SphinxProcesses:
         executor = self._executors[index]
         if executor is None:
             context = multiprocessing.get_context("spawn")
-            executor = self._executors[index] = ProcessPoolExecutor(1, mp_context=context)
+            executor = self._executors[index] = ProcessPoolExecutor(
+                1, mp_context=context, initializer=_leave_stopping_to_the_gateway
+            )
         return executor
 
     def replace_broken(self, index: int, broken: ProcessPoolExecutor) -> None:

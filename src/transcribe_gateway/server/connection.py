@@ -42,6 +42,7 @@ from prometheus_client import Counter
 from transcribe_gateway.audio.decode import Samples, decode_audio
 from transcribe_gateway.audio.resample import Resampler
 from transcribe_gateway.exceptions import ProviderError
+from transcribe_gateway.logfields import Fields
 from transcribe_gateway.protocol import messages as m
 from transcribe_gateway.protocol.session import (
     INTERNAL,
@@ -182,7 +183,7 @@ class Connection:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
         self._last_no_engine_error = 0.0
-        self._log = logging.LoggerAdapter(log, {"session_id": self.session.id})
+        self._log = Fields(log, {"session_id": self.session.id})
         self.closed = asyncio.Event()
         """Set when the connection is over and its resources are freed."""
 
