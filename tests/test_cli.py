@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -44,9 +45,8 @@ def test_serve_refuses_production_without_keys(tmp_path: Path) -> None:
     assert "api_keys" in result.stderr
 
 
-def test_serve_prints_its_banner_once_it_accepts_connections(tmp_path: Path) -> None:
-    # The banner says what to try; a user who tries it at once must not be refused
-    # while the model still loads.
+def start_serve(tmp_path: Path, **env_vars: str) -> tuple[subprocess.Popen[str], int, list[str]]:
+    """``serve`` on a free port, read up to its banner's URL line: (process, port, lines)."""
     port = free_port()
     env = {
         **os.environ,
@@ -58,26 +58,65 @@ def test_serve_prints_its_banner_once_it_accepts_connections(tmp_path: Path) -> 
     proc = subprocess.Popen(
         [sys.executable, "-m", "transcribe_gateway", "serve", "--port", str(port)],
         cwd=ROOT,
-        env=env,
+        env={**env, **env_vars},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert proc.stderr is not None
+    seen: list[str] = []
+    for line in proc.stderr:  # ends if it exits; pytest-timeout bounds a hang
+        seen.append(line)
+        if "WebSocket URL" in line:
+            break
+    return proc, port, seen
+
+
+def run_suggested(line: str, key: str) -> subprocess.CompletedProcess[str]:
+    """Run the banner's ``try`` command as printed (plus --fast), TRANSCRIBE_API_KEY=key."""
+    command = shlex.split(line.split("try ", 1)[1].split("  (", 1)[0])
+    assert command[:2] == ["transcribe-gateway", "stream"], line
+    return run(*command[1:], "--fast", env={**os.environ, "TRANSCRIBE_API_KEY": key})
+
+
+def test_serve_prints_its_banner_once_it_accepts_connections(tmp_path: Path) -> None:
+    # The banner says what to try; a user who tries it at once must not be refused
+    # while the model still loads.
+    proc, port, seen = start_serve(tmp_path)
     try:
         assert proc.stderr is not None
-        seen: list[str] = []
-        for line in proc.stderr:  # ends if it exits; pytest-timeout bounds a hang
-            seen.append(line)
-            if "WebSocket URL" in line:
-                break
         assert any("WebSocket URL" in line for line in seen), "".join(seen)
         # Connected at once, no retry: the banner comes after the socket is bound.
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
         assert any("local engine ready" in line for line in seen), "".join(seen)
         rest = [proc.stderr.readline() for _ in range(3)]
         assert "development key: dev-key" in rest[0]
-        assert f"stream --url ws://localhost:{port}/ws" in rest[1]
+        assert f"stream --url ws://localhost:{port}/ws --key dev-key " in rest[1]
         assert "demo page" in rest[2]
+        # It works as printed, even where another server's key is in the environment.
+        tried = run_suggested(rest[1], "another-servers-key")
+        assert tried.returncode == 0, tried.stderr
+        assert "country" in tried.stdout
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_serve_banner_with_configured_keys_names_the_key_variable(tmp_path: Path) -> None:
+    # With keys configured the suggested command needs one: the banner says where the
+    # command reads it (it never prints a configured key).
+    secret = "configured-key-0123456789"
+    proc, _, seen = start_serve(tmp_path, TRANSCRIBE_API_KEYS=secret)
+    try:
+        assert proc.stderr is not None
+        assert any("WebSocket URL" in line for line in seen), "".join(seen)
+        suggested = proc.stderr.readline()
+        assert "try  transcribe-gateway stream" in suggested
+        assert "with TRANSCRIBE_API_KEY set to one of your api_keys" in suggested
+        assert secret not in "".join(seen) + suggested
+        tried = run_suggested(suggested, secret)
+        assert tried.returncode == 0, tried.stderr
+        assert "country" in tried.stdout
     finally:
         proc.terminate()
         proc.wait(timeout=60)

@@ -57,15 +57,19 @@ def _serve(args: argparse.Namespace) -> int:
         # it suggests works at once. To the terminal, not the log: the key is never
         # in log files.
         print(f"transcribe-gateway: WebSocket URL {url}", file=sys.stderr)
-        if not settings.api_keys:
+        if settings.api_keys:
+            # Configured keys are secrets: say where the command reads one, never print it.
+            key, note = "", "  (with TRANSCRIBE_API_KEY set to one of your api_keys)"
+        else:
             print(
                 f"transcribe-gateway: development key: {DEV_KEY}  (set TRANSCRIBE_API_KEYS to "
                 "use your own)",
                 file=sys.stderr,
             )
+            key, note = f" --key {DEV_KEY}", ""  # explicit: a TRANSCRIBE_API_KEY set would win
         print(
-            f"transcribe-gateway: try  transcribe-gateway stream --url {url} "
-            "../shared/audio/jfk.flac",
+            f"transcribe-gateway: try  transcribe-gateway stream --url {url}{key} "
+            f"../shared/audio/jfk.flac{note}",
             file=sys.stderr,
         )
         if settings.profile == "development":

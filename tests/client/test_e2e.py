@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -11,7 +14,16 @@ import pytest
 
 from tests.conftest import ROOT, SHARED_AUDIO, TEST_KEYS, GatewayProcess
 from tests.textnorm import normalize
-from transcribe_gateway.client import TranscribeClient, TranscribeUnauthorized
+from transcribe_gateway.audio.files import read_audio
+from transcribe_gateway.client import (
+    Event,
+    TranscribeClient,
+    TranscribeQuotaExceeded,
+    TranscribeUnauthorized,
+)
+from transcribe_gateway.protocol.messages import TranscriptionCompleted, TranscriptionPartial
+
+JFK = SHARED_AUDIO / "jfk.flac"
 
 
 async def test_sdk_streams_a_file_and_gets_finals(gateway: GatewayProcess) -> None:
@@ -37,16 +49,141 @@ async def test_sdk_first_message_auth_and_bad_key(gateway: GatewayProcess) -> No
             pass
 
 
+def create_key(server: GatewayProcess, name: str, *options: str) -> str:
+    """``transcribe-gateway keys create NAME OPTIONS`` in the server's store: the key."""
+    done = subprocess.run(
+        [sys.executable, "-m", "transcribe_gateway", "keys", "create", name, *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TRANSCRIBE_STORE_PATH": str(server.store_path)},
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+async def test_sdk_refusals_raise_the_documented_exceptions() -> None:
+    # The server refuses with an error, then a close: too_many_sessions then 4029,
+    # forbidden then 4001. open() raises the documented exception for each, keeping
+    # the server's explanation.
+    server = GatewayProcess("one-session-per-key", env={"TRANSCRIBE_MAX_SESSIONS_PER_KEY": "1"})
+    try:
+        reader = await asyncio.to_thread(create_key, server, "reader", "--scope", "usage")
+        async with TranscribeClient.connect(server.url, TEST_KEYS[0]):
+            with pytest.raises(TranscribeQuotaExceeded) as over:
+                async with TranscribeClient.connect(server.url, TEST_KEYS[0]):
+                    pytest.fail("a second session of the key must be refused")
+            async with TranscribeClient.connect(server.url, TEST_KEYS[1]) as other:
+                assert other.session_id.startswith("ts_")  # the limit is per key
+        with pytest.raises(TranscribeUnauthorized) as forbidden:
+            async with TranscribeClient.connect(server.url, reader):
+                pytest.fail("a key without the transcribe scope must be refused")
+    finally:
+        server.stop()
+    assert (over.value.code, over.value.reason) == (4029, "Too many sessions")
+    assert over.value.error is not None and over.value.error.code == "too_many_sessions"
+    assert "too_many_sessions" in str(over.value) and over.value.error.message in str(over.value)
+    assert forbidden.value.code == 4001
+    assert forbidden.value.error is not None and forbidden.value.error.code == "forbidden"
+
+
+async def test_sdk_reports_the_audio_sent_when_a_shutdown_ends_the_stream() -> None:
+    # SIGTERM inside the second utterance, while jfk.flac (11 s) streams in real time:
+    # the session ends early (after decoding that utterance), and the result counts
+    # what was sent, not the whole file.
+    server = GatewayProcess("shutdown-mid-stream")
+    chunk_s = 0.1
+    finals, signalled = 0, False
+
+    def shut_down_inside_the_second_utterance(event: Event) -> None:
+        nonlocal finals, signalled
+        finals += isinstance(event, TranscriptionCompleted)
+        if finals and isinstance(event, TranscriptionPartial) and not signalled:
+            signalled = True  # once: a second SIGTERM means "exit now"
+            server.proc.send_signal(signal.SIGTERM)
+
+    try:
+        async with TranscribeClient.connect(server.url, TEST_KEYS[0]) as client:
+            await client.configure()
+            result = await client.stream_file(
+                JFK, chunk_ms=round(chunk_s * 1000), on_event=shut_down_inside_the_second_utterance
+            )
+            sent = client.audio_seconds_sent
+    finally:
+        server.stop()
+    assert result.closed is not None and result.closed.reason == "shutdown"
+    usage = result.closed.usage.audio_seconds
+    assert result.audio_seconds == pytest.approx(sent)
+    assert result.audio_seconds < len(read_audio(JFK)) / 16000
+    # Sending stops at the first session_closing: a chunk or so the server dropped
+    # (0.5 s of room for a loaded machine; the whole file would be 11 s).
+    assert usage - 1e-3 <= result.audio_seconds <= usage + 0.5, [e.code for e in result.errors]
+
+
+def cli_command(url: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "transcribe_gateway", "stream", "--url", url, *args]
+
+
+CLI_ENV = {**os.environ, "TRANSCRIBE_API_KEY": TEST_KEYS[0]}
+
+
 def run_cli(gateway: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
     """``transcribe-gateway stream --url <gateway> ARGS`` as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "transcribe_gateway", "stream", "--url", gateway.url, *args],
+        cli_command(gateway.url, *args),
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "TRANSCRIBE_API_KEY": TEST_KEYS[0]},
+        env=CLI_ENV,
         cwd=ROOT,
     )
+
+
+def test_stream_command_reports_the_audio_sent_when_a_shutdown_ends_it() -> None:
+    # As above, through the command: its summary line says what was sent.
+    server = GatewayProcess("shutdown-cli")
+    try:
+        cli = subprocess.Popen(
+            cli_command(server.url, "--json", str(JFK)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=CLI_ENV,
+            cwd=ROOT,
+        )
+        assert cli.stdout is not None
+        kinds = (json.loads(line)["type"] for line in cli.stdout)
+        assert "transcription.completed" in kinds  # consumes up to the first final
+        assert "transcription.partial" in kinds  # the second utterance: shut down now
+        server.proc.send_signal(signal.SIGTERM)
+        _, err = cli.communicate(timeout=120)
+    finally:
+        server.stop()
+    sent = re.search(r"audio: (\d+\.\d+) s sent in real time", err)
+    usage = re.search(r"closed \(shutdown\): usage (\d+\.\d+) s", err)
+    assert sent is not None and usage is not None, err
+    assert float(sent[1]) < 11.0
+    # Sending stops a chunk or so after the first session_closing (room as above).
+    assert float(usage[1]) - 0.01 <= float(sent[1]) <= float(usage[1]) + 0.5, err
+
+
+def test_stream_command_exits_quietly_when_stdout_is_closed(gateway: GatewayProcess) -> None:
+    # `stream --json FILE | head -1`: once the reader goes, the next write fails
+    # (EPIPE). That is no connection failure, and no error to report.
+    cli = subprocess.Popen(
+        cli_command(gateway.url, "--json", str(JFK)),  # real time: events keep coming
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CLI_ENV,
+        cwd=ROOT,
+    )
+    assert cli.stdout is not None and cli.stderr is not None
+    assert json.loads(cli.stdout.readline())["type"] == "session.created"
+    cli.stdout.close()
+    assert cli.wait(timeout=120) == 141
+    assert cli.stderr.read() == ""
 
 
 def test_stream_command_prints_finals_and_timings(gateway: GatewayProcess) -> None:

@@ -10,13 +10,15 @@ stdout and nothing else goes to stdout.  Otherwise each final is printed as
 when stdout is a terminal (not at all when it is not), and a timing summary
 goes to stderr.  Server ``error`` messages are always reported on stderr too.
 Exit codes: 0 success, 1 server error (any ``error`` message) or abnormal
-close, 2 bad arguments or unreadable file.
+close, 2 bad arguments or unreadable file, 141 (quietly) when stdout's reader
+went away (``stream --json FILE | head -1``), as for a tool killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import sys
@@ -54,6 +56,8 @@ CONFIGURE_TIMEOUT_S = 120.0
 EXIT_OK = 0
 EXIT_SERVER = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a tool whose stdout reader went away."""
 
 _CLEAR_LINE = "\r\x1b[K"
 
@@ -88,7 +92,7 @@ def add_stream_parser(
             "Stream an audio file (wav, flac, mp3, ogg, or raw pcm16 .raw/.pcm) to a "
             "Transcribe WebSocket server, in real time unless --fast, and print the "
             "transcript. Exit codes: 0 ok, 1 server error or abnormal close, 2 bad "
-            "arguments or unreadable file."
+            "arguments or unreadable file, 141 stdout closed by its reader."
         ),
     )
     parser.add_argument("file", metavar="FILE", type=Path, help="audio file to stream")
@@ -139,6 +143,10 @@ def add_stream_parser(
     return parser
 
 
+class _StdoutClosed(Exception):
+    """Nobody reads stdout any more (a broken pipe): stop streaming."""
+
+
 class _Printer:
     """Renders server messages for a person (or as JSON lines)."""
 
@@ -155,26 +163,29 @@ class _Printer:
             self.had_error = True
             self.error(_describe_error(event))
         if self.json_lines:
-            self.out.write(msgspec.json.encode(event_to_dict(event)).decode() + "\n")
-            self.out.flush()
+            self._write(msgspec.json.encode(event_to_dict(event)).decode() + "\n")
         elif isinstance(event, TranscriptionPartial):
             if self.live:
-                self.out.write(_CLEAR_LINE + _fit(event.text.strip()))
-                self.out.flush()
+                self._write(_CLEAR_LINE + _fit(event.text.strip()))
                 self._partial_shown = True
         elif isinstance(event, TranscriptionCompleted):
             self.clear_live()
             text = event.text.strip()
             if text:
                 start, end = event.start_ms / 1000, event.end_ms / 1000
-                self.out.write(f"[{start:.2f}-{end:.2f}] {text}\n")
-                self.out.flush()
+                self._write(f"[{start:.2f}-{end:.2f}] {text}\n")
 
     def clear_live(self) -> None:
         if self._partial_shown:
-            self.out.write(_CLEAR_LINE)
-            self.out.flush()
+            self._write(_CLEAR_LINE)
             self._partial_shown = False
+
+    def _write(self, text: str) -> None:
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except BrokenPipeError as exc:  # a distinct type: not a failure to connect
+            raise _StdoutClosed from exc
 
     def error(self, message: str) -> None:
         self.clear_live()
@@ -239,9 +250,26 @@ async def run_stream(args: argparse.Namespace) -> int:
 
     Returns:
         The exit code: 0 success, 1 server error or abnormal close, 2 bad
-        arguments or unreadable file.
+        arguments or unreadable file, 141 stdout closed by its reader.
     """
     printer = _Printer(json_lines=args.json, out=sys.stdout, err=sys.stderr)
+    try:
+        return await _run_stream(args, printer)
+    except _StdoutClosed:
+        _discard_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _discard_stdout() -> None:
+    # What is left in stdout's buffer would fail again at exit, with a message.
+    with contextlib.suppress(OSError, ValueError):  # ValueError: no real file (tests)
+        fd = sys.stdout.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+
+async def _run_stream(args: argparse.Namespace, printer: _Printer) -> int:
     try:
         samples = await asyncio.to_thread(_load, args)
     except (OSError, ValueError) as exc:

@@ -105,6 +105,15 @@ _CLOSE_MEANINGS: Final = {
     4001: "unauthorized",
     4029: "too many sessions or over quota",
 }
+_REFUSAL_CLOSE_CODES: Final = {
+    "too_many_sessions": 4029,
+    "quota_exceeded": 4029,
+    "unauthorized": 4001,
+    "forbidden": 4001,
+}
+"""``error`` codes that refuse a session, and the close code the server sends right after."""
+_CLOSE_WAIT_S: Final = 2.0
+"""How long to wait for the close the server sends right after its last message."""
 
 
 # ---------------------------------------------------------------- exceptions
@@ -148,40 +157,55 @@ class TranscribeConnectionClosed(TranscribeClientError):
     Args:
         code: the WebSocket close code (1006 when the connection dropped).
         reason: the close reason sent by the server, possibly empty.
+        error: the ``error`` the server sent to explain the close, if any
+            (e.g. ``too_many_sessions`` before 4029).
     """
 
-    def __init__(self, code: int, reason: str = "") -> None:
+    def __init__(self, code: int, reason: str = "", *, error: ErrorInfo | None = None) -> None:
         meaning = _CLOSE_MEANINGS.get(code, "abnormal close")
         detail = f": {reason}" if reason else ""
-        super().__init__(f"connection closed with code {code} ({meaning}){detail}")
+        cause = f" after error {error.code}: {error.message}" if error is not None else ""
+        super().__init__(f"connection closed with code {code} ({meaning}){detail}{cause}")
         self.code = code
         self.reason = reason
+        self.error = error
 
     @staticmethod
-    def for_code(code: int, reason: str = "") -> TranscribeConnectionClosed:
+    def for_code(
+        code: int, reason: str = "", *, error: ErrorInfo | None = None
+    ) -> TranscribeConnectionClosed:
         """Return the exception matching a close code.
 
         Args:
             code: the WebSocket close code.
             reason: the close reason.
+            error: the ``error`` the server sent before closing, if any.
 
         Returns:
             :class:`TranscribeUnauthorized` for 4001,
             :class:`TranscribeQuotaExceeded` for 4029, else the base class.
         """
         if code == 4001:
-            return TranscribeUnauthorized(code, reason)
+            return TranscribeUnauthorized(code, reason, error=error)
         if code == 4029:
-            return TranscribeQuotaExceeded(code, reason)
-        return TranscribeConnectionClosed(code, reason)
+            return TranscribeQuotaExceeded(code, reason, error=error)
+        return TranscribeConnectionClosed(code, reason, error=error)
 
 
 class TranscribeUnauthorized(TranscribeConnectionClosed):
-    """The key or token was refused (close 4001, or HTTP 401/403 on the upgrade)."""
+    """The key or token was refused (close 4001, or HTTP 401/403 on the upgrade).
+
+    When the server explained it (``error`` ``forbidden`` or ``unauthorized``
+    before the close), :attr:`error` holds that error's code and message.
+    """
 
 
 class TranscribeQuotaExceeded(TranscribeConnectionClosed):
-    """Too many concurrent sessions or over quota (close 4029, or HTTP 429)."""
+    """Too many concurrent sessions or over quota (close 4029, or HTTP 429).
+
+    :attr:`error` holds the server's ``too_many_sessions`` or
+    ``quota_exceeded`` error (code and message) when it sent one.
+    """
 
 
 # ---------------------------------------------------------------- events
@@ -278,7 +302,8 @@ class StreamResult:
             normally without one.
         close_code: the WebSocket close code, None if the server had not
             closed the socket shortly after ``session.closed``.
-        audio_seconds: duration of the audio sent.
+        audio_seconds: seconds of audio this stream sent: all of the samples,
+            or less when the session ended first (e.g. a server shutdown).
         wall_seconds: seconds from the start of sending to the end of the stream.
         timings: first-partial and per-final latencies.
     """
@@ -373,10 +398,12 @@ class TranscribeClient:
             A client whose :attr:`session_id` is set.
 
         Raises:
-            TranscribeUnauthorized: the key was refused (4001, HTTP 401/403).
-            TranscribeQuotaExceeded: over quota (4029, HTTP 429).
+            TranscribeUnauthorized: the key was refused (4001, HTTP 401/403,
+                or an ``error`` ``forbidden``/``unauthorized``).
+            TranscribeQuotaExceeded: over quota (4029, HTTP 429, or an
+                ``error`` ``too_many_sessions``/``quota_exceeded``).
             TranscribeConnectionClosed: the server closed before ``session.created``.
-            TranscribeError: the server sent an ``error`` before ``session.created``.
+            TranscribeError: the server sent another ``error`` before ``session.created``.
             TimeoutError: no ``session.created`` within ``open_timeout``.
             OSError: the server cannot be reached.
             websockets.exceptions.InvalidHandshake: the upgrade failed otherwise.
@@ -405,7 +432,7 @@ class TranscribeClient:
                     await client._send(encode(Auth(token=api_key)))
                 event = await client._wait_for(lambda e: isinstance(e, SessionCreated | Error))
                 if isinstance(event, Error):
-                    raise TranscribeError.from_info(event.error)
+                    raise await client._refusal(event.error)
             except BaseException:
                 await client.aclose()
                 raise
@@ -438,7 +465,9 @@ class TranscribeClient:
 
         Raises:
             TranscribeUnauthorized: the key was refused.
+            TranscribeQuotaExceeded: too many sessions for the key, or over quota.
             TranscribeConnectionClosed: the server closed before ``session.created``.
+            TranscribeError: the server sent another ``error`` before ``session.created``.
             TimeoutError: no ``session.created`` within ``open_timeout``.
             OSError: the server cannot be reached.
         """
@@ -616,6 +645,12 @@ class TranscribeClient:
             ValueError: samples are not a 1-D int16 array, or bad ``chunk_ms``.
             TranscribeConnectionClosed: the connection closed meanwhile.
         """
+        await self._send_samples(samples, chunk_ms=chunk_ms, fast=fast, stop=None)
+
+    async def _send_samples(
+        self, samples: Samples, *, chunk_ms: int, fast: bool, stop: asyncio.Event | None
+    ) -> None:
+        """:meth:`send_samples`, ending early once ``stop`` is set."""
         if self._config is None:
             raise RuntimeError("call configure() before sending samples")
         samples = np.asarray(samples)
@@ -634,6 +669,8 @@ class TranscribeClient:
                 delay = start + last / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+            if stop is not None and stop.is_set():
+                return
             await self.send_audio(data[first * width : last * width])
 
     async def close_session(self) -> None:
@@ -693,7 +730,9 @@ class TranscribeClient:
 
         Sending and receiving run concurrently; ``on_event`` sees each message
         as it arrives (including earlier ``session.created``/``session.updated``
-        still queued).
+        still queued).  Sending stops early when the session ends first: at
+        ``session.closed``, or at an ``error`` ``session_closing`` (the server
+        is ending the session, e.g. on shutdown, and drops any further audio).
 
         Args:
             samples: mono int16 at the configured ``sample_rate``.
@@ -711,8 +750,7 @@ class TranscribeClient:
             TranscribeConnectionClosed: the socket closed abnormally.
             TimeoutError: nothing ended the session within ``finish_timeout``.
         """
-        config = self._config
-        if config is None:
+        if self._config is None:
             raise RuntimeError("call configure() before streaming")
         samples = np.asarray(samples)
         if samples.dtype != np.int16 or samples.ndim != 1:
@@ -721,10 +759,12 @@ class TranscribeClient:
         started = time.monotonic()
         events: list[Event] = []
         closed: SessionClosed | None = None
+        sent_before = self._sent_ms
+        refused = asyncio.Event()  # the server takes no more audio
 
         async def produce() -> None:
             try:
-                await self.send_samples(samples, chunk_ms=chunk_ms, fast=fast)
+                await self._send_samples(samples, chunk_ms=chunk_ms, fast=fast, stop=refused)
                 await self.close_session()
             except TranscribeConnectionClosed:
                 logger.debug("connection closed while sending; the receiver reports it")
@@ -752,6 +792,8 @@ class TranscribeClient:
                     events.append(event)
                     if on_event is not None:
                         on_event(event)
+                    if isinstance(event, Error) and event.error.code == "session_closing":
+                        refused.set()
                     if isinstance(event, SessionClosed):
                         closed = event
                         break
@@ -771,13 +813,13 @@ class TranscribeClient:
             raise error
         wall = time.monotonic() - started
         if closed is not None:  # the server closes right after; record its code
-            await asyncio.wait({self._reader}, timeout=2.0)
+            await asyncio.wait({self._reader}, timeout=_CLOSE_WAIT_S)
         return StreamResult(
             session_id=self.session_id,
             events=events,
             closed=closed,
             close_code=self._close_code,
-            audio_seconds=len(samples) / config.sample_rate,
+            audio_seconds=(self._sent_ms - sent_before) / 1000.0,
             wall_seconds=wall,
             timings=self.timings,
         )
@@ -843,6 +885,17 @@ class TranscribeClient:
         except ConnectionClosed as exc:
             code, reason = _close_of(exc)
             raise TranscribeConnectionClosed.for_code(code, reason) from exc
+
+    async def _refusal(self, info: ErrorInfo) -> TranscribeClientError:
+        """The exception for an ``error`` received instead of ``session.created``."""
+        close_code = _REFUSAL_CLOSE_CODES.get(info.code)
+        if close_code is None:
+            return TranscribeError.from_info(info)
+        # The server closes right after: report its real code and reason when they come.
+        await asyncio.wait({self._reader}, timeout=_CLOSE_WAIT_S)
+        return TranscribeConnectionClosed.for_code(
+            self._close_code or close_code, self._close_reason, error=info
+        )
 
     def _raise_if_abnormal(self) -> None:
         if self._reader_error is not None:
