@@ -45,6 +45,15 @@ def test_serve_refuses_production_without_keys(tmp_path: Path) -> None:
     assert "api_keys" in result.stderr
 
 
+def test_config_check_refuses_what_serve_refuses(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('profile = "production"\n')
+    env = {k: v for k, v in os.environ.items() if k != "TRANSCRIBE_API_KEYS"}
+    result = run("config", "check", "--config", str(config), env=env)
+    assert result.returncode == 2
+    assert "api_keys" in result.stderr
+
+
 def start_serve(tmp_path: Path, **env_vars: str) -> tuple[subprocess.Popen[str], int, list[str]]:
     """``serve`` on a free port, read up to its banner's URL line: (process, port, lines)."""
     port = free_port()

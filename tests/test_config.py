@@ -388,3 +388,15 @@ class TestBearerToken:
     )
     def test_server_reads_bearer_token(self, header: str | None, token: str | None) -> None:
         assert bearer_token(header) == token
+
+
+class TestProviderTables:
+    def test_a_provider_table_is_read_whatever_the_name_case(self, tmp_path: Path) -> None:
+        path = toml(tmp_path, '[providers.deepgram]\napi_key = "dg-key"\n')
+        settings = load_settings(path, environ={})
+        assert settings.provider_setting("DEEPGRAM", "api_key") == "dg-key"
+
+    def test_an_unknown_provider_setting_is_refused(self, tmp_path: Path) -> None:
+        path = toml(tmp_path, '[providers.DEEPGRAM]\napi_kye = "dg-key"\n')
+        message = config_error(path)
+        assert "providers.DEEPGRAM.api_kye" in message and "api_key" in message

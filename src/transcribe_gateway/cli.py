@@ -41,13 +41,19 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
+def _checked(settings: Settings) -> Settings:
+    """What ``serve`` refuses beyond a setting's own bounds (``config check`` too)."""
+    if not settings.keys():
+        # Stored keys (`keys create`) do not count: the store is not open yet.
+        raise ConfigError("api_keys: the production profile needs at least one key")
+    return settings
+
+
 def _serve(args: argparse.Namespace) -> int:
     from transcribe_gateway.server.logs import setup_logging
     from transcribe_gateway.server.runner import serve
 
-    settings = _settings(args)
-    if not settings.keys():
-        raise ConfigError("api_keys: the production profile needs at least one key")
+    settings = _checked(_settings(args))
     setup_logging(settings.log_level, settings.log_format)
     host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
     url = f"ws://{host}:{settings.port}/ws"
@@ -84,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    settings = _checked(load_settings(args.config))
     print(f"configuration OK (profile {settings.profile}, port {settings.port})")
     return 0
 

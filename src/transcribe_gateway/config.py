@@ -179,6 +179,27 @@ def _env_value(name: str, raw: str, kind: str) -> Any:
     return raw
 
 
+PROVIDER_SETTINGS: Final = ("api_key", "base_url")
+"""What a ``[providers.<NAME>]`` table may set (anything else would be ignored)."""
+
+
+def _provider_tables(tables: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """``[providers.<NAME>]`` by the provider's name as the protocol spells it
+    (``deepgram`` is ``DEEPGRAM``), and only settings that are read: a typo
+    (``api_kye``) would otherwise be accepted and ignored, and the session served
+    by another engine without a word."""
+    merged: dict[str, dict[str, str]] = {}
+    for name, table in tables.items():
+        for setting in table:
+            if setting not in PROVIDER_SETTINGS:
+                raise ConfigError(
+                    f"providers.{name}.{setting}: unknown setting "
+                    f"(expected {' or '.join(PROVIDER_SETTINGS)})"
+                )
+        merged.setdefault(name.upper(), {}).update(table)
+    return merged
+
+
 def load_settings(
     path: str | Path | None = None,
     *,
@@ -215,6 +236,7 @@ def load_settings(
         settings = msgspec.convert(data, Settings)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid setting: {exc}") from None
+    settings.providers = _provider_tables(settings.providers)
     if settings.store.backend == "redis" and not settings.store.redis_url:
         raise ConfigError(
             'store.redis_url: required with store.backend = "redis" (TRANSCRIBE_REDIS_URL)'
