@@ -233,6 +233,14 @@ class TestEndpointer:
         assert endpointer.process(probs((0.0, 60))) == []
         assert [e.kind for e in endpointer.process(probs((0.9, 10)))] == ["start"]
 
+    def test_an_end_told_early_is_never_past_what_it_saw(self) -> None:
+        # endpointing 10 ms told early after one silent frame: the trailing margin
+        # (96 ms, capped by the long endpointing's silence) would reach past it.
+        endpointer = Endpointer(endpointing_ms=1000)
+        endpointer.process(probs((0.9, 10), (0.0, 1)))
+        event = endpointer.end_now()
+        assert event is not None and event.sample <= 11 * FRAME
+
     def test_endpointer_never_starts_before_the_stream(self) -> None:
         assert endpoint(probs((0.9, 10), (0.0, 30)))[0] == ("start", 0)
 

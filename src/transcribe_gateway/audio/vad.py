@@ -189,7 +189,9 @@ class Endpointer:
         if end is None:
             return None
         events: list[VadEvent] = []
-        self._finish(end, events)
+        # Never past the audio heard: the trailing margin is capped by the long
+        # endpointing's silence, and this comes sooner (after the short one).
+        self._finish(min(end, self._frame * FRAME), events)
         return events[0]
 
     def _begin(self, sample: int, events: list[VadEvent]) -> None:
