@@ -156,3 +156,37 @@ class TestMetering:
                 await tick
         await gate.end(live.grant, "ts_2", "LOCAL", "m", "x", 5.0)
         assert await metered(store, live.grant) == pytest.approx(5.0)
+
+
+class TestSlots:
+    async def test_a_slot_whose_acquire_was_cancelled_is_given_back(
+        self, redis_server: RedisServer, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # The acquire ran in Redis, but the client left (or the auth timed out)
+        # before its answer came: the slot must not count against the key until
+        # its lease expires.
+        gate = admission(redis_server, store)
+        ran, never = asyncio.Event(), asyncio.Event()
+        real_acquire = store.acquire_slot
+
+        async def acquire_slot(key_id: str, session_id: str, limit: int) -> bool:
+            taken = await real_acquire(key_id, session_id, limit)
+            ran.set()
+            await never.wait()  # the answer is lost
+            return taken
+
+        monkeypatch.setattr(store, "acquire_slot", acquire_slot)
+        grant = Grant("key_slot", "slot", KeyLimits(max_sessions=1), stored=True)
+        admitting = asyncio.create_task(gate.admit(grant, "ts_gone"))
+        async with asyncio.timeout(10):
+            await ran.wait()
+        assert await store.client.zcard("tg:slots:key_slot") == 1
+        admitting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await admitting
+        monkeypatch.setattr(store, "acquire_slot", real_acquire)
+        async with asyncio.timeout(10):
+            await asyncio.gather(*getattr(gate, "_releases", ()))  # the give-back under way
+        assert await store.client.zcard("tg:slots:key_slot") == 0
+        other = Grant("key_slot", "slot", KeyLimits(max_sessions=1), stored=True)
+        assert await gate.admit(other, "ts_next") is other

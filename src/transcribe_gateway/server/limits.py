@@ -107,6 +107,8 @@ class Admission:
         self.static = KeyChecker(settings.keys())
         self.shared = settings.store.backend == "redis"
         self._rates: dict[str, _Window] = {}
+        self._releases: set[asyncio.Task[None]] = set()
+        """Slots given back after their acquire lost its answer (owned until done)."""
 
     # ------------------------------------------------------------ admission
 
@@ -173,9 +175,18 @@ class Admission:
                         f"for {grant.period_id}",
                         4029,
                     )
-            if not await self.store.acquire_slot(
-                grant.key_id, session_id, grant.limits.max_sessions
-            ):
+            try:
+                acquired = await self.store.acquire_slot(
+                    grant.key_id, session_id, grant.limits.max_sessions
+                )
+            except BaseException:
+                # Cancelled (the client left, the auth timed out) or failed: the
+                # acquire may have run in Redis all the same, and nobody would renew
+                # or release that slot, which would then count against the key
+                # until its lease expired. Giving back a slot never taken is harmless.
+                self._give_back(grant.key_id, session_id)
+                raise
+            if not acquired:
                 metrics.refusals.labels(code="too_many_sessions").inc()
                 return Refusal(
                     "too_many_sessions",
@@ -183,6 +194,18 @@ class Admission:
                     4029,
                 )
         return grant
+
+    def _give_back(self, key_id: str, session_id: str) -> None:
+        task = asyncio.create_task(self._release_quietly(key_id, session_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release_quietly(self, key_id: str, session_id: str) -> None:
+        try:
+            async with asyncio.timeout(_STORE_TIMEOUT_S):
+                await self.store.release_slot(key_id, session_id)
+        except Exception:  # the store is away: the lease expires instead
+            log.warning("slot not given back", exc_info=True)
 
     async def end(
         self, grant: Grant, session_id: str, provider: str, model: str, reason: str, audio: float
