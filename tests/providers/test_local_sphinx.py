@@ -84,11 +84,17 @@ async def stt() -> AsyncIterator[LocalSTT]:
 
 
 async def transcribe(
-    stt: LocalSTT, samples: Samples, prompt: str | None = None, pace: float = 0.0
+    stt: LocalSTT,
+    samples: Samples,
+    prompt: str | None = None,
+    pace: float = 0.0,
+    rescore_max_ms: int | None = None,
 ) -> Run:
     """Push ``samples`` in 20 ms chunks (``pace``: wall seconds per audio second)."""
     stream = await stt.open_stream(StreamOptions(model=MODEL, prompt=prompt))
     assert isinstance(stream, SphinxStream)
+    if rescore_max_ms is not None:
+        stream._rescore_max = rescore_max_ms * RATE // 1000
     run = Run(stream)
 
     async def collect() -> None:
@@ -364,6 +370,33 @@ def test_plan_keyterms_uses_dictionary_words_and_reports_the_rest() -> None:
     assert plan.usable[1].phones == "IH L D IH S P OW Z D"
     assert plan.usable[1].word_phones == (2, 7)
     assert plan.ignored == ("kubernetes",)  # "go." is "go" again
+
+
+def test_plan_keyterms_looks_up_no_term_over_the_cap() -> None:
+    # A prompt may hold tens of thousands of terms: only the first MAX_KEYTERMS
+    # usable ones are worth the dictionary's time (in a shared worker process).
+    looked: list[str] = []
+
+    def lookup(word: str) -> str:
+        looked.append(word)
+        return "W ER D"
+
+    terms = [f"word{i}" for i in range(10 * MAX_KEYTERMS)]
+    plan = plan_keyterms(",".join(terms), lookup)
+    assert len(plan.usable) == MAX_KEYTERMS and len(plan.ignored) == 9 * MAX_KEYTERMS
+    assert set(looked) == set(terms[:MAX_KEYTERMS])
+
+
+async def test_an_utterance_that_seemed_too_long_while_open_keeps_its_words(
+    stt: LocalSTT,
+) -> None:
+    # Open, an utterance is measured with the silence being heard, which its end
+    # does not count: with the second pass bounded at 2.3 s, goforward seems over
+    # it before its endpoint (and its audio goes), yet ends within it. Its final
+    # must not decode again audio that is gone (it read "ers").
+    samples = np.concatenate([audio("goforward.raw"), silence(GAP_S)])
+    run = await transcribe(stt, samples, pace=1.0, rescore_max_ms=2300)
+    assert normalize(run.text) == "go forward ten meters"
 
 
 def test_plan_keyterms_caps_the_number() -> None:

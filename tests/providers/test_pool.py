@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -121,4 +122,17 @@ async def test_a_pool_that_has_caught_up_forgets_late_finals(
     assert pool.saturated  # the last decode just ended: not yet caught up
     await asyncio.sleep(0.3)
     assert pool.final_lateness == 0.0 and not pool.saturated  # idle 0.3 s: caught up
+    pool.shutdown()
+
+
+async def test_a_call_refused_at_once_gives_its_slot_back() -> None:
+    # A broken process pool refuses a call as it is submitted, not through its
+    # future: the slot must not stay taken (every slot gone, every decode waits).
+    pool = DecodePool(1)
+    refusing = ThreadPoolExecutor(1)
+    refusing.shutdown()
+    with pytest.raises(RuntimeError):
+        await pool.run(lambda: 1, refusing)
+    assert pool.busy == 0
+    assert await pool.try_run(lambda: 7) == 7
     pool.shutdown()

@@ -161,13 +161,16 @@ class KeytermPlan:
 
 def parse_keyterms(prompt: str | None) -> list[str]:
     """Split a comma-separated prompt into distinct, lower-case keyterms."""
-    terms: list[str] = []
+    # A dict keeps their order and finds a repeat at once: a prompt may hold
+    # tens of thousands of terms (up to max_message_bytes), and a list's search
+    # made that quadratic, minutes in a worker process that others share.
+    terms: dict[str, None] = {}
     for raw in (prompt or "").split(","):
         words = (w.strip(_STRIP) for w in raw.lower().split())
         term = " ".join(w for w in words if w)
-        if term and term not in terms:
-            terms.append(term)
-    return terms
+        if term:
+            terms.setdefault(term)
+    return list(terms)
 
 
 def plan_keyterms(prompt: str | None, lookup: Callable[[str], str | None]) -> KeytermPlan:
@@ -185,6 +188,9 @@ def plan_keyterms(prompt: str | None, lookup: Callable[[str], str | None]) -> Ke
     usable: list[Keyterm] = []
     ignored: list[str] = []
     for term in parse_keyterms(prompt):
+        if len(usable) >= MAX_KEYTERMS:  # over the limit: not looked up at all
+            ignored.append(term)
+            continue
         pronounced: list[tuple[str, str]] = []
         for token in term.split():
             found = _pronounce(token, lookup)
@@ -192,7 +198,7 @@ def plan_keyterms(prompt: str | None, lookup: Callable[[str], str | None]) -> Ke
                 pronounced = []
                 break
             pronounced.extend(found)
-        if not pronounced or len(usable) >= MAX_KEYTERMS:
+        if not pronounced:
             ignored.append(term)
             continue
         text = " ".join(w for w, _ in pronounced)
@@ -409,6 +415,9 @@ class _Utterance:
     """Whether the stream sent it in real time (its final's lateness is the pool's)."""
     announced: bool = False
     partial: str = ""
+    rescore: bool = True
+    """Whether its final decodes its audio again; once False (it ran past the
+    bound while open, and its audio was let go) it stays so."""
 
 
 # -- the worker processes ---------------------------------------------------------
@@ -613,8 +622,14 @@ class SphinxStream(RecognizeStream):
         return self._closed or self._task is None or self._task.done()
 
     def _rescores(self, utterance: _Utterance) -> bool:
+        # Open, it is measured to the audio so far, the silence being heard
+        # included, which its end will not count: it can seem over the bound, and
+        # lose its audio to _trim, yet end within it. So the answer sticks: a
+        # final must not decode again audio that is gone (it read one word).
         end = utterance.end if utterance.end is not None else self._audio.end
-        return end - utterance.start <= self._rescore_max
+        if end - utterance.start > self._rescore_max:
+            utterance.rescore = False
+        return utterance.rescore
 
     def _trim(self) -> None:
         # An utterance still to be decoded again keeps its audio from its start.

@@ -151,7 +151,11 @@ class DecodePool:
         self.busy += 1
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        future = loop.run_in_executor(executor or self._executor, fn)
+        try:
+            future = loop.run_in_executor(executor or self._executor, fn)
+        except BaseException:  # refused at once (a broken process pool): nothing runs
+            self._release(started)
+            raise
         try:
             # The thread cannot be interrupted: if our caller is cancelled, the
             # slot stays taken until the decode really ends.
