@@ -15,6 +15,8 @@ export interface SessionConfig {
   endpointing?: number;
   /** ms of silence that ends an utterance whose text does not yet end a sentence (semantic endpointing; `LOCAL` Whisper) */
   endpointing_unfinished?: number;
+  /** The engine that takes over (with the audio since the last final) if this one fails. */
+  fallback?: { provider: string; model: string };
   [extra: string]: unknown;
 }
 
@@ -100,12 +102,17 @@ export class TranscribeClient {
   readonly sampleRate: number;
   readonly isOpen: boolean;
   on<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): () => void;
-  /** Open, authenticate and configure; resolves with the effective configuration. */
+  /**
+   * Open, authenticate and configure; resolves with the effective configuration.
+   * Rejects with a `TranscribeError` (the socket closed): `unauthorized`, `over_limit`,
+   * the server's `invalid_session_config` / `provider_unavailable` / `provider_error`
+   * (its message and `retryable`), `timeout`, `closed`.
+   */
   connect(): Promise<Record<string, unknown>>;
   sendPcm16(chunk: Int16Array | ArrayBuffer | Uint8Array): void;
   sendFloat32(samples: Float32Array): void;
   update(session: SessionConfig): void;
-  /** `session.close`: resolves once the server finalized and closed the socket. */
+  /** `session.close`: resolves once the server finalized and closed the socket (every call, the same promise). */
   close(options?: { timeoutMs?: number }): Promise<ClosedInfo>;
 }
 

@@ -156,3 +156,150 @@ async def test_client_resamples_a_48k_audio_context_to_the_session_rate(
     assert result["rate"] == 48000
     assert normalize(" ".join(result["finals"])) == WORDS, result
     assert result["code"] == 1000 and result["seconds"] > 2.0
+
+
+# Before the page's scripts: every microphone track and AudioContext the page makes is kept.
+TRACK_MEDIA = """
+(() => {
+  const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  window.__tracks = [];
+  navigator.mediaDevices.getUserMedia = async (constraints) => {
+    const stream = await real(constraints);
+    window.__tracks.push(...stream.getTracks());
+    return stream;
+  };
+  const RealContext = window.AudioContext;
+  window.__contexts = [];
+  window.AudioContext = class extends RealContext {
+    constructor(options) { super(options); window.__contexts.push(this); }
+  };
+})();
+"""
+MEDIA_STATE = """() => ({
+  tracks: window.__tracks.map((t) => t.readyState),
+  contexts: window.__contexts.map((c) => `${c.sampleRate}:${c.state}`),
+})"""
+ECHO_SESSION = {"provider": "FAULTY", "model": "echo", "sample_rate": 16000}
+
+
+async def test_microphone_failing_after_the_prompt_releases_the_microphone(
+    gateway: GatewayProcess, browser: Any, goforward_wav: Path
+) -> None:
+    """A worklet that does not load: the track is stopped and the context closed."""
+    context = await browser(goforward_wav)
+    await context.add_init_script(TRACK_MEDIA)
+    page = await context.new_page()
+    await page.goto(f"{gateway.http}/")
+    error = await page.evaluate(
+        """async (session) => {
+          const { TranscribeClient, startMicrophone } = await import("/client/index.js");
+          const { token } = await (await fetch("/demo/token", { method: "POST" })).json();
+          const client = new TranscribeClient({ url: `ws://${location.host}/ws`, token, session });
+          await client.connect();
+          let error = null;
+          try {
+            await startMicrophone(client, { workletUrl: "/no-such-worklet.js" });
+          } catch (err) {
+            error = String(err);
+          }
+          await client.close();
+          return error;
+        }""",
+        ECHO_SESSION,
+    )
+    assert error and "AbortError" in error, error
+    state = await page.evaluate(MEDIA_STATE)
+    assert state["tracks"] and all(t == "ended" for t in state["tracks"]), state
+    assert state["contexts"] and all(c.endswith(":closed") for c in state["contexts"]), state
+
+
+# Firefox's refusal, emulated: a MediaStream source only on a context at the device's rate.
+FIREFOX_RATES = """
+(() => {
+  const RealContext = window.AudioContext;
+  let deviceRate = null;
+  window.AudioContext = class extends RealContext {
+    constructor(options) {
+      super(options);
+      if (!options || !options.sampleRate) deviceRate = this.sampleRate;
+    }
+    createMediaStreamSource(stream) {
+      if (this.sampleRate !== (deviceRate ?? 48000)) {
+        throw new DOMException("Connecting AudioNodes from AudioContexts with different "
+          + "sample-rate is currently not supported.", "NotSupportedError");
+      }
+      return super.createMediaStreamSource(stream);
+    }
+  };
+})();
+"""
+
+
+async def test_microphone_closes_the_context_a_browser_refused(
+    gateway: GatewayProcess, browser: Any, goforward_wav: Path
+) -> None:
+    """The 16 kHz context refused by createMediaStreamSource is closed, not left running."""
+    context = await browser(goforward_wav)
+    # One script: the order of several is not defined; the tracking wraps the emulation.
+    await context.add_init_script(FIREFOX_RATES + TRACK_MEDIA)
+    page = await context.new_page()
+    await page.goto(f"{gateway.http}/")
+    await page.evaluate(
+        """async (session) => {
+          const { TranscribeClient, startMicrophone } = await import("/client/index.js");
+          const { token } = await (await fetch("/demo/token", { method: "POST" })).json();
+          const client = new TranscribeClient({ url: `ws://${location.host}/ws`, token, session });
+          await client.connect();
+          const mic = await startMicrophone(client);
+          await mic.stop();
+          await client.close();
+        }""",
+        ECHO_SESSION,
+    )
+    state = await page.evaluate(MEDIA_STATE)
+    assert len(state["contexts"]) == 2 and state["contexts"][0].startswith("16000:"), state
+    assert all(c.endswith(":closed") for c in state["contexts"]), state
+    assert state["tracks"] and all(t == "ended" for t in state["tracks"]), state
+
+
+# The user answers the permission prompt only after the session ended (the gateway's
+# 3 s idle timeout, no audio meanwhile): getUserMedia resolves once the page shows it.
+SLOW_PROMPT = """
+(() => {
+  const real = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+  navigator.mediaDevices.getUserMedia = async (constraints) => {
+    while (!["closed", "error"].includes(document.body.dataset.state)) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    window.__promptAnswered = true;
+    return real(constraints);
+  };
+})();
+"""
+
+
+async def test_demo_page_stays_closed_when_the_session_ends_during_the_prompt(
+    gateway: GatewayProcess, browser: Any, goforward_wav: Path
+) -> None:
+    context = await browser(goforward_wav)
+    # One script: the order of several is not defined; the tracking sees the prompt's stream.
+    await context.add_init_script(SLOW_PROMPT + TRACK_MEDIA)
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(f"{gateway.http}/")
+    await page.wait_for_function("document.body.dataset.state === 'idle'", timeout=15_000)
+    await page.click("#start")
+    # Either the page went live on the closed session, or it let the microphone go.
+    await page.wait_for_function(
+        """() => window.__promptAnswered && (document.body.dataset.state === 'live'
+          || (window.__tracks.length > 0 && window.__tracks.every((t) => t.readyState === 'ended')
+              && window.__contexts.every((c) => c.state === 'closed')))""",
+        timeout=60_000,
+    )
+    assert await page.evaluate("document.body.dataset.state") == "closed"
+    assert (await page.inner_text("#status")).startswith("closed (1000)")
+    assert await page.is_enabled("#start") and not await page.is_enabled("#stop")
+    state = await page.evaluate(MEDIA_STATE)
+    assert all(t == "ended" for t in state["tracks"]), state
+    assert not errors, errors

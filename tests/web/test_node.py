@@ -7,10 +7,12 @@ import os
 import shutil
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import soundfile
 
 from tests.conftest import TEST_KEYS, GatewayProcess
@@ -132,3 +134,104 @@ class TestClientInNode:
         assert kinds == ["closed", "connect_failed"], again
         assert again[0]["value"]["code"] == 4001
         assert again[1]["code"] == "unauthorized"
+
+
+SESSION_SCRIPT = Path(__file__).with_name("node_client_session.mjs")
+
+
+def run_session_script(
+    workdir: Path, gateway: GatewayProcess, scenario: str, session: dict[str, Any]
+) -> list[dict[str, Any]]:
+    shutil.copy(SESSION_SCRIPT, workdir / SESSION_SCRIPT.name)  # where `import "ws"` resolves
+    run = run_node(
+        workdir,
+        SESSION_SCRIPT.name,
+        CLIENT_INDEX.as_uri(),
+        scenario,
+        json.dumps(session),
+        env={"GATEWAY_URL": gateway.url, "GATEWAY_KEY": TEST_KEYS[0]},
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def strict_gateway() -> Iterator[GatewayProcess]:
+    """Refuses providers it has no credentials for (``provider_unavailable``)."""
+    server = GatewayProcess("web-strict", {"DEEPGRAM_API_KEY": ""}, ["--strict-providers"])
+    yield server
+    server.stop()
+
+
+class TestClientConnectRefused:
+    """A ``session.update`` the server cannot serve leaves its socket open: connect()
+    must fail at once with the server's error (not a ``timeout`` 15 s later) and close it."""
+
+    def assert_refused(self, events: list[dict[str, Any]], code: str, retryable: bool) -> str:
+        kinds = [e["event"] for e in events]
+        assert kinds[-3:] == ["connect_failed", "closed", "after_failure"], events
+        failed = events[-3]
+        server_error = [e for e in events if e["event"] == "error"][-1]
+        assert failed["code"] == server_error["code"] == code, events
+        assert failed["message"] == server_error["message"], events
+        assert failed["retryable"] is retryable, events
+        assert events[-1]["value"] == "closed" and events[-1]["isOpen"] is False, events
+        message: str = failed["message"]
+        return message
+
+    def test_provider_error_at_open_rejects_connect(
+        self, gateway: GatewayProcess, node_workdir: Path
+    ) -> None:
+        session = {"provider": "FAULTY", "model": "refuse-on-open", "sample_rate": 16000}
+        events = run_session_script(node_workdir, gateway, "connect", session)
+        message = self.assert_refused(events, "provider_error", retryable=False)
+        assert "authentication refused" in message
+
+    def test_provider_unavailable_rejects_connect(
+        self, strict_gateway: GatewayProcess, node_workdir: Path
+    ) -> None:
+        session = {"provider": "DEEPGRAM", "model": "nova-3", "sample_rate": 16000}
+        events = run_session_script(node_workdir, strict_gateway, "connect", session)
+        message = self.assert_refused(events, "provider_unavailable", retryable=False)
+        assert "DEEPGRAM_API_KEY" in message
+
+    def test_primary_refused_with_a_fallback_connects_to_the_fallback(
+        self, gateway: GatewayProcess, node_workdir: Path
+    ) -> None:
+        """The switch's ``provider_error`` is followed by ``session.updated``: not a refusal."""
+        session = {
+            "provider": "FAULTY",
+            "model": "refuse-on-open",
+            "sample_rate": 16000,
+            "fallback": {"provider": "FAULTY", "model": "echo"},
+        }
+        events = run_session_script(node_workdir, gateway, "connect", session)
+        kinds = [e["event"] for e in events]
+        assert kinds == ["error", "connected", "closed"], events
+        assert events[0]["code"] == "provider_error" and "switching" in events[0]["message"]
+        assert events[1]["value"]["model"] == "echo", events
+        assert events[2]["value"]["code"] == 1000
+
+    def test_fallback_refused_too_rejects_connect(
+        self, gateway: GatewayProcess, node_workdir: Path
+    ) -> None:
+        session = {
+            "provider": "FAULTY",
+            "model": "refuse-on-open",
+            "sample_rate": 16000,
+            "fallback": {"provider": "FAULTY", "model": "refuse-on-open"},
+        }
+        events = run_session_script(node_workdir, gateway, "connect", session)
+        assert [e["event"] for e in events].count("error") == 2, events
+        self.assert_refused(events, "provider_error", retryable=False)
+
+
+def test_client_close_twice_resolves_both_calls(
+    gateway: GatewayProcess, node_workdir: Path
+) -> None:
+    session = {"provider": "FAULTY", "model": "echo", "sample_rate": 16000}
+    events = run_session_script(node_workdir, gateway, "close-twice", session)
+    by_kind = {e["event"]: e["value"] for e in events}
+    assert by_kind["settled"] == ["first", "second"], events
+    assert [info["code"] for info in by_kind["infos"]] == [1000, 1000], events
+    assert by_kind["third"]["code"] == 1000, events

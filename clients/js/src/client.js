@@ -28,6 +28,8 @@
  * @property {number} [endpointing] ms of silence that ends an utterance
  * @property {number} [endpointing_unfinished] ms of silence that ends an utterance whose
  *   text does not yet end a sentence (semantic endpointing; `LOCAL` Whisper)
+ * @property {{provider: string, model: string}} [fallback] the engine that takes over
+ *   (with the audio since the last final) if this one fails
  */
 
 /**
@@ -80,6 +82,9 @@ export class TranscribeError extends Error {
 
 const OPEN = 1;
 
+/** `error` codes answering the `session.update` of connect(): the session cannot be served. */
+const REFUSES_SESSION = new Set(["invalid_session_config", "provider_unavailable", "provider_error"]);
+
 /** Float32 samples in [-1, 1] to signed 16-bit little-endian PCM.
  * @param {Float32Array} samples
  * @returns {Int16Array}
@@ -124,6 +129,7 @@ export class TranscribeClient {
     /** @private @type {ClosedInfo | null} */ this._closed = null;
     /** @private @type {number | null} */ this._audioSeconds = null;
     /** @private @type {((info: ClosedInfo) => void) | null} */ this._onClose = null;
+    /** @private @type {Promise<ClosedInfo> | null} */ this._closing = null;
   }
 
   /** Sample rate the audio must be sent at (from the session). */
@@ -165,7 +171,9 @@ export class TranscribeClient {
   /**
    * Open the socket, authenticate and configure the session.
    * @returns {Promise<Record<string, any>>} the effective configuration (`session.updated`)
-   * @throws {TranscribeError} refused (`unauthorized` on close 4001), bad config, timeout
+   * @throws {TranscribeError} refused (`unauthorized` on close 4001), the server's error when
+   *   the session cannot be served (`invalid_session_config`, `provider_unavailable`,
+   *   `provider_error`: its message and `retryable`; the socket is closed), timeout
    */
   connect() {
     if (this._ws) return Promise.reject(new TranscribeError("client_error", "connect() was already called"));
@@ -179,6 +187,7 @@ export class TranscribeClient {
     this._ws = ws;
     return new Promise((resolve, reject) => {
       let settled = false;
+      let switching = false;
       const timer = setTimeout(() => fail(new TranscribeError("timeout", "no session.updated in time", true)), opts.connectTimeoutMs || 15000);
       /** @param {any} value */
       const done = (value) => { if (!settled) { settled = true; clearTimeout(timer); resolve(value); } };
@@ -205,8 +214,16 @@ export class TranscribeClient {
         if (settled) return;
         if (msg.type === "session.created") ws.send(JSON.stringify({ type: "session.update", session: opts.session }));
         else if (msg.type === "session.updated") done(msg.session);
-        else if (msg.type === "error" && msg.error && msg.error.code === "invalid_session_config") {
-          fail(new TranscribeError(msg.error.code, msg.error.message, false));
+        else if (msg.type === "error" && msg.error && REFUSES_SESSION.has(msg.error.code)) {
+          // The server keeps the socket open after these, waiting for another
+          // session.update: connect() gives up at once and closes it.
+          if (msg.error.code === "provider_error" && opts.session.fallback && !switching) {
+            // The primary refused at configuration time: the server switches to the
+            // fallback (session.updated follows), or reports that it failed too.
+            switching = true;
+            return;
+          }
+          fail(new TranscribeError(msg.error.code, msg.error.message || "", !!msg.error.retryable));
         }
       };
       ws.onerror = () => {}; // the close event that follows carries the code
@@ -310,7 +327,8 @@ export class TranscribeClient {
 
   /**
    * End gracefully: the server finalizes the pending audio (last `completed`
-   * events), sends `session.closed` and closes with 1000.
+   * events), sends `session.closed` and closes with 1000. Calling it again
+   * while it is under way returns the same promise (the first call's timeout holds).
    * @param {{timeoutMs?: number}} [options]
    * @returns {Promise<ClosedInfo>}
    */
@@ -318,12 +336,13 @@ export class TranscribeClient {
     if (this._closed) return Promise.resolve(this._closed);
     const ws = this._ws;
     if (!ws) return Promise.resolve({ code: 1000, reason: "never connected", audio_seconds: null });
-    return new Promise((resolve) => {
+    if (this._closing) return this._closing;
+    return (this._closing = new Promise((resolve) => {
       const timer = setTimeout(() => ws.close(1000), options.timeoutMs || 20000);
       this._onClose = (info) => { clearTimeout(timer); resolve(info); };
       if (ws.readyState === OPEN) ws.send(JSON.stringify({ type: "session.close" }));
       else ws.close();
-    });
+    }));
   }
 }
 

@@ -33,49 +33,74 @@ export async function startMicrophone(client, options = {}) {
   const stream = options.stream || (await navigator.mediaDevices.getUserMedia({
     audio: { channelCount: 1, echoCancellation: true, noiseSuppression: true },
   }));
-  /** @type {AudioContext} */
-  let context;
-  /** @type {MediaStreamAudioSourceNode} */
-  let source;
-  if (options.context) {
-    context = options.context; // at its own rate: the worklet resamples
-    source = context.createMediaStreamSource(stream);
-  } else {
-    try {
-      // Let the browser resample (properly filtered) where it can.
-      context = new AudioContext({ sampleRate: rate });
+  /** @type {AudioContext | null} */
+  let context = null;
+  /** @type {MediaStreamAudioSourceNode | null} */
+  let source = null;
+  /** @type {AudioWorkletNode | null} */
+  let node = null;
+  try {
+    if (options.context) {
+      context = options.context; // at its own rate: the worklet resamples
       source = context.createMediaStreamSource(stream);
-    } catch {
-      context = new AudioContext(); // e.g. Firefox refuses a rate unlike the device's
-      source = context.createMediaStreamSource(stream);
+    } else {
+      try {
+        // Let the browser resample (properly filtered) where it can.
+        context = new AudioContext({ sampleRate: rate });
+        source = context.createMediaStreamSource(stream);
+      } catch {
+        // e.g. Firefox refuses a rate unlike the device's: that context is of no use.
+        if (context) await closeQuietly(context);
+        context = new AudioContext();
+        source = context.createMediaStreamSource(stream);
+      }
     }
+    const url = options.workletUrl || new URL("./pcm-worklet.js", import.meta.url);
+    await context.audioWorklet.addModule(String(url));
+    node = new AudioWorkletNode(context, "transcribe-pcm16", {
+      numberOfInputs: 1,
+      numberOfOutputs: 0,
+      channelCount: 1,
+      channelCountMode: "explicit",
+      processorOptions: { targetRate: rate, chunkMs: options.chunkMs || 20 },
+    });
+    node.port.onmessage = (ev) => {
+      if (client.isOpen) client.sendPcm16(new Int16Array(ev.data));
+    };
+    source.connect(node);
+    if (context.state === "suspended") await context.resume();
+  } catch (err) {
+    // Release what this call took: the microphone, the context it made, its nodes.
+    if (node) node.port.onmessage = null;
+    if (source) source.disconnect();
+    if (!options.stream) for (const track of stream.getTracks()) track.stop();
+    if (context && !options.context) await closeQuietly(context);
+    throw err;
   }
-  const url = options.workletUrl || new URL("./pcm-worklet.js", import.meta.url);
-  await context.audioWorklet.addModule(String(url));
-  const node = new AudioWorkletNode(context, "transcribe-pcm16", {
-    numberOfInputs: 1,
-    numberOfOutputs: 0,
-    channelCount: 1,
-    channelCountMode: "explicit",
-    processorOptions: { targetRate: rate, chunkMs: options.chunkMs || 20 },
-  });
-  node.port.onmessage = (ev) => {
-    if (client.isOpen) client.sendPcm16(new Int16Array(ev.data));
-  };
-  source.connect(node);
-  if (context.state === "suspended") await context.resume();
+  const ctx = context;
+  const src = source;
+  const worklet = node;
   let stopped = false;
   return {
-    context,
+    context: ctx,
     stream,
     async stop() {
       if (stopped) return;
       stopped = true;
-      node.port.postMessage("stop");
-      source.disconnect();
-      node.port.onmessage = null;
+      worklet.port.postMessage("stop");
+      src.disconnect();
+      worklet.port.onmessage = null;
       if (!options.stream) for (const track of stream.getTracks()) track.stop();
-      if (!options.context) await context.close();
+      if (!options.context) await ctx.close();
     },
   };
+}
+
+/** @param {AudioContext} context */
+async function closeQuietly(context) {
+  try {
+    if (context.state !== "closed") await context.close();
+  } catch {
+    // already closed, or closing: nothing more to release
+  }
 }

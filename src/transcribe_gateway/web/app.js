@@ -79,18 +79,20 @@ function addFinal(msg) {
 async function start() {
   els.start.disabled = true;
   setState("connecting", "connecting…");
+  let own = null; // this attempt's client: `client` may be a newer one by the time a prompt is answered
   try {
     const token = await getToken();
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    client = new TranscribeClient({
+    own = client = new TranscribeClient({
       url: `${scheme}://${location.host}/ws`,
       token,
       session: { provider: els.provider.value, model: els.model.value, sample_rate: 16000 },
     });
-    client.on("partial", (msg) => { els.partial.textContent = msg.text; });
-    client.on("completed", (msg) => { els.partial.textContent = ""; addFinal(msg); });
-    client.on("error", (err) => showError(`${err.code}: ${err.message}`));
-    client.on("closed", (info) => {
+    own.on("partial", (msg) => { els.partial.textContent = msg.text; });
+    own.on("completed", (msg) => { els.partial.textContent = ""; addFinal(msg); });
+    own.on("error", (err) => showError(`${err.code}: ${err.message}`));
+    own.on("closed", (info) => {
+      if (client !== own) return; // an older session: the page shows a newer one
       setState(info.code === 1000 ? "closed" : "error",
         `closed (${info.code}${info.reason ? " " + info.reason : ""})`
         + (info.audio_seconds !== null ? ` · ${info.audio_seconds.toFixed(1)} s of audio` : ""));
@@ -99,16 +101,23 @@ async function start() {
       if (mic) mic.stop();
       mic = null;
     });
-    const effective = await client.connect();
-    els.session.textContent = `${client.sessionId} · ${effective.provider}/${effective.model}`;
-    mic = await startMicrophone(client);
+    const effective = await own.connect();
+    els.session.textContent = `${own.sessionId} · ${effective.provider}/${effective.model}`;
+    const started = await startMicrophone(own); // may wait long on the permission prompt
+    if (!own.isOpen || client !== own) {
+      // The session ended meanwhile (idle timeout, server gone): its closed state stays shown.
+      await started.stop();
+      return;
+    }
+    mic = started;
     els.stop.disabled = false;
     setState("live", "listening");
   } catch (err) {
+    if (own) own.close();
+    if (own && client !== own) return; // a newer session owns the page
     setState("error", String(err.message || err));
     showError(String(err.message || err));
     els.start.disabled = false;
-    if (client) client.close();
   }
 }
 

@@ -1,0 +1,53 @@
+// The JS client's session lifecycle in Node, printing one JSON line per event.
+// Usage: node node_client_session.mjs <client index.js> connect <session JSON>
+//        node node_client_session.mjs <client index.js> close-twice <session JSON>
+// Env: GATEWAY_URL, GATEWAY_KEY (header auth).
+import WebSocket from "ws";
+
+const [clientPath, scenario, sessionJson] = process.argv.slice(2);
+const { TranscribeClient, TranscribeError } = await import(clientPath);
+const print = (obj) => console.log(JSON.stringify(obj));
+const DEADLINE_MS = 60000; // only against a hang: every wait below ends on an event
+
+const client = new TranscribeClient({
+  url: process.env.GATEWAY_URL,
+  apiKey: process.env.GATEWAY_KEY,
+  WebSocket,
+  session: JSON.parse(sessionJson),
+});
+client.on("error", (err) => print({ event: "error", code: err.code, message: err.message, retryable: err.retryable }));
+const closed = new Promise((resolve) => client.on("closed", (info) => { print({ event: "closed", value: info }); resolve(info); }));
+const hang = (what) => new Promise((resolve) => setTimeout(() => resolve(`hang: ${what}`), DEADLINE_MS).unref());
+const nextTask = () => new Promise((resolve) => setImmediate(resolve));
+
+if (scenario === "connect") {
+  try {
+    const effective = await client.connect();
+    print({ event: "connected", value: effective });
+    await client.close();
+  } catch (err) {
+    print({
+      event: "connect_failed",
+      code: err instanceof TranscribeError ? err.code : "?",
+      message: err.message,
+      retryable: err.retryable,
+    });
+    // The client closes the socket it gave up on: `closed` follows.
+    const outcome = await Promise.race([closed.then(() => "closed"), hang("no closed event")]);
+    print({ event: "after_failure", value: outcome, isOpen: client.isOpen });
+  }
+} else if (scenario === "close-twice") {
+  await client.connect();
+  const settled = [];
+  const first = client.close().then((info) => { settled.push("first"); return info; });
+  const second = client.close().then((info) => { settled.push("second"); return info; });
+  await Promise.race([closed, hang("no closed event")]);
+  // The close event resolves every close() promise; their callbacks run before the next task.
+  await nextTask();
+  print({ event: "settled", value: settled.sort() });
+  if (settled.length === 2) print({ event: "infos", value: await Promise.all([first, second]) });
+  print({ event: "third", value: await client.close() }); // after the close: at once
+} else {
+  throw new Error(`unknown scenario ${scenario}`);
+}
+process.exit(0);
