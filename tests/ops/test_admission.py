@@ -190,3 +190,27 @@ class TestSlots:
         assert await store.client.zcard("tg:slots:key_slot") == 0
         other = Grant("key_slot", "slot", KeyLimits(max_sessions=1), stored=True)
         assert await gate.admit(other, "ts_next") is other
+
+    async def test_a_renewal_racing_a_release_does_not_bring_the_slot_back(
+        self, redis_server: RedisServer, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        gate = admission(redis_server, store)
+        grant = Grant("key_renew", "renew", KeyLimits(max_sessions=1), stored=True)
+        assert await gate.admit(grant, "ts_ending") is grant
+        live = Live(grant, "ts_ending")
+        on_its_way, land = asyncio.Event(), asyncio.Event()
+        real_renew = store.renew_slots
+
+        async def renew_slots(slots: list[tuple[str, str]]) -> None:
+            on_its_way.set()
+            await land.wait()  # the session ends while the renewal is on its way
+            await real_renew(slots)
+
+        monkeypatch.setattr(store, "renew_slots", renew_slots)
+        tick = asyncio.create_task(gate.tick([live]))  # type: ignore[list-item]
+        async with asyncio.timeout(10):
+            await on_its_way.wait()
+        await gate.end(grant, "ts_ending", "LOCAL", "m", "client_close", 1.0)
+        land.set()
+        await tick
+        assert await store.client.zcard("tg:slots:key_renew") == 0

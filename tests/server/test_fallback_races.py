@@ -214,3 +214,25 @@ async def test_a_replay_after_the_rate_changed_keeps_the_session_clock(server: S
     assert replayed["text"] == "16000"  # all of the second second, at the engine's rate
     assert replayed["start_ms"] == 10000
     assert server.unclosed() == set()
+
+
+async def test_a_switch_that_begins_while_an_update_opens_comes_before_it(
+    server: Server,
+) -> None:
+    # The update's engine takes 1.5 s to open; meanwhile the primary fails (0.5 s
+    # in, after a 0.5 s stall) and the switch opens its fallback (1.5 s too). The
+    # update applies after the switch, and replaces the fallback.
+    ws, _ = await open_session(
+        server.url, provider="FAULTY", model="stall-then-fail", fallback=SLOW_FALLBACK
+    )
+    await send_audio(ws, ONE_SECOND)
+    update = {"provider": "FAULTY", "model": "count-slow-open"}
+    await ws.send(json.dumps({"type": "session.update", "session": update}))
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws)
+    updated = [m["session"] for m in messages if m["type"] == "session.updated"]
+    assert len(updated) == 2, messages
+    assert updated[0].get("requested_model") == "stall-then-fail"  # the fallback's
+    assert "requested_model" not in updated[1]  # then the update's, serving to the end
+    assert "16000" in texts(messages)  # the replayed second, from the fallback
+    assert server.unclosed() == set()

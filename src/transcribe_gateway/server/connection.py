@@ -518,6 +518,8 @@ class Connection:
             except ProviderError as exc2:
                 self.session.send_error(exc2.code, str(exc2), retryable=exc2.retryable)
                 return
+        if (failed := self._switching_from) is not None and failed.pump is not None:
+            await asyncio.wait({failed.pump})  # one began while the engine opened: as above
         if self._ending_meanwhile():
             await stream.aclose()
             return

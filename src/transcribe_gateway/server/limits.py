@@ -62,6 +62,8 @@ class Grant:
     unmetered: float = 0.0
     """This session's audio seconds not yet added to the store."""
     started_at: float = field(default_factory=time.time)
+    released: bool = False
+    """The session ended and gave its slot back (renewals must not bring it back)."""
 
     @property
     def audio_limit_s(self) -> float:
@@ -211,6 +213,7 @@ class Admission:
         self, grant: Grant, session_id: str, provider: str, model: str, reason: str, audio: float
     ) -> None:
         """Free the session's slot and write its usage record."""
+        grant.released = True
         async with asyncio.timeout(_STORE_TIMEOUT_S):
             await self.store.release_slot(grant.key_id, session_id)
             if grant.unmetered and grant.period_id:
@@ -271,6 +274,11 @@ class Admission:
         sessions = [(c, c.grant) for c in live if c.grant is not None]
         if self.shared:
             await self.store.renew_slots([(g.key_id, c.id) for c, g in sessions])
+            # A session that ended while the renewal was on its way may have had its
+            # slot renewed back after its release: release it again (harmless if not).
+            for conn, grant in sessions:
+                if grant.released:
+                    await self.store.release_slot(grant.key_id, conn.id)
         stored_ids = sorted({g.key_id for _, g in sessions if g.stored})
         records: dict[str, KeyRecord] = await self.store.get_keys(stored_ids)
         for conn, grant in sessions:

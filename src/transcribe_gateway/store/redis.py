@@ -60,8 +60,9 @@ return 1
 """
 
 # Plain ZADD, not XX: a live session whose lease lapsed (renewals failed for longer
-# than the lease, or Redis restarted without its data) counts again.  The cost: a
-# renewal racing the session's release can leave its slot until the lease expires.
+# than the lease, or Redis restarted without its data) counts again.  A renewal
+# racing the session's release could bring its slot back: the tick releases the
+# slots of sessions that ended meanwhile once more (server/limits.py).
 _RENEW: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
