@@ -293,6 +293,8 @@ def test_close_code_mapping() -> None:
     other = TranscribeConnectionClosed.for_code(1011, "boom")
     assert type(other) is TranscribeConnectionClosed
     assert (other.code, other.reason) == (1011, "boom")
+    # A server shutting down closes 1012 (the drain ended): named, not "abnormal".
+    assert "service restart" in str(TranscribeConnectionClosed.for_code(1012))
 
 
 # ---------------------------------------------------------------- configure

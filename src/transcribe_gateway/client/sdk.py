@@ -102,6 +102,7 @@ _CLOSE_MEANINGS: Final = {
     1006: "connection lost without a close frame",
     1008: "policy violation",
     1011: "internal server error",
+    1012: "service restart",
     4001: "unauthorized",
     4029: "too many sessions or over quota",
 }
