@@ -31,6 +31,14 @@ def voice_activity(
     )
 
 
+def lookback_samples(options: StreamOptions, margin_ms: int) -> int:
+    """Audio a stream keeps before an utterance starts: the VAD dates a start back
+    by the prefix padding plus the voiced time it needs before deciding (less,
+    and the head of an utterance is cut), and ``margin_ms`` more."""
+    ms = options.vad_prefix_padding_ms + options.vad_min_speech_ms + margin_ms
+    return ms * SAMPLE_RATE // 1000
+
+
 def to_ms(sample: int) -> int:
     """A position in the stream, in samples at ``SAMPLE_RATE``, as milliseconds."""
     return sample * 1000 // SAMPLE_RATE

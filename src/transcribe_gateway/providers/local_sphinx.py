@@ -103,7 +103,12 @@ from transcribe_gateway.providers.base import (
     StreamOptions,
     WordTiming,
 )
-from transcribe_gateway.providers.local_common import RealTimeClock, to_ms, voice_activity
+from transcribe_gateway.providers.local_common import (
+    RealTimeClock,
+    lookback_samples,
+    to_ms,
+    voice_activity,
+)
 from transcribe_gateway.providers.pool import DecodePool
 
 T = TypeVar("T")
@@ -534,11 +539,7 @@ class SphinxStream(RecognizeStream):
         self._key, self._host = processes.assign()
         self._on_close_cb: Callable[[], None] | None = on_close
         self._activity = voice_activity(options, max_utterance_ms)
-        # History kept between utterances: the VAD dates a start back by the
-        # prefix padding plus the voiced time it needs before deciding.
-        self._keep = (
-            (options.vad_prefix_padding_ms + options.vad_min_speech_ms + 500) * SAMPLE_RATE // 1000
-        )
+        self._keep = lookback_samples(options, 500)  # history kept between utterances
         self._max_backlog = MAX_BACKLOG_MS * SAMPLE_RATE // 1000
         self._min_batch = MIN_BATCH_MS * SAMPLE_RATE // 1000
         self._rescore_max = rescore_max_ms * SAMPLE_RATE // 1000

@@ -70,7 +70,12 @@ from transcribe_gateway.providers.base import (
     SpeechEventType,
     StreamOptions,
 )
-from transcribe_gateway.providers.local_common import RealTimeClock, to_ms, voice_activity
+from transcribe_gateway.providers.local_common import (
+    RealTimeClock,
+    lookback_samples,
+    to_ms,
+    voice_activity,
+)
 from transcribe_gateway.providers.pool import DecodePool
 from transcribe_gateway.providers.whisper_copies import repeats_itself
 from transcribe_gateway.providers.whisper_engine import Transcript, WhisperEngine
@@ -178,10 +183,7 @@ class WhisperStream(RecognizeStream):
         """Audio kept before the open utterance, for finals decoded in context."""
         self._starts: deque[int] = deque()
         """Where the utterances of the last ``_history`` samples started."""
-        # Kept between utterances: the VAD dates a start back by the prefix padding
-        # plus the voiced time it needs before deciding (else the head is cut).
-        padding_ms = options.vad_prefix_padding_ms + options.vad_min_speech_ms
-        self._keep = max(self._history, (padding_ms + 1000) * SAMPLE_RATE // 1000)
+        self._keep = max(self._history, lookback_samples(options, 1000))
         self._audio = AudioBuffer()
         self._utterance = -1
         self._utt_start = 0

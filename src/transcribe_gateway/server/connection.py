@@ -494,10 +494,9 @@ class Connection:
         except ResolutionError as exc:
             self.session.send_error(exc.code, exc.message, field=exc.field)
             return
-        if (failed := self._switching_from) is not None and failed.pump is not None:
-            # A switch to the fallback finishes first (its replay is the audio sent
-            # before this update); the update then replaces the fallback.
-            await asyncio.wait({failed.pump})
+        # A switch to the fallback finishes first (its replay is the audio sent
+        # before this update); the update then replaces the fallback.
+        await self._switch_done()
         endpointing_ms = self.settings.endpointing_ms
         plan = plan_for(config, resolution, endpointing_ms=endpointing_ms)
         fallback_plan = (
@@ -518,8 +517,7 @@ class Connection:
             except ProviderError as exc2:
                 self.session.send_error(exc2.code, str(exc2), retryable=exc2.retryable)
                 return
-        if (failed := self._switching_from) is not None and failed.pump is not None:
-            await asyncio.wait({failed.pump})  # one began while the engine opened: as above
+        await self._switch_done()  # one began while the engine opened: as above
         if self._ending_meanwhile():
             await stream.aclose()
             return
@@ -632,6 +630,12 @@ class Connection:
             replay.clear()
             if engine is not None:  # cancelled before it took over: the session is over
                 await self._retire(engine, finalize=False)
+
+    async def _switch_done(self) -> None:
+        """Wait for a switch to the fallback under way, if any (bounded by its own
+        timeouts: the fallback's open and sends)."""
+        if (failed := self._switching_from) is not None and failed.pump is not None:
+            await asyncio.wait({failed.pump})
 
     async def _retire(self, engine: _Engine, *, finalize: bool) -> None:
         """Stop feeding ``engine``; with ``finalize`` let it finish its pending audio."""
@@ -858,9 +862,7 @@ class Connection:
             await asyncio.wait({work}, timeout=self.settings.drain_timeout_s)
         # A fallback may take over while the failed engine finalizes: finish it too.
         while True:
-            if (failed := self._switching_from) is not None and failed.pump is not None:
-                await asyncio.wait({failed.pump})  # a switch under way: its fallback is next
-                continue
+            await self._switch_done()  # a switch under way: its fallback is next
             if (engine := self._engine) is None:
                 break
             self._engine = None
