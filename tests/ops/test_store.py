@@ -11,7 +11,7 @@ import pytest
 
 from tests.ops.conftest import RedisServer
 from transcribe_gateway.store.keys import KeyExistsError, KeyLimits, Store, hash_key
-from transcribe_gateway.store.redis import RedisStore
+from transcribe_gateway.store.redis import TOKEN_CLOCK_SKEW_S, RedisStore
 from transcribe_gateway.store.sqlite import SqliteStore
 from transcribe_gateway.store.usage import UsageRecord, period_id
 
@@ -137,6 +137,11 @@ class TestRedisOnly:
             assert await store.claim("tok_1", expires)
             assert not await other.claim("tok_1", expires)
             assert await other.claim("tok_2", expires)
+            # A replica whose clock runs behind still takes a token as unexpired for
+            # a while after its expiry here: the record outlives it by the allowed skew.
+            assert await store.claim("tok_3", time.time() + 0.5)
+            pttl = await store.client.pttl("tg:token:tok_3")
+            assert pttl > (TOKEN_CLOCK_SKEW_S - 5) * 1000
         finally:
             await store.aclose()
             await other.aclose()

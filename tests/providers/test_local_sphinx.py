@@ -32,6 +32,7 @@ from transcribe_gateway.providers.local import LocalSTT
 from transcribe_gateway.providers.local_sphinx import (
     MAX_BACKLOG_MS,
     MAX_KEYTERMS,
+    SphinxDecoder,
     SphinxStream,
     parse_keyterms,
     plan_keyterms,
@@ -304,8 +305,17 @@ async def test_decoding_never_stalls_the_event_loop(stt: LocalSTT) -> None:
 async def test_a_dead_worker_process_fails_its_streams_and_is_replaced(stt: LocalSTT) -> None:
     stream = await stt.open_stream(StreamOptions(model=MODEL))
     assert isinstance(stream, SphinxStream)
+    # Another stream whose decoder lives in the same process.
+    others: list[SphinxStream] = []
+    while not others or others[-1]._host != stream._host:
+        opened = await stt.open_stream(StreamOptions(model=MODEL, prompt="forward"))
+        assert isinstance(opened, SphinxStream) and len(others) < 8
+        others.append(opened)
+    other = others[-1]
     samples = audio("goforward.raw")
     await stream.push_audio(samples[:CHUNK])
+    while not other.keyterms:  # noqa: ASYNC110 (its decoder is made, no call in flight)
+        await asyncio.sleep(0.05)
     executor = stream._processes.executor(stream._host)
     await asyncio.wrap_future(executor.submit(int))  # the process is up
     for process in list(executor._processes.values()):
@@ -320,6 +330,17 @@ async def test_a_dead_worker_process_fails_its_streams_and_is_replaced(stt: Loca
         async for _ in stream:
             pass
     await stream.aclose()
+    # The other stream's next call goes to the new process, which never had its
+    # decoder: the same failure (it was "internal engine error: KeyError").
+    with contextlib.suppress(RuntimeError):
+        for i in range(CHUNK, len(samples), CHUNK):
+            await other.push_audio(samples[i : i + CHUNK])
+        await other.end_input()
+    with pytest.raises(ProviderError, match="worker process died"):
+        async for _ in other:
+            pass
+    for o in others:
+        await o.aclose()
     # The next stream gets a new process and works.
     run = await transcribe(stt, np.concatenate([samples, silence(GAP_S)]))
     assert normalize(run.text) == "go forward ten meters"
@@ -370,6 +391,14 @@ def test_plan_keyterms_uses_dictionary_words_and_reports_the_rest() -> None:
     assert plan.usable[1].phones == "IH L D IH S P OW Z D"
     assert plan.usable[1].word_phones == (2, 7)
     assert plan.ignored == ("kubernetes",)  # "go." is "go" again
+
+
+def test_plan_keyterms_refuses_the_dictionarys_silence_words() -> None:
+    # The real dictionary pronounces "<sil>", "<s>" and "</s>" as silence (SIL):
+    # a keyterm made of them would be "heard" in every pause.
+    decoder = SphinxDecoder("<sil>, <s>, </s>, go <sil>, +noise+, go")
+    assert [k.text for k in decoder.plan.usable] == ["go"]
+    assert decoder.plan.ignored == ("<sil>", "<s>", "</s>", "go <sil>", "+noise+")
 
 
 def test_plan_keyterms_looks_up_no_term_over_the_cap() -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.conftest import GatewayProcess
+from tests.conftest import TEST_KEYS, GatewayProcess
 from tests.server.wsutil import collect, connect, finals, open_session, recv, send_audio
 from tests.textnorm import normalize
 from transcribe_gateway.audio.files import read_audio
@@ -258,6 +258,28 @@ class TestShutdown:
             server.stop()
         with pytest.raises(OSError):
             await websockets.connect(server.url, open_timeout=2)
+
+    async def test_a_connection_not_yet_authenticated_is_closed_1012(self) -> None:
+        # It never got session.created: no session.closed either, but the close
+        # a connection that came in during the drain gets. One that authenticates
+        # within the linger is a session, and drains as one.
+        server = GatewayProcess("sigterm-unauthenticated")
+        try:
+            silent = await websockets.connect(server.url)
+            late = await websockets.connect(server.url)
+            await asyncio.sleep(0.2)
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.1)
+            await late.send(json.dumps({"type": "auth", "token": TEST_KEYS[0]}))
+            late_messages = await collect(late)
+            with pytest.raises(websockets.ConnectionClosedError):  # before any message
+                await asyncio.wait_for(silent.recv(), 10)
+            assert (silent.close_code, silent.close_reason) == (1012, "server shutting down")
+            assert [m["type"] for m in late_messages] == ["session.created", "session.closed"]
+            assert late.close_code == 1000
+            assert server.proc.wait(30) == 0
+        finally:
+            server.stop()
 
     async def test_ctrl_c_drains_pocketsphinx_sessions_too(self, shared_audio) -> None:
         # A terminal's Ctrl-C signals the whole process group: pocketsphinx's

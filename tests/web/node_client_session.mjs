@@ -1,6 +1,7 @@
 // The JS client's session lifecycle in Node, printing one JSON line per event.
 // Usage: node node_client_session.mjs <client index.js> connect <session JSON>
 //        node node_client_session.mjs <client index.js> close-twice <session JSON>
+//        node node_client_session.mjs <client index.js> rate-change <session JSON>
 // Env: GATEWAY_URL, GATEWAY_KEY (header auth).
 import WebSocket from "ws";
 
@@ -47,6 +48,24 @@ if (scenario === "connect") {
   print({ event: "settled", value: settled.sort() });
   if (settled.length === 2) print({ event: "infos", value: await Promise.all([first, second]) });
   print({ event: "third", value: await client.close() }); // after the close: at once
+} else if (scenario === "rate-change") {
+  // 1 s at the session's rate, then 1 s at half of it, each paced in real time:
+  // every final's latency_ms is timed from the chunk that holds its end_ms.
+  client.on("completed", (value) => print({ event: "completed", value }));
+  await client.connect();
+  const sendSecond = async () => {
+    for (let i = 0; i < 50; i++) {
+      client.sendPcm16(new Int16Array(client.sampleRate / 50));
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+  };
+  await sendSecond();
+  const updated = new Promise((resolve) => client.on("updated", resolve));
+  const session = JSON.parse(sessionJson);
+  client.update({ ...session, sample_rate: session.sample_rate / 2 });
+  await Promise.race([updated, hang("no session.updated")]);
+  await sendSecond();
+  print({ event: "done", value: await client.close() });
 } else {
   throw new Error(`unknown scenario ${scenario}`);
 }

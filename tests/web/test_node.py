@@ -235,3 +235,18 @@ def test_client_close_twice_resolves_both_calls(
     assert by_kind["settled"] == ["first", "second"], events
     assert [info["code"] for info in by_kind["infos"]] == [1000, 1000], events
     assert by_kind["third"]["code"] == 1000, events
+
+
+def test_client_latency_stays_true_after_the_sample_rate_changes(
+    gateway: GatewayProcess, node_workdir: Path
+) -> None:
+    # echo: a final per 0.5 s of audio, due as soon as the chunk that ends it
+    # arrives. Counting the first second's samples at the new rate (as before)
+    # put 2 s of audio where 1 s was sent, and timed the last finals from chunks
+    # sent up to 1 s earlier.
+    session = {"provider": "FAULTY", "model": "echo", "sample_rate": 16000}
+    events = run_session_script(node_workdir, gateway, "rate-change", session)
+    completed = [e["value"] for e in events if e["event"] == "completed"]
+    assert [c["end_ms"] for c in completed] == [500, 1000, 1500, 2000], events
+    assert all(c["latency_ms"] is not None and c["latency_ms"] < 300 for c in completed), events
+    assert events[-1]["event"] == "done" and events[-1]["value"]["code"] == 1000

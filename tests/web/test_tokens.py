@@ -144,6 +144,12 @@ class TestIssuer:
         assert TokenIssuer("other", 300).verify(token, now=1001.0) is None
         assert issuer.verify(token, now=1060.0) is None  # expired at exactly exp
 
+    def test_a_token_lives_at_least_its_ttl(self) -> None:
+        issuer = TokenIssuer("shared", 300)
+        token, expires_at = issuer.issue("k", 60, now=1000.9)
+        assert expires_at == 1061.0
+        assert issuer.verify(token, now=1060.8) is not None  # 59.9 s after issue
+
     def test_ttl_defaults_to_60_and_is_capped(self) -> None:
         issuer = TokenIssuer("s", 120)
         assert issuer.ttl_for(None) == 60

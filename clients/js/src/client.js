@@ -123,7 +123,7 @@ export class TranscribeClient {
     this.sessionId = null;
     /** Effective configuration from the last `session.updated`. @type {Record<string, any> | null} */
     this.effective = null;
-    /** @private */ this._sentSamples = 0;
+    /** @private Audio sent so far, in ms: each chunk at the rate it was sent at. */ this._sentMs = 0;
     /** @private @type {Array<[number, number]>} (audio ms at chunk end, wall ms when sent) */
     this._sent = [];
     /** @private @type {ClosedInfo | null} */ this._closed = null;
@@ -301,8 +301,8 @@ export class TranscribeClient {
     const bytes = chunk instanceof ArrayBuffer
       ? new Uint8Array(chunk)
       : new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength);
-    this._sentSamples += bytes.byteLength / 2;
-    this._sent.push([(this._sentSamples * 1000) / this.sampleRate, now()]);
+    this._sentMs += ((bytes.byteLength / 2) * 1000) / this.sampleRate;
+    this._sent.push([this._sentMs, now()]);
     if (this._sent.length > 3000) this._sent.splice(0, this._sent.length - 3000); // bounded
     this._ws.send(JSON.stringify({ type: "audio.append", audio: toBase64(bytes) }));
   }

@@ -221,6 +221,8 @@ def plan_keyterms(prompt: str | None, lookup: Callable[[str], str | None]) -> Ke
 
 def _pronounce(token: str, lookup: Callable[[str], str | None]) -> list[tuple[str, str]] | None:
     """``[(word, phones)]`` for one written word, or ``None`` if it cannot be said."""
+    if _is_filler(token):  # "<sil>" and "<s>" are in the dictionary, as silence
+        return None
     for word in dict.fromkeys((token, token.strip("."))):
         phones = lookup(word) if word else None
         if phones:
@@ -537,6 +539,8 @@ class SphinxStream(RecognizeStream):
         self._pool = pool
         self._processes = processes
         self._key, self._host = processes.assign()
+        self._executor: ProcessPoolExecutor | None = None
+        """The process its decoder lives in (the first one its calls went to)."""
         self._on_close_cb: Callable[[], None] | None = on_close
         self._activity = voice_activity(options, max_utterance_ms)
         self._keep = lookback_samples(options, 500)  # history kept between utterances
@@ -688,6 +692,10 @@ class SphinxStream(RecognizeStream):
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in the decoder's process, holding a decode slot."""
         executor = self._processes.executor(self._host)
+        if self._executor is None:
+            self._executor = executor
+        elif executor is not self._executor:  # replaced: its decoder died with the old one
+            raise ProviderError("LOCAL", "the pocketsphinx worker process died")
         try:
             return await self._pool.run(functools.partial(fn, *args), executor)
         except BrokenProcessPool as exc:

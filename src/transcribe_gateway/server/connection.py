@@ -860,6 +860,13 @@ class Connection:
             # A push the engine held back is audio counted as accepted (usage): it
             # goes in before the input ends. Later messages are refused (closing).
             await asyncio.wait({work}, timeout=self.settings.drain_timeout_s)
+        if self.session.state is State.AWAITING_AUTH:
+            # Never a session: closed as a connection that came in during the drain.
+            if self._auth_timer is not None:
+                self._auth_timer.cancel()
+            self.session.fail(SERVICE_RESTART, "server shutting down")
+            self._flush()
+            return
         # A fallback may take over while the failed engine finalizes: finish it too.
         while True:
             await self._switch_done()  # a switch under way: its fallback is next

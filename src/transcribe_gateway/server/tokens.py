@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -146,7 +147,8 @@ class TokenIssuer:
         Returns:
             The token and its expiry (unix seconds).
         """
-        expires_at = float(int(now if now is not None else time.time()) + ttl_s)
+        # Rounded up: a token lives at least the ttl_s it is sold with.
+        expires_at = float(math.ceil((now if now is not None else time.time()) + ttl_s))
         claims: dict[str, object] = {
             "v": _VERSION,
             "jti": secrets.token_urlsafe(12),

@@ -12,9 +12,11 @@ Layout (all names under ``tg:``):
 * ``rate:<key id>:<unix second>``: messages in that second;
 * ``usage:log`` (stream of records) and ``usage:<day|month>:<period>`` (hash of
   per-key totals), ``usage:periods:<day|month>`` (sorted set of period ids);
-* ``token:<id>``: single-use token ledger (``SET NX`` with the token's expiry).
+* ``token:<id>``: single-use token ledger (``SET NX``, kept until the token's
+  expiry plus :data:`TOKEN_CLOCK_SKEW_S`).
 
-Times for leases come from Redis (``TIME``), so replicas' clocks need not agree.
+Times for leases come from Redis (``TIME``), so replicas' clocks need not agree
+for them; a token's expiry is read on each replica's own clock.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ _NETWORK_TIMEOUT_S: Final = 2.0
 _AUDIO_TTL_S: Final = 40 * 86400
 """Metered audio outlives the longest period (a month) it counts towards."""
 _USAGE_LOG_MAX: Final = 1_000_000
+TOKEN_CLOCK_SKEW_S: Final = 300
+"""How far replicas' clocks may disagree before a used session token could verify again."""
 
 _ACQUIRE: Final = """
 local t = redis.call('TIME')
@@ -258,6 +262,11 @@ class RedisStore:
     # ---------------------------------------------------------------- tokens
 
     async def claim(self, token_id: str, expires_at: float) -> bool:
-        """Single-use token ledger: True the first time ``token_id`` is claimed, on any replica."""
-        ttl_ms = max(1000, round((expires_at - time.time()) * 1000) + 1000)
+        """Single-use token ledger: True the first time ``token_id`` is claimed, on any replica.
+
+        The record outlives the token by :data:`TOKEN_CLOCK_SKEW_S`: a replica whose
+        clock runs behind the claiming one's still takes the token as unexpired
+        for that long, and must still find it used.
+        """
+        ttl_ms = max(1000, round((expires_at - time.time() + TOKEN_CLOCK_SKEW_S) * 1000))
         return bool(await self._redis.set(f"{P}token:{token_id}", "1", nx=True, px=ttl_ms))
