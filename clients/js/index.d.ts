@@ -55,7 +55,7 @@ export interface Completed {
   text: string;
   start_ms: number;
   end_ms: number;
-  words?: Word[];
+  words: Word[];
   /** Wall-clock ms from when the audio at `end_ms` was sent to when this final arrived. */
   latency_ms: number | null;
 }

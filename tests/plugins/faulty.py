@@ -17,6 +17,10 @@ ways a real engine can.  The model name picks the failure:
 * ``count-slow-open``: ``open_stream`` takes 1.5 s (a fallback still
   connecting), then one final at the end, text = the samples it was given;
 * ``count-slow-finalize``: the same final, 2 s after ``end_input``.
+* ``raise-on-close``: as ``echo``, but closing it raises (an adapter's bug);
+* ``chatty-slow-close``: after ``end_input``, a partial every 0.2 s for ever (an
+  engine that never finishes but is never silent); closing takes 1 s, as a
+  cloud socket's close handshake may.
 
 With ``FAULTY_STREAM_LOG`` set to a file path, every stream appends
 ``open <id> <model>`` when it opens and ``close <id>`` when it is closed, so a
@@ -65,6 +69,8 @@ class FaultySTT(STT):
             "count-slow-open",
             "stall-then-fail",
             "count-slow-finalize",
+            "raise-on-close",
+            "chatty-slow-close",
         )
         return [ModelInfo(n, supports_prompt=False) for n in names]
 
@@ -91,6 +97,10 @@ class FaultyStream(RecognizeStream):
 
     async def _on_close(self) -> None:
         _log(f"close {self._id}")
+        if self.options.model == "raise-on-close":
+            raise OSError("bug in the engine's close")
+        if self.options.model == "chatty-slow-close":
+            await asyncio.sleep(1.0)
 
     async def _on_audio(self, samples: Samples) -> None:
         await self._audio.put(len(samples))
@@ -129,6 +139,10 @@ class FaultyStream(RecognizeStream):
                 self._emitted += 1
         if model == "hang-on-finalize":
             await asyncio.Event().wait()  # never returns
+        if model == "chatty-slow-close":
+            while True:
+                await asyncio.sleep(0.2)
+                await self._emit(SpeechEvent(SpeechEventType.PARTIAL, self._emitted, text="..."))
         if model == "fail-on-finalize":
             await asyncio.sleep(0.2)
             raise ProviderError("FAULTY", "connection reset while finalizing")

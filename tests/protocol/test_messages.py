@@ -336,14 +336,23 @@ class TestServerMessages:
             ],
         }
 
-    def test_server_encodes_completed_without_words(self) -> None:
+    def test_server_encodes_completed_without_words_as_an_empty_list(self) -> None:
+        # A client iterates msg.words without a check (it was left out).
         data = wire(m.TranscriptionCompleted("u1", "", 0, 0))
-        assert set(data) == {"type", "utterance_id", "text", "start_ms", "end_ms"}
+        assert data == {
+            "type": "transcription.completed",
+            "utterance_id": "u1",
+            "text": "",
+            "start_ms": 0,
+            "end_ms": 0,
+            "words": [],
+        }
 
     def test_server_encodes_error(self) -> None:
+        # retryable is always there, as docs/protocol.md shows it; field only when set.
         assert wire(m.Error(m.ErrorInfo("invalid_audio", "bad base64"))) == {
             "type": "error",
-            "error": {"code": "invalid_audio", "message": "bad base64"},
+            "error": {"code": "invalid_audio", "message": "bad base64", "retryable": False},
         }
 
     def test_server_encodes_error_with_field_and_retryable(self) -> None:

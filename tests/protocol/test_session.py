@@ -558,10 +558,14 @@ class TestSessionClose:
 
     def test_server_starts_draining_on_its_own(self) -> None:
         session = streaming()
-        session.start_draining()
+        session.start_draining("the server is shutting down")
         assert session.state is State.DRAINING
         assert session.events_received() == []
         assert_rejects(session, append(b"\x00\x00"), "session_closing")
+        # The client did not close it: the errors say why, not "session.close was received".
+        session.receive_text(append(b"\x00\x00"))
+        (error,) = sent(session)
+        assert error["error"]["message"] == "the server is shutting down; chunk dropped"
 
     def test_server_sends_session_closed(self) -> None:
         sid = new_id()

@@ -110,6 +110,19 @@ class TestInvalidSessionConfig:
         messages = await collect(ws, 30)
         assert messages[-1]["usage"]["audio_seconds"] == pytest.approx(0.02)
 
+    @pytest.mark.parametrize("where", ["provider", "model", "language"])
+    async def test_a_huge_name_is_not_echoed_whole(
+        self, gateway: GatewayProcess, where: str
+    ) -> None:
+        # 500 KB came back in the error (an amplifier); reliability.md bounds an
+        # error's echo of client input at 1024 characters.
+        ws, _updated = await open_session(gateway.url)
+        session = {"provider": "LOCAL", "model": "whisper-tiny.en", where: "x" * 500_000}
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
+        err = await expect_error(ws, "invalid_session_config")
+        assert err["error"]["field"] == f"session.{where}"
+        assert len(err["error"]["message"]) <= 1024, len(err["error"]["message"])
+
     async def test_bad_first_config_leaves_session_unconfigured(
         self, gateway: GatewayProcess
     ) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ARTIFACTS, GatewayProcess
-from tests.server.wsutil import collect, open_session, recv_type, send_audio
+from tests.server.wsutil import collect, connect, open_session, recv, recv_type, send_audio
 from transcribe_gateway.server.replay import ReplayBuffer
 
 SLOW_FALLBACK = {"provider": "FAULTY", "model": "count-slow-open"}
@@ -235,4 +237,53 @@ async def test_a_switch_that_begins_while_an_update_opens_comes_before_it(
     assert updated[0].get("requested_model") == "stall-then-fail"  # the fallback's
     assert "requested_model" not in updated[1]  # then the update's, serving to the end
     assert "16000" in texts(messages)  # the replayed second, from the fallback
+    assert server.unclosed() == set()
+
+
+def counters(server: Server) -> tuple[float, float]:
+    """FAULTY's provider errors and FAULTY -> FAULTY switches so far (/metrics)."""
+    with urllib.request.urlopen(f"{server.http}/metrics", timeout=10) as r:
+        text = r.read().decode()
+
+    def value(pattern: str) -> float:
+        found = re.search(rf"^{pattern} (\S+)$", text, re.MULTILINE)
+        return float(found.group(1)) if found else 0.0
+
+    errors = value(r'transcribe_provider_errors_total\{provider="FAULTY"\}')
+    switches = value(r'transcribe_fallbacks_total\{from_provider="FAULTY",to_provider="FAULTY"\}')
+    return errors, switches
+
+
+async def test_a_failure_to_open_is_counted_as_one_mid_stream_is(server: Server) -> None:
+    # operations.md: provider failures seen by sessions, and switches to the
+    # fallback. A provider refusing at configuration time was counted in neither.
+    errors, switches = counters(server)
+    refusing = {"provider": "FAULTY", "model": "refuse-on-open"}
+    for fallback, answer in (
+        ({"provider": "FAULTY", "model": "echo"}, "session.updated"),
+        (None, "error"),
+    ):
+        ws = await connect(server.url)
+        await recv(ws)
+        session = {**refusing, "fallback": fallback} if fallback else refusing
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
+        assert (await recv(ws))["error"]["code"] == "provider_error"
+        if answer == "session.updated":
+            assert (await recv(ws))["session"]["model"] == "echo"
+        await ws.close()
+    assert counters(server) == (errors + 2, switches + 1)
+
+
+async def test_an_engine_whose_close_raises_does_not_keep_the_session_open(
+    server: Server,
+) -> None:
+    # A plugin's close raising propagated through the ending task: session.close
+    # was never answered (the client waited for the idle timeout, and then some).
+    ws, _ = await open_session(server.url, provider="FAULTY", model="raise-on-close")
+    await send_audio(ws, ONE_SECOND)
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws, 10)
+    assert texts(messages) == ["chunk 0", "chunk 1"]
+    assert messages[-1]["type"] == "session.closed"
+    assert ws.close_code == 1000
     assert server.unclosed() == set()

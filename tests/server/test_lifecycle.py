@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 import urllib.request
@@ -280,6 +281,55 @@ class TestShutdown:
             assert server.proc.wait(30) == 0
         finally:
             server.stop()
+
+    async def test_an_engine_silent_while_finishing_is_cut_off_before_the_drain_ends(
+        self,
+    ) -> None:
+        # The session's own bound (0.5 s of linger, then 1 s of engine silence)
+        # comes first: provider_error, session.closed and 1000, as a session.close
+        # gets. The drain used to end at drain_timeout_s itself: a bare 1012.
+        server = GatewayProcess("sigterm-hang", env={"TRANSCRIBE_DRAIN_TIMEOUT_S": "1"})
+        try:
+            ws, _ = await open_session(server.url, provider="FAULTY", model="hang-on-finalize")
+            await send_audio(ws, np.zeros(16000, np.int16))
+            await recv(ws)  # speech.started of chunk 0: the audio is in
+            server.proc.send_signal(signal.SIGTERM)
+            messages = await collect(ws)
+            errors = [m["error"]["code"] for m in messages if m["type"] == "error"]
+            assert errors == ["provider_error"], messages
+            assert messages[-1]["type"] == "session.closed", messages
+            assert ws.close_code == 1000
+            assert server.proc.wait(30) == 0
+        finally:
+            server.stop()
+
+    async def test_sessions_the_drain_could_not_finish_still_record_their_usage(
+        self,
+    ) -> None:
+        # An engine that never finishes and is never silent outlives the drain:
+        # the exit closes it (1012). Its cleanup, closing the engine (1 s), ran
+        # after the store closed, and the usage records were lost.
+        server = GatewayProcess("sigterm-usage", env={"TRANSCRIBE_DRAIN_TIMEOUT_S": "1"})
+        try:
+            clients = []
+            for _ in range(2):
+                ws, _ = await open_session(server.url, provider="FAULTY", model="chatty-slow-close")
+                await send_audio(ws, np.zeros(8000, np.int16))
+                clients.append(ws)
+            server.proc.send_signal(signal.SIGTERM)
+            for ws in clients:
+                with contextlib.suppress(websockets.ConnectionClosed):
+                    await collect(ws)
+                assert ws.close_code == 1012
+            assert server.proc.wait(30) == 0
+        finally:
+            server.stop()
+        db = sqlite3.connect(server.store_path)
+        try:
+            rows = db.execute("SELECT audio_seconds FROM usage").fetchall()
+        finally:
+            db.close()
+        assert rows == [(0.5,), (0.5,)]
 
     async def test_ctrl_c_drains_pocketsphinx_sessions_too(self, shared_audio) -> None:
         # A terminal's Ctrl-C signals the whole process group: pocketsphinx's

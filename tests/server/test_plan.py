@@ -31,6 +31,20 @@ def test_defaults_fill_what_the_client_left_out(registry: ProviderRegistry) -> N
     assert (plan.options.sample_rate, plan.options.source_rate) == (16000, 8000)
     assert plan.effective.sample_rate == 8000
     assert plan.effective.unsupported == [] and plan.effective.notice is None
+    # session.updated says which VAD settings are in use, though none was sent.
+    assert plan.effective.vad == m.VadConfig(0.5, 300, 100)
+    partial = plan_for(config(vad=m.VadConfig(threshold=0.6)), resolution, endpointing_ms=700)
+    assert partial.effective.vad == m.VadConfig(0.6, 300, 100)
+
+
+def test_multi_is_served_in_the_language_of_a_model_that_cannot_detect(
+    registry: ProviderRegistry,
+) -> None:
+    # PROTOCOL.md: "multi = auto-detect where the provider can" (it was refused).
+    resolution = registry.resolve("LOCAL", "whisper-tiny.en", "multi")
+    plan = plan_for(config(language="multi"), resolution, endpointing_ms=500)
+    assert plan.options.language == plan.effective.language == "en"
+    assert plan.effective.unsupported == ["language=multi (whisper-tiny.en transcribes en)"]
 
 
 def test_what_the_client_set_wins_over_the_defaults(registry: ProviderRegistry) -> None:
@@ -71,6 +85,7 @@ def test_features_a_model_lacks_are_listed_not_refused(registry: ProviderRegistr
     session = config(model="bare", prompt="cards", vad=m.VadConfig(threshold=0.6), endpointing=300)
     plan = plan_for(session, resolution, endpointing_ms=500)
     assert plan.effective.unsupported == ["prompt", "vad", "endpointing"]
+    assert plan.effective.vad is None  # the engine's own VAD: nothing of ours is in use
     assert (
         plan_for(config(model="bare"), resolution, endpointing_ms=500).effective.unsupported == []
     )

@@ -55,6 +55,7 @@ class TestDevelopmentProfile:
             "input_audio_format": "pcm16",
             "sample_rate": 16000,
             "endpointing": 500,
+            "vad": {"threshold": 0.5, "prefix_padding_ms": 300, "min_speech_ms": 100},
         }
         await ws.close()
 

@@ -85,6 +85,15 @@ class TestIssue:
         status, reply = post(f"{gateway.http}/v1/tokens", key=TEST_KEYS[0], body=body)
         assert status == 400 and reply["error"]["code"] == "invalid_value"
 
+    @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+    def test_other_methods_get_405(self, gateway: GatewayProcess, method: str) -> None:
+        # The demo page's catch-all answered them (a GET got 404).
+        request = urllib.request.Request(f"{gateway.http}/v1/tokens", method=method)
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        assert caught.value.code == 405
+        assert caught.value.headers["Allow"] == "POST"
+
 
 class TestUse:
     async def test_token_opens_one_session_then_is_refused_4001(

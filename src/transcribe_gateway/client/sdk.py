@@ -147,7 +147,8 @@ class TranscribeError(TranscribeClientError):
     @classmethod
     def from_info(cls, info: ErrorInfo) -> TranscribeError:
         """Build the exception from the ``error`` object of a server message."""
-        return cls(info.code, info.message, info.field, retryable=info.retryable)
+        field = info.field if isinstance(info.field, str) else None
+        return cls(info.code, info.message, field, retryable=info.retryable)
 
 
 class TranscribeConnectionClosed(TranscribeClientError):

@@ -138,7 +138,8 @@ _MAX_ECHO: Final = 200
 """Longest piece of client input echoed back in an error."""
 
 
-def _clip(text: str, limit: int = _MAX_ECHO) -> str:
+def clip_echo(text: str, limit: int = _MAX_ECHO) -> str:
+    """``text`` cut to ``limit`` characters: client input echoed in an error is bounded."""
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -165,8 +166,8 @@ def _diagnose(text: str | bytes, detail: str) -> ParseError:
     if named:  # unknown or missing field: point at the field itself, not its parent
         field = f"{field}.{named.group(1)}" if field else named.group(1)
     # A client's field names are echoed: clipped, so a huge name is not an amplifier.
-    field = _clip(field) if field is not None else None
-    reason = _clip(reason, 2 * _MAX_ECHO)
+    field = clip_echo(field) if field is not None else None
+    reason = clip_echo(reason, 2 * _MAX_ECHO)
     if kind == "session.update":
         where = f" at {field}" if field else ""
         return ParseError(
@@ -223,11 +224,13 @@ class Usage(msgspec.Struct):
     audio_seconds: float
 
 
-class ErrorInfo(msgspec.Struct, omit_defaults=True):
+class ErrorInfo(msgspec.Struct):
     code: str
     message: str
-    field: str | None = None
+    field: str | msgspec.UnsetType = msgspec.UNSET
+    """Left out of the frame when no field is to blame."""
     retryable: bool = False
+    """Always in the frame, so that ``error.retryable`` can be read as it is."""
 
 
 class SessionCreated(_Out, tag="session.created"):
@@ -253,7 +256,10 @@ class TranscriptionPartial(_Out, tag="transcription.partial"):
     text: str
 
 
-class TranscriptionCompleted(_Out, tag="transcription.completed"):
+class TranscriptionCompleted(_Out, tag="transcription.completed", omit_defaults=False):
+    """``words`` is always in the frame (``[]`` when the engine gives none), so a
+    client can iterate it without a check."""
+
     utterance_id: str
     text: str
     start_ms: int

@@ -22,6 +22,8 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
+import msgspec
+
 from transcribe_gateway.protocol import messages as m
 
 UNAUTHORIZED: Final = 4001
@@ -95,6 +97,8 @@ class Session:
         self.close_reason = ""
         self._events: list[Event] = []
         self._out: list[str] = []
+        self._ending = "session.close was received"
+        """Why the session drains, for the ``session_closing`` errors."""
         if authenticated:
             self.accept_auth()
 
@@ -131,7 +135,7 @@ class Session:
             self._receive_audio(message.audio)
         elif isinstance(message, m.SessionUpdate):
             if self.state is State.DRAINING:
-                self.send_error("session_closing", "session.close was received; no more updates")
+                self.send_error("session_closing", f"{self._ending}; no more updates")
             else:
                 self._events.append(Configure(message.session))
         elif isinstance(message, m.SessionClose):
@@ -162,7 +166,7 @@ class Session:
             )
             return True
         if self.state is State.DRAINING:
-            self.send_error("session_closing", "session.close was received; chunk dropped")
+            self.send_error("session_closing", f"{self._ending}; chunk dropped")
             return True
         return False
 
@@ -226,10 +230,15 @@ class Session:
         if self.state in (State.STREAMING, State.DRAINING):
             self._send(m.SessionUpdated(effective))
 
-    def start_draining(self) -> None:
-        """The server ends the session (idle timeout, shutdown): stop taking audio."""
+    def start_draining(self, why: str = "the session is ending") -> None:
+        """The server ends the session (idle timeout, shutdown): stop taking audio.
+
+        ``why`` opens the ``session_closing`` errors of what is refused from now
+        on (they must not say the client closed it).
+        """
         if self.state in (State.AWAITING_CONFIG, State.STREAMING):
             self.state = State.DRAINING
+            self._ending = why
 
     def send_closed(self, audio_seconds: float, reason: str) -> None:
         """Last message of a graceful end, then close 1000."""
@@ -255,7 +264,8 @@ class Session:
     ) -> None:
         if self.state is State.CLOSED:
             return
-        self._send(m.Error(m.ErrorInfo(code, message, field, retryable)))
+        where = msgspec.UNSET if field is None else field
+        self._send(m.Error(m.ErrorInfo(code, message, where, retryable)))
 
     def send_event(
         self,

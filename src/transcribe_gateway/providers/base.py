@@ -24,6 +24,7 @@ import abc
 import asyncio
 import contextlib
 import enum
+import logging
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final
@@ -33,6 +34,8 @@ from transcribe_gateway.exceptions import ProviderError
 
 if TYPE_CHECKING:
     from transcribe_gateway.config import Settings
+
+log = logging.getLogger(__name__)
 
 EVENT_QUEUE_SIZE: Final = 256
 
@@ -338,7 +341,10 @@ class RecognizeStream(abc.ABC):
                 break
             except asyncio.QueueFull:
                 self._events.get_nowait()
-        await self._on_close()
+        try:
+            await self._on_close()
+        except Exception:  # an adapter's bug must not keep its session from ending
+            log.warning("%s stream failed to close cleanly", self._stt.provider, exc_info=True)
 
     async def _on_close(self) -> None:
         """Free adapter resources (called once, after the main task is gone)."""

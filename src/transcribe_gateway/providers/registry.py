@@ -19,6 +19,7 @@ from typing import Final
 
 from transcribe_gateway.config import Settings
 from transcribe_gateway.exceptions import ConfigError
+from transcribe_gateway.protocol.messages import clip_echo
 from transcribe_gateway.providers.base import STT, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class ProviderRegistry:
         if stt is None and provider not in CATALOG:
             raise ResolutionError(
                 "invalid_session_config",
-                f"unknown provider {provider!r}; this server offers "
+                f"unknown provider {clip_echo(provider)!r}; this server offers "
                 + ", ".join(self.known_providers()),
                 "session.provider",
             )
@@ -129,23 +130,28 @@ class ProviderRegistry:
         if info is None and model not in models:
             raise ResolutionError(
                 "invalid_session_config",
-                f"unknown model {model!r} for {provider}; expected one of {', '.join(models)}",
+                f"unknown model {clip_echo(model)!r} for {provider}; expected one of "
+                f"{', '.join(models)}",
                 "session.model",
             )
         reason = stt.unavailable_reason() if stt else self.missing_reason(provider)
         if stt is not None and info is not None and reason is None:
-            # BCP 47 tags are case-insensitive ("EN-US").
-            if info.languages is not None and language.split("-")[0].lower() not in info.languages:
+            # BCP 47 tags are case-insensitive ("EN-US"). "multi" asks for detection
+            # where the engine can: elsewhere the model's language serves (plan_for).
+            base = language.split("-")[0].lower()
+            if info.languages is not None and base not in (*info.languages, "multi"):
                 raise ResolutionError(
                     "invalid_session_config",
                     f"{provider}/{model} supports language {', '.join(info.languages)}, "
-                    f"not {language!r}",
+                    f"not {clip_echo(language)!r}",
                     "session.language",
                 )
             return Resolution(stt, info)
         if self.settings.strict_providers or self.settings.profile == "production":
             raise ResolutionError(
-                "provider_unavailable", f"{provider} is not available on this server: {reason}"
+                "provider_unavailable",
+                f"{provider} is not available on this server: {reason}",
+                "session.provider",
             )
         local = self.local
         fallback_name = self.settings.local.default_model

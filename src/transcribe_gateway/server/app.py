@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Final
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -32,6 +33,12 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 SHUTDOWN_LINGER_S = 0.5
 """On SIGTERM, audio still arriving this long is transcribed too (frames in flight)."""
+DRAIN_MARGIN_S = 2.0
+"""Past a session's own bound (linger, then ``drain_timeout_s`` of engine
+silence): time for its last events and ``session.closed`` to go out."""
+CLEANUP_WAIT_S = 10.0
+"""At exit, how long sessions closed by it may take to free their engines and
+write their usage records before the store closes."""
 
 
 class Gateway:
@@ -60,7 +67,23 @@ class Gateway:
             asyncio.create_task(metrics.watch_loop_lag(), name="loop-lag"),
         ]
 
+    def drain_grace_s(self) -> float:
+        """How long a SIGTERM drain waits for the sessions: each is cut off by its
+        own bound first (an engine silent for ``drain_timeout_s`` gets
+        ``provider_error``, then ``session.closed``), so the drain waits longer."""
+        return SHUTDOWN_LINGER_S + self.settings.drain_timeout_s + DRAIN_MARGIN_S
+
     async def aclose(self) -> None:
+        # Sessions the drain did not finish were closed by the exit (1012): their
+        # cleanup closes their engines and writes their usage records (billing),
+        # which needs the store still open.
+        live = list(self.connections)
+        for conn in live:
+            conn.abandon()
+        if live:
+            await asyncio.wait(
+                [asyncio.ensure_future(c.closed.wait()) for c in live], timeout=CLEANUP_WAIT_S
+            )
         for task in self._ops:
             task.cancel()
         for task in self._ops:
@@ -98,6 +121,21 @@ class Gateway:
         )
 
 
+_METHODS: Final = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
+def _post_route(path: str, endpoint: Callable[[Request], Awaitable[Response]]) -> Route:
+    """A POST-only route that answers other methods 405 itself: with Starlette's
+    ``methods=["POST"]`` the demo's catch-all mount answered them (a GET got 404)."""
+
+    async def handle(request: Request) -> Response:
+        if request.method != "POST":
+            return PlainTextResponse("Method Not Allowed", 405, headers={"Allow": "POST"})
+        return await endpoint(request)
+
+    return Route(path, handle, methods=_METHODS)
+
+
 def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
     """Build the ASGI app: the HTTP routes (``/ws`` is served by :mod:`.ws_transport`)."""
     gw = gateway or Gateway(settings)
@@ -116,10 +154,10 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
             Route("/readyz", functools.partial(http.readyz, gw)),
             Route("/metrics", functools.partial(http.metrics_text, gw)),
             Route("/v1/usage", functools.partial(http.usage, gw)),
-            Route("/v1/tokens", functools.partial(http.create_token, gw), methods=["POST"]),
+            _post_route("/v1/tokens", functools.partial(http.create_token, gw)),
             Route("/v1/providers", functools.partial(http.providers, gw)),
             *(
-                [Route("/demo/token", functools.partial(http.demo_token, gw), methods=["POST"])]
+                [_post_route("/demo/token", functools.partial(http.demo_token, gw))]
                 if settings.profile == "development"
                 else []
             ),

@@ -46,6 +46,7 @@ from transcribe_gateway.logfields import Fields
 from transcribe_gateway.protocol import messages as m
 from transcribe_gateway.protocol.session import (
     INTERNAL,
+    TOO_MANY,
     UNAUTHORIZED,
     AudioReceived,
     Authenticate,
@@ -75,6 +76,11 @@ log = logging.getLogger(__name__)
 _PARTIAL_PREFIX: Final = '{"type":"transcription.partial"'
 _CLOSE_REASONS: Final = {4001: "unauthorized", 4029: "over_limit", 1008: "policy", 1011: "error"}
 SERVICE_RESTART: Final = 1012
+_ENDING: Final = {
+    "shutdown": "the server is shutting down",
+    "idle_timeout": "the session timed out idle",
+}
+"""What the session_closing errors of a server-side end say (by session.closed reason)."""
 
 
 def new_session_id() -> str:
@@ -217,6 +223,10 @@ class Connection:
         if not self._close_sent:
             self._log.info("client disconnected")
         # Nothing to finish for a client that is gone: free everything now.
+        self._start_cleanup()
+
+    def abandon(self) -> None:
+        """The server exits: free everything and record the usage, whatever the socket's state."""
         self._start_cleanup()
 
     def _start_cleanup(self) -> None:
@@ -405,6 +415,8 @@ class Connection:
         if self.session.state is State.CLOSED:
             return
         self._log.info("session terminated", extra={"reason": error_code})
+        if code == TOO_MANY:  # a limit ended it (quota): a refusal, as one at auth is
+            metrics.refusals.labels(code=error_code).inc()
         self.end_reason = error_code
         self.session.send_error(error_code, message)
         self.session.fail(code, "Unauthorized" if code == UNAUTHORIZED else "Over quota")
@@ -508,14 +520,15 @@ class Connection:
             stream = await resolution.stt.open_stream(plan.options)
         except ProviderError as exc:
             if fallback_plan is None:
-                self.session.send_error(exc.code, str(exc), retryable=exc.retryable)
+                self._provider_failed(exc)
                 return
+            metrics.provider_errors.labels(provider=exc.provider).inc()
             self._report_failure(exc, fallback_plan)
             plan, fallback_plan = serving_instead(fallback_plan, exc, config.model), None
             try:
                 stream = await plan.resolution.stt.open_stream(plan.options)
             except ProviderError as exc2:
-                self.session.send_error(exc2.code, str(exc2), retryable=exc2.retryable)
+                self._provider_failed(exc2)
                 return
         await self._switch_done()  # one began while the engine opened: as above
         if self._ending_meanwhile():
@@ -551,7 +564,15 @@ class Connection:
         for an engine: too late to serve it; what is ending drains the old one."""
         return self.session.state not in (State.AWAITING_CONFIG, State.STREAMING)
 
+    def _provider_failed(self, exc: ProviderError) -> None:
+        """An engine failed and nothing takes over: counted, and the client told."""
+        metrics.provider_errors.labels(provider=exc.provider).inc()
+        self.session.send_error(exc.code, str(exc), retryable=exc.retryable)
+
     def _report_failure(self, exc: ProviderError, fallback: Plan) -> None:
+        metrics.fallbacks.labels(
+            from_provider=exc.provider, to_provider=fallback.effective.provider
+        ).inc()
         self._log.warning(
             "provider failed; switching to fallback",
             extra={"reason": exc.reason, "fallback": fallback.effective.provider},
@@ -593,9 +614,6 @@ class Connection:
             return False  # the client is gone: nobody to transcribe for
         self._fallback = None  # one switch per configuration
         self._report_failure(exc, plan)
-        metrics.fallbacks.labels(
-            from_provider=exc.provider, to_provider=plan.effective.provider
-        ).inc()
         if self._engine is failed:
             self._engine = None
         # Whoever ends, frees or reconfigures the session waits for this pump (or
@@ -608,7 +626,7 @@ class Connection:
             try:
                 stream = await plan.resolution.stt.open_stream(plan.options)
             except ProviderError as exc2:
-                self.session.send_error(exc2.code, str(exc2), retryable=exc2.retryable)
+                self._provider_failed(exc2)
                 self._flush_open_partials(failed)
                 return True
             engine = self._start_engine(plan, stream, can_fall_back=False)
@@ -849,13 +867,13 @@ class Connection:
         if self._ending is None and self.session.state is not State.CLOSED:
             self.end_reason = self.end_reason or reason
             if not linger_s:
-                self.session.start_draining()
+                self.session.start_draining(_ENDING.get(reason, "the session is ending"))
             self._ending = asyncio.create_task(self._end(reason, linger_s), name=f"{self.id}-end")
 
     async def _end(self, reason: str, linger_s: float = 0.0) -> None:
         if linger_s:
             await asyncio.sleep(linger_s)
-            self.session.start_draining()
+            self.session.start_draining(_ENDING.get(reason, "the session is ending"))
         if (work := self._work) is not None:
             # A push the engine held back is audio counted as accepted (usage): it
             # goes in before the input ends. Later messages are refused (closing).

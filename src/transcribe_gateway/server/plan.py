@@ -77,6 +77,12 @@ def plan_for(config: m.SessionConfig, resolution: Resolution, *, endpointing_ms:
             _DEFAULTS.vad_min_speech_ms if vad.min_speech_ms is None else vad.min_speech_ms
         ),
     )
+    # What is really used, defaults filled in (none where the engine has its own VAD).
+    effective_vad = (
+        m.VadConfig(options.vad_threshold, options.vad_prefix_padding_ms, options.vad_min_speech_ms)
+        if model.supports_vad
+        else None
+    )
     effective = m.EffectiveConfig(
         provider=resolution.stt.provider,
         model=model.name,
@@ -86,7 +92,7 @@ def plan_for(config: m.SessionConfig, resolution: Resolution, *, endpointing_ms:
         endpointing=endpointing,
         endpointing_unfinished=unfinished,
         prompt=config.prompt,
-        vad=config.vad,
+        vad=effective_vad,
         fallback=config.fallback,
         requested_provider=resolution.requested_provider,
         requested_model=resolution.requested_model,

@@ -58,7 +58,7 @@ class GatewayServer(uvicorn.Server):
         for server in getattr(self, "servers", []):
             server.close()  # stop accepting new connections
         try:
-            await self.gateway.drain(self.gateway.settings.drain_timeout_s)
+            await self.gateway.drain(self.gateway.drain_grace_s())
         finally:
             self.should_exit = True
 
