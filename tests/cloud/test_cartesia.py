@@ -4,9 +4,9 @@ What the adapter sends (path, query, ``X-API-Key`` and ``Cartesia-Version``
 headers, binary pcm_s16le frames of 100 ms, ``finalize`` at each end of speech
 and as keepalive across a pause, ``done`` at the end), how session options map
 onto the query, what is reported unsupported, and Cartesia's ``error`` message
-becoming our ``error``.  The message mapping (deltas, chunk-relative word
-times) is also checked without a network: documented messages in, our events
-out.
+becoming our ``error``, and deltas that split words joined verbatim.  The
+message mapping (deltas, chunk-relative word times) is also checked without a
+network: documented messages in, our events out.
 """
 
 from __future__ import annotations
@@ -137,6 +137,26 @@ async def test_error_message_becomes_provider_error(
     await ws.send(json.dumps({"type": "session.close"}))
 
 
+async def test_split_deltas_join_into_whole_words(
+    cloud: CloudWorld, cartesia: CartesiaEmulator
+) -> None:
+    # The emulator cuts each final inside a word ("go forw" + "ard ten meters")
+    # and starts later chunks with their word's space, as Cartesia's deltas do.
+    _, ws = await run_session(cloud)
+    utterance = np.concatenate([first_audio(), silence(1.5)])
+    await send_audio(ws, np.concatenate([utterance, utterance]), realtime=2.0)
+    messages = await close_and_collect(ws)
+    finals = [m for m in messages if m["type"] == "transcription.completed"]
+    assert len(finals) == 2, messages
+    for final in finals:
+        text = final["text"]
+        assert normalize(text) == FIRST, text
+        assert text == text.strip() and "  " not in text, text
+        same = [m for m in messages if m.get("utterance_id") == final["utterance_id"]]
+        partials = [m["text"] for m in same if m["type"] == "transcription.partial"]
+        assert partials[-1] == text, partials  # the whole utterance, as the final says it
+
+
 # -- message mapping, without a network ------------------------------------------------
 
 
@@ -186,6 +206,29 @@ async def test_deltas_become_utterances_with_chunk_relative_times() -> None:
     partials = [e.text for e in events if e.type is SpeechEventType.PARTIAL]
     assert partials[0] == "How are"
     assert await s.on_message(json.dumps({"type": "done", "request_id": "r"})) is True
+
+
+async def test_deltas_are_concatenated_verbatim() -> None:
+    # https://docs.cartesia.ai/use-the-api/stt/common-pitfalls: "Insert" +
+    # "ing spaces is not safe"; the next utterance's delta starts with its space.
+    s = stream()
+    s.expect_flush()  # the gateway's VAD heard the end of speech: finalize went out
+    await s.on_message(transcript(False, "Insert", 0.5, [("Insert", 0.1, 0.5)]))
+    await s.on_message(transcript(True, "Insert", 0.5, [("Insert", 0.1, 0.5)]))
+    await s.on_message(transcript(False, "ing spaces", 0.4, [("spaces", 0.1, 0.4)]))
+    await s.on_message(
+        transcript(True, "ing spaces is not", 0.8, [("spaces", 0.1, 0.4), ("is", 0.45, 0.6)])
+    )
+    await s.on_message(transcript(True, " ", 0.1, []))
+    await s.on_message(transcript(True, "safe.", 0.5, [("safe.", 0.0, 0.4)]))
+    await s.on_message(json.dumps({"type": "flush_done", "request_id": "r"}))
+    await s.on_message(transcript(True, " Fine.", 1.0, [("Fine.", 0.1, 0.5)]))
+    events = drain(s)
+    partials = [e.text for e in events if e.type is SpeechEventType.PARTIAL]
+    assert partials[:4] == ["Insert", "Insert", "Inserting spaces", "Inserting spaces is not"]
+    finals = [e for e in events if e.type is SpeechEventType.FINAL]
+    assert [f.text for f in finals] == ["Inserting spaces is not safe.", "Fine."]
+    assert (finals[0].start_ms, finals[0].end_ms) == (100, 1800)
 
 
 async def test_error_messages_name_the_cause() -> None:

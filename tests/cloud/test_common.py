@@ -53,6 +53,28 @@ def finals_text(messages: list[dict[str, Any]]) -> str:
     return " ".join(m["text"] for m in messages if m["type"] == "transcription.completed")
 
 
+def assert_utterance_order(messages: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Each utterance's events read started, partials, completed (if any text), stopped.
+
+    The order docs/protocol.md promises within one utterance.  Returns each
+    utterance's events, in the order the utterances started.
+    """
+    utterances: dict[str, list[dict[str, Any]]] = {}
+    for message in messages:
+        if "utterance_id" in message:
+            utterances.setdefault(message["utterance_id"], []).append(message)
+    for events in utterances.values():
+        types = [m["type"] for m in events]
+        kinds = [t for t in types if t != "transcription.partial"]
+        assert kinds in (
+            ["speech.started", "transcription.completed", "speech.stopped"],
+            ["speech.started", "speech.stopped"],
+        ), types
+        last = types.index(kinds[1])  # no partial after the completed (or the stop)
+        assert "transcription.partial" not in types[last:], types
+    return list(utterances.values())
+
+
 async def session(cloud: CloudWorld, case: CloudCase, **config: Any) -> Any:
     ws, updated = await open_session(
         cloud.gateway.url, provider=case.provider, model=case.model, **config

@@ -4,8 +4,8 @@ What the adapter sends (path, ``intent``/``model`` query, auth header, the GA
 ``session.update``, base64 ``input_audio_buffer.append`` at 24 kHz, the final
 ``input_audio_buffer.commit``), how options map onto ``session.update``, that
 silence (when OpenAI says nothing) is not taken for a dead provider, how
-OpenAI's errors reach the client, and how items whose transcripts arrive late
-become utterances.
+OpenAI's errors reach the client (most do not end the session), and how items
+whose transcripts arrive late become utterances (stopped after their final).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pytest
 from tests.cloud.conftest import FINALIZE_TIMEOUT_S, RESPONSE_TIMEOUT_S, CloudWorld
 from tests.cloud.test_common import (
     FIRST,
+    assert_utterance_order,
     close_and_collect,
     finals_text,
     first_audio,
@@ -191,6 +192,48 @@ async def test_transcription_failed_reaches_the_client(
     await ws.close()
 
 
+async def test_speech_stopped_follows_the_final(cloud: CloudWorld, openai: OpenAIEmulator) -> None:
+    # OpenAI sends speech_stopped, then (after the commit) the transcript; our
+    # client must still get started, partials, completed, stopped (docs/protocol.md).
+    ws, _ = await configure(cloud)
+    await send_audio(ws, np.concatenate([first_audio(), silence(1.5)]), realtime=2.0)
+    messages = await close_and_collect(ws)
+    [events] = assert_utterance_order(messages)
+    final, stopped = events[-2], events[-1]
+    assert normalize(final["text"]) == FIRST
+    assert stopped["audio_end_ms"] == final["end_ms"]  # OpenAI's audio_end_ms, kept
+
+
+async def test_recoverable_error_mid_stream_is_only_logged(
+    cloud: CloudWorld, openai: OpenAIEmulator
+) -> None:
+    # "Most errors are recoverable and the session will stay open"
+    # (https://developers.openai.com/api/reference/resources/realtime/server-events).
+    openai.error_after_ms = 500
+    ws, _ = await configure(cloud)
+    await send_audio(ws, np.concatenate([first_audio(), silence(1.5)]), realtime=2.0)
+    messages = await close_and_collect(ws)
+    assert not [m for m in messages if m["type"] == "error"], messages
+    assert normalize(finals_text(messages)) == FIRST
+    assert messages[-1]["type"] == "session.closed"
+
+
+async def test_error_then_close_fails_naming_the_error(
+    cloud: CloudWorld, openai: OpenAIEmulator
+) -> None:
+    openai.error_after_ms = 500
+    openai.close_after_error = True
+    ws, _ = await configure(cloud)
+    await send_audio(ws, np.concatenate([first_audio(), silence(1.5)]), realtime=2.0)
+    error = (await recv_type(ws, "error", timeout=30))["error"]
+    assert error["code"] == "provider_error"
+    assert error["message"] == (
+        "OPENAI: closed the connection (code 1011, server_error) "
+        "after invalid_event: The 'type' field is missing."
+    )
+    await ws.close()
+
+
 async def test_late_transcript_keeps_its_utterance() -> None:
     # Item A's transcript arrives after item B's speech started (transcription
     # is asynchronous): each item stays one utterance with its own events.
@@ -215,11 +258,11 @@ async def test_late_transcript_keeps_its_utterance() -> None:
     seen = [(e.type.value, e.utterance, e.text, e.start_ms, e.end_ms) for e in events]
     assert seen == [
         ("speech_started", 0, "", 100, 0),
-        ("speech_stopped", 0, "", 0, 900),
         ("speech_started", 1, "", 1200, 0),
         ("partial", 0, "go", 0, 0),
         ("partial", 0, "go forward", 0, 0),
         ("final", 0, "Go forward.", 100, 900),
+        ("speech_stopped", 0, "", 0, 900),  # held until its final, at OpenAI's end
         ("partial", 1, "ten", 0, 0),
         ("final", 1, "Ten meters.", 1200, 2000),
         ("speech_stopped", 1, "", 0, 2000),

@@ -2,9 +2,11 @@
 
 What the adapter sends (path, model query, auth and beta headers,
 ``session.update``, base64 ``input_audio_buffer.append`` at 16 kHz,
-``session.finish``), how options map onto ``session.update``, that silence
-(when Qwen says nothing) is not taken for a dead provider, and how Qwen's
-errors reach the client.
+``session.finish``), how options map onto ``session.update`` (our VAD
+threshold on Qwen's scale, endpointing clamped into Qwen's range), that silence
+(when Qwen says nothing) is not taken for a dead provider, that each
+utterance's ``speech.stopped`` follows its final, and how Qwen's errors reach
+the client.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 from tests.cloud.conftest import RESPONSE_TIMEOUT_S, CloudWorld
 from tests.cloud.test_common import (
     FIRST,
+    assert_utterance_order,
     close_and_collect,
     finals_text,
     first_audio,
@@ -29,6 +32,7 @@ from tests.emulators.qwen import QwenEmulator
 from tests.emulators.server import Faults
 from tests.server.wsutil import open_session, recv_type, send_audio, silence
 from tests.textnorm import normalize
+from transcribe_gateway.providers.qwen import qwen_threshold
 
 CASE = next(c for c in CASES if c.provider == "QWEN3")
 
@@ -66,7 +70,8 @@ async def test_client_sends_documented_events(cloud: CloudWorld, qwen: QwenEmula
             "language": "en",
             "corpus": {"text": "Go forward ten meters."},
         },
-        "turn_detection": {"type": "server_vad", "threshold": 0.6, "silence_duration_ms": 700},
+        # Our 0.6 on Qwen's [-1, 1] scale (see test_vad_threshold_maps_onto_qwens_scale).
+        "turn_detection": {"type": "server_vad", "threshold": 0.36, "silence_duration_ms": 700},
     }
     assert {e["type"] for e in appends} == {"input_audio_buffer.append"}
     assert last["type"] == "session.finish"
@@ -76,6 +81,52 @@ async def test_client_sends_documented_events(cloud: CloudWorld, qwen: QwenEmula
     # Base64 pcm16 at 16 kHz: the emulator decoded and heard all of it.
     assert abs(record.audio_ms - ms(audio)) < 120, (record.audio_ms, ms(audio))
     assert len(appends) >= ms(audio) // 100
+
+
+def test_vad_threshold_maps_onto_qwens_scale() -> None:
+    # Qwen: "Default: 0.2. Recommended: 0.0. Range: [-1, 1]. Lower values increase
+    # sensitivity" (https://docs.qwencloud.com/api-reference/speech-recognition/
+    # qwen-asr-realtime/python-sdk); ours is a speech probability, default 0.5.
+    assert qwen_threshold(0.5) is None  # our default: Qwen's own (0.2) applies
+    assert [qwen_threshold(t) for t in (0.0, 0.05, 0.25, 0.6, 0.95, 1.0)] == [
+        -1.0,
+        -0.88,
+        -0.4,
+        0.36,
+        0.92,
+        1.0,
+    ]
+    below, above = qwen_threshold(0.499), qwen_threshold(0.501)
+    assert below is not None and above is not None and below < 0.2 < above  # no jump at 0.5
+
+
+@pytest.mark.parametrize(
+    ("endpointing", "sent"), [(None, 500), (100, 200), (8000, 6000)], ids=["default", "low", "high"]
+)
+async def test_turn_detection_within_qwens_ranges(
+    cloud: CloudWorld, qwen: QwenEmulator, endpointing: int | None, sent: int
+) -> None:
+    # silence_duration_ms: "Range: [200, 6000]" (same page); the emulator refuses
+    # values outside with an error, as Qwen does.
+    config = {} if endpointing is None else {"endpointing": endpointing}
+    ws, _ = await configure(cloud, **config)
+    await send_audio(ws, silence(0.3))
+    messages = await close_and_collect(ws)
+    assert not [m for m in messages if m["type"] == "error"], messages
+    turn = qwen.records[-1].text[0]["session"]["turn_detection"]
+    assert turn == {"type": "server_vad", "silence_duration_ms": sent}  # no threshold: Qwen's
+
+
+async def test_speech_stopped_follows_the_final(cloud: CloudWorld, qwen: QwenEmulator) -> None:
+    # Qwen sends speech_stopped before the item's transcript; our client must
+    # still get started, partials, completed, stopped (docs/protocol.md).
+    ws, _ = await configure(cloud)
+    await send_audio(ws, np.concatenate([first_audio(), silence(1.5)]), realtime=2.0)
+    messages = await close_and_collect(ws)
+    [events] = assert_utterance_order(messages)
+    final, stopped = events[-2], events[-1]
+    assert normalize(final["text"]) == FIRST
+    assert stopped["audio_end_ms"] == final["end_ms"]  # Qwen's audio_end_ms, kept
 
 
 async def test_multi_language_lets_qwen_detect(cloud: CloudWorld, qwen: QwenEmulator) -> None:

@@ -21,6 +21,13 @@ What it implements, and where the docs say so:
   ended), ``request_id`` -
   https://docs.cartesia.ai/api-reference/stt/stt,
   https://docs.cartesia.ai/use-the-api/stt/common-pitfalls
+* ``text`` carries the model's own spacing, to be appended verbatim: a chunk
+  after the first starts with its word's space (``"This is a"``, ``" single
+  sentence."``), and a chunk may end inside a word (``"Insert"``, ``"ing
+  spaces is not safe"``) -
+  https://docs.cartesia.ai/use-the-api/stt/common-pitfalls,
+  https://github.com/cartesia-ai/cartesia-js/blob/main/src/resources/stt/manual-finalize/manual-finalize.ts
+  ("Do not strip whitespace from `text` or add whitespace between chunks")
 * errors ``{"type": "error", "error", "request_id"}`` then a close; bad
   credentials an HTTP 401 on the upgrade; too many connections HTTP 429 -
   https://docs.cartesia.ai/2025-04-16/api-reference/stt/stt
@@ -29,6 +36,11 @@ Cartesia sends no speech events and nothing for silence.  Text commands are
 recorded as ``{"command": ..., "audio_ms": ...}`` in :attr:`Record.text`; a
 ``finalize`` that arrives after 2 s or more without audio counts as a
 keepalive (it only keeps the connection from its idle timeout).
+
+The emulator's own choice of where deltas split: each utterance's final text
+goes out as two final chunks cut inside its first word of four letters or
+more (``"go forw"``, ``"ard ten meters"``); the cut word's timing is in the
+first chunk's ``words``, which ends with it.
 """
 
 from __future__ import annotations
@@ -54,6 +66,8 @@ MODELS = frozenset({"ink-whisper", "ink-whisper-2025-06-04"})
 RATES = frozenset({16000})
 KEEPALIVE_GAP_S = 2.0
 """A ``finalize`` this long after the last audio is there to keep the connection open."""
+SPLIT_LETTERS = 4
+"""A final's first word at least this long is cut in two between two chunks."""
 
 
 class MarkingRecognizer(Recognizer):
@@ -88,6 +102,8 @@ class _State:
     language: str
     chunk_start_ms: int = 0
     """End of the audio already delivered in final chunks."""
+    said: bool = False
+    """Some final chunk had text: the next text starts with its word's space."""
     last_audio: float = 0.0
 
 
@@ -202,11 +218,16 @@ class CartesiaEmulator(Emulator):
     ) -> None:
         async for heard in recognizer.events():
             segment = heard.segment
-            if heard.kind in ("interim", "final"):
-                final = heard.kind == "final"
-                await self.send(ws, record, self._transcript(state, segment, final=final))
-                if final:
-                    state.chunk_start_ms = segment.end_ms
+            if heard.kind == "interim":
+                text = self._spaced(state, " ".join(w.word for w in segment.words))
+                chunk = self._transcript(state, text, segment.words, segment.end_ms, final=False)
+                await self.send(ws, record, chunk)
+            elif heard.kind == "final":
+                for text, words, end_ms in self._final_chunks(state, segment):
+                    chunk = self._transcript(state, text, words, end_ms, final=True)
+                    await self.send(ws, record, chunk)
+                    state.chunk_start_ms = end_ms
+                    state.said |= bool(text)
             elif heard.kind == "flush_done":
                 await self.send(ws, record, {"type": "flush_done", "request_id": state.request_id})
             elif heard.kind == "done":
@@ -217,19 +238,42 @@ class CartesiaEmulator(Emulator):
             # "started" / "stopped": Cartesia has no speech events.
 
     @staticmethod
-    def _transcript(state: _State, segment: Segment, *, final: bool) -> dict[str, Any]:
+    def _spaced(state: _State, text: str) -> str:
+        # Whisper's tokens carry their leading space; only the stream's first has none.
+        return f" {text}" if text and state.said else text
+
+    @classmethod
+    def _final_chunks(cls, state: _State, segment: Segment) -> list[tuple[str, list[Word], int]]:
+        """A final segment as final chunks ``(text, words, end_ms)``, cut inside a word."""
+        words = segment.words
+        cut = next((n for n, w in enumerate(words) if len(w.word) >= SPLIT_LETTERS), None)
+        if cut is None:
+            text = cls._spaced(state, " ".join(w.word for w in words))
+            return [(text, words, segment.end_ms)]
+        word = words[cut].word
+        half = len(word) // 2
+        head = cls._spaced(state, " ".join([*(w.word for w in words[:cut]), word[:half]]))
+        tail = "".join([word[half:], *(f" {w.word}" for w in words[cut + 1 :])])
+        return [
+            (head, words[: cut + 1], words[cut].end_ms),
+            (tail, words[cut + 1 :], max(segment.end_ms, words[cut].end_ms)),
+        ]
+
+    @staticmethod
+    def _transcript(
+        state: _State, text: str, words: list[Word], end_ms: int, *, final: bool
+    ) -> dict[str, Any]:
         base = state.chunk_start_ms
 
         def seconds(ms: int) -> float:
             return round(max(0, ms - base) / 1000, 3)
 
-        words: list[Word] = segment.words
         return {
             "type": "transcript",
             "request_id": state.request_id,
             "is_final": final,
-            "text": " ".join(w.word for w in words),
-            "duration": seconds(segment.end_ms),
+            "text": text,
+            "duration": seconds(end_ms),
             "language": state.language,
             "words": [
                 {"word": w.word, "start": seconds(w.start_ms), "end": seconds(w.end_ms)}

@@ -40,7 +40,10 @@ What it implements, and where the docs say so:
   ``.completed`` (``transcript``, ``usage``); it may finish after the next
   item's speech started (same page).
 * errors: ``{"type": "error", "error": {"type", "code", "message", "param",
-  "event_id"}}`` (same page).
+  "event_id"}}`` (same page); "Most errors are recoverable and the session
+  will stay open" (same page): :attr:`OpenAIEmulator.error_after_ms` sends the
+  page's example error mid-stream and goes on (or closes, with
+  :attr:`OpenAIEmulator.close_after_error`).
 
 Not from the docs (the emulator's own choices): only ``audio/pcm`` and
 ``server_vad`` are emulated; the audio format cannot change once audio
@@ -125,6 +128,7 @@ class _Session:
     commit_at_ms: float | None = None
     commit_event_id: str | None = None
     commit_answered: bool = False
+    error_sent: bool = False
     transcripts: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
@@ -150,6 +154,10 @@ class OpenAIEmulator(Emulator):
         """Send the ``invalid_api_key`` error before closing (else only the close)."""
         self.transcription_error: dict[str, Any] | None = None
         """Answer each commit with ``...transcription.failed`` carrying this error."""
+        self.error_after_ms: float | None = None
+        """Send one recoverable ``error`` once this much audio arrived, and go on."""
+        self.close_after_error = False
+        """Close the connection (1011) right after that error."""
 
     def authorized(self, request: Request) -> bool:
         scheme, _, key = (request.headers.get("Authorization") or "").partition(" ")
@@ -276,6 +284,10 @@ class OpenAIEmulator(Emulator):
                 self._start(ws, record, state)
             assert state.recognizer is not None
             self.audio(ws, record, state.recognizer, pcm16)
+            limit = self.error_after_ms
+            if limit is not None and record.audio_ms >= limit and not state.error_sent:
+                state.error_sent = True
+                await self._recoverable_error(ws, record)
         elif kind == "input_audio_buffer.commit":
             record.finalized = True
             if self.faults.ignore_finalize or state.commit_at_ms is not None:
@@ -291,6 +303,15 @@ class OpenAIEmulator(Emulator):
             await self._error(
                 ws, record, "invalid_value", f"Invalid value: {kind!r}.", param="type"
             )
+
+    async def _recoverable_error(self, ws: ServerConnection, record: Record) -> None:
+        # The example of the `error` event on the server-events reference page:
+        # https://developers.openai.com/api/reference/resources/realtime/server-events
+        await self._error(
+            ws, record, "invalid_event", "The 'type' field is missing.", event_id="event_567"
+        )
+        if self.close_after_error:
+            await ws.close(1011, "server_error")
 
     def _update(self, state: _Session, session: Any) -> None:
         if not isinstance(session, dict):

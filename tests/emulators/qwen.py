@@ -24,6 +24,10 @@ What it implements, and where the docs say so:
   https://www.alibabacloud.com/help/en/model-studio/qwen-asr-realtime-server-events
 * errors: ``{"type": "error", "error": {"type", "code", "message", "param",
   "event_id"}}`` (same page).
+* ``turn_detection.threshold``: "Default: 0.2. Recommended: 0.0. Range: [-1,
+  1]"; ``silence_duration_ms``: "Default: 800. Recommended: 400. Range: [200,
+  6000]"; a value outside is refused with an ``error`` -
+  https://docs.qwencloud.com/api-reference/speech-recognition/qwen-asr-realtime/python-sdk
 
 Not from the docs (the emulator's own choices): an unknown model or event type
 is answered with an ``invalid_request_error``; audio other than pcm is not
@@ -49,6 +53,8 @@ from tests.emulators.server import Emulator, Record
 INTERIM_EVERY_MS = 1500
 """Audio between interim decodes: fewer decodes keep finals prompt on a busy CPU."""
 PATH = "/api-ws/v1/realtime"
+THRESHOLD_RANGE = (-1.0, 1.0)
+SILENCE_RANGE_MS = (200, 6000)
 MODELS = frozenset({"qwen3-asr-flash-realtime", "qwen3-asr-flash-realtime-2025-10-27"})
 LANGUAGES = frozenset(
     [
@@ -229,12 +235,21 @@ class QwenEmulator(Emulator):
         if turn is not None:
             if turn.get("type", "server_vad") != "server_vad":
                 return "turn_detection.type", "Supported values are: 'server_vad'."
-            if not isinstance(turn.get("threshold", 0.2), (int, float)):
+            threshold = turn.get("threshold", 0.2)
+            if not isinstance(threshold, (int, float)):
                 return "turn_detection.threshold", "threshold must be a number."
-            if not isinstance(turn.get("silence_duration_ms", 800), int):
+            if not THRESHOLD_RANGE[0] <= threshold <= THRESHOLD_RANGE[1]:
+                return "turn_detection.threshold", "threshold must be in [-1, 1]."
+            silence = turn.get("silence_duration_ms", 800)
+            if not isinstance(silence, int):
                 return (
                     "turn_detection.silence_duration_ms",
                     "silence_duration_ms must be an integer.",
+                )
+            if not SILENCE_RANGE_MS[0] <= silence <= SILENCE_RANGE_MS[1]:
+                return (
+                    "turn_detection.silence_duration_ms",
+                    "silence_duration_ms must be in [200, 6000].",
                 )
         return None
 

@@ -18,7 +18,9 @@ service):
   https://docs.cartesia.ai/2025-04-16/api-reference/stt/stt
 * ``transcript`` messages (``is_final``, ``text``, ``duration``, ``words``
   with ``start``/``end`` in seconds); ``text`` is a delta since the last
-  final chunk and ``duration`` the length of the audio that produced it -
+  final chunk, spacing included (a chunk may start inside a word, the next
+  word's leading space is in the chunk), and ``duration`` the length of the
+  audio that produced it -
   https://docs.cartesia.ai/api-reference/stt/stt,
   https://docs.cartesia.ai/use-the-api/stt/common-pitfalls,
   https://github.com/cartesia-ai/cartesia-js/blob/main/src/resources/stt/manual-finalize/manual-finalize.ts
@@ -35,10 +37,12 @@ docs advise for clients with their own VAD.  The ``flush_done`` that must
 follow bounds the wait for the provider (a fallback can take over if it never
 comes) and marks the end of the utterance.  Word times are taken as relative
 to the chunk that produced them: each final chunk starts where the previous
-one's ``duration`` ended.  ``min_volume`` is left at Cartesia's default (a
-volume, not our speech probability); ``prompt`` is reported unsupported (no
-keyterms for ``ink-whisper`` in this API version).  An idle connection is kept
-open with ``finalize``, which the docs count as activity.
+one's ``duration`` ended.  An utterance's text is its chunks' ``text``
+concatenated as sent, stripped only at its ends.  ``min_volume`` is left at
+Cartesia's default (a volume, not our speech probability); ``prompt`` is
+reported unsupported (no keyterms for ``ink-whisper`` in this API version).
+An idle connection is kept open with ``finalize``, which the docs count as
+activity.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from urllib.parse import urlencode
 
 from transcribe_gateway.exceptions import ProviderError
 from transcribe_gateway.providers.base import ModelInfo, StreamOptions, WordTiming
-from transcribe_gateway.providers.cloud import CloudStream, CloudSTT, Frame
+from transcribe_gateway.providers.cloud import CloudStream, CloudSTT, Frame, Utterances
 from transcribe_gateway.providers.cloud_vad import LocalEndpointingStream
 
 API_VERSION = "2025-04-16"
@@ -76,6 +80,12 @@ class CartesiaStream(LocalEndpointingStream):
 
     def __init__(self, stt: CloudSTT, options: StreamOptions) -> None:
         super().__init__(stt, options)
+        # Each ``text`` is a delta, spacing included: "Do not strip whitespace from
+        # `text` or add whitespace between chunks" (cartesia-js
+        # src/resources/stt/manual-finalize/manual-finalize.ts); "Joining with a
+        # space inserts spaces in the middle of words"
+        # (https://docs.cartesia.ai/use-the-api/stt/common-pitfalls).
+        self.utterances = Utterances(self._emit, verbatim=True)
         self._done_sent = False
         self._chunk_start_ms = 0.0
         """Audio the service has finalized so far: where the next delta's times start."""

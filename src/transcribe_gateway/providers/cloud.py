@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -127,10 +127,20 @@ class Utterances:
     interim, if the provider never finalized it: better a word at lower
     confidence than a lost one).  Speech stopped before the final keeps the
     utterance open until the final arrives (or the next utterance begins).
+
+    Pieces are words or phrases by default: each is stripped and they are
+    joined with a space.  With ``verbatim``, pieces are deltas of one text
+    (Cartesia's, whose own spacing may split a word between two pieces):
+    they are concatenated exactly as sent, and only the whole utterance's
+    text is stripped at its ends.
     """
 
-    def __init__(self, emit: Callable[[SpeechEvent], Awaitable[None]]) -> None:
+    def __init__(
+        self, emit: Callable[[SpeechEvent], Awaitable[None]], *, verbatim: bool = False
+    ) -> None:
         self._emit = emit
+        self.verbatim = verbatim
+        """Concatenate pieces as sent instead of stripping and spacing them."""
         self.index = 0
         self._pieces: list[Piece] = []
         self._interim = ""
@@ -146,7 +156,7 @@ class Utterances:
         parts = [p.text for p in self._pieces]
         if self._interim:
             parts.append(self._interim)
-        return " ".join(part.strip() for part in parts if part.strip())
+        return self._join(parts)
 
     @property
     def open(self) -> bool:
@@ -173,9 +183,14 @@ class Utterances:
     ) -> None:
         self._interim = ""
         if not text.strip():
+            if self.verbatim and text and self._pieces and not self._finalized:
+                # A space between two deltas is part of the text (no time of its own).
+                end = self._pieces[-1].end_ms
+                self._pieces.append(Piece(text, end, end))
             return
         await self._ensure_started(start_ms)
-        self._pieces.append(Piece(text.strip(), start_ms, end_ms, tuple(words)))
+        piece = text if self.verbatim else text.strip()
+        self._pieces.append(Piece(piece, start_ms, end_ms, tuple(words)))
         self.last_end_ms = max(self.last_end_ms, end_ms)
         await self._partial()
 
@@ -190,7 +205,7 @@ class Utterances:
             SpeechEvent(
                 SpeechEventType.FINAL,
                 self.index,
-                text=" ".join(p.text for p in self._pieces),
+                text=self._join(p.text for p in self._pieces),
                 start_ms=first.start_ms,
                 end_ms=max(last.end_ms, end_ms or 0),
                 words=tuple(w for p in self._pieces for w in p.words),
@@ -224,6 +239,11 @@ class Utterances:
             await self._close_current()  # a new utterance after the last one's final
         if self._started_at is None:
             await self._start(start_ms if start_ms is not None else self.last_end_ms)
+
+    def _join(self, parts: Iterable[str]) -> str:
+        if self.verbatim:
+            return "".join(parts).strip()
+        return " ".join(part.strip() for part in parts if part.strip())
 
     async def _start(self, start_ms: int) -> None:
         self._started_at = start_ms
@@ -280,6 +300,9 @@ class CloudStream(RecognizeStream):
         self._sender: asyncio.Task[None] | None = None
         self.sent_ms = 0.0
         """Milliseconds of audio handed to the sender so far (the stream's clock)."""
+        self.last_error: ProviderError | None = None
+        """The provider's last error that did not end the stream (an adapter sets
+        it); a close that follows fails the stream with it."""
         self.log = Fields(log, {"provider": stt.provider})
 
     # -- hooks for adapters -------------------------------------------------
@@ -529,12 +552,14 @@ class CloudStream(RecognizeStream):
                 await self._give_up(
                     ProviderTimeout(self.cloud.provider, f"no answer to {what} within {limit:g} s")
                 )
-            except ConnectionClosedOK:
-                if self._finalizing:
+            except ConnectionClosedOK as exc:
+                if self._finalizing and self.last_error is None:
                     break  # the provider closed after flushing: done
-                await self._give_up(self.fail("closed the connection before the end of the audio"))
+                await self._give_up(
+                    self._close_failure(exc, "closed the connection before the end of the audio")
+                )
             except ConnectionClosed as exc:
-                await self._give_up(self.fail(f"connection dropped: {_describe_close(exc)}"))
+                await self._give_up(self._close_failure(exc, "connection dropped"))
             else:
                 if self.answers_continuously or self._finalizing:
                     self.answered()
@@ -545,6 +570,18 @@ class CloudStream(RecognizeStream):
                     self._answer_due = self._now() + self.settings.provider_finalize_timeout_s
         await self.utterances.flush()
         await self._close_ws()
+
+    def _close_failure(self, exc: ConnectionClosed, what: str) -> ProviderError:
+        """The failure for a close; after an error the provider reported, that error."""
+        error = self.last_error
+        if error is None:
+            if isinstance(exc, ConnectionClosedOK):
+                return self.fail(what)
+            return self.fail(f"{what}: {_describe_close(exc)}")
+        return self.fail(
+            f"closed the connection ({_describe_close(exc)}) after {error.reason}",
+            retryable=error.retryable,
+        )
 
     def _deadline(self) -> float | None:
         deadline = self._answer_due

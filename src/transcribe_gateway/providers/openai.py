@@ -38,6 +38,14 @@ transcribed by a separate ASR model (``audio.input.transcription.model``), so
 a ``gpt-realtime`` session here is a realtime session with text output,
 ``create_response: false`` and ``gpt-4o-transcribe`` as the transcriber.
 
+An ``error`` during the handshake fails the connection.  Later ones do not
+end the stream: "Most errors are recoverable and the session will stay open"
+(server-events page above), so each is logged as a warning and the stream
+goes on; if the server then closes, the stream fails naming that error.  Two
+errors after the handshake are not of that kind: the empty-buffer answer to
+our final commit (nothing was left to flush: done), and any other error
+answering that commit (the finalize cannot complete: failed at once).
+
 A bad key is not refused at the upgrade: the server sends an ``error``
 ``invalid_api_key`` and closes with code 3000 (seen in
 https://github.com/twilio-samples/speech-assistant-openai-realtime-api-python/issues/4);
@@ -49,6 +57,8 @@ after ``speech_stopped``/``committed`` (the transcript).  At the end of input
 ``input_audio_buffer.commit`` flushes the open speech; the stream is done when
 that commit is acknowledged (``committed``, or the empty-buffer error) and
 every committed item has its transcript.  Transcripts carry no word timings.
+An item's ``speech_stopped`` comes before its transcript; our
+``speech.stopped`` waits for the item's final (see :class:`Items`).
 """
 
 from __future__ import annotations
@@ -76,6 +86,8 @@ RATE = 24000
 REALTIME_TRANSCRIBER = "gpt-4o-transcribe"
 """The ASR model that transcribes a ``gpt-realtime`` session's input."""
 COMMIT_EMPTY = "input_audio_buffer_commit_empty"
+FINAL_COMMIT = "final_commit"
+"""``event_id`` of the commit at the end of input (an ``error`` names the event it answers)."""
 
 
 @dataclass
@@ -90,12 +102,12 @@ class _Item:
     speaking: bool = False
     """Opened by ``speech_started``, not yet stopped or committed."""
     stopped: bool = False
-    """OpenAI's VAD stopped it (``speech_stopped``)."""
+    """OpenAI's VAD stopped it (``speech_stopped``, at :attr:`end_ms`)."""
     committed: bool = False
     done: bool = False
-    """Its transcript arrived (or the stream ended)."""
+    """Its transcript arrived (or failed, or the stream ended)."""
     closed: bool = False
-    """Our ``SPEECH_STOPPED`` was sent."""
+    """Our ``SPEECH_STOPPED`` was sent (after the final)."""
 
 
 class Items(Utterances):
@@ -103,7 +115,12 @@ class Items(Utterances):
 
     Keeps the event invariants per utterance even when a transcript arrives
     after the next item started: started first, partials (the whole item so
-    far), one final if there is text, stopped before or after the final.
+    far), one final if there is text, then stopped.  OpenAI's
+    ``speech_stopped`` comes before the item's transcript (transcription
+    starts at the commit that follows it), so our ``SPEECH_STOPPED`` is held,
+    with OpenAI's ``audio_end_ms``, until the transcript is handled or the
+    stream ends: docs/protocol.md promises started, partials, completed,
+    stopped.
     """
 
     def __init__(self, emit: Callable[[SpeechEvent], Awaitable[None]]) -> None:
@@ -130,7 +147,8 @@ class Items(Utterances):
         item = self._get(item_id)
         item.end_ms, item.speaking, item.stopped = end_ms, False, True
         self._last_end = max(self._last_end, end_ms)
-        await self._close(item, end_ms)
+        if item.done:  # its transcript came first
+            await self._close(item, end_ms)
         self._retire(item_id)
 
     def committed(self, item_id: str, at_ms: int) -> _Item:
@@ -160,6 +178,20 @@ class Items(Utterances):
         await self._finish(item, text or item.text.strip(), at_ms)
         self._retire(item_id)
 
+    async def failed(self, item_id: str) -> None:
+        """The item's transcription failed: close it if nothing of it was shown.
+
+        With a partial shown, the session turns it into the final (and stops the
+        utterance) when the stream fails, so nothing is sent here.
+        """
+        item = self._get(item_id)
+        if item.done or item.text.strip():
+            return
+        item.done = True
+        if item.stopped and item.end_ms is not None:
+            await self._close(item, item.end_ms)
+        self._retire(item_id)
+
     async def flush(self, end_ms: int | None = None) -> None:
         """End of stream: what was shown becomes final and every item is closed."""
         for item_id, item in list(self._items.items()):
@@ -183,7 +215,8 @@ class Items(Utterances):
         end = max(item.end_ms if item.end_ms is not None else at_ms, start)
         if text:
             await self._emit(SpeechEvent(SpeechEventType.FINAL, index, text, start, end))
-        # Committed by us (or never stopped by the VAD): it ends here.
+        # Its speech_stopped (held until now), or, committed by us or never
+        # stopped by the VAD, it ends here.
         await self._close(item, end)
         self._last_end = max(self._last_end, end)
 
@@ -285,7 +318,7 @@ class OpenAIStream(CloudStream):
 
     def finalize_frames(self) -> Sequence[Frame]:
         self._commit_sent = True
-        return [json.dumps({"type": "input_audio_buffer.commit", "event_id": "final_commit"})]
+        return [json.dumps({"type": "input_audio_buffer.commit", "event_id": FINAL_COMMIT})]
 
     async def on_message(self, message: Frame) -> bool:
         event = json.loads(message)
@@ -293,9 +326,12 @@ class OpenAIStream(CloudStream):
         item_id = str(event.get("item_id", ""))
         now = round(self.sent_ms)
         if kind == "error":
-            if not (self._commit_sent and _is_commit_empty(event)):
-                raise self._error(event)
-            self._commit_acked = True  # nothing was left to flush
+            if self._commit_sent and _is_commit_empty(event):
+                self._commit_acked = True  # nothing was left to flush
+            elif _about(event, FINAL_COMMIT):
+                raise self._error(event)  # the finalize failed: nothing will answer it
+            else:
+                self._recoverable(event)
         elif kind == "input_audio_buffer.speech_started":
             self.answered()
             self._loudness.reset()
@@ -315,10 +351,26 @@ class OpenAIStream(CloudStream):
             self.answered()
             await self.items.completed(item_id, event.get("transcript"), now)
         elif kind == "conversation.item.input_audio_transcription.failed":
+            await self.items.failed(item_id)
             raise self._error(event, "transcription failed")
         if self.items.pending:
             self.expect_answer()  # a committed item's transcript is still due
         return self._commit_acked and not self.items.pending
+
+    def _recoverable(self, event: dict[str, Any]) -> None:
+        """An ``error`` mid-stream: logged, and the session goes on.
+
+        "Most errors are recoverable and the session will stay open, we
+        recommend to implementers to monitor and log error messages by default"
+        (https://developers.openai.com/api/reference/resources/realtime/server-events).
+        If the server then closes, the close fails the stream and names this error.
+        """
+        error = event.get("error") or {}
+        self.log.warning(
+            "provider error, session goes on",
+            extra={"code": error.get("code") or error.get("type"), "reason": error.get("message")},
+        )
+        self.last_error = self._error(event)
 
     def _error(self, event: dict[str, Any], what: str = "") -> ProviderError:
         error = event.get("error") or {}
@@ -336,6 +388,12 @@ class OpenAIStream(CloudStream):
         if "invalid_api_key" in frame.reason:  # OpenAI's answer to a bad key
             return self.fail(f"authentication refused ({detail})", retryable=False)
         return self.fail(f"closed during the handshake: {detail}")
+
+
+def _about(event: dict[str, Any], event_id: str) -> bool:
+    """Whether an ``error`` answers our client event ``event_id``."""
+    error = event.get("error") or {}
+    return error.get("event_id") == event_id
 
 
 def _is_commit_empty(event: dict[str, Any]) -> bool:

@@ -33,6 +33,17 @@ not by itself a failure: an answer is expected after speech-level audio
 (``speech_stopped`` due) and after ``speech_stopped`` (its transcript due).
 Transcripts carry no word timings.  ``vad.prefix_padding_ms`` and
 ``vad.min_speech_ms`` have no Qwen counterpart.
+
+Qwen's VAD settings are not on our scales
+(https://docs.qwencloud.com/api-reference/speech-recognition/qwen-asr-realtime/python-sdk):
+``threshold`` is "Default: 0.2. Recommended: 0.0. Range: [-1, 1]. Lower values
+increase sensitivity", not a speech probability, so :func:`qwen_threshold`
+maps ours onto it (our default leaves Qwen's own); ``silence_duration_ms``
+takes [200, 6000], so ``endpointing`` is clamped into it (:func:`qwen_silence_ms`).
+
+A ``speech_stopped`` arrives before its item's transcript; our
+``speech.stopped`` is held until the item's final has been sent, so each
+utterance reads started, partials, completed, stopped (docs/protocol.md).
 """
 
 from __future__ import annotations
@@ -54,6 +65,38 @@ from transcribe_gateway.providers.base import (
 from transcribe_gateway.providers.cloud import CloudStream, CloudSTT, Frame, Utterances
 from transcribe_gateway.providers.cloud_vad import LoudnessWatch
 
+DEFAULT_THRESHOLD = StreamOptions(model="").vad_threshold
+"""The gateway's ``vad.threshold`` when the client sets none (a speech probability)."""
+QWEN_DEFAULT_THRESHOLD = 0.2
+QWEN_THRESHOLD_RANGE = (-1.0, 1.0)
+QWEN_SILENCE_RANGE_MS = (200, 6000)
+"""``turn_detection.threshold`` and ``silence_duration_ms``: Qwen's default and ranges -
+https://docs.qwencloud.com/api-reference/speech-recognition/qwen-asr-realtime/python-sdk"""
+
+
+def qwen_threshold(threshold: float) -> float | None:
+    """Our ``vad.threshold`` (a speech probability in [0, 1]) on Qwen's scale.
+
+    Piecewise linear and increasing (higher is less sensitive on both scales):
+    0 → -1, our default 0.5 → Qwen's default 0.2, 1 → 1.  Returns ``None`` for
+    our default: the field is left out and Qwen applies its own.
+    """
+    low, high = QWEN_THRESHOLD_RANGE
+    if threshold == DEFAULT_THRESHOLD:
+        return None
+    if threshold < DEFAULT_THRESHOLD:
+        span = (QWEN_DEFAULT_THRESHOLD - low) / DEFAULT_THRESHOLD
+    else:
+        span = (high - QWEN_DEFAULT_THRESHOLD) / (1 - DEFAULT_THRESHOLD)
+    mapped = QWEN_DEFAULT_THRESHOLD + (threshold - DEFAULT_THRESHOLD) * span
+    return round(min(max(mapped, low), high), 3)
+
+
+def qwen_silence_ms(endpointing_ms: int) -> int:
+    """``endpointing`` clamped into the silence Qwen accepts."""
+    low, high = QWEN_SILENCE_RANGE_MS
+    return min(max(endpointing_ms, low), high)
+
 
 @dataclass
 class _Item:
@@ -64,14 +107,20 @@ class _Item:
     end_ms: int | None = None
     partial: str = ""
     final: bool = False
+    """Its transcript was handled (``FINAL`` sent if it had text)."""
     stopped: bool = False
+    """Qwen's VAD stopped it (``speech_stopped``, at :attr:`end_ms`)."""
+    closed: bool = False
+    """Our ``SPEECH_STOPPED`` was sent (after the final)."""
 
 
 class Items(Utterances):
     """Qwen's utterances by ``item_id``: a transcript may come after the next item began.
 
     Keeps the event invariants per utterance: started first, partials, one
-    final (if any text), stopped before or after the final.
+    final (if any text), then stopped.  Qwen's ``speech_stopped`` comes before
+    the item's transcript, so our ``SPEECH_STOPPED`` is held (with Qwen's
+    ``audio_end_ms``) until the transcript is handled, or the stream ends.
     """
 
     def __init__(self, emit: Callable[[SpeechEvent], Awaitable[None]]) -> None:
@@ -104,14 +153,31 @@ class Items(Utterances):
             return
         item.end_ms = end_ms
         item.stopped = True
-        await self._emit(SpeechEvent(SpeechEventType.SPEECH_STOPPED, item.index, end_ms=end_ms))
+        if item.final:  # its transcript came first
+            await self._close(item, end_ms)
         self._retire(item_id)
 
     async def completed(self, item_id: str, transcript: str, at_ms: int) -> None:
         item = await self._open(item_id, at_ms, vad=False)
         await self._finalize(item, transcript.strip(), at_ms)
-        if not item.vad:  # no speech_stopped will come (manual commits)
+        if item.stopped:
+            await self._close(item, item.end_ms if item.end_ms is not None else at_ms)
+        elif not item.vad:  # no speech_stopped will come (manual commits)
             await self.stopped(item_id, item.end_ms or at_ms)
+        self._retire(item_id)
+
+    async def failed(self, item_id: str) -> None:
+        """The item's transcription failed: close it if nothing of it was shown.
+
+        With a partial shown, the session turns it into the final (and stops the
+        utterance) when the stream fails, so nothing is sent here.
+        """
+        item = self._items.get(item_id)
+        if item is None or item.final or item.partial:
+            return
+        item.final = True
+        if item.stopped:
+            await self._close(item, item.end_ms if item.end_ms is not None else item.start_ms)
         self._retire(item_id)
 
     async def flush(self, end_ms: int | None = None) -> None:
@@ -119,8 +185,9 @@ class Items(Utterances):
         for item_id, item in list(self._items.items()):
             at = end_ms if end_ms is not None else item.end_ms or item.start_ms
             await self._finalize(item, item.partial, at)
-            if not item.stopped:
-                await self.stopped(item_id, max(at, item.start_ms))
+            stop = item.end_ms if item.stopped and item.end_ms is not None else at
+            item.stopped = True
+            await self._close(item, max(stop, item.start_ms))
             self._retire(item_id)
 
     async def _open(self, item_id: str, start_ms: int, *, vad: bool) -> _Item:
@@ -145,9 +212,14 @@ class Items(Utterances):
                 )
             )
 
+    async def _close(self, item: _Item, end_ms: int) -> None:
+        if not item.closed:
+            item.closed = True
+            await self._emit(SpeechEvent(SpeechEventType.SPEECH_STOPPED, item.index, end_ms=end_ms))
+
     def _retire(self, item_id: str) -> None:
         item = self._items.get(item_id)
-        if item is not None and item.final and item.stopped:
+        if item is not None and item.final and item.closed:
             del self._items[item_id]
 
 
@@ -161,7 +233,14 @@ class QwenStream(CloudStream):
         self.items = Items(self._emit)
         self.utterances = self.items  # the base flushes it at the end
         self._ids = itertools.count(1)
-        self._loudness = LoudnessWatch(options.sample_rate, options.endpointing_ms)
+        self.silence_ms = qwen_silence_ms(options.endpointing_ms)
+        """The endpointing Qwen really applies (``endpointing`` clamped into its range)."""
+        if self.silence_ms != options.endpointing_ms:
+            self.log.info(
+                "endpointing clamped into Qwen's range",
+                extra={"requested_ms": options.endpointing_ms, "effective_ms": self.silence_ms},
+            )
+        self._loudness = LoudnessWatch(options.sample_rate, self.silence_ms)
 
     def url(self) -> str:
         return f"{self.base_url}/api-ws/v1/realtime?model={self.options.model}"
@@ -180,15 +259,16 @@ class QwenStream(CloudStream):
             transcription["language"] = language
         if options.prompt:
             transcription["corpus"] = {"text": options.prompt}
+        turn_detection: dict[str, Any] = {"type": "server_vad"}
+        threshold = qwen_threshold(options.vad_threshold)
+        if threshold is not None:
+            turn_detection["threshold"] = threshold
+        turn_detection["silence_duration_ms"] = self.silence_ms
         return {
             "input_audio_format": "pcm",
             "sample_rate": options.sample_rate,
             "input_audio_transcription": transcription,
-            "turn_detection": {
-                "type": "server_vad",
-                "threshold": options.vad_threshold,
-                "silence_duration_ms": options.endpointing_ms,
-            },
+            "turn_detection": turn_detection,
         }
 
     async def on_open(self) -> None:
@@ -237,6 +317,7 @@ class QwenStream(CloudStream):
             if self.items.awaiting_transcript:
                 self.expect_answer()
         elif kind == "conversation.item.input_audio_transcription.failed":
+            await self.items.failed(item_id)
             raise self._error(event)
         elif kind == "session.finished":
             return True
