@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT, free_port
 
 
@@ -124,6 +126,115 @@ def test_serve_banner_with_configured_keys_names_the_key_variable(tmp_path: Path
         assert "with TRANSCRIBE_API_KEY set to one of your api_keys" in suggested
         assert secret not in "".join(seen) + suggested
         tried = run_suggested(suggested, secret)
+        assert tried.returncode == 0, tried.stderr
+        assert "country" in tried.stdout
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def quiet_env(tmp_path: Path, **env_vars: str) -> dict[str, str]:
+    """The test's environment, offline, on a store in ``tmp_path``, plus ``env_vars``."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSCRIBE_LOCAL_ALLOW_DOWNLOADS": "false",
+        "TRANSCRIBE_STORE_PATH": str(tmp_path / "store.db"),
+    }
+    return {**env, **env_vars}
+
+
+def _under_a_file(tmp_path: Path) -> str:
+    (tmp_path / "a-file").write_text("x")
+    return str(tmp_path / "a-file" / "sub" / "store.db")
+
+
+def _not_a_database(tmp_path: Path) -> str:
+    (tmp_path / "notes.db").write_text("these are not the droids\n" * 10)
+    return str(tmp_path / "notes.db")
+
+
+BAD_SETTINGS = {
+    "redis-url": (
+        lambda _: {"TRANSCRIBE_STORE_BACKEND": "redis", "TRANSCRIBE_REDIS_URL": "htp://x"},
+        "store.redis_url",
+    ),
+    "store-path-is-a-directory": (lambda p: {"TRANSCRIBE_STORE_PATH": str(p)}, "store.path"),
+    "store-path-cannot-be-created": (
+        lambda p: {"TRANSCRIBE_STORE_PATH": _under_a_file(p)},
+        "store.path",
+    ),
+    "store-path-not-a-database": (
+        lambda p: {"TRANSCRIBE_STORE_PATH": _not_a_database(p)},
+        "store.path",
+    ),
+    "default-model": (lambda _: {"TRANSCRIBE_LOCAL_DEFAULT_MODEL": "nope"}, "local.default_model"),
+    "plugin": (lambda _: {"TRANSCRIBE_PLUGINS": "nosuchmod:Foo"}, "plugins"),
+    "blank-api-key": (lambda p: {"TRANSCRIBE_CONFIG": _blank_key_config(p)}, "api_keys"),
+}
+
+
+def _blank_key_config(tmp_path: Path) -> str:
+    config = tmp_path / "gateway.toml"
+    config.write_text('profile = "production"\napi_keys = [""]\n')
+    return str(config)
+
+
+@pytest.mark.parametrize("case", list(BAD_SETTINGS))
+def test_config_check_and_serve_refuse_with_one_line_naming_the_setting(
+    tmp_path: Path, case: str
+) -> None:
+    # What serve cannot start with, config check refuses too; serve says it in one
+    # line naming the setting (no traceback), before it listens.
+    make, setting = BAD_SETTINGS[case]
+    env = quiet_env(tmp_path, **make(tmp_path))
+    checked = run("config", "check", env=env)
+    assert checked.returncode == 2, checked.stdout + checked.stderr
+    assert f"configuration error: {setting}" in checked.stderr
+    served = run("serve", "--port", str(free_port()), env=env)
+    assert served.returncode == 2, served.stderr
+    assert "Traceback" not in served.stderr, served.stderr
+    assert (
+        served.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"transcribe-gateway: configuration error: {setting}")
+    ), served.stderr
+
+
+def test_serve_names_a_default_model_whose_weights_are_missing(tmp_path: Path) -> None:
+    # A name config check accepts (any whisper-<name> is a hub name), but whose weights
+    # are not on this machine with downloads off: serve says so, no traceback.
+    env = quiet_env(tmp_path, TRANSCRIBE_LOCAL_DEFAULT_MODEL="whisper-no-such-model")
+    assert run("config", "check", env=env).returncode == 0
+    served = run("serve", "--port", str(free_port()), env=env)
+    assert served.returncode == 2, served.stderr
+    assert "Traceback" not in served.stderr
+    assert "configuration error: local.default_model" in served.stderr
+
+
+def test_config_check_warns_of_an_unknown_transcribe_variable(tmp_path: Path) -> None:
+    env = quiet_env(tmp_path, TRANSCRIBE_IDLE_TIMEOUT="5", TRANSCRIBE_URL="ws://x/ws")
+    checked = run("config", "check", env=env)
+    assert checked.returncode == 0, checked.stderr  # a warning, not an error
+    assert "warning: TRANSCRIBE_IDLE_TIMEOUT is not a transcribe-gateway setting" in (
+        checked.stderr
+    )
+    assert "did you mean TRANSCRIBE_IDLE_TIMEOUT_S?" in checked.stderr
+    assert "TRANSCRIBE_URL" not in checked.stderr  # the stream client's own
+    assert "TRANSCRIBE_STORE_PATH" not in checked.stderr
+
+
+def test_serve_warns_of_an_unknown_variable_and_brackets_an_ipv6_host(tmp_path: Path) -> None:
+    proc, port, seen = start_serve(tmp_path, TRANSCRIBE_HOST="::1", TRANSCRIBE_IDLE_TIMEOUT="5")
+    try:
+        assert proc.stderr is not None
+        text = "".join(seen)
+        assert "TRANSCRIBE_IDLE_TIMEOUT is not a transcribe-gateway setting" in text
+        assert f"WebSocket URL ws://[::1]:{port}/ws" in seen[-1], text
+        rest = [proc.stderr.readline() for _ in range(3)]
+        assert f"stream --url ws://[::1]:{port}/ws --key dev-key " in rest[1]
+        assert f"demo page http://[::1]:{port}/" in rest[2]
+        tried = run_suggested(rest[1], "another-servers-key")
         assert tried.returncode == 0, tried.stderr
         assert "country" in tried.stdout
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from transcribe_gateway.config import DEV_KEY, LocalSettings, Settings, load_settings
@@ -400,3 +401,111 @@ class TestProviderTables:
         path = toml(tmp_path, '[providers.DEEPGRAM]\napi_kye = "dg-key"\n')
         message = config_error(path)
         assert "providers.DEEPGRAM.api_kye" in message and "api_key" in message
+
+
+class TestEveryVariable:
+    def test_every_setting_has_an_environment_variable(self) -> None:
+        from transcribe_gateway.config import _ENV, StoreSettings
+
+        named = {where for where, _ in _ENV.values()}
+        missing = []
+        for prefix, struct in (
+            ((), Settings),
+            (("local",), LocalSettings),
+            (("store",), StoreSettings),
+        ):
+            for field in msgspec.structs.fields(struct):
+                kind = field.type
+                if kind in (LocalSettings, StoreSettings) or str(kind).startswith("dict"):
+                    continue  # a section, or a table of names ([local.whisper_models], providers)
+                if (*prefix, field.name) not in named:
+                    missing.append(".".join((*prefix, field.name)))
+        assert missing == []
+
+    @pytest.mark.parametrize(
+        ("name", "raw", "where", "value"),
+        [
+            ("TRANSCRIBE_OUTGOING_QUEUE", "64", ("outgoing_queue",), 64),
+            ("TRANSCRIBE_LOCAL_WHISPER_BEAM_SIZE", "2", ("local", "whisper_beam_size"), 2),
+            ("TRANSCRIBE_LOCAL_MAX_UTTERANCE_MS", "12000", ("local", "max_utterance_ms"), 12000),
+        ],
+    )
+    def test_the_variables_that_were_missing(
+        self, name: str, raw: str, where: tuple[str, ...], value: int
+    ) -> None:
+        got: object = load_settings(environ={name: raw})
+        for part in where:
+            got = getattr(got, part)
+        assert got == value
+        assert f"`$.{'.'.join(where)}`" in config_error(**{name: "0"})
+
+    def test_every_variable_is_in_the_readme_table(self) -> None:
+        from tests.conftest import ROOT
+        from transcribe_gateway.config import _ENV
+
+        readme = (ROOT / "README.md").read_text()
+        table = readme[readme.index("## Configuration") : readme.index("Example `gateway.toml`")]
+        assert [name for name in _ENV if f"`{name}`" not in table] == []
+
+
+TYPO = "TRANSCRIBE_IDLE_TIMEOUT"
+
+
+class TestUnknownVariables:
+    def test_an_unknown_variable_is_a_warning_with_the_likely_name(self) -> None:
+        from transcribe_gateway.config import unknown_env
+
+        warnings = unknown_env({TYPO: "5", "PATH": "/bin"})
+        assert len(warnings) == 1
+        assert f"{TYPO} " in warnings[0]
+        assert "did you mean TRANSCRIBE_IDLE_TIMEOUT_S?" in warnings[0]
+        # Only a warning: the settings still load (other tools may share the prefix).
+        assert load_settings(environ={TYPO: "5"}).idle_timeout_s == 30
+
+    def test_no_variable_the_project_uses_warns(self) -> None:
+        """Every ``TRANSCRIBE_*`` variable named in the repository (server settings, the
+        stream client's, the docs' examples) is known; Python constants are not variables."""
+        import re
+
+        from tests.conftest import ROOT
+        from transcribe_gateway.config import unknown_env
+
+        used: set[str] = set()
+        for top in ("src", "tests", "bench", "scripts", ".ci", "clients", "docs", "README.md"):
+            base = ROOT / top
+            files = [base] if base.is_file() else [p for p in base.rglob("*") if p.is_file()]
+            for path in files:
+                if "node_modules" in path.parts or path.suffix in (".pyc", ".db", ".wav"):
+                    continue
+                try:
+                    text = path.read_text()
+                except (UnicodeDecodeError, OSError):
+                    continue
+                for name in re.findall(r"\bTRANSCRIBE_[A-Z0-9_]*[A-Z0-9]\b", text):
+                    if not re.search(rf"^\s*{name}\s+=", text, re.MULTILINE):  # a constant
+                        used.add(name)
+        assert "TRANSCRIBE_API_KEYS" in used and "TRANSCRIBE_URL" in used
+        used -= {TYPO}  # the typo these tests and the README show on purpose
+        assert unknown_env(dict.fromkeys(used, "x")) == []
+
+
+class TestBlankKeys:
+    @pytest.mark.parametrize("text", ['api_keys = [""]\n', 'api_keys = ["k1", "  "]\n'])
+    def test_an_empty_or_blank_key_is_refused(self, tmp_path: Path, text: str) -> None:
+        assert "api_keys" in config_error(toml(tmp_path, text))
+
+    def test_an_empty_key_from_a_flag_is_refused(self) -> None:
+        with pytest.raises(ConfigError, match="api_keys"):
+            load_settings(environ={}, overrides={"api_keys": ["\t"]})
+
+
+class TestRedisUrl:
+    @pytest.mark.parametrize("url", ["htp://x", "localhost:6379", "redis://x:port/0"])
+    def test_a_bad_redis_url_is_named(self, url: str) -> None:
+        message = config_error(TRANSCRIBE_STORE_BACKEND="redis", TRANSCRIBE_REDIS_URL=url)
+        assert "store.redis_url" in message
+
+    @pytest.mark.parametrize("url", ["redis://10.0.0.5:6379/0", "rediss://h/1", "unix:///tmp/r"])
+    def test_a_good_redis_url_passes(self, url: str) -> None:
+        env = {"TRANSCRIBE_STORE_BACKEND": "redis", "TRANSCRIBE_REDIS_URL": url}
+        assert load_settings(environ=env).store.redis_url == url

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from transcribe_gateway.config import DEV_KEY, Settings, load_settings
-from transcribe_gateway.exceptions import ConfigError
+from transcribe_gateway.config import DEV_KEY, Settings, load_settings, unknown_env
+from transcribe_gateway.exceptions import ConfigError, ProviderUnavailable
+
+log = logging.getLogger("transcribe_gateway.config")
 
 
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,21 +45,95 @@ def _settings(args: argparse.Namespace) -> Settings:
     )
 
 
-def _checked(settings: Settings) -> Settings:
-    """What ``serve`` refuses beyond a setting's own bounds (``config check`` too)."""
+def _checked(settings: Settings, *, serving: bool = False) -> Settings:
+    """What ``serve`` refuses beyond a setting's own bounds (``config check`` too).
+
+    ``serving``: also what only starting finds (the store file opened or created,
+    the default model's weights found), so that ``serve`` stops with one line
+    naming the setting rather than a traceback from inside the server.
+    """
     if not settings.keys():
         # Stored keys (`keys create`) do not count: the store is not open yet.
         raise ConfigError("api_keys: the production profile needs at least one key")
+    _check_default_model(settings)
+    _check_plugins(settings)
+    if settings.store.backend == "sqlite":
+        from transcribe_gateway.store import sqlite
+
+        if serving:
+            sqlite.open_database(Path(settings.store.path)).close()
+        else:
+            sqlite.check_path(settings.store.path)
+    if serving:
+        _check_default_model_weights(settings)
     return settings
+
+
+def _check_default_model(settings: Settings) -> None:
+    """``local.default_model`` must be a LOCAL model (by name: no weights are loaded)."""
+    from transcribe_gateway.providers.local import SPHINX_MODEL
+    from transcribe_gateway.providers.whisper_engine import BUNDLED_MODEL
+
+    local = settings.local
+    name = local.default_model
+    known = [BUNDLED_MODEL, *(n for n in local.whisper_models if n != BUNDLED_MODEL), SPHINX_MODEL]
+    # As the LOCAL engine takes them: any other ``whisper-<name>`` is a hub name.
+    if name in known or (name.startswith("whisper-") and len(name) > len("whisper-")):
+        return
+    raise ConfigError(
+        f"local.default_model: unknown LOCAL model {name!r} (TRANSCRIBE_LOCAL_DEFAULT_MODEL); "
+        f"expected one of {', '.join(known)}, or whisper-<faster-whisper model name>"
+    )
+
+
+def _check_default_model_weights(settings: Settings) -> None:
+    """The default Whisper model's weights are on this machine, or may be downloaded."""
+    from transcribe_gateway.providers.local import SPHINX_MODEL
+    from transcribe_gateway.providers.whisper_engine import resolve_whisper_model
+
+    local = settings.local
+    if local.default_model == SPHINX_MODEL:
+        return
+    try:
+        resolve_whisper_model(local.default_model, local.whisper_models, local.allow_downloads)
+    except ProviderUnavailable as exc:
+        raise ConfigError(f"local.default_model: {exc.reason}") from None
+
+
+def _check_plugins(settings: Settings) -> None:
+    """Import each of ``plugins`` as ``serve`` does (a bad one is a configuration error)."""
+    if not settings.plugins:
+        return
+    from transcribe_gateway.providers.registry import _import_plugin
+
+    for spec in settings.plugins:
+        _import_plugin(spec)
+
+
+def _warn_unknown_env(*, to_log: bool) -> None:
+    for warning in unknown_env():
+        if to_log:
+            log.warning(warning)
+        else:
+            print(f"transcribe-gateway: warning: {warning}", file=sys.stderr)
+
+
+def _url_host(host: str) -> str:
+    """``host`` as a URL writes it: IPv6 addresses in brackets."""
+    if host in ("127.0.0.1", "0.0.0.0", "::"):
+        return "localhost"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _serve(args: argparse.Namespace) -> int:
     from transcribe_gateway.server.logs import setup_logging
     from transcribe_gateway.server.runner import serve
 
-    settings = _checked(_settings(args))
+    settings = _settings(args)
     setup_logging(settings.log_level, settings.log_format)
-    host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
+    _warn_unknown_env(to_log=True)
+    _checked(settings, serving=True)
+    host = _url_host(settings.host)
     url = f"ws://{host}:{settings.port}/ws"
 
     def banner() -> None:
@@ -90,6 +168,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _config_check(args: argparse.Namespace) -> int:
+    _warn_unknown_env(to_log=False)
     settings = _checked(load_settings(args.config))
     print(f"configuration OK (profile {settings.profile}, port {settings.port})")
     return 0

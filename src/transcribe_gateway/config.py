@@ -6,6 +6,7 @@ that names the setting (``ConfigError``).
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -138,6 +139,7 @@ _ENV: Final[dict[str, tuple[tuple[str, ...], str]]] = {
     "TRANSCRIBE_ENDPOINTING_MS": (("endpointing_ms",), "int"),
     "TRANSCRIBE_WS_READ_AHEAD": (("ws_read_ahead",), "int"),
     "TRANSCRIBE_EVENT_LOOP": (("event_loop",), "str"),
+    "TRANSCRIBE_OUTGOING_QUEUE": (("outgoing_queue",), "int"),
     "TRANSCRIBE_MAX_SESSIONS_PER_KEY": (("max_sessions_per_key",), "int"),
     "TRANSCRIBE_PLUGINS": (("plugins",), "list"),
     "TRANSCRIBE_PROVIDER_CONNECT_TIMEOUT_S": (("provider_connect_timeout_s",), "float"),
@@ -158,7 +160,32 @@ _ENV: Final[dict[str, tuple[tuple[str, ...], str]]] = {
     "TRANSCRIBE_LOCAL_FINAL_CONTEXT": (("local", "final_context"), "bool"),
     "TRANSCRIBE_LOCAL_MAX_SESSIONS_PER_WORKER": (("local", "max_sessions_per_worker"), "int"),
     "TRANSCRIBE_LOCAL_SPHINX_SESSIONS_PER_WORKER": (("local", "sphinx_sessions_per_worker"), "int"),
+    "TRANSCRIBE_LOCAL_WHISPER_BEAM_SIZE": (("local", "whisper_beam_size"), "int"),
+    "TRANSCRIBE_LOCAL_MAX_UTTERANCE_MS": (("local", "max_utterance_ms"), "int"),
 }
+
+OTHER_ENV: Final = frozenset(
+    {"TRANSCRIBE_CONFIG", "TRANSCRIBE_URL", "TRANSCRIBE_API_KEY", "TRANSCRIBE_KEY"}
+)
+"""``TRANSCRIBE_*`` variables read elsewhere: the config file's path, the ``stream``
+client's endpoint and key, and the key of docs/browser.md's Node example (a shell may
+export them beside the server's)."""
+
+
+def unknown_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Warnings for ``TRANSCRIBE_*`` variables that no setting reads (a typo does nothing).
+
+    Not errors: other tools may share the prefix.
+    """
+    environ = os.environ if environ is None else environ
+    known = set(_ENV) | OTHER_ENV
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith("TRANSCRIBE_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"{name} is not a transcribe-gateway setting; ignored{hint}")
+    return warnings
 
 
 def _env_value(name: str, raw: str, kind: str) -> Any:
@@ -200,6 +227,15 @@ def _provider_tables(tables: dict[str, dict[str, str]]) -> dict[str, dict[str, s
     return merged
 
 
+def _check_redis_url(url: str) -> None:
+    from redis.connection import parse_url
+
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"store.redis_url: {exc} (TRANSCRIBE_REDIS_URL)") from None
+
+
 def load_settings(
     path: str | Path | None = None,
     *,
@@ -237,10 +273,18 @@ def load_settings(
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid setting: {exc}") from None
     settings.providers = _provider_tables(settings.providers)
+    for key in settings.api_keys:
+        if not key.strip():
+            # KeyChecker drops it: a production server would start with no usable key.
+            raise ConfigError("api_keys: a key is empty or blank (TRANSCRIBE_API_KEYS)")
     if settings.store.backend == "redis" and not settings.store.redis_url:
         raise ConfigError(
             'store.redis_url: required with store.backend = "redis" (TRANSCRIBE_REDIS_URL)'
         )
+    if settings.store.redis_url:
+        _check_redis_url(settings.store.redis_url)
+    if not settings.store.path.strip():
+        raise ConfigError("store.path: empty (TRANSCRIBE_STORE_PATH)")
     # A chunk at the limit must fit in a frame as base64 plus its JSON envelope.
     if 4 * -(-settings.max_chunk_bytes // 3) + 64 > settings.max_message_bytes:
         raise ConfigError(

@@ -119,6 +119,7 @@ class TestMetering:
         await gate.tick([live])  # type: ignore[list-item]
         answer.set()
         await ending
+        await gate.flush_usage()  # the record and the last audio are written in the background
         assert await metered(store, live.grant) == pytest.approx(2.0)
 
     @pytest.mark.parametrize("failure", ["error", "timeout"])
@@ -155,7 +156,35 @@ class TestMetering:
             with pytest.raises(asyncio.CancelledError):
                 await tick
         await gate.end(live.grant, "ts_2", "LOCAL", "m", "x", 5.0)
+        await gate.flush_usage()
         assert await metered(store, live.grant) == pytest.approx(5.0)
+
+    async def test_a_record_whose_answer_was_lost_is_retried_and_counted_once(
+        self, redis_server: RedisServer, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # The write ran in Redis but its answer was lost (the connection dropped): the
+        # retry must neither bill the session twice nor meter its last audio twice.
+        gate = admission(redis_server, store)
+        live = await quota_session(gate, "key_lost", "ts_lost")
+        live.grant.unmetered = 3.0
+        real_record = store.record_usage
+        calls = 0
+
+        async def record_usage(record: Any) -> None:
+            nonlocal calls
+            calls += 1
+            await real_record(record)
+            if calls == 1:
+                raise RedisConnectionError("Connection closed by server.")
+
+        monkeypatch.setattr(store, "record_usage", record_usage)
+        await gate.end(live.grant, "ts_lost", "LOCAL", "m", "client_close", 3.0)
+        async with asyncio.timeout(10):
+            await gate.flush_usage()
+        assert calls == 2
+        rows = await store.usage_report("key_lost", "day")
+        assert [(r.sessions, r.audio_seconds) for r in rows] == [(1, 3.0)]
+        assert await metered(store, live.grant) == pytest.approx(3.0)
 
 
 class TestSlots:

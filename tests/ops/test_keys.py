@@ -53,6 +53,53 @@ class TestKeysCli:
         assert run_cli(env, "keys", "revoke", "gone").returncode == 1
         assert run_cli(env, "keys", "revoke", "nobody").returncode == 1
 
+    @pytest.mark.parametrize(
+        ("option", "value"),
+        [
+            ("--max-sessions", "-1"),  # the key could never connect
+            ("--max-sessions", "99999999999999999999"),  # over SQLite's INTEGER
+            ("--audio-minutes", "-5"),
+            ("--audio-minutes", "nan"),  # was reported as "exists already"
+            ("--audio-minutes", "inf"),
+            ("--rate", "-1"),
+            ("--rate", "nan"),
+            ("--expires-in", "inf"),  # then `keys list` crashed on the whole store
+            ("--expires-in", "1e300"),
+            ("--expires-in", "nan"),
+            ("--expires-in", "0"),
+            ("--expires-in", "-1"),
+        ],
+    )
+    def test_cli_refuses_a_bad_limit_and_creates_nothing(
+        self, tmp_path: Path, option: str, value: str
+    ) -> None:
+        env = {"TRANSCRIBE_STORE_PATH": str(tmp_path / "k.db")}
+        done = run_cli(env, "keys", "create", "bad", option, value)
+        assert done.returncode == 2, done.stderr
+        assert option in done.stderr and "exists already" not in done.stderr
+        assert "Traceback" not in done.stderr
+        assert done.stdout == ""
+        listing = run_cli(env, "keys", "list")
+        assert listing.returncode == 0, listing.stderr
+        assert "bad" not in listing.stdout
+
+    def test_cli_list_shows_a_bad_stored_value_instead_of_failing(self, tmp_path: Path) -> None:
+        # Written before the CLI refused such values (or by hand): the listing of the
+        # whole store must not fail on one key.
+        env = {"TRANSCRIBE_STORE_PATH": str(tmp_path / "k.db")}
+        create_key(env, "forever")
+        create_key(env, "fine")
+        db = sqlite3.connect(tmp_path / "k.db")
+        db.execute(
+            "UPDATE keys SET expires_at = ?, audio_minutes = ? WHERE name = 'forever'",
+            (float("inf"), float("inf")),
+        )
+        db.commit()
+        db.close()
+        listing = run_cli(env, "keys", "list")
+        assert listing.returncode == 0, listing.stderr
+        assert "forever" in listing.stdout and "fine" in listing.stdout
+
 
 async def _refused(url: str, key: str) -> tuple[int | None, list[dict[str, object]]]:
     ws = await connect(url, key)

@@ -142,3 +142,35 @@ class TestMessageRate:
                 await asyncio.sleep(0.005)
         assert ws.close_code == 1008
         assert time.monotonic() < deadline - 8  # within about 3-5 s
+
+    async def test_every_refused_message_is_counted_in_the_refusals_metric(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        # transcribe_refusals_total{code="rate_limited"}: the messages refused, not the
+        # errors that tell the client (one a second at most).
+        from tests.ops.test_metrics import get, sample
+
+        key = create_key(sqlite_env, "rate-5-counted", "--rate", "5")
+        ws = await connect(store_gateway.url, key)
+        await _configure(ws)
+        await asyncio.sleep(1.1)  # a fresh second for the burst
+        _, text = get(f"{store_gateway.http}/metrics")
+        before = sample(text, "transcribe_refusals_total", 'code="rate_limited"') or 0.0
+        sent = 40  # within a second or so: far fewer than 10x the rate a second for 3 s
+        for _ in range(sent):
+            await ws.send(CHUNK)
+        errors = []
+        with pytest.raises(TimeoutError):
+            while True:
+                msg = await recv(ws, 1.5)
+                if msg["type"] == "error":
+                    errors.append(msg)
+        await ws.send(json.dumps({"type": "session.close"}))
+        closed = await recv_type(ws, "session.closed", 30)
+        await ws.close()
+        accepted = round(closed["usage"]["audio_seconds"] / 0.02)
+        _, text = get(f"{store_gateway.http}/metrics")
+        after = sample(text, "transcribe_refusals_total", 'code="rate_limited"') or 0.0
+        assert 1 <= len(errors) <= 2
+        assert sent - accepted >= 25
+        assert after - before == sent - accepted

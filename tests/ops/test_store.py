@@ -91,6 +91,39 @@ class TestStoreContract:
         today = [(r.key_id, r.sessions) for r in everyone if r.period == period_id("day", now)]
         assert today == [("a", 2), ("b", 1)]
 
+    async def test_store_writes_a_sessions_record_once_however_often_it_is_retried(
+        self, store: Store
+    ) -> None:
+        # A write retried after a timeout may have landed already: billing counts it once.
+        now = time.time()
+        for _ in range(3):
+            await store.record_usage(record("a", 2.0, now, "ts_retried"))
+        await store.record_usage(record("a", 1.0, now, "ts_other"))
+        rows = await store.usage_report("a", "day")
+        assert [(r.sessions, r.audio_seconds) for r in rows] == [(2, 3.0)]
+        assert [(r.sessions, r.audio_seconds) for r in await store.usage_report("a", "month")] == [
+            (2, 3.0)
+        ]
+
+    @pytest.mark.parametrize(
+        "limits",
+        [
+            KeyLimits(max_sessions=-1),
+            KeyLimits(audio_minutes=-5),
+            KeyLimits(audio_minutes=float("nan")),
+            KeyLimits(messages_per_second=float("inf")),
+        ],
+    )
+    async def test_store_refuses_a_key_with_a_bad_limit(
+        self, store: Store, limits: KeyLimits
+    ) -> None:
+        with pytest.raises(ValueError) as info:
+            await store.create_key("bad", limits=limits)
+        assert not isinstance(info.value, KeyExistsError)
+        with pytest.raises(ValueError):
+            await store.create_key("bad", expires_at=float("inf"))
+        assert await store.list_keys() == []
+
     async def test_store_ping(self, store: Store) -> None:
         assert await store.ping()
 

@@ -111,6 +111,26 @@ class TestUsage:
         assert body["key"] == f"static:{fingerprint(TEST_KEYS[1])}"
         assert body["usage"][0]["sessions"] >= 1
 
+    async def test_cli_reports_a_static_key_by_the_name_the_report_shows(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        # The report names a static key static:<fingerprint> (operations.md); --key
+        # takes that name, and the id (static-<fingerprint>) the logs use.
+        await stream_seconds(store_gateway.url, TEST_KEYS[1], 1.0)
+        fp = fingerprint(TEST_KEYS[1])
+        by_name = wait_usage(sqlite_env, f"static:{fp}", 1)
+        assert by_name and {r["key_name"] for r in by_name} == {f"static:{fp}"}
+        assert wait_usage(sqlite_env, f"static-{fp}", 1) == by_name
+        table = run_cli(sqlite_env, "usage", "--key", f"static:{fp}")
+        assert table.returncode == 0 and f"static:{fp}" in table.stdout
+
+    def test_cli_says_so_for_an_unknown_key(self, sqlite_env: dict[str, str]) -> None:
+        for key in ("nobody", "static:00000000", "key_000000000000"):
+            done = run_cli(sqlite_env, "usage", "--key", key)
+            assert done.returncode == 1, done.stdout
+            assert f"no key {key!r}" in done.stderr
+            assert done.stdout == ""
+
     def test_http_endpoint_refuses_without_a_valid_key(
         self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
     ) -> None:
@@ -121,3 +141,48 @@ class TestUsage:
         assert http_get(f"{store_gateway.http}/v1/usage", key)[0] == 403
         status, body = http_get(f"{store_gateway.http}/v1/usage?period=year", TEST_KEYS[0])
         assert (status, body["error"]["code"]) == (400, "invalid_value")
+
+
+class TestStoreStall:
+    async def test_a_record_survives_the_store_locked_longer_than_a_timeout(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        # Another process (a `keys` command, a backup) holds the write lock for 12 s
+        # while a session ends: past SQLite's 5 s busy timeout twice over. The record
+        # is billing data: it is written once the lock is gone, and once only, and the
+        # key's quota counts the session's audio once.
+        import sqlite3
+
+        import websockets
+
+        key = create_key(sqlite_env, "stalled", "--audio-minutes", "0.05", "--period", "day")
+        ws = await connect(store_gateway.url, key)
+        assert (await recv(ws, 5))["type"] == "session.created"
+        config = {"provider": "LOCAL", "model": "whisper-tiny.en"}
+        await ws.send(json.dumps({"type": "session.update", "session": config}))
+        await recv_type(ws, "session.updated", 30)
+        await send_audio(ws, silence(2.0))
+        lock = sqlite3.connect(sqlite_env["TRANSCRIBE_STORE_PATH"], isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            await ws.send(json.dumps({"type": "session.close"}))
+            await recv_type(ws, "session.closed", 30)
+            await ws.close()
+            await asyncio.sleep(12)
+            lock.execute("ROLLBACK")
+        finally:
+            lock.close()
+        rows = wait_usage(sqlite_env, "stalled", 1)
+        assert [(r["sessions"], r["audio_seconds"]) for r in rows] == [(1, 2.0)]
+        assert "usage not recorded" not in store_gateway.logs()
+        # The quota (3 s a day) holds the 2 s once: a new session is let in (not twice:
+        # 4 s would refuse it) and closed as its audio crosses 3 s (not never).
+        ws = await connect(store_gateway.url, key)
+        assert (await recv(ws, 5))["type"] == "session.created"
+        await ws.send(json.dumps({"type": "session.update", "session": config}))
+        await recv_type(ws, "session.updated", 30)
+        with pytest.raises(websockets.ConnectionClosed):
+            await send_audio(ws, silence(2.0), realtime=4.0)
+            while True:
+                await recv(ws, 10)
+        assert ws.close_code == 4029

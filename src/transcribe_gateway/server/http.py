@@ -114,10 +114,31 @@ def _token_response(gateway: Gateway, key_id: str, ttl_s: int) -> JSONResponse:
     )
 
 
+async def _bounded_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or ``None`` as soon as it is known to be over ``limit`` bytes.
+
+    Never holds more than ``limit`` (plus one chunk): a declared length over it is
+    refused before anything is read, and a chunked body is read as it comes.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                return None
+        except ValueError:
+            pass  # the server's HTTP parser refuses a malformed length itself
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 async def _requested_ttl(request: Request) -> int | JSONResponse | None:
     """The ``ttl_s`` of an optional JSON body; a :class:`JSONResponse` when it is bad."""
-    body = await request.body()
-    if len(body) > _MAX_TOKEN_BODY:
+    body = await _bounded_body(request, _MAX_TOKEN_BODY)
+    if body is None:
         return _error(413, "invalid_value", "the request body is too large")
     if not body.strip():
         return None

@@ -10,6 +10,11 @@ runs the periodic ops tick that
   audio-minutes quota (``error`` ``quota_exceeded``, close 4029);
 * renews the session-slot leases (Redis), and shares message counts.
 
+Usage records are billing data: each is written in the background when its
+session ends, and retried with backoff while the store stalls or fails
+(:data:`USAGE_RETRY_S`); what is still waiting at shutdown gets
+:data:`USAGE_FLUSH_S` before the store is closed.
+
 :class:`SessionLimits` (one per session) decides on each client message.
 Message rate: a message over the key's rate is refused *before it is parsed*
 (audio already accepted is never dropped) and the client gets one ``error``
@@ -44,6 +49,35 @@ ABUSE_FACTOR: Final = 10
 ABUSE_SECONDS: Final = 3
 _STORE_TIMEOUT_S: Final = 5.0
 _RATE_SYNC_S: Final = 0.1
+USAGE_ATTEMPT_TIMEOUT_S: Final = 30.0
+"""One attempt at a usage record: well past SQLite's 5 s busy timeout (a lock held by
+another process), so an attempt ends with the store's own answer, not ours."""
+USAGE_BACKOFF_S: Final = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+"""Pauses between attempts (the last one repeats)."""
+USAGE_RETRY_S: Final = 600.0
+"""A record whose store fails for this long is given up (logged in full, at ERROR)."""
+USAGE_PENDING_MAX: Final = 10_000
+"""Records waiting for the store at most (memory bound while it is away)."""
+USAGE_FLUSH_S: Final = 30.0
+"""At shutdown, how long records still waiting may take before the store is closed."""
+
+
+_RATE_LIMITED: Final = metrics.refusals.labels(code="rate_limited")
+
+
+def _fields(record: UsageRecord) -> dict[str, object]:
+    """A usage record as log fields: enough to write it by hand when it was lost."""
+    return {
+        "session_id": record.session_id,
+        "key": record.key_id,
+        "key_name": record.key_name,
+        "provider": record.provider,
+        "model": record.model,
+        "audio_seconds": record.audio_seconds,
+        "started_at": record.started_at,
+        "ended_at": record.ended_at,
+        "close_reason": record.close_reason,
+    }
 
 
 @dataclass(slots=True)
@@ -111,6 +145,8 @@ class Admission:
         self._rates: dict[str, _Window] = {}
         self._releases: set[asyncio.Task[None]] = set()
         """Slots given back after their acquire lost its answer (owned until done)."""
+        self._usage_writes: set[asyncio.Task[None]] = set()
+        """Usage records being written (owned until written or given up)."""
 
     # ------------------------------------------------------------ admission
 
@@ -212,27 +248,96 @@ class Admission:
     async def end(
         self, grant: Grant, session_id: str, provider: str, model: str, reason: str, audio: float
     ) -> None:
-        """Free the session's slot and write its usage record."""
+        """Free the session's slot and write its usage record (never raises).
+
+        The record (and the session's last metered audio) is written by a task of
+        its own, retried while the store stalls or fails: see :meth:`_record`.
+        """
         grant.released = True
-        async with asyncio.timeout(_STORE_TIMEOUT_S):
-            await self.store.release_slot(grant.key_id, session_id)
-            if grant.unmetered and grant.period_id:
-                # Taken before the await: a tick meanwhile must not count them again.
-                delta, grant.unmetered = grant.unmetered, 0.0
-                await self.store.add_audio(grant.key_id, grant.period_id, delta)
-            await self.store.record_usage(
-                UsageRecord(
-                    key_id=grant.key_id,
-                    key_name=grant.key_name,
-                    session_id=session_id,
-                    provider=provider,
-                    model=model,
-                    audio_seconds=round(audio, 3),
-                    started_at=grant.started_at,
-                    ended_at=time.time(),
-                    close_reason=reason,
-                )
+        # Taken now: a tick meanwhile must not count them again.
+        delta = 0.0
+        if grant.period_id:
+            delta, grant.unmetered = grant.unmetered, 0.0
+        record = UsageRecord(
+            key_id=grant.key_id,
+            key_name=grant.key_name,
+            session_id=session_id,
+            provider=provider,
+            model=model,
+            audio_seconds=round(audio, 3),
+            started_at=grant.started_at,
+            ended_at=time.time(),
+            close_reason=reason,
+        )
+        if len(self._usage_writes) >= USAGE_PENDING_MAX:
+            log.error(
+                "usage not recorded: too many records wait for the store", extra=_fields(record)
             )
+        else:
+            task = asyncio.create_task(self._record(grant, record, delta), name="usage-record")
+            self._usage_writes.add(task)
+            task.add_done_callback(self._usage_writes.discard)
+        await self._release_quietly(grant.key_id, session_id)
+
+    async def _record(self, grant: Grant, record: UsageRecord, delta: float) -> None:
+        """Add the session's last metered audio, then write its record, retrying.
+
+        The audio is added once (the key's quota counter then holds the session's
+        audio, as its record will): a retry after it succeeded writes only the record,
+        which the stores write once per session however often it is retried.
+        """
+        deadline = time.monotonic() + USAGE_RETRY_S
+        failures = 0
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(USAGE_ATTEMPT_TIMEOUT_S):
+                        if delta:
+                            grant.audio_total = await self.store.add_audio(
+                                grant.key_id, grant.period_id, delta
+                            )
+                            delta = 0.0
+                        await self.store.record_usage(record)
+                except Exception as exc:  # a timeout, a lock, the store away: try again
+                    pause = USAGE_BACKOFF_S[min(failures, len(USAGE_BACKOFF_S) - 1)]
+                    failures += 1
+                    if time.monotonic() + pause > deadline:
+                        log.error(
+                            "usage not recorded: the store failed for %g s",
+                            USAGE_RETRY_S,
+                            exc_info=True,
+                            extra=_fields(record),
+                        )
+                        return
+                    if failures == 1:
+                        log.warning(
+                            "usage record not written yet; retrying (%s: %s)",
+                            type(exc).__name__,
+                            exc,
+                            extra={"session_id": record.session_id, "key": record.key_id},
+                        )
+                    await asyncio.sleep(pause)
+                else:
+                    if failures:
+                        log.info(
+                            "usage recorded after %d failed attempts",
+                            failures,
+                            extra={"session_id": record.session_id, "key": record.key_id},
+                        )
+                    return
+        except asyncio.CancelledError:  # shutdown, past USAGE_FLUSH_S
+            log.error("usage not recorded: shut down while the store failed", extra=_fields(record))
+            raise
+
+    async def flush_usage(self, timeout_s: float = USAGE_FLUSH_S) -> None:
+        """Wait (bounded) for the usage records still being written; give up the rest."""
+        deadline = time.monotonic() + timeout_s
+        while self._usage_writes and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._usage_writes), timeout=left)
+        for task in list(self._usage_writes):
+            task.cancel()  # its record is logged in full as it gives up
+        if self._usage_writes:
+            await asyncio.wait(set(self._usage_writes))
 
     def check_message(self, limits: SessionLimits) -> Verdict:
         """Count one client message against its key's rate (no I/O)."""
@@ -269,6 +374,9 @@ class Admission:
                 rate_task.cancel()
                 with contextlib.suppress(BaseException):
                     await rate_task
+            # Cancelled at shutdown, before the store is closed: the records of the
+            # last sessions are written first (bounded).
+            await self.flush_usage()
 
     async def tick(self, live: list[Connection]) -> None:
         sessions = [(c, c.grant) for c in live if c.grant is not None]
@@ -366,8 +474,8 @@ class SessionLimits:
             return Verdict.ABUSE
         if allowed:
             return Verdict.ACCEPT
+        _RATE_LIMITED.inc()  # every refused message, not only those that get an error
         if now - self._last_warning >= 1.0:
             self._last_warning = now
-            metrics.refusals.labels(code="rate_limited").inc()
             return Verdict.DROP_AND_WARN
         return Verdict.DROP

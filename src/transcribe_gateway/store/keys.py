@@ -10,6 +10,7 @@ digest also lets the store find the key by an indexed lookup.
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -101,6 +102,35 @@ def new_key(
 
 class KeyExistsError(ValueError):
     """A key with this name exists already."""
+
+
+MAX_SESSIONS_LIMIT: Final = 1_000_000
+MAX_EXPIRY_DAYS: Final = 36_600
+"""About 100 years: a later expiry is not a date a calendar (or ``keys list``) can show."""
+
+
+def check_new_key(name: str, limits: KeyLimits, expires_at: float | None) -> None:
+    """Refuse what would make a key unusable or unreadable (NaN, infinity, negatives).
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    if not name.strip():
+        raise ValueError("the key's name is empty")
+    if not 0 <= limits.max_sessions <= MAX_SESSIONS_LIMIT:
+        raise ValueError(f"max_sessions must be 0 to {MAX_SESSIONS_LIMIT} (0: no limit)")
+    for what, value in (
+        ("audio_minutes", limits.audio_minutes),
+        ("messages_per_second", limits.messages_per_second),
+    ):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{what} must be a finite number >= 0 (0: no limit), not {value}")
+    if limits.period not in ("day", "month"):
+        raise ValueError(f"period must be day or month, not {limits.period!r}")
+    if expires_at is not None and not (
+        math.isfinite(expires_at) and expires_at <= time.time() + MAX_EXPIRY_DAYS * 86400
+    ):
+        raise ValueError(f"the expiry must be a date within {MAX_EXPIRY_DAYS} days")
 
 
 class Store(Protocol):

@@ -11,7 +11,8 @@ Layout (all names under ``tg:``):
 * ``audio:<key id>:<period>``: metered audio seconds (``INCRBYFLOAT``);
 * ``rate:<key id>:<unix second>``: messages in that second;
 * ``usage:log`` (stream of records) and ``usage:<day|month>:<period>`` (hash of
-  per-key totals), ``usage:periods:<day|month>`` (sorted set of period ids);
+  per-key totals), ``usage:periods:<day|month>`` (sorted set of period ids),
+  ``usage:recorded:<key id>:<session id>`` (a day: a retried write counts once);
 * ``token:<id>``: single-use token ledger (``SET NX``, kept until the token's
   expiry plus :data:`TOKEN_CLOCK_SKEW_S`).
 
@@ -35,6 +36,7 @@ from transcribe_gateway.store.keys import (
     KeyExistsError,
     KeyLimits,
     KeyRecord,
+    check_new_key,
     hash_key,
     new_key,
 )
@@ -79,6 +81,25 @@ return 1
 """
 
 
+# A session's record once: a write retried after a timeout may have run already
+# (the marker outlives any retry).
+_RECORD_USAGE: Final = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[9]) then
+  return 0
+end
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[8], '*', 'record', ARGV[1])
+for i = 0, 1 do
+  local totals = KEYS[3 + i]
+  redis.call('HINCRBY', totals, ARGV[2] .. '|sessions', 1)
+  redis.call('HINCRBYFLOAT', totals, ARGV[2] .. '|seconds', ARGV[3])
+  redis.call('HSET', totals, ARGV[2] .. '|name', ARGV[4])
+  redis.call('ZADD', KEYS[5 + i], ARGV[7], ARGV[5 + i])
+end
+return 1
+"""
+_RECORDED_TTL_S: Final = 86400
+
+
 def _str(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -110,6 +131,7 @@ class RedisStore:
         )
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
+        self._record_usage = self._redis.register_script(_RECORD_USAGE)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -137,6 +159,7 @@ class RedisStore:
         limits: KeyLimits = NO_LIMITS,
         expires_at: float | None = None,
     ) -> tuple[KeyRecord, str]:
+        check_new_key(name, limits, expires_at)
         record, secret = new_key(name, scopes=scopes, limits=limits, expires_at=expires_at)
         # The name is claimed first (SET NX), so two concurrent creates cannot share it.
         if not await self._redis.set(f"{P}keyname:{name}", record.id, nx=True):
@@ -179,21 +202,29 @@ class RedisStore:
     # ----------------------------------------------------------------- usage
 
     async def record_usage(self, record: UsageRecord) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(
+        day = period_id("day", record.started_at)
+        month = period_id("month", record.started_at)
+        await self._record_usage(
+            keys=[
                 f"{P}usage:log",
-                {"record": json.dumps(asdict(record))},
-                maxlen=_USAGE_LOG_MAX,
-                approximate=True,
-            )
-            for period in ("day", "month"):
-                pid = period_id(period, record.started_at)  # type: ignore[arg-type]
-                totals = f"{P}usage:{period}:{pid}"
-                pipe.hincrby(totals, f"{record.key_id}|sessions", 1)
-                pipe.hincrbyfloat(totals, f"{record.key_id}|seconds", record.audio_seconds)
-                pipe.hset(totals, f"{record.key_id}|name", record.key_name)
-                pipe.zadd(f"{P}usage:periods:{period}", {pid: record.started_at})
-            await pipe.execute()
+                f"{P}usage:recorded:{record.key_id}:{record.session_id}",
+                f"{P}usage:day:{day}",
+                f"{P}usage:month:{month}",
+                f"{P}usage:periods:day",
+                f"{P}usage:periods:month",
+            ],
+            args=[
+                json.dumps(asdict(record)),
+                record.key_id,
+                repr(float(record.audio_seconds)),
+                record.key_name,
+                day,
+                month,
+                repr(float(record.started_at)),
+                _USAGE_LOG_MAX,
+                _RECORDED_TTL_S,
+            ],
+        )
 
     async def usage_report(self, key_id: str | None, period: Period) -> list[UsageRow]:
         found: Any = await self._redis.zrevrange(f"{P}usage:periods:{period}", 0, -1)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -20,12 +21,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from transcribe_gateway.exceptions import ConfigError
 from transcribe_gateway.store.keys import (
     DEFAULT_SCOPES,
     NO_LIMITS,
     KeyExistsError,
     KeyLimits,
     KeyRecord,
+    check_new_key,
     hash_key,
     new_key,
 )
@@ -60,7 +63,11 @@ CREATE TABLE IF NOT EXISTS usage (
     close_reason TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS usage_key_started ON usage (key_id, started_at);
+CREATE INDEX IF NOT EXISTS usage_session ON usage (session_id);
 """
+_BUSY_TIMEOUT_S = 5.0
+"""How long one statement waits for another process's lock (then "database is locked")."""
+_HEADER = b"SQLite format 3\x00"
 
 _KEY_COLUMNS = (
     "id, name, key_hash, created_at, expires_at, revoked_at, scopes, "
@@ -84,6 +91,65 @@ def _record(row: tuple[Any, ...]) -> KeyRecord:
     )
 
 
+def open_database(path: Path) -> sqlite3.Connection:
+    """Open the store file, creating it (and its directory) on first use.
+
+    Raises:
+        ConfigError: it cannot be opened or created, naming ``store.path``.
+    """
+    check_path(path)  # the clearer message, where it can tell
+    try:
+        if path.parent != Path():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+            db.commit()
+        except BaseException:
+            db.close()
+            raise
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"store.path: cannot open {path}: {reason} (TRANSCRIBE_STORE_PATH)"
+        ) from None
+    return db
+
+
+def check_path(path: str | Path) -> None:
+    """What :func:`open_database` would refuse, found without creating or writing anything.
+
+    Raises:
+        ConfigError: naming ``store.path``.
+    """
+    path = Path(path)
+
+    def refuse(why: str) -> ConfigError:
+        return ConfigError(f"store.path: {path} {why} (TRANSCRIBE_STORE_PATH)")
+
+    if path.is_dir():
+        raise refuse("is a directory")
+    if path.exists():
+        try:
+            with path.open("rb") as f:
+                header = f.read(len(_HEADER))
+        except OSError as exc:
+            raise refuse(f"cannot be read: {exc.strerror}") from None
+        if header and header != _HEADER:
+            raise refuse("is not a SQLite database")
+        if not os.access(path, os.W_OK):
+            raise refuse("is not writable")
+    # The nearest directory that exists must take the file (and its -wal, -shm).
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise refuse(f"cannot be created: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise refuse(f"cannot be created: {parent} is not writable")
+
+
 class SqliteStore:
     """Keys and usage in a SQLite file; session slots, rates and metered audio in memory."""
 
@@ -104,13 +170,7 @@ class SqliteStore:
         await self._run(self._open)
 
     def _open(self) -> None:
-        if self.path.parent != Path():
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(self.path, timeout=5.0, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.executescript(_SCHEMA)
-        db.commit()
-        self._db = db
+        self._db = open_database(self.path)
 
     async def aclose(self) -> None:
         if self._db is not None:
@@ -142,6 +202,7 @@ class SqliteStore:
         limits: KeyLimits = NO_LIMITS,
         expires_at: float | None = None,
     ) -> tuple[KeyRecord, str]:
+        check_new_key(name, limits, expires_at)
         record, secret = new_key(name, scopes=scopes, limits=limits, expires_at=expires_at)
         try:
             await self._run(
@@ -161,7 +222,9 @@ class SqliteStore:
                     limits.messages_per_second,
                 ),
             )
-        except sqlite3.IntegrityError:
+        except sqlite3.IntegrityError as exc:
+            if "keys.name" not in str(exc):  # not the name's UNIQUE constraint
+                raise
             raise KeyExistsError(f"a key named {name!r} exists already") from None
         return record, secret
 
@@ -200,10 +263,12 @@ class SqliteStore:
     # ----------------------------------------------------------------- usage
 
     async def record_usage(self, record: UsageRecord) -> None:
+        # Once per session: a write retried after a timeout may have landed already.
         await self._run(
             self._query,
             "INSERT INTO usage (key_id, key_name, session_id, provider, model, audio_seconds, "
-            "started_at, ended_at, close_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "started_at, ended_at, close_reason) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? "
+            "WHERE NOT EXISTS (SELECT 1 FROM usage WHERE session_id = ? AND key_id = ?)",
             (
                 record.key_id,
                 record.key_name,
@@ -214,6 +279,8 @@ class SqliteStore:
                 record.started_at,
                 record.ended_at,
                 record.close_reason,
+                record.session_id,
+                record.key_id,
             ),
         )
 
