@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
+import urllib.request
 from typing import Any
 
 import pytest
@@ -18,6 +20,14 @@ from tests.server.wsutil import connect, open_session, recv, recv_type, send_aud
 CHUNK = json.dumps(
     {"type": "audio.append", "audio": base64.b64encode(bytes(640)).decode()}
 )  # 20 ms of pcm16 silence
+
+
+def quota_refusals(server: GatewayProcess) -> float:
+    """``transcribe_refusals_total{code="quota_exceeded"}`` on ``/metrics``."""
+    with urllib.request.urlopen(f"{server.http}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    found = re.search(r'^transcribe_refusals_total\{code="quota_exceeded"\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else 0.0
 
 
 async def _drain_until_closed(ws: Any, timeout: float = 10) -> list[dict[str, Any]]:
@@ -68,6 +78,7 @@ class TestAudioQuota:
     ) -> None:
         # 0.05 minutes = 3 s of audio per day.
         key = create_key(sqlite_env, "three-seconds", "--audio-minutes", "0.05", "--period", "day")
+        refused = quota_refusals(store_gateway)
         ws = await connect(store_gateway.url, key)
         await _configure(ws)
         await send_audio(ws, silence(2.0))  # under the quota: accepted
@@ -83,6 +94,9 @@ class TestAudioQuota:
         got = await _drain_until_closed(again)
         assert [m["error"]["code"] for m in got] == ["quota_exceeded"]
         assert again.close_code == 4029
+        # Both are refusals by a limit: the session ended by it (uncounted before)
+        # and the one refused at auth.
+        assert quota_refusals(store_gateway) == refused + 2
 
     async def test_session_under_the_quota_ends_normally(
         self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
