@@ -10,6 +10,7 @@ import pytest
 from transcribe_gateway.config import DEV_KEY, LocalSettings, Settings, load_settings
 from transcribe_gateway.exceptions import ConfigError, TranscribeGatewayError
 from transcribe_gateway.server.auth import KeyChecker, bearer_token, fingerprint
+from transcribe_gateway.store.sqlite import check_path
 
 
 def toml(tmp_path: Path, text: str) -> Path:
@@ -509,3 +510,22 @@ class TestRedisUrl:
     def test_a_good_redis_url_passes(self, url: str) -> None:
         env = {"TRANSCRIBE_STORE_BACKEND": "redis", "TRANSCRIBE_REDIS_URL": url}
         assert load_settings(environ=env).store.redis_url == url
+
+    def test_only_the_backend_in_use_is_checked(self) -> None:
+        # A setting of the other backend, left over, is not in use: not refused.
+        sqlite = load_settings(environ={"TRANSCRIBE_REDIS_URL": "localhost:6379"})
+        assert sqlite.store.backend == "sqlite"
+        env = {
+            "TRANSCRIBE_STORE_BACKEND": "redis",
+            "TRANSCRIBE_REDIS_URL": "redis://h/0",
+            "TRANSCRIBE_STORE_PATH": "",
+        }
+        assert load_settings(environ=env).store.backend == "redis"
+
+
+def test_a_store_path_that_cannot_be_checked_is_named() -> None:
+    # A name too long (or a directory we may not search) raised OSError: a traceback.
+    with pytest.raises(
+        ConfigError, match=r"^store\.path: .* cannot be checked: File name too long"
+    ):
+        check_path("/tmp/" + "x" * 300 + "/store.db")

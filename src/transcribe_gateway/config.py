@@ -281,9 +281,10 @@ def load_settings(
         raise ConfigError(
             'store.redis_url: required with store.backend = "redis" (TRANSCRIBE_REDIS_URL)'
         )
-    if settings.store.redis_url:
+    # Only the backend in use: the other's setting may be left over, unused.
+    if settings.store.backend == "redis":
         _check_redis_url(settings.store.redis_url)
-    if not settings.store.path.strip():
+    elif not settings.store.path.strip():
         raise ConfigError("store.path: empty (TRANSCRIBE_STORE_PATH)")
     # A chunk at the limit must fit in a frame as base64 plus its JSON envelope.
     if 4 * -(-settings.max_chunk_bytes // 3) + 64 > settings.max_message_bytes:

@@ -23,6 +23,7 @@ import pytest
 from tests.cloud.conftest import FINALIZE_TIMEOUT_S, RESPONSE_TIMEOUT_S, CloudWorld
 from tests.cloud.test_common import (
     FIRST,
+    LOCAL,
     assert_utterance_order,
     close_and_collect,
     finals_text,
@@ -30,6 +31,7 @@ from tests.cloud.test_common import (
     ms,
     open_ws,
 )
+from tests.emulators import openai as openai_emulator
 from tests.emulators.catalog import CASES
 from tests.emulators.openai import OpenAIEmulator
 from tests.emulators.server import Faults
@@ -301,3 +303,25 @@ async def configure(cloud: CloudWorld, **config: Any) -> tuple[Any, dict[str, An
     ws, updated = await open_session(cloud.gateway.url, provider=CASE.provider, **config)
     assert updated["session"]["provider"] == CASE.provider, updated
     return ws, updated
+
+
+@pytest.mark.parametrize("fallback", [None, LOCAL], ids=["alone", "with-fallback"])
+async def test_a_stop_held_for_a_transcript_that_never_comes_is_still_sent(
+    cloud: CloudWorld, monkeypatch: pytest.MonkeyPatch, fallback: dict[str, str] | None
+) -> None:
+    # OpenAI's speech_stopped comes, its transcript never does: the stream fails
+    # (no answer within the response timeout). Our speech.stopped waited for the
+    # transcript, and was never sent; every utterance started must be stopped.
+    monkeypatch.setattr(openai_emulator, "TRANSCRIPT_DELAY_S", 60.0)
+    config = {"fallback": fallback} if fallback else {}
+    ws, _ = await configure(cloud, **config)
+    await send_audio(ws, np.concatenate([first_audio(), silence(1.5)]), realtime=2.0)
+    messages: list[dict[str, Any]] = []
+    while not messages or messages[-1]["type"] != "error":  # the failure
+        messages.append(json.loads(await asyncio.wait_for(ws.recv(), RESPONSE_TIMEOUT_S + 10)))
+    messages += await close_and_collect(ws)
+    started = [m["utterance_id"] for m in messages if m["type"] == "speech.started"]
+    stopped = [m["utterance_id"] for m in messages if m["type"] == "speech.stopped"]
+    assert started and sorted(started) == sorted(stopped), messages
+    if fallback:  # the replay gave the words to the fallback
+        assert normalize(finals_text(messages)) == FIRST

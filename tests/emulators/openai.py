@@ -82,7 +82,7 @@ TRANSCRIBERS = frozenset(
     }
 )
 REALTIME_MODELS = frozenset({"gpt-realtime", "gpt-realtime-mini"})
-TRANSCRIBE_DELAY_S = 0.3
+TRANSCRIPT_DELAY_S = 0.3
 """How long after a commit the transcript starts (it runs asynchronously)."""
 DELTA_GAP_S = 0.02
 MIN_COMMIT_MS = 100
@@ -473,7 +473,7 @@ class OpenAIEmulator(Emulator):
         self, ws: ServerConnection, record: Record, item_id: str, segment: Segment
     ) -> None:
         """The asynchronous transcription of one committed item: deltas, then completed."""
-        await asyncio.sleep(TRANSCRIBE_DELAY_S)
+        await asyncio.sleep(TRANSCRIPT_DELAY_S)
         if self.transcription_error is not None:
             failed = self._event(
                 "conversation.item.input_audio_transcription.failed",

@@ -106,11 +106,11 @@ class TestMetering:
         entered, answer = asyncio.Event(), asyncio.Event()
         real_add = store.add_audio
 
-        async def add_audio(key_id: str, period: str, seconds: float) -> float:
+        async def add_audio(key_id: str, period: str, seconds: float, **once: Any) -> float:
             if seconds and not entered.is_set():  # end()'s add, held until the tick ran
                 entered.set()
                 await answer.wait()
-            return await real_add(key_id, period, seconds)
+            return await real_add(key_id, period, seconds, **once)
 
         monkeypatch.setattr(store, "add_audio", add_audio)
         ending = asyncio.create_task(gate.end(live.grant, "ts_1", "LOCAL", "m", "x", 2.0))
@@ -136,13 +136,13 @@ class TestMetering:
         failed = asyncio.Event()
         real_add = store.add_audio
 
-        async def add_audio(key_id: str, period: str, seconds: float) -> float:
+        async def add_audio(key_id: str, period: str, seconds: float, **once: Any) -> float:
             if seconds and not failed.is_set():  # the tick's add
                 failed.set()
                 if failure == "error":
                     raise RedisConnectionError("Connection closed by server.")
                 await asyncio.Event().wait()  # never answers
-            return await real_add(key_id, period, seconds)
+            return await real_add(key_id, period, seconds, **once)
 
         monkeypatch.setattr(store, "add_audio", add_audio)
         tick: asyncio.Task[Any] = asyncio.create_task(gate.tick([live]))  # type: ignore[list-item]
@@ -185,6 +185,32 @@ class TestMetering:
         rows = await store.usage_report("key_lost", "day")
         assert [(r.sessions, r.audio_seconds) for r in rows] == [(1, 3.0)]
         assert await metered(store, live.grant) == pytest.approx(3.0)
+
+    async def test_a_last_addition_whose_answer_was_lost_is_metered_once(
+        self, redis_server: RedisServer, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # The session's last audio was added in Redis but the answer was lost (a
+        # socket timeout): the retry added it again, and the quota read 2x.
+        gate = admission(redis_server, store)
+        live = await quota_session(gate, "key_lost_add", "ts_lost_add")
+        live.grant.unmetered = 10.0
+        real_add = store.add_audio
+        calls = 0
+
+        async def add_audio(key_id: str, period: str, seconds: float, **once: Any) -> float:
+            nonlocal calls
+            calls += 1
+            total = await real_add(key_id, period, seconds, **once)
+            if calls == 1:
+                raise TimeoutError("Timeout reading from redis")
+            return total
+
+        monkeypatch.setattr(store, "add_audio", add_audio)
+        await gate.end(live.grant, "ts_lost_add", "LOCAL", "m", "client_close", 10.0)
+        async with asyncio.timeout(10):
+            await gate.flush_usage()
+        assert calls == 2
+        assert await metered(store, live.grant) == pytest.approx(10.0)
 
 
 class TestSlots:

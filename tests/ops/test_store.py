@@ -72,6 +72,9 @@ class TestStoreContract:
         assert await store.add_audio("k", pid, 1.5) == pytest.approx(1.5)
         assert await store.add_audio("k", pid, 2.0) == pytest.approx(3.5)
         assert await store.add_audio("k", "1999-01-01", 1.0) == pytest.approx(1.0)
+        # An addition retried with its id (its answer was lost) counts once.
+        assert await store.add_audio("k", pid, 1.0, once="s1") == pytest.approx(4.5)
+        assert await store.add_audio("k", pid, 1.0, once="s1") == pytest.approx(4.5)
         assert await store.add_messages("k", 100, 3) == 3
         assert await store.add_messages("k", 100, 2) == 5
         assert await store.add_messages("k", 101, 1) == 1

@@ -58,7 +58,24 @@ async def test_final_after_speech_stopped_keeps_its_utterance() -> None:
     await u.commit("again", 2000, 2500)
     await u.complete()
     kinds = [(e.type, e.utterance) for e in events]
-    assert kinds == [(S, 0), (P, 0), (E, 0), (P, 0), (F, 0), (S, 1), (P, 1), (F, 1)]
+    # Its stop waits for its final (docs/protocol.md: started, partials,
+    # completed, stopped); it came before the final.
+    assert kinds == [(S, 0), (P, 0), (P, 0), (F, 0), (E, 0), (S, 1), (P, 1), (F, 1)]
+    assert events[4].end_ms == 1200  # the provider's end of speech, kept
+
+
+async def test_a_stop_held_for_a_final_that_says_nothing_is_sent() -> None:
+    # An interim, then speech stopped, then the provider finalizes nothing: the
+    # stop is not held for ever, and the next utterance starts.
+    u, events = recorder()
+    await u.speech_started(0)
+    await u.interim("um")
+    await u.speech_stopped(800)
+    await u.commit("", 0, 800)
+    await u.complete()
+    await u.speech_started(1500)
+    kinds = [(e.type, e.utterance) for e in events]
+    assert kinds == [(S, 0), (P, 0), (E, 0), (S, 1)]
 
 
 async def test_unconfirmed_interim_is_not_lost_at_the_end() -> None:

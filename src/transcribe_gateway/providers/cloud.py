@@ -126,7 +126,9 @@ class Utterances:
     plus the current interim; the final is all committed pieces (and the
     interim, if the provider never finalized it: better a word at lower
     confidence than a lost one).  Speech stopped before the final keeps the
-    utterance open until the final arrives (or the next utterance begins).
+    utterance open until the final arrives (or the next utterance begins), and
+    its ``SPEECH_STOPPED`` waits for that final: docs/protocol.md promises
+    started, partials, completed, stopped within an utterance.
 
     Pieces are words or phrases by default: each is stripped and they are
     joined with a space.  With ``verbatim``, pieces are deltas of one text
@@ -147,6 +149,8 @@ class Utterances:
         self._interim_start = 0
         self._started_at: int | None = None
         self._stopped = False
+        """The provider said speech stopped (our event may still wait for the final)."""
+        self._stop_ms = 0
         self._finalized = False
         self.last_end_ms = 0
 
@@ -199,6 +203,8 @@ class Utterances:
         if self._interim:
             await self.commit(self._interim, self._interim_start, end_ms or self.last_end_ms)
         if not self._pieces:
+            if self._stopped:  # it said nothing after all: the stop waited for nothing
+                await self._stop()
             return
         first, last = self._pieces[0], self._pieces[-1]
         await self._emit(
@@ -214,15 +220,21 @@ class Utterances:
         self._pieces.clear()
         self._finalized = True
         if self._stopped:
-            self._advance()
+            await self._stop()
 
     async def speech_stopped(self, end_ms: int) -> None:
         if self._started_at is None or self._stopped:
             return
-        await self._emit(SpeechEvent(SpeechEventType.SPEECH_STOPPED, self.index, end_ms=end_ms))
-        self._stopped = True
+        self._stopped, self._stop_ms = True, end_ms
         if self._finalized or not (self._pieces or self._interim):
-            self._advance()
+            await self._stop()
+        # Else it waits for the final (complete), or the next utterance's start.
+
+    async def _stop(self) -> None:
+        await self._emit(
+            SpeechEvent(SpeechEventType.SPEECH_STOPPED, self.index, end_ms=self._stop_ms)
+        )
+        self._advance()
 
     async def flush(self, end_ms: int | None = None) -> None:
         """End of stream: finalize and close whatever is open."""

@@ -166,6 +166,8 @@ class Connection:
         self._utterance_ended: set[tuple[int, int]] = set()
         """Utterances whose final or speech.stopped was sent (forgotten after both)."""
         self._open_partials: dict[tuple[int, int], tuple[str, str, int]] = {}
+        self._unstopped: dict[tuple[int, int], str] = {}
+        """Utterances started and not yet stopped, by (generation, engine utterance)."""
         """Utterances with a partial but no final yet: (utterance id, text, start ms)."""
         self._utterances = 0
         self._fallback: Plan | None = None
@@ -627,8 +629,9 @@ class Connection:
                 stream = await plan.resolution.stt.open_stream(plan.options)
             except ProviderError as exc2:
                 self._provider_failed(exc2)
-                self._flush_open_partials(failed)
+                self._close_utterances(failed, finals=True)
                 return True
+            self._close_utterances(failed, finals=False)  # their audio is replayed
             engine = self._start_engine(plan, stream, can_fall_back=False)
             engine.offset_ms = replay.start_ms
             for chunk in replay.unplayed():  # grows while we wait: caught up when it ends
@@ -704,6 +707,7 @@ class Connection:
                         "the audio could not be transcribed",
                         retryable=True,
                     )
+                    self._close_utterances(engine, finals=True)
                     self._flush()
                     break
                 await asyncio.wait({engine.pump}, timeout=remaining)
@@ -779,28 +783,37 @@ class Connection:
             if await self._fall_back(engine, exc):
                 return
             self._log.warning("provider failed", extra={"reason": exc.reason})
-            self._flush_open_partials(engine)
+            self._close_utterances(engine, finals=True)
             self.session.send_error(exc.code, str(exc), retryable=exc.retryable)
             if self._engine is engine:
                 self._engine = None
             self._flush()
 
-    def _flush_open_partials(self, engine: _Engine) -> None:
-        """A provider died mid-utterance with no fallback: its last partial becomes the final.
+    def _close_utterances(self, engine: _Engine, *, finals: bool) -> None:
+        """``engine`` ends without finishing its utterances (it failed, or was cut
+        off): each still gets its ``speech.stopped``, so none is left open.
 
-        Unconfirmed words are better than lost ones; the client can tell them
-        from a provider final by the ``error`` that follows.
+        With ``finals`` an utterance's last partial first becomes its final:
+        unconfirmed words are better than lost ones, and the client can tell
+        them from a provider final by the ``error`` that follows.  Without (a
+        fallback replays that audio) the partial is dropped, as the fallback
+        transcribes those words again.
         """
         end_ms = round(self.audio_seconds * 1000)
-        for key, (utterance_id, text, start_ms) in list(self._open_partials.items()):
-            if key[0] != engine.generation:
+        keys = {**self._unstopped, **self._open_partials}
+        for key in sorted(k for k in keys if k[0] == engine.generation):
+            partial = self._open_partials.pop(key, None)
+            utterance_id = self._unstopped.pop(key, None) or (partial[0] if partial else "")
+            self._utterance_ids.pop(key, None)
+            self._utterance_ended.discard(key)
+            if self.session.state not in (State.STREAMING, State.DRAINING):
                 continue
-            del self._open_partials[key]
-            if self.session.state in (State.STREAMING, State.DRAINING):
+            if finals and partial is not None:
+                _, text, start_ms = partial
                 self.session.send_event(
                     m.TranscriptionCompleted(utterance_id, text, start_ms, end_ms, [])
                 )
-                self.session.send_event(m.SpeechStopped(utterance_id, end_ms))
+            self.session.send_event(m.SpeechStopped(utterance_id, end_ms))
 
     def _forward(self, engine: _Engine, event: SpeechEvent) -> None:
         if self.session.state not in (State.STREAMING, State.DRAINING):
@@ -837,8 +850,10 @@ class Connection:
         elif kind is SpeechEventType.SPEECH_STARTED:
             self.session.send_event(m.SpeechStarted(utterance_id, event.start_ms + offset))
             self._open_partials.pop(key, None)
+            self._unstopped[key] = utterance_id
         else:
             self.session.send_event(m.SpeechStopped(utterance_id, event.end_ms + offset))
+            self._unstopped.pop(key, None)
             self._end_utterance(key)
 
     def _end_utterance(self, key: tuple[int, int]) -> None:

@@ -292,9 +292,9 @@ class Admission:
             while True:
                 try:
                     async with asyncio.timeout(USAGE_ATTEMPT_TIMEOUT_S):
-                        if delta:
+                        if delta:  # once, though a lost answer makes us ask again
                             grant.audio_total = await self.store.add_audio(
-                                grant.key_id, grant.period_id, delta
+                                grant.key_id, grant.period_id, delta, once=record.session_id
                             )
                             delta = 0.0
                         await self.store.record_usage(record)

@@ -193,8 +193,14 @@ class Store(Protocol):
 
     async def release_slot(self, key_id: str, session_id: str) -> None: ...
 
-    async def add_audio(self, key_id: str, period_id: str, seconds: float) -> float:
-        """Add metered audio seconds; returns the key's total in that period."""
+    async def add_audio(
+        self, key_id: str, period_id: str, seconds: float, *, once: str | None = None
+    ) -> float:
+        """Add metered audio seconds; returns the key's total in that period.
+
+        ``once``: an id for this addition; a retry with the same id (its first
+        answer was lost, though it may have run) adds nothing again.
+        """
         ...
 
     async def add_messages(self, key_id: str, window: int, count: int) -> int:

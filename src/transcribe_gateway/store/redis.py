@@ -8,7 +8,8 @@ Layout (all names under ``tg:``):
   clock).  Each replica renews its live sessions' leases; a replica that dies
   stops renewing, and its slots are dropped once they expire, so a crash never
   leaves sessions counted forever;
-* ``audio:<key id>:<period>``: metered audio seconds (``INCRBYFLOAT``);
+* ``audio:<key id>:<period>``: metered audio seconds (``INCRBYFLOAT``), and
+  ``audio:added:<key id>:<id>`` (a day: an addition retried counts once);
 * ``rate:<key id>:<unix second>``: messages in that second;
 * ``usage:log`` (stream of records) and ``usage:<day|month>:<period>`` (hash of
   per-key totals), ``usage:periods:<day|month>`` (sorted set of period ids),
@@ -99,6 +100,16 @@ return 1
 """
 _RECORDED_TTL_S: Final = 86400
 
+# An addition once: a retry after a lost answer finds its marker and adds nothing.
+_ADD_AUDIO_ONCE: Final = """
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
+  return redis.call('GET', KEYS[1]) or '0'
+end
+local total = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return total
+"""
+
 
 def _str(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
@@ -132,6 +143,7 @@ class RedisStore:
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
         self._record_usage = self._redis.register_script(_RECORD_USAGE)
+        self._add_audio_once = self._redis.register_script(_ADD_AUDIO_ONCE)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -274,8 +286,16 @@ class RedisStore:
     async def release_slot(self, key_id: str, session_id: str) -> None:
         await self._redis.zrem(f"{P}slots:{key_id}", session_id)
 
-    async def add_audio(self, key_id: str, period_id: str, seconds: float) -> float:
+    async def add_audio(
+        self, key_id: str, period_id: str, seconds: float, *, once: str | None = None
+    ) -> float:
         name = f"{P}audio:{key_id}:{period_id}"
+        if once is not None:
+            total = await self._add_audio_once(
+                keys=[name, f"{P}audio:added:{key_id}:{once}"],
+                args=[repr(float(seconds)), _AUDIO_TTL_S, _RECORDED_TTL_S],
+            )
+            return float(total)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.incrbyfloat(name, seconds)
             pipe.expire(name, _AUDIO_TTL_S)

@@ -16,6 +16,7 @@ import json
 import os
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,6 +66,7 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE INDEX IF NOT EXISTS usage_key_started ON usage (key_id, started_at);
 CREATE INDEX IF NOT EXISTS usage_session ON usage (session_id);
 """
+_ONCE_MAX = 100_000
 _BUSY_TIMEOUT_S = 5.0
 """How long one statement waits for another process's lock (then "database is locked")."""
 _HEADER = b"SQLite format 3\x00"
@@ -128,6 +130,14 @@ def check_path(path: str | Path) -> None:
     def refuse(why: str) -> ConfigError:
         return ConfigError(f"store.path: {path} {why} (TRANSCRIBE_STORE_PATH)")
 
+    try:
+        _check_path(path, refuse)
+    except OSError as exc:  # a directory we may not search, a name too long
+        raise refuse(f"cannot be checked: {exc.strerror or exc}") from None
+
+
+def _check_path(path: Path, refuse: Callable[[str], ConfigError]) -> None:
+    """:func:`check_path`'s checks (an ``OSError`` is left to it)."""
     if path.is_dir():
         raise refuse("is a directory")
     if path.exists():
@@ -159,6 +169,8 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None
         self._slots: dict[str, set[str]] = {}
         self._audio: dict[tuple[str, str], float] = {}
+        self._added_once: OrderedDict[str, None] = OrderedDict()
+        """Ids of additions made with ``once`` (the latest :data:`_ONCE_MAX`)."""
         self._messages: dict[str, tuple[int, int]] = {}
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -315,7 +327,9 @@ class SqliteStore:
             if not held:
                 del self._slots[key_id]
 
-    async def add_audio(self, key_id: str, period_id: str, seconds: float) -> float:
+    async def add_audio(
+        self, key_id: str, period_id: str, seconds: float, *, once: str | None = None
+    ) -> float:
         slot = (key_id, period_id)
         if slot not in self._audio:
             # Loaded once per process and period; afterwards the live counter leads and
@@ -328,6 +342,13 @@ class SqliteStore:
                 (key_id, period_id),
             )
             self._audio.setdefault(slot, float(rows[0][0]))
+        # No await from here on: an addition is done whole or not at all.
+        if once is not None:
+            if once in self._added_once:
+                return self._audio[slot]
+            self._added_once[once] = None
+            if len(self._added_once) > _ONCE_MAX:  # retries come within minutes
+                self._added_once.popitem(last=False)
         self._audio[slot] += seconds
         return self._audio[slot]
 
