@@ -17,6 +17,12 @@ ways a real engine can.  The model name picks the failure:
 * ``count-slow-open``: ``open_stream`` takes 1.5 s (a fallback still
   connecting), then one final at the end, text = the samples it was given;
 * ``count-slow-finalize``: the same final, 2 s after ``end_input``.
+* ``um-then-fail``: once 0.5 s arrived, an utterance that stops with nothing
+  final ("um"), then one left open with a partial ("hello wor"); 0.3 s later
+  it raises;
+* ``um-then-hang``: the same utterances, then it never finishes after ``end_input``;
+* ``late-stop``: once 0.5 s arrived, an utterance and its final ("late"); its
+  stop comes 0.5 s after ``end_input``;
 * ``raise-on-close``: as ``echo``, but closing it raises (an adapter's bug);
 * ``chatty-slow-close``: after ``end_input``, a partial every 0.2 s for ever (an
   engine that never finishes but is never silent); closing takes 1 s, as a
@@ -71,6 +77,9 @@ class FaultySTT(STT):
             "count-slow-finalize",
             "raise-on-close",
             "chatty-slow-close",
+            "um-then-fail",
+            "um-then-hang",
+            "late-stop",
         )
         return [ModelInfo(n, supports_prompt=False) for n in names]
 
@@ -84,6 +93,10 @@ class FaultySTT(STT):
         stream = FaultyStream(self, options)
         stream.start()
         return stream
+
+
+SCRIPTED = ("um-then-fail", "um-then-hang", "late-stop")
+"""Models that send a fixed script of events once 0.5 s of audio arrived."""
 
 
 class FaultyStream(RecognizeStream):
@@ -108,6 +121,23 @@ class FaultyStream(RecognizeStream):
     async def _on_end_input(self) -> None:
         await self._audio.put(None)
 
+    async def _script(self, model: str) -> None:
+        events = [SpeechEvent(SpeechEventType.SPEECH_STARTED, 0, start_ms=0)]
+        if model == "late-stop":
+            events.append(SpeechEvent(SpeechEventType.FINAL, 0, "late", 0, 500))
+        else:
+            events += [
+                SpeechEvent(SpeechEventType.PARTIAL, 0, text="um"),
+                SpeechEvent(SpeechEventType.SPEECH_STOPPED, 0, end_ms=300),
+                SpeechEvent(SpeechEventType.SPEECH_STARTED, 1, start_ms=400),
+                SpeechEvent(SpeechEventType.PARTIAL, 1, text="hello wor"),
+            ]
+        for event in events:
+            await self._emit(event)
+        if model == "um-then-fail":
+            await asyncio.sleep(0.3)
+            raise ProviderError("FAULTY", "connection reset mid-utterance")
+
     async def _run(self) -> None:
         model = self.options.model
         while (n := await self._audio.get()) is not None:
@@ -118,6 +148,11 @@ class FaultyStream(RecognizeStream):
                 await asyncio.sleep(0.5)
                 raise ProviderError("FAULTY", "stopped answering, then reset")
             if model.startswith("count-") or model == "fail-on-finalize":
+                continue
+            if model in SCRIPTED:
+                if self._samples >= HALF_SECOND and not self._emitted:
+                    self._emitted = 1
+                    await self._script(model)
                 continue
             while self._samples - self._emitted * HALF_SECOND >= HALF_SECOND:
                 start = self._emitted * 500
@@ -137,8 +172,11 @@ class FaultyStream(RecognizeStream):
                     SpeechEvent(SpeechEventType.SPEECH_STOPPED, self._emitted, end_ms=start + 500)
                 )
                 self._emitted += 1
-        if model == "hang-on-finalize":
+        if model in ("hang-on-finalize", "um-then-hang"):
             await asyncio.Event().wait()  # never returns
+        if model == "late-stop":
+            await asyncio.sleep(0.5)
+            await self._emit(SpeechEvent(SpeechEventType.SPEECH_STOPPED, 0, end_ms=500))
         if model == "chatty-slow-close":
             while True:
                 await asyncio.sleep(0.2)

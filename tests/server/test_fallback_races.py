@@ -287,3 +287,59 @@ async def test_an_engine_whose_close_raises_does_not_keep_the_session_open(
     assert messages[-1]["type"] == "session.closed"
     assert ws.close_code == 1000
     assert server.unclosed() == set()
+
+
+def by_utterance(messages: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Each utterance's event types, in order."""
+    out: dict[str, list[str]] = {}
+    for message in messages:
+        if "utterance_id" in message:
+            out.setdefault(message["utterance_id"], []).append(message["type"])
+    return out
+
+
+@pytest.mark.parametrize("model", ["um-then-fail", "um-then-hang"])
+async def test_an_engine_that_fails_or_is_cut_off_leaves_no_utterance_open(
+    server: Server, model: str
+) -> None:
+    # utt_1 stopped with nothing final; utt_2 is open with a partial when the
+    # engine fails (or stops answering at the end, and the drain cuts it off).
+    # utt_1 got a second speech.stopped and a completed after it; a cut-off
+    # utt_2 got its partial as its final after the error, not before.
+    ws, _ = await open_session(server.url, provider="FAULTY", model=model)
+    await send_audio(ws, ONE_SECOND)
+    await asyncio.sleep(1.0)  # the script ran (and the failure came)
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws)
+    assert by_utterance(messages) == {
+        "utt_1": ["speech.started", "transcription.partial", "speech.stopped"],
+        "utt_2": [
+            "speech.started",
+            "transcription.partial",
+            "transcription.completed",
+            "speech.stopped",
+        ],
+    }, messages
+    kinds = [m["type"] for m in messages]
+    assert kinds.index("transcription.completed") < kinds.index("error"), kinds
+    finals = [m["text"] for m in messages if m["type"] == "transcription.completed"]
+    assert finals == ["hello wor"]
+
+
+async def test_a_retired_engines_late_stop_keeps_its_utterance_id(server: Server) -> None:
+    # The old engine's stop comes 0.5 s after its input ended, while the new
+    # engine ends utterances of its own: the stop got a new id and the old
+    # utterance was never stopped.
+    ws, _ = await open_session(server.url, provider="FAULTY", model="late-stop")
+    await send_audio(ws, ONE_SECOND)
+    await recv_type(ws, "transcription.completed")  # utt_1 "late", not stopped yet
+    update = {"provider": "FAULTY", "model": "echo"}
+    await ws.send(json.dumps({"type": "session.update", "session": update}))
+    await send_audio(ws, ONE_SECOND)
+    await asyncio.sleep(1.0)
+    await ws.send(json.dumps({"type": "session.close"}))
+    utterances = by_utterance(await collect(ws))
+    assert utterances.pop("utt_1") == ["speech.stopped"], utterances
+    assert list(utterances) == ["utt_2", "utt_3"], utterances  # echo's two
+    for kinds in utterances.values():
+        assert kinds == ["speech.started", "transcription.completed", "speech.stopped"]

@@ -166,9 +166,9 @@ class Connection:
         self._utterance_ended: set[tuple[int, int]] = set()
         """Utterances whose final or speech.stopped was sent (forgotten after both)."""
         self._open_partials: dict[tuple[int, int], tuple[str, str, int]] = {}
+        """Utterances with a partial but no final yet: (utterance id, text, start ms)."""
         self._unstopped: dict[tuple[int, int], str] = {}
         """Utterances started and not yet stopped, by (generation, engine utterance)."""
-        """Utterances with a partial but no final yet: (utterance id, text, start ms)."""
         self._utterances = 0
         self._fallback: Plan | None = None
         self._replay: ReplayBuffer | None = None
@@ -628,8 +628,8 @@ class Connection:
             try:
                 stream = await plan.resolution.stt.open_stream(plan.options)
             except ProviderError as exc2:
+                self._close_utterances(failed, finals=True)  # before the error, as in _pump
                 self._provider_failed(exc2)
-                self._close_utterances(failed, finals=True)
                 return True
             self._close_utterances(failed, finals=False)  # their audio is replayed
             engine = self._start_engine(plan, stream, can_fall_back=False)
@@ -666,6 +666,8 @@ class Connection:
                 with contextlib.suppress(BaseException):
                     await engine.pump
             await engine.stream.aclose()
+            # Nothing more comes of it: what it left open is closed (normally nothing).
+            self._close_utterances(engine, finals=True)
             return
         engine.can_fall_back = False
         await self._finish_input(engine)
@@ -700,6 +702,7 @@ class Connection:
                 quiet_since = max(started, engine.last_event_at, engine.stream.progress_at())
                 remaining = self.settings.drain_timeout_s - (time.monotonic() - quiet_since)
                 if remaining <= 0:
+                    self._close_utterances(engine, finals=True)  # before the error
                     self.session.send_error(
                         "provider_error",
                         f"{engine.provider}: no answer "
@@ -707,7 +710,6 @@ class Connection:
                         "the audio could not be transcribed",
                         retryable=True,
                     )
-                    self._close_utterances(engine, finals=True)
                     self._flush()
                     break
                 await asyncio.wait({engine.pump}, timeout=remaining)
@@ -814,6 +816,10 @@ class Connection:
                     m.TranscriptionCompleted(utterance_id, text, start_ms, end_ms, [])
                 )
             self.session.send_event(m.SpeechStopped(utterance_id, end_ms))
+        # Nothing more comes of this engine: forget its utterances.
+        for key in [k for k in self._utterance_ids if k[0] == engine.generation]:
+            del self._utterance_ids[key]
+        self._utterance_ended = {k for k in self._utterance_ended if k[0] != engine.generation}
 
     def _forward(self, engine: _Engine, event: SpeechEvent) -> None:
         if self.session.state not in (State.STREAMING, State.DRAINING):
@@ -854,18 +860,20 @@ class Connection:
         else:
             self.session.send_event(m.SpeechStopped(utterance_id, event.end_ms + offset))
             self._unstopped.pop(key, None)
+            self._open_partials.pop(key, None)  # stopped without a final: it said nothing
             self._end_utterance(key)
 
     def _end_utterance(self, key: tuple[int, int]) -> None:
-        # A final may come after speech.stopped (cloud providers): keep the id
-        # until both were sent, and never more than a few utterances back.
+        # A final may come after speech.stopped (a plugin's engine): keep the id
+        # until both were sent, and never more than a few utterances back. Another
+        # engine's (one retired, still finishing) are forgotten when it is closed.
         if key in self._utterance_ended:
             self._utterance_ended.discard(key)
             self._utterance_ids.pop(key, None)
         else:
             self._utterance_ended.add(key)
         generation, number = key
-        for old in [k for k in self._utterance_ended if k[0] != generation or k[1] < number - 16]:
+        for old in [k for k in self._utterance_ended if k[0] == generation and k[1] < number - 16]:
             self._utterance_ended.discard(old)
             self._utterance_ids.pop(old, None)
 
