@@ -71,14 +71,15 @@ def _checked(settings: Settings, *, serving: bool = False) -> Settings:
 
 def _check_default_model(settings: Settings) -> None:
     """``local.default_model`` must be a LOCAL model (by name: no weights are loaded)."""
-    from transcribe_gateway.providers.local import SPHINX_MODEL
-    from transcribe_gateway.providers.whisper_engine import BUNDLED_MODEL
+    from transcribe_gateway.providers.local import (
+        SPHINX_MODEL,
+        is_whisper_hub_name,
+        whisper_model_names,
+    )
 
-    local = settings.local
-    name = local.default_model
-    known = [BUNDLED_MODEL, *(n for n in local.whisper_models if n != BUNDLED_MODEL), SPHINX_MODEL]
-    # As the LOCAL engine takes them: any other ``whisper-<name>`` is a hub name.
-    if name in known or (name.startswith("whisper-") and len(name) > len("whisper-")):
+    name = settings.local.default_model
+    known = [*whisper_model_names(settings.local), SPHINX_MODEL]
+    if name in known or is_whisper_hub_name(name):  # as the LOCAL engine takes them
         return
     raise ConfigError(
         f"local.default_model: unknown LOCAL model {name!r} (TRANSCRIBE_LOCAL_DEFAULT_MODEL); "

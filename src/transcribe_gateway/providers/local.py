@@ -33,7 +33,7 @@ from transcribe_gateway.providers.whisper_engine import (
 )
 
 if TYPE_CHECKING:
-    from transcribe_gateway.config import Settings
+    from transcribe_gateway.config import LocalSettings, Settings
     from transcribe_gateway.providers.local_sphinx import SphinxProcesses
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,16 @@ def _whisper_info(name: str, description: str) -> ModelInfo:
         languages=("en",) if name.endswith(".en") else None,
         supports_endpointing_unfinished=True,
     )
+
+
+def whisper_model_names(local: LocalSettings) -> list[str]:
+    """The Whisper models offered by name: the bundled one, then the configured ones."""
+    return [BUNDLED_MODEL, *(n for n in local.whisper_models if n != BUNDLED_MODEL)]
+
+
+def is_whisper_hub_name(name: str) -> bool:
+    """Any other ``whisper-<name>``: a hub model, resolved (or refused) when opened."""
+    return name.startswith("whisper-") and len(name) > len("whisper-")
 
 
 class LocalSTT(STT):
@@ -71,10 +81,9 @@ class LocalSTT(STT):
         """Open streams per engine family (admission control, metrics, tests)."""
 
     def models(self) -> Sequence[ModelInfo]:
-        whisper = [BUNDLED_MODEL, *(n for n in self._local.whisper_models if n != BUNDLED_MODEL)]
         infos = [
             _whisper_info(name, "Whisper via faster-whisper (CTranslate2 int8, CPU)")
-            for name in whisper
+            for name in whisper_model_names(self._local)
         ]
         infos.append(
             ModelInfo(
@@ -87,8 +96,7 @@ class LocalSTT(STT):
 
     def find_model(self, name: str) -> ModelInfo | None:
         found = super().find_model(name)
-        if found is None and name.startswith("whisper-") and len(name) > len("whisper-"):
-            # Any other Whisper model by hub name; resolved (or refused) when opened.
+        if found is None and is_whisper_hub_name(name):
             found = _whisper_info(name, "Whisper via faster-whisper")
         return found
 

@@ -524,7 +524,6 @@ class Connection:
             if fallback_plan is None:
                 self._provider_failed(exc)
                 return
-            metrics.provider_errors.labels(provider=exc.provider).inc()
             self._report_failure(exc, fallback_plan)
             plan, fallback_plan = serving_instead(fallback_plan, exc, config.model), None
             try:
@@ -572,6 +571,8 @@ class Connection:
         self.session.send_error(exc.code, str(exc), retryable=exc.retryable)
 
     def _report_failure(self, exc: ProviderError, fallback: Plan) -> None:
+        """An engine failed and ``fallback`` takes over: counted, and the client told."""
+        metrics.provider_errors.labels(provider=exc.provider).inc()
         metrics.fallbacks.labels(
             from_provider=exc.provider, to_provider=fallback.effective.provider
         ).inc()
@@ -779,14 +780,13 @@ class Connection:
                 self._forward(engine, event)
                 self._flush()
         except ProviderError as exc:
-            metrics.provider_errors.labels(provider=exc.provider).inc()
             # Nothing more comes of it: free what it holds (a LOCAL slot, a socket).
             await engine.stream.aclose()
             if await self._fall_back(engine, exc):
                 return
             self._log.warning("provider failed", extra={"reason": exc.reason})
             self._close_utterances(engine, finals=True)
-            self.session.send_error(exc.code, str(exc), retryable=exc.retryable)
+            self._provider_failed(exc)
             if self._engine is engine:
                 self._engine = None
             self._flush()
@@ -806,8 +806,6 @@ class Connection:
         for key in sorted(k for k in keys if k[0] == engine.generation):
             partial = self._open_partials.pop(key, None)
             utterance_id = self._unstopped.pop(key, None) or (partial[0] if partial else "")
-            self._utterance_ids.pop(key, None)
-            self._utterance_ended.discard(key)
             if self.session.state not in (State.STREAMING, State.DRAINING):
                 continue
             if finals and partial is not None:
