@@ -80,10 +80,7 @@ class Gateway:
         live = list(self.connections)
         for conn in live:
             conn.abandon()
-        if live:
-            await asyncio.wait(
-                [asyncio.ensure_future(c.closed.wait()) for c in live], timeout=CLEANUP_WAIT_S
-            )
+        await _wait_closed(live, CLEANUP_WAIT_S)
         for task in self._ops:
             task.cancel()
         for task in self._ops:
@@ -99,11 +96,7 @@ class Gateway:
         log.info("draining", extra={"sessions": len(live)})
         for conn in live:
             conn.begin_end("shutdown", linger_s=SHUTDOWN_LINGER_S)
-        waiters = [asyncio.create_task(conn.closed.wait()) for conn in live]
-        if waiters:
-            await asyncio.wait(waiters, timeout=grace_s)
-        for waiter in waiters:
-            waiter.cancel()
+        await _wait_closed(live, grace_s)
         log.info("drained", extra={"left": len(self.connections)})
 
     async def healthz(self, request: Request) -> JSONResponse:
@@ -119,6 +112,15 @@ class Gateway:
                 "event_loop": type(asyncio.get_running_loop()).__module__.partition(".")[0],
             }
         )
+
+
+async def _wait_closed(connections: list[Connection], timeout_s: float) -> None:
+    """Wait until every one of ``connections`` is over, or ``timeout_s`` passed."""
+    waiters = [asyncio.create_task(conn.closed.wait()) for conn in connections]
+    if waiters:
+        await asyncio.wait(waiters, timeout=timeout_s)
+    for waiter in waiters:
+        waiter.cancel()
 
 
 _METHODS: Final = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
