@@ -16,10 +16,12 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import pytest
 
 from tests.cloud.conftest import FINALIZE_TIMEOUT_S, RESPONSE_TIMEOUT_S, CloudWorld
 from tests.conftest import SHARED_AUDIO
-from tests.emulators.catalog import CloudCase
+from tests.emulators.catalog import CASES, CloudCase
+from tests.emulators.server import Faults
 from tests.server.wsutil import collect, open_session, recv_type, send_audio, silence
 from tests.textnorm import normalize
 from transcribe_gateway.audio.files import read_audio
@@ -127,6 +129,26 @@ async def test_event_order_for_one_utterance(cloud: CloudWorld, case: CloudCase)
     assert events[-2]["type"] == "transcription.completed"
     for partial in (m for m in messages if m["type"] == "transcription.partial"):
         assert partial["text"].strip()
+
+
+HELD_STOPS = [next(c for c in CASES if c.provider == p) for p in ("OPENAI", "QWEN3")]
+"""Providers whose speech_stopped comes before the transcript: ours is held for it."""
+
+
+@pytest.mark.parametrize("held", HELD_STOPS, ids=[c.id for c in HELD_STOPS])
+async def test_a_stop_sent_before_the_transcript_follows_the_final(
+    cloud: CloudWorld, held: CloudCase
+) -> None:
+    # The client must still get started, partials, completed, stopped
+    # (docs/protocol.md), and the stop keeps the provider's audio_end_ms.
+    cloud.emulator(held).faults = Faults()
+    ws = await session(cloud, held)
+    await send_audio(ws, np.concatenate([first_audio(), silence(1.5)]), realtime=2.0)
+    messages = await close_and_collect(ws)
+    [events] = assert_utterance_order(messages)
+    final, stopped = events[-2], events[-1]
+    assert normalize(final["text"]) == FIRST
+    assert stopped["audio_end_ms"] == final["end_ms"]
 
 
 async def test_close_flushes_trailing_words(cloud: CloudWorld, case: CloudCase) -> None:
