@@ -47,7 +47,7 @@ def admission(redis_server: RedisServer, store: RedisStore) -> Admission:
 
 async def metered(store: RedisStore, grant: Grant) -> float:
     """The key's audio seconds in Redis (through the real store, not a patched one)."""
-    return await RedisStore.add_audio(store, grant.key_id, grant.period_id, 0.0)
+    return await RedisStore.meter_audio(store, grant.key_id, grant.period_id, "reader", 0.0)
 
 
 async def quota_session(gate: Admission, key_id: str, session_id: str) -> Live:
@@ -102,17 +102,17 @@ class TestMetering:
     ) -> None:
         gate = admission(redis_server, store)
         live = await quota_session(gate, "key_race", "ts_1")
-        live.grant.unmetered = 2.0
+        live.grant.used = 2.0
         entered, answer = asyncio.Event(), asyncio.Event()
-        real_add = store.add_audio
+        real_add = store.meter_audio
 
-        async def add_audio(key_id: str, period: str, seconds: float, **once: Any) -> float:
+        async def meter_audio(key_id: str, period: str, session_id: str, seconds: float) -> float:
             if seconds and not entered.is_set():  # end()'s add, held until the tick ran
                 entered.set()
                 await answer.wait()
-            return await real_add(key_id, period, seconds, **once)
+            return await real_add(key_id, period, session_id, seconds)
 
-        monkeypatch.setattr(store, "add_audio", add_audio)
+        monkeypatch.setattr(store, "meter_audio", meter_audio)
         ending = asyncio.create_task(gate.end(live.grant, "ts_1", "LOCAL", "m", "x", 2.0))
         async with asyncio.timeout(10):
             await entered.wait()
@@ -132,19 +132,19 @@ class TestMetering:
     ) -> None:
         gate = admission(redis_server, store)
         live = await quota_session(gate, f"key_{failure}", "ts_2")
-        live.grant.unmetered = 5.0
+        live.grant.used = 5.0
         failed = asyncio.Event()
-        real_add = store.add_audio
+        real_add = store.meter_audio
 
-        async def add_audio(key_id: str, period: str, seconds: float, **once: Any) -> float:
+        async def meter_audio(key_id: str, period: str, session_id: str, seconds: float) -> float:
             if seconds and not failed.is_set():  # the tick's add
                 failed.set()
                 if failure == "error":
                     raise RedisConnectionError("Connection closed by server.")
                 await asyncio.Event().wait()  # never answers
-            return await real_add(key_id, period, seconds, **once)
+            return await real_add(key_id, period, session_id, seconds)
 
-        monkeypatch.setattr(store, "add_audio", add_audio)
+        monkeypatch.setattr(store, "meter_audio", meter_audio)
         tick: asyncio.Task[Any] = asyncio.create_task(gate.tick([live]))  # type: ignore[list-item]
         async with asyncio.timeout(10):
             await failed.wait()
@@ -166,7 +166,7 @@ class TestMetering:
         # retry must neither bill the session twice nor meter its last audio twice.
         gate = admission(redis_server, store)
         live = await quota_session(gate, "key_lost", "ts_lost")
-        live.grant.unmetered = 3.0
+        live.grant.used = 3.0
         real_record = store.record_usage
         calls = 0
 
@@ -193,24 +193,53 @@ class TestMetering:
         # socket timeout): the retry added it again, and the quota read 2x.
         gate = admission(redis_server, store)
         live = await quota_session(gate, "key_lost_add", "ts_lost_add")
-        live.grant.unmetered = 10.0
-        real_add = store.add_audio
+        live.grant.used = 10.0
+        real_add = store.meter_audio
         calls = 0
 
-        async def add_audio(key_id: str, period: str, seconds: float, **once: Any) -> float:
+        async def meter_audio(key_id: str, period: str, session_id: str, seconds: float) -> float:
             nonlocal calls
             calls += 1
-            total = await real_add(key_id, period, seconds, **once)
+            total = await real_add(key_id, period, session_id, seconds)
             if calls == 1:
                 raise TimeoutError("Timeout reading from redis")
             return total
 
-        monkeypatch.setattr(store, "add_audio", add_audio)
+        monkeypatch.setattr(store, "meter_audio", meter_audio)
         await gate.end(live.grant, "ts_lost_add", "LOCAL", "m", "client_close", 10.0)
         async with asyncio.timeout(10):
             await gate.flush_usage()
         assert calls == 2
         assert await metered(store, live.grant) == pytest.approx(10.0)
+
+    async def test_a_tick_whose_answer_was_lost_is_metered_once(
+        self, redis_server: RedisServer, store: RedisStore, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # The tick's addition ran in Redis but its answer was lost: the audio was
+        # put back, added again by the session's end, and the quota read it twice.
+        gate = admission(redis_server, store)
+        live = await quota_session(gate, "key_tick_lost", "ts_tick_lost")
+        live.grant.used = 4.0
+        real_add = store.meter_audio
+        lost = False
+
+        async def meter_audio(key_id: str, period: str, session_id: str, seconds: float) -> float:
+            nonlocal lost
+            total = await real_add(key_id, period, session_id, seconds)
+            if seconds and not lost:
+                lost = True
+                raise TimeoutError("Timeout reading from redis")
+            return total
+
+        monkeypatch.setattr(store, "meter_audio", meter_audio)
+        with pytest.raises(TimeoutError):
+            await gate.tick([live])  # type: ignore[list-item]
+        assert lost
+        live.grant.used = 6.0  # more audio came before the session ended
+        await gate.end(live.grant, "ts_tick_lost", "LOCAL", "m", "client_close", 6.0)
+        async with asyncio.timeout(10):
+            await gate.flush_usage()
+        assert await metered(store, live.grant) == pytest.approx(6.0)
 
 
 class TestSlots:

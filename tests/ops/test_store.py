@@ -68,13 +68,15 @@ class TestStoreContract:
 
     async def test_store_meters_audio_and_messages(self, store: Store) -> None:
         pid = period_id("day")
-        assert await store.add_audio("k", pid, 0.0) == 0.0
-        assert await store.add_audio("k", pid, 1.5) == pytest.approx(1.5)
-        assert await store.add_audio("k", pid, 2.0) == pytest.approx(3.5)
-        assert await store.add_audio("k", "1999-01-01", 1.0) == pytest.approx(1.0)
-        # An addition retried with its id (its answer was lost) counts once.
-        assert await store.add_audio("k", pid, 1.0, once="s1") == pytest.approx(4.5)
-        assert await store.add_audio("k", pid, 1.0, once="s1") == pytest.approx(4.5)
+        assert await store.meter_audio("k", pid, "s1", 0.0) == 0.0
+        assert await store.meter_audio("k", pid, "s1", 1.5) == pytest.approx(1.5)
+        assert await store.meter_audio("k", pid, "s2", 2.0) == pytest.approx(3.5)
+        # A session's running total: only what is new is added, so a call retried
+        # after its answer was lost, or an older one arriving late, adds nothing.
+        assert await store.meter_audio("k", pid, "s1", 2.5) == pytest.approx(4.5)
+        assert await store.meter_audio("k", pid, "s1", 2.5) == pytest.approx(4.5)
+        assert await store.meter_audio("k", pid, "s1", 1.5) == pytest.approx(4.5)
+        assert await store.meter_audio("k", "1999-01-01", "s3", 1.0) == pytest.approx(1.0)
         assert await store.add_messages("k", 100, 3) == 3
         assert await store.add_messages("k", 100, 2) == 5
         assert await store.add_messages("k", 101, 1) == 1

@@ -93,8 +93,10 @@ class Grant:
     period_id: str = ""
     audio_total: float = 0.0
     """The key's metered audio seconds in the period, as last read from the store."""
-    unmetered: float = 0.0
-    """This session's audio seconds not yet added to the store."""
+    used: float = 0.0
+    """This session's audio seconds so far (metered or not)."""
+    metered: float = 0.0
+    """How much of :attr:`used` the store has counted, as far as its answers tell."""
     started_at: float = field(default_factory=time.time)
     released: bool = False
     """The session ended and gave its slot back (renewals must not bring it back)."""
@@ -105,7 +107,7 @@ class Grant:
 
     def over_quota(self) -> bool:
         limit = self.audio_limit_s
-        return bool(limit) and self.audio_total + self.unmetered > limit
+        return bool(limit) and self.audio_total + self.used - self.metered > limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +206,9 @@ class Admission:
         async with asyncio.timeout(_STORE_TIMEOUT_S):
             if grant.limits.audio_minutes:
                 grant.period_id = period_id(grant.limits.period)
-                grant.audio_total = await self.store.add_audio(grant.key_id, grant.period_id, 0.0)
+                grant.audio_total = await self.store.meter_audio(
+                    grant.key_id, grant.period_id, session_id, 0.0
+                )
                 if grant.over_quota() or grant.audio_total >= grant.audio_limit_s:
                     metrics.refusals.labels(code="quota_exceeded").inc()
                     return Refusal(
@@ -254,10 +258,6 @@ class Admission:
         its own, retried while the store stalls or fails: see :meth:`_record`.
         """
         grant.released = True
-        # Taken now: a tick meanwhile must not count them again.
-        delta = 0.0
-        if grant.period_id:
-            delta, grant.unmetered = grant.unmetered, 0.0
         record = UsageRecord(
             key_id=grant.key_id,
             key_name=grant.key_name,
@@ -274,17 +274,17 @@ class Admission:
                 "usage not recorded: too many records wait for the store", extra=_fields(record)
             )
         else:
-            task = asyncio.create_task(self._record(grant, record, delta), name="usage-record")
+            task = asyncio.create_task(self._record(grant, record), name="usage-record")
             self._usage_writes.add(task)
             task.add_done_callback(self._usage_writes.discard)
         await self._release_quietly(grant.key_id, session_id)
 
-    async def _record(self, grant: Grant, record: UsageRecord, delta: float) -> None:
-        """Add the session's last metered audio, then write its record, retrying.
+    async def _record(self, grant: Grant, record: UsageRecord) -> None:
+        """Meter the session's last audio, then write its record, retrying.
 
-        The audio is added once (the key's quota counter then holds the session's
-        audio, as its record will): a retry after it succeeded writes only the record,
-        which the stores write once per session however often it is retried.
+        Both count once however often they are retried (the store meters a session
+        by its running total, and writes its record once), so the key's quota
+        counter and its records agree.
         """
         deadline = time.monotonic() + USAGE_RETRY_S
         failures = 0
@@ -292,11 +292,8 @@ class Admission:
             while True:
                 try:
                     async with asyncio.timeout(USAGE_ATTEMPT_TIMEOUT_S):
-                        if delta:  # once, though a lost answer makes us ask again
-                            grant.audio_total = await self.store.add_audio(
-                                grant.key_id, grant.period_id, delta, once=record.session_id
-                            )
-                            delta = 0.0
+                        if grant.period_id and grant.used > grant.metered:
+                            await self._meter(grant, record.session_id)
                         await self.store.record_usage(record)
                 except Exception as exc:  # a timeout, a lock, the store away: try again
                     pause = USAGE_BACKOFF_S[min(failures, len(USAGE_BACKOFF_S) - 1)]
@@ -396,17 +393,9 @@ class Admission:
                 if status != "active":
                     conn.terminate(4001, "unauthorized", f"this key was {status}")
                     continue
-            if grant.period_id and (grant.unmetered or self.shared):
-                # Taken before the await (an end() meanwhile must not count them again)
-                # and put back if the add fails or times out, for the next tick or end().
-                delta, grant.unmetered = grant.unmetered, 0.0
-                try:
-                    grant.audio_total = await self.store.add_audio(
-                        grant.key_id, grant.period_id, delta
-                    )
-                except BaseException:  # a timeout cancels
-                    grant.unmetered += delta
-                    raise
+            # Shared: the other replicas' audio is learnt even when this session's is not new.
+            if grant.period_id and (grant.used > grant.metered or self.shared):
+                await self._meter(grant, conn.id)
                 if grant.over_quota():
                     conn.terminate(
                         4029,
@@ -414,6 +403,15 @@ class Admission:
                         f"this key used its {grant.limits.audio_minutes:g} audio minutes "
                         f"for {grant.period_id}",
                     )
+
+    async def _meter(self, grant: Grant, session_id: str) -> None:
+        """Send the session's running audio total to the store (a failure changes nothing:
+        the next call sends the total again, and the store adds only what is new)."""
+        used = grant.used
+        grant.audio_total = await self.store.meter_audio(
+            grant.key_id, grant.period_id, session_id, used
+        )
+        grant.metered = max(grant.metered, used)
 
     async def _sync_rates(self) -> None:
         """Share this process's message counts and learn the other replicas' (Redis)."""
@@ -458,7 +456,7 @@ class SessionLimits:
         grant = self.grant
         if not grant.period_id:
             return False
-        grant.unmetered += seconds
+        grant.used += seconds
         return grant.over_quota()
 
     def judge(self, allowed: bool, second: int, now: float, rate: float) -> Verdict:

@@ -193,13 +193,15 @@ class Store(Protocol):
 
     async def release_slot(self, key_id: str, session_id: str) -> None: ...
 
-    async def add_audio(
-        self, key_id: str, period_id: str, seconds: float, *, once: str | None = None
+    async def meter_audio(
+        self, key_id: str, period_id: str, session_id: str, seconds: float
     ) -> float:
-        """Add metered audio seconds; returns the key's total in that period.
+        """Meter a session's audio: ``seconds`` is all it has used so far.
 
-        ``once``: an id for this addition; a retry with the same id (its first
-        answer was lost, though it may have run) adds nothing again.
+        The key's total in the period grows by what is new since the session's
+        last call, nothing when ``seconds`` is not more; so a call retried after
+        its answer was lost (though it ran), or two calls crossing, count the
+        session's audio once. Returns the key's total; ``seconds`` 0 reads it.
         """
         ...
 

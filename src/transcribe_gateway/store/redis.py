@@ -9,7 +9,8 @@ Layout (all names under ``tg:``):
   stops renewing, and its slots are dropped once they expire, so a crash never
   leaves sessions counted forever;
 * ``audio:<key id>:<period>``: metered audio seconds (``INCRBYFLOAT``), and
-  ``audio:added:<key id>:<id>`` (a day: an addition retried counts once);
+  ``audio:session:<key id>:<session id>``: what of it each session has used (a day
+  after its last metering: a retried call counts once);
 * ``rate:<key id>:<unix second>``: messages in that second;
 * ``usage:log`` (stream of records) and ``usage:<day|month>:<period>`` (hash of
   per-key totals), ``usage:periods:<day|month>`` (sorted set of period ids),
@@ -100,12 +101,17 @@ return 1
 """
 _RECORDED_TTL_S: Final = 86400
 
-# An addition once: a retry after a lost answer finds its marker and adds nothing.
-_ADD_AUDIO_ONCE: Final = """
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then
+# A session's audio metered by its running total: only what is new since its last
+# call is added, so a call retried after a lost answer, or two crossing, add it once.
+_METER_AUDIO: Final = """
+local before = tonumber(redis.call('GET', KEYS[2]) or '0')
+local seconds = tonumber(ARGV[1])
+if seconds <= before then
+  redis.call('EXPIRE', KEYS[2], ARGV[3])
   return redis.call('GET', KEYS[1]) or '0'
 end
-local total = redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
+local total = redis.call('INCRBYFLOAT', KEYS[1], seconds - before)
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return total
 """
@@ -143,7 +149,7 @@ class RedisStore:
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
         self._record_usage = self._redis.register_script(_RECORD_USAGE)
-        self._add_audio_once = self._redis.register_script(_ADD_AUDIO_ONCE)
+        self._meter_audio = self._redis.register_script(_METER_AUDIO)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -286,20 +292,13 @@ class RedisStore:
     async def release_slot(self, key_id: str, session_id: str) -> None:
         await self._redis.zrem(f"{P}slots:{key_id}", session_id)
 
-    async def add_audio(
-        self, key_id: str, period_id: str, seconds: float, *, once: str | None = None
+    async def meter_audio(
+        self, key_id: str, period_id: str, session_id: str, seconds: float
     ) -> float:
-        name = f"{P}audio:{key_id}:{period_id}"
-        if once is not None:
-            total = await self._add_audio_once(
-                keys=[name, f"{P}audio:added:{key_id}:{once}"],
-                args=[repr(float(seconds)), _AUDIO_TTL_S, _RECORDED_TTL_S],
-            )
-            return float(total)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.incrbyfloat(name, seconds)
-            pipe.expire(name, _AUDIO_TTL_S)
-            total, _ = await pipe.execute()
+        total = await self._meter_audio(
+            keys=[f"{P}audio:{key_id}:{period_id}", f"{P}audio:session:{key_id}:{session_id}"],
+            args=[repr(float(seconds)), _AUDIO_TTL_S, _RECORDED_TTL_S],
+        )
         return float(total)
 
     async def add_messages(self, key_id: str, window: int, count: int) -> int:

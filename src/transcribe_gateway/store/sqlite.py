@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS usage (
 CREATE INDEX IF NOT EXISTS usage_key_started ON usage (key_id, started_at);
 CREATE INDEX IF NOT EXISTS usage_session ON usage (session_id);
 """
-_ONCE_MAX = 100_000
+_SESSIONS_MAX = 100_000
+"""Sessions whose metered audio is remembered (the most recently metered)."""
 _BUSY_TIMEOUT_S = 5.0
 """How long one statement waits for another process's lock (then "database is locked")."""
 _HEADER = b"SQLite format 3\x00"
@@ -169,8 +170,8 @@ class SqliteStore:
         self._db: sqlite3.Connection | None = None
         self._slots: dict[str, set[str]] = {}
         self._audio: dict[tuple[str, str], float] = {}
-        self._added_once: OrderedDict[str, None] = OrderedDict()
-        """Ids of additions made with ``once`` (the latest :data:`_ONCE_MAX`)."""
+        self._session_audio: OrderedDict[str, float] = OrderedDict()
+        """Each session's metered audio seconds (the latest :data:`_SESSIONS_MAX`)."""
         self._messages: dict[str, tuple[int, int]] = {}
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -327,8 +328,8 @@ class SqliteStore:
             if not held:
                 del self._slots[key_id]
 
-    async def add_audio(
-        self, key_id: str, period_id: str, seconds: float, *, once: str | None = None
+    async def meter_audio(
+        self, key_id: str, period_id: str, session_id: str, seconds: float
     ) -> float:
         slot = (key_id, period_id)
         if slot not in self._audio:
@@ -342,14 +343,16 @@ class SqliteStore:
                 (key_id, period_id),
             )
             self._audio.setdefault(slot, float(rows[0][0]))
-        # No await from here on: an addition is done whole or not at all.
-        if once is not None:
-            if once in self._added_once:
-                return self._audio[slot]
-            self._added_once[once] = None
-            if len(self._added_once) > _ONCE_MAX:  # retries come within minutes
-                self._added_once.popitem(last=False)
-        self._audio[slot] += seconds
+        # No await from here on: a call is done whole or not at all.
+        session = f"{key_id}|{period_id}|{session_id}"
+        before = self._session_audio.get(session, 0.0)
+        if seconds > before:
+            self._audio[slot] += seconds - before
+            self._session_audio[session] = seconds
+        if session in self._session_audio:
+            self._session_audio.move_to_end(session)  # a live session meters every tick
+            if len(self._session_audio) > _SESSIONS_MAX:
+                self._session_audio.popitem(last=False)
         return self._audio[slot]
 
     async def add_messages(self, key_id: str, window: int, count: int) -> int:
