@@ -331,6 +331,34 @@ class TestShutdown:
             db.close()
         assert rows == [(0.5,), (0.5,)]
 
+    async def test_a_second_signal_ends_the_drain_at_once_and_still_cleans_up(self) -> None:
+        # The drain would wait 30 s for an engine that never finishes; a second
+        # SIGTERM closes the session (1012) at once. uvicorn skipped the app's
+        # shutdown then, and the cancelled lifespan logged a traceback at ERROR.
+        server = GatewayProcess("sigterm-twice", env={"TRANSCRIBE_DRAIN_TIMEOUT_S": "30"})
+        try:
+            ws, _ = await open_session(server.url, provider="FAULTY", model="chatty-slow-close")
+            await send_audio(ws, np.zeros(8000, np.int16))
+            server.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.5)  # past the linger: draining, the engine chattering
+            server.proc.send_signal(signal.SIGTERM)
+            forced = time.monotonic()
+            with contextlib.suppress(websockets.ConnectionClosed):
+                await collect(ws)
+            assert ws.close_code == 1012
+            assert server.proc.wait(30) == 0
+            assert time.monotonic() - forced < 10
+        finally:
+            server.stop()
+        logs = server.logs()
+        assert "Traceback" not in logs and " ERROR " not in logs, logs
+        db = sqlite3.connect(server.store_path)
+        try:
+            rows = db.execute("SELECT audio_seconds, close_reason FROM usage").fetchall()
+        finally:
+            db.close()
+        assert rows == [(0.5, "shutdown")], rows
+
     async def test_ctrl_c_drains_pocketsphinx_sessions_too(self, shared_audio) -> None:
         # A terminal's Ctrl-C signals the whole process group: pocketsphinx's
         # worker processes as well as the server. The server drains; the

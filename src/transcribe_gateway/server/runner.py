@@ -3,8 +3,9 @@
 uvicorn's own shutdown closes open WebSockets with 1012 at once; a gateway must
 first let every session finalize its pending audio and send ``session.closed``.
 So the first SIGTERM/SIGINT stops accepting and drains (bounded by
-``drain_timeout_s``), then lets uvicorn shut down; a second signal forces it.
-The process then exits 0.
+``drain_timeout_s``), then lets uvicorn shut down; a second signal stops the
+wait (open sessions are closed 1012, their engines closed and their usage
+written, bounded). The process then exits 0.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from types import FrameType
 
@@ -33,6 +35,7 @@ class GatewayServer(uvicorn.Server):
         super().__init__(config)
         self.gateway = gateway
         self._on_ready = on_ready
+        self._draining = False
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -46,13 +49,27 @@ class GatewayServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in _captured_signals: uvicorn would re-raise it after
         # shutdown and the process would die by the signal instead of exiting 0.
-        if self._drain_task is not None or self._loop is None:
+        if self._draining or self._loop is None:
             self.should_exit = True
-            if self._drain_task is not None:
+            if self._draining:
                 self.force_exit = True
             return
+        # Set before anything else: a second signal can run this handler again,
+        # nested inside this call (Python runs handlers between bytecodes).
+        self._draining = True
         log.info("signal received; draining", extra={"signal": signal.Signals(sig).name})
         self._drain_task = self._loop.create_task(self._drain())
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().shutdown(sockets=sockets)
+        if self._drain_task is not None:
+            self._drain_task.cancel()  # a forced exit leaves it waiting for the sessions
+        if self.force_exit:
+            # uvicorn skips the app's shutdown on a forced exit; the app's lifespan
+            # task was then cancelled at exit, logging a traceback at ERROR. The
+            # gateway's cleanup is bounded (CLEANUP_WAIT_S, USAGE_FLUSH_S) and closes
+            # the engines and writes the usage records: run it.
+            await self.lifespan.shutdown()
 
     async def _drain(self) -> None:
         for server in getattr(self, "servers", []):
