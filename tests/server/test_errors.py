@@ -62,6 +62,22 @@ class TestInvalidSessionConfig:
         [
             ({"provider": "NOPE", "model": "x"}, "session.provider"),
             ({"provider": "LOCAL", "model": "nope"}, "session.model"),
+            (
+                {
+                    "provider": "LOCAL",
+                    "model": "whisper-tiny.en",
+                    "fallback": {"provider": "NOPE", "model": "x"},
+                },
+                "session.fallback.provider",
+            ),
+            (
+                {
+                    "provider": "LOCAL",
+                    "model": "whisper-tiny.en",
+                    "fallback": {"provider": "LOCAL", "model": "nope"},
+                },
+                "session.fallback.model",
+            ),
             ({"provider": "DEEPGRAM", "model": "whisper-tiny.en"}, "session.model"),
             (
                 {"provider": "LOCAL", "model": "whisper-tiny.en", "sample_rate": 7999},

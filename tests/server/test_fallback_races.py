@@ -106,6 +106,22 @@ async def test_a_client_gone_during_the_switch_leaves_no_stream_open(server: Ser
     assert server.health()["sessions"] == 0
 
 
+async def test_a_client_gone_while_an_update_opens_its_engine_leaves_no_stream_open(
+    server: Server,
+) -> None:
+    # The client leaves 0.8 s into an update whose engine opens in 1.5 s, while the
+    # old engine takes 1 s to close: the new engine opened during that close and
+    # was installed after the session's cleanup, never to be closed (nor its tasks).
+    ws, _ = await open_session(server.url, provider="FAULTY", model="chatty-slow-close")
+    update = {"type": "session.update", "session": SLOW_FALLBACK}
+    await ws.send(json.dumps(update))
+    await asyncio.sleep(0.8)
+    ws.transport.abort()  # gone: a TCP reset
+    await asyncio.sleep(2.0)  # past the engine's opening
+    assert server.unclosed() == set()
+    assert server.health()["sessions"] == 0
+
+
 async def test_an_update_during_the_switch_comes_after_it(server: Server) -> None:
     ws, _ = await open_session(
         server.url, provider="FAULTY", model="fail-after-audio", fallback=SLOW_FALLBACK

@@ -56,6 +56,13 @@ def audio_chunks(count: int, samples: int = 320) -> tuple[list[str], int, str]:
     return messages, len(signal), hashlib.sha256(pcm).hexdigest()[:16]
 
 
+def rss_mib(server: GatewayProcess) -> float:
+    """The server process's resident memory."""
+    with open(f"/proc/{server.proc.pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
 class TestAudioPaths:
     @pytest.mark.parametrize("model", ["fast", "mixed", "slow"])
     async def test_every_chunk_reaches_the_engine_once_and_in_order(
@@ -193,6 +200,32 @@ class TestFraming:
         transport, _ = await ws_connect(Client, server.url)
         await asyncio.wait_for(transport.wait_disconnected(), 10)
         assert closes == [code]
+        await self._server_goes_on(server)
+
+    async def test_empty_fragments_take_no_memory(self, server: GatewayProcess) -> None:
+        # The fragment limit counted bytes, but every frame was kept: a client (not
+        # even authenticated) sending empty continuation frames grew the server's
+        # memory by 8 bytes for each 6 on the wire, without bound.
+        frames, sent = 4_000_000, asyncio.Event()
+
+        class Client(WSListener):  # type: ignore[misc]
+            def on_ws_connected(self, transport: WSTransport) -> None:
+                transport.send(WSMsgType.TEXT, b"{", fin=False)
+                for _ in range(frames):
+                    transport.send(WSMsgType.CONTINUATION, b"", fin=False)
+                sent.set()
+
+        before = rss_mib(server)
+        transport, _ = await ws_connect(Client, server.url)
+        await asyncio.wait_for(sent.wait(), 60)
+        for _ in range(600):  # until the server read them all (30 s at most)
+            if not transport.underlying_transport.get_write_buffer_size():
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        grown = rss_mib(server) - before
+        transport.disconnect()
+        assert grown < 10, f"{grown:.1f} MiB for {frames} empty frames"  # was 32 and more
         await self._server_goes_on(server)
 
     async def test_other_paths_are_not_websockets(self, server: GatewayProcess) -> None:

@@ -87,6 +87,15 @@ def new_session_id() -> str:
     return "ts_" + secrets.token_hex(6)
 
 
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel ``tasks`` and wait until each is over."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(BaseException):
+            await task
+
+
 class Link(Protocol):
     """The socket under a :class:`Connection` (writes never wait)."""
 
@@ -246,16 +255,14 @@ class Connection:
                 failed.pump.cancel()
                 with contextlib.suppress(BaseException):
                     await failed.pump
-            tasks = [t for t in (self._ending, self._work) if t is not None and not t.done()]
+            # The session's own tasks stop first: an update still opening an engine
+            # would otherwise install it after the engine below was retired, and
+            # nothing would close it (a cancelled update closes what it opened).
+            await _cancel([t for t in (self._ending, self._work) if t is not None])
             if self._engine is not None:
                 await self._retire(self._engine, finalize=False)
                 self._engine = None
-            tasks += [t for t in self._retired if not t.done()]
-            for task in tasks:
-                task.cancel()
-            for task in tasks:
-                with contextlib.suppress(BaseException):
-                    await task
+            await _cancel(list(self._retired))
             self._inbox.clear()
             await self._release()
         finally:
@@ -504,7 +511,12 @@ class Connection:
             fallback = None
             if config.fallback is not None:
                 fb = config.fallback
-                fallback = registry.resolve(fb.provider, fb.model, config.language)
+                try:
+                    fallback = registry.resolve(fb.provider, fb.model, config.language)
+                except ResolutionError as exc:
+                    if exc.field in ("session.provider", "session.model"):
+                        exc.field = exc.field.replace("session.", "session.fallback.")
+                    raise
         except ResolutionError as exc:
             self.session.send_error(exc.code, exc.message, field=exc.field)
             return
@@ -531,15 +543,14 @@ class Connection:
             except ProviderError as exc2:
                 self._provider_failed(exc2)
                 return
-        await self._switch_done()  # one began while the engine opened: as above
-        if self._ending_meanwhile():
+        try:
+            serve = await self._make_way()
+        except BaseException:  # cancelled (the client left) before the session took it
+            await stream.aclose()
+            raise
+        if not serve:
             await stream.aclose()
             return
-        if self._engine is not None:  # reconfiguration: finish the old stream in the background
-            await self._retire(self._engine, finalize=True)
-            if self._ending_meanwhile():
-                await stream.aclose()
-                return
         self.config = config
         self._fallback = fallback_plan
         self._replay = (
@@ -559,6 +570,17 @@ class Connection:
             "session configured",
             extra={"provider": plan.effective.provider, "model": plan.effective.model},
         )
+
+    async def _make_way(self) -> bool:
+        """Make way for a new engine: a switch to the fallback under way finishes
+        (one began while the engine opened, as above), and a reconfigured session's
+        engine finishes in the background. False when the session began to end meanwhile."""
+        await self._switch_done()
+        if self._ending_meanwhile():
+            return False
+        if self._engine is not None:
+            await self._retire(self._engine, finalize=True)
+        return not self._ending_meanwhile()
 
     def _ending_meanwhile(self) -> bool:
         """The session began to end (shutdown, idle, quota) while its update waited

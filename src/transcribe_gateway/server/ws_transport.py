@@ -63,9 +63,9 @@ class WebSocketLink(WSListener):  # type: ignore[misc]  # picows ships no stubs 
         self._max_size = max_size
         self._ws: WSTransport | None = None
         self._conn: Connection | None = None
-        self._fragments: list[bytes] = []
+        self._fragments = bytearray()
+        """The fragmented message so far (a list of frames grew with each empty one)."""
         self._fragment_type = WSMsgType.TEXT
-        self._fragment_size = 0
         self._assembling = False
         """Inside a fragmented message (its first frame came, not yet its last)."""
         self._closing = False
@@ -113,17 +113,16 @@ class WebSocketLink(WSListener):  # type: ignore[misc]  # picows ships no stubs 
             )
             return
         if starts:
-            self._fragment_type, self._fragments, self._fragment_size = kind, [], 0
+            self._fragment_type, self._fragments = kind, bytearray()
             self._assembling = True
-        self._fragment_size += frame.payload_size
-        if self._fragment_size > self._max_size:
-            self._fragments, self._assembling = [], False
+        if len(self._fragments) + frame.payload_size > self._max_size:
+            self._fragments, self._assembling = bytearray(), False
             self.close(MESSAGE_TOO_BIG, "message too big")
             return
-        self._fragments.append(frame.get_payload_as_bytes())
+        self._fragments += frame.get_payload_as_memoryview()
         if not frame.fin:
             return
-        data, self._fragments, self._assembling = b"".join(self._fragments), [], False
+        data, self._fragments, self._assembling = bytes(self._fragments), bytearray(), False
         assert self._conn is not None
         if self._fragment_type is WSMsgType.BINARY:
             self._conn.receive(data)
