@@ -169,6 +169,10 @@ BAD_SETTINGS = {
         "store.path",
     ),
     "default-model": (lambda _: {"TRANSCRIBE_LOCAL_DEFAULT_MODEL": "nope"}, "local.default_model"),
+    "default-model-path": (
+        lambda tmp: {"TRANSCRIBE_LOCAL_DEFAULT_MODEL": f"whisper-{tmp}"},
+        "local.default_model",
+    ),
     "plugin": (lambda _: {"TRANSCRIBE_PLUGINS": "nosuchmod:Foo"}, "plugins"),
     "blank-api-key": (lambda p: {"TRANSCRIBE_CONFIG": _blank_key_config(p)}, "api_keys"),
 }
@@ -202,9 +206,9 @@ def test_config_check_and_serve_refuse_with_one_line_naming_the_setting(
 
 
 def test_serve_names_a_default_model_whose_weights_are_missing(tmp_path: Path) -> None:
-    # A name config check accepts (any whisper-<name> is a hub name), but whose weights
-    # are not on this machine with downloads off: serve says so, no traceback.
-    env = quiet_env(tmp_path, TRANSCRIBE_LOCAL_DEFAULT_MODEL="whisper-no-such-model")
+    # A name config check accepts (a faster-whisper model), but whose weights are
+    # not on this machine with downloads off: serve says so, no traceback.
+    env = quiet_env(tmp_path, TRANSCRIBE_LOCAL_DEFAULT_MODEL="whisper-base.en")
     assert run("config", "check", env=env).returncode == 0
     served = run("serve", "--port", str(free_port()), env=env)
     assert served.returncode == 2, served.stderr

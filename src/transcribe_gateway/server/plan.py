@@ -32,8 +32,11 @@ class Plan:
     effective: m.EffectiveConfig
 
 
-def plan_for(config: m.SessionConfig, resolution: Resolution, *, endpointing_ms: int) -> Plan:
-    """How ``resolution`` serves ``config``; ``endpointing_ms`` is the server's default.
+def plan_for(
+    config: m.SessionConfig, resolution: Resolution, *, endpointing_ms: int, session_id: str = ""
+) -> Plan:
+    """How ``resolution`` serves ``config`` for session ``session_id``;
+    ``endpointing_ms`` is the server's default.
 
     What the model cannot do is not an error: the session goes on without it
     and ``effective.unsupported`` says what was dropped (a language the model
@@ -76,6 +79,7 @@ def plan_for(config: m.SessionConfig, resolution: Resolution, *, endpointing_ms:
         vad_min_speech_ms=(
             _DEFAULTS.vad_min_speech_ms if vad.min_speech_ms is None else vad.min_speech_ms
         ),
+        session_id=session_id,
     )
     # What is really used, defaults filled in (none where the engine has its own VAD).
     effective_vad = (
