@@ -331,6 +331,26 @@ class TestShutdown:
             db.close()
         assert rows == [(0.5,), (0.5,)]
 
+    async def test_an_update_still_opening_at_sigterm_is_answered(self) -> None:
+        # Its engine opens in 1.5 s, after the drain began: the update was dropped
+        # without a word, and the client only saw session.closed.
+        server = GatewayProcess("sigterm-update")
+        try:
+            ws = await connect(server.url)
+            assert (await recv(ws))["type"] == "session.created"
+            update = {"provider": "FAULTY", "model": "count-slow-open"}
+            await ws.send(json.dumps({"type": "session.update", "session": update}))
+            await asyncio.sleep(0.3)
+            server.proc.send_signal(signal.SIGTERM)
+            messages = await collect(ws)
+            kinds = [m["type"] for m in messages]
+            assert kinds == ["error", "session.closed"], messages
+            assert messages[0]["error"]["code"] == "session_closing"
+            assert "shutting down" in messages[0]["error"]["message"]
+            assert server.proc.wait(30) == 0
+        finally:
+            server.stop()
+
     async def test_a_second_signal_ends_the_drain_at_once_and_still_cleans_up(self) -> None:
         # The drain would wait 30 s for an engine that never finishes; a second
         # SIGTERM closes the session (1012) at once. uvicorn skipped the app's

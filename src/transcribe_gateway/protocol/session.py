@@ -135,7 +135,7 @@ class Session:
             self._receive_audio(message.audio)
         elif isinstance(message, m.SessionUpdate):
             if self.state is State.DRAINING:
-                self.send_error("session_closing", f"{self._ending}; no more updates")
+                self.refuse_update()
             else:
                 self._events.append(Configure(message.session))
         elif isinstance(message, m.SessionClose):
@@ -229,6 +229,11 @@ class Session:
         """The server changed what serves the session (a fallback took over)."""
         if self.state in (State.STREAMING, State.DRAINING):
             self._send(m.SessionUpdated(effective))
+
+    def refuse_update(self) -> None:
+        """A ``session.update`` comes too late: the session is ending (also one
+        taken before, whose engine was still opening when the end began)."""
+        self.send_error("session_closing", f"{self._ending}; no more updates")
 
     def start_draining(self, why: str = "the session is ending") -> None:
         """The server ends the session (idle timeout, shutdown): stop taking audio.

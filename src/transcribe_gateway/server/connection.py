@@ -550,6 +550,7 @@ class Connection:
             raise
         if not serve:
             await stream.aclose()
+            self.session.refuse_update()
             return
         self.config = config
         self._fallback = fallback_plan
