@@ -401,6 +401,13 @@ def test_plan_keyterms_refuses_the_dictionarys_silence_words() -> None:
     assert decoder.plan.ignored == ("<sil>", "<s>", "</s>", "go <sil>", "+noise+")
 
 
+def test_plan_keyterms_refuses_control_characters() -> None:
+    # The dictionary is C: "a\x00b" was looked up as "a", and came back whole.
+    decoder = SphinxDecoder("a\x00b, go\x07, go")
+    assert [k.text for k in decoder.plan.usable] == ["go"]
+    assert decoder.plan.ignored == ("a\x00b", "go\x07")
+
+
 def test_plan_keyterms_looks_up_no_term_over_the_cap() -> None:
     # A prompt may hold tens of thousands of terms: only the first MAX_KEYTERMS
     # usable ones are worth the dictionary's time (in a shared worker process).

@@ -223,6 +223,8 @@ def _pronounce(token: str, lookup: Callable[[str], str | None]) -> list[tuple[st
     """``[(word, phones)]`` for one written word, or ``None`` if it cannot be said."""
     if _is_filler(token):  # "<sil>" and "<s>" are in the dictionary, as silence
         return None
+    if not token.isprintable():  # C strings: "a\x00b" was looked up, and heard, as "a"
+        return None
     for word in dict.fromkeys((token, token.strip("."))):
         phones = lookup(word) if word else None
         if phones:
