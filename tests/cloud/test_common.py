@@ -255,3 +255,61 @@ async def test_finalize_that_never_returns(cloud: CloudWorld, case: CloudCase) -
     assert messages[-1]["type"] == "session.closed"
     assert time.monotonic() - started < FINALIZE_TIMEOUT_S + 10
     assert any(m["type"] == "error" for m in messages), messages
+
+
+HANDSHAKES = [c for c in CASES if c.provider in ("OPENAI", "QWEN3", "ELEVENLABS")]
+"""The adapters that wait for the provider's greeting before they take audio."""
+
+
+@pytest.mark.parametrize("greeting", HANDSHAKES, ids=[c.id for c in HANDSHAKES])
+async def test_a_greeting_that_is_not_json_is_a_provider_error(
+    cloud: CloudWorld, greeting: CloudCase
+) -> None:
+    # It closed the session 1011 (a ValueError, not a provider failure), skipped
+    # the fallback, and left the provider's socket open.
+    emulator = cloud.emulator(greeting)
+    emulator.faults = Faults(handshake="garbled")
+    ws, _ = await open_ws(cloud)
+    update = {"provider": greeting.provider, "model": greeting.model, "fallback": LOCAL}
+    await ws.send(json.dumps({"type": "session.update", "session": update}))
+    # Served by the fallback, the client told why.
+    error = await recv_type(ws, "error")
+    assert error["error"]["code"] == "provider_error", error
+    assert "unreadable handshake answer" in error["error"]["message"]
+    assert (await recv_type(ws, "session.updated"))["session"]["provider"] == "LOCAL"
+    messages = await close_and_collect(ws)
+    assert messages[-1]["type"] == "session.closed"
+    await wait_ended(emulator.records[-1])
+
+
+async def wait_ended(record: Any, timeout: float = 5.0) -> None:
+    """Until the gateway's connection to the emulator is over."""
+    for _ in range(int(timeout / 0.05)):
+        if record.ended:
+            break
+        await asyncio.sleep(0.05)
+    assert record.ended, "the gateway left the provider's socket open"
+
+
+@pytest.mark.parametrize("greeting", HANDSHAKES, ids=[c.id for c in HANDSHAKES])
+async def test_a_client_gone_during_the_greeting_leaves_no_provider_socket(
+    cloud: CloudWorld, greeting: CloudCase
+) -> None:
+    # The provider took the upgrade but had not greeted when the client left:
+    # the handshake's wait was cancelled and nothing closed the socket.
+    from tests.server.wsutil import connect, recv
+
+    emulator = cloud.emulator(greeting)
+    emulator.faults = Faults(handshake="silent")
+    before = len(emulator.records)
+    ws = await connect(cloud.gateway.url)
+    await recv(ws)
+    update = {"provider": greeting.provider, "model": greeting.model}
+    await ws.send(json.dumps({"type": "session.update", "session": update}))
+    for _ in range(100):
+        if len(emulator.records) > before:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # upgraded, waiting for the greeting
+    ws.transport.abort()
+    await wait_ended(emulator.records[-1], timeout=2.0)  # under the 3 s connect timeout

@@ -180,3 +180,20 @@ async def test_provider_error_response_reaches_the_client(
     assert "SONIOX: error 503: Cannot continue request" in message, message
     assert error["error"]["retryable"] is True
     await close_and_collect(ws)
+
+
+async def test_a_stream_finished_before_the_end_of_the_audio_falls_back(
+    cloud: CloudWorld, soniox: SonioxEmulator
+) -> None:
+    # Soniox said "finished" 1 s into 4 s of audio: the stream ended as if all
+    # were said, and the rest was dropped without a word.
+    soniox.faults.finish_after_ms = 1000
+    ws = await session(cloud, CASE, fallback={"provider": "LOCAL", "model": "whisper-tiny.en"})
+    await send_audio(ws, np.concatenate([first_audio(), silence(1.0)]), realtime=2.0)
+    messages = await close_and_collect(ws)
+    errors = [m["error"] for m in messages if m["type"] == "error"]
+    assert len(errors) == 1, messages
+    assert "ended the stream before the end of the audio" in errors[0]["message"]
+    assert "switching to the fallback" in errors[0]["message"]
+    # The fallback was given the audio again, and said it.
+    assert normalize(finals_text(messages)) == FIRST, messages

@@ -40,6 +40,11 @@ class Faults:
     """Never answer the finalize / close-stream message."""
     connect_delay_s: float = 0.0
     """Hold the upgrade this long before answering it."""
+    handshake: str = ""
+    """After the upgrade: ``silent`` reads and never answers; ``garbled`` first
+    sends a frame that is not JSON (where the adapter waits for a greeting)."""
+    finish_after_ms: float | None = None
+    """Say the stream is finished (and close) after this much audio (Soniox)."""
 
 
 @dataclass
@@ -57,6 +62,8 @@ class Record:
     finalized: bool = False
     closed_by_client: bool = False
     stalled: bool = False
+    ended: bool = False
+    """The connection is over (either side closed it, or it broke)."""
 
     def param(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -135,10 +142,17 @@ class Emulator(abc.ABC):
         assert task is not None
         self._tasks.add(task)
         try:
-            await self.session(ws, record)
+            if self.faults.handshake == "silent":
+                async for _ in ws:  # the upgrade was answered; nothing else ever is
+                    pass
+            else:
+                if self.faults.handshake == "garbled":
+                    await ws.send("{not json")
+                await self.session(ws, record)
         except Exception:  # the adapter went away, or a test cut it off
             pass
         finally:
+            record.ended = True
             self._tasks.discard(task)
 
     @staticmethod

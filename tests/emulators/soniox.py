@@ -158,6 +158,11 @@ class SonioxEmulator(Emulator):
             if isinstance(message, bytes):
                 record.binary_frames += 1
                 self.audio(ws, record, recognizer, message)
+                finish = self.faults.finish_after_ms
+                if finish is not None and record.audio_ms >= finish:
+                    await self.send(ws, record, {"tokens": [], "finished": True})
+                    await ws.close()
+                    return
                 limit = self.terminate_after_ms
                 if limit is not None and record.audio_ms >= limit:
                     await self._error(

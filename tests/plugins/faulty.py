@@ -24,9 +24,11 @@ ways a real engine can.  The model name picks the failure:
 * ``late-stop``: once 0.5 s arrived, an utterance and its final ("late"); its
   stop comes 0.5 s after ``end_input``;
 * ``raise-on-close``: as ``echo``, but closing it raises (an adapter's bug);
-* ``chatty-slow-close``: after ``end_input``, a partial every 0.2 s for ever (an
-  engine that never finishes but is never silent); closing takes 1 s, as a
-  cloud socket's close handshake may.
+* ``chatty-slow-close``: after ``end_input``, an utterance and its final every
+  0.2 s for ever (an engine that never finishes its backlog, never silent);
+  closing takes 1 s, as a cloud socket's close handshake may.
+* ``revising``: after ``end_input``, a new partial every 0.2 s for ever, and no
+  final (a provider that keeps revising its interim result).
 
 With ``FAULTY_STREAM_LOG`` set to a file path, every stream appends
 ``open <id> <model>`` when it opens and ``close <id>`` when it is closed, so a
@@ -77,6 +79,7 @@ class FaultySTT(STT):
             "count-slow-finalize",
             "raise-on-close",
             "chatty-slow-close",
+            "revising",
             "um-then-fail",
             "um-then-hang",
             "late-stop",
@@ -180,7 +183,17 @@ class FaultyStream(RecognizeStream):
         if model == "chatty-slow-close":
             while True:
                 await asyncio.sleep(0.2)
-                await self._emit(SpeechEvent(SpeechEventType.PARTIAL, self._emitted, text="..."))
+                n = self._emitted
+                await self._emit(SpeechEvent(SpeechEventType.SPEECH_STARTED, n, start_ms=n))
+                await self._emit(SpeechEvent(SpeechEventType.FINAL, n, "more", n, n + 1))
+                await self._emit(SpeechEvent(SpeechEventType.SPEECH_STOPPED, n, end_ms=n + 1))
+                self._emitted += 1
+        if model == "revising":
+            utterance = self._emitted
+            await self._emit(SpeechEvent(SpeechEventType.SPEECH_STARTED, utterance))
+            for n in itertools.count():
+                await asyncio.sleep(0.2)
+                await self._emit(SpeechEvent(SpeechEventType.PARTIAL, utterance, f"still {n}"))
         if model == "fail-on-finalize":
             await asyncio.sleep(0.2)
             raise ProviderError("FAULTY", "connection reset while finalizing")

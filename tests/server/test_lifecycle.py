@@ -211,6 +211,29 @@ class TestVanishedClient:
         assert (await wait_for_sessions(gateway, 0, timeout=4))["sessions"] == 0
         assert time.monotonic() - started < 2.0
 
+    async def test_an_engine_that_only_revises_a_partial_does_not_hold_the_close(
+        self, gateway: GatewayProcess
+    ) -> None:
+        # Each partial restarted the drain's clock: a provider that kept revising
+        # its interim result after the finalize held session.close for ever.
+        ws, _ = await open_session(gateway.url, provider="FAULTY", model="revising")
+        await send_audio(ws, np.zeros(8000, np.int16))
+        await ws.send(json.dumps({"type": "session.close"}))
+        started = time.monotonic()
+        messages = await collect(ws, 30)
+        assert time.monotonic() - started < 15  # the 5 s drain timeout, not for ever
+        errors = [m["error"] for m in messages if m["type"] == "error"]
+        assert [e["code"] for e in errors] == ["provider_error"], messages
+        assert "while finalizing" in errors[0]["message"]
+        # What it last said is kept as the final, before the error.
+        finals = [
+            (i, m["text"]) for i, m in enumerate(messages) if m["type"] == "transcription.completed"
+        ]
+        assert finals[0][1] == "chunk 0", finals
+        assert finals[1][1].startswith("still"), finals
+        assert finals[1][0] < messages.index({"type": "error", "error": errors[0]})
+        assert messages[-1]["type"] == "session.closed" and ws.close_code == 1000
+
 
 class TestHealth:
     def test_healthz(self, gateway: GatewayProcess) -> None:

@@ -206,7 +206,7 @@ class TestFraming:
         # The fragment limit counted bytes, but every frame was kept: a client (not
         # even authenticated) sending empty continuation frames grew the server's
         # memory by 8 bytes for each 6 on the wire, without bound.
-        frames, sent = 4_000_000, asyncio.Event()
+        frames, sent = 16_000_000, asyncio.Event()
 
         class Client(WSListener):  # type: ignore[misc]
             def on_ws_connected(self, transport: WSTransport) -> None:
@@ -223,9 +223,11 @@ class TestFraming:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.5)
+        # Growth that does not depend on the frame count: the socket's buffers, the
+        # earlier tests' sessions. Keeping each frame grew it by 37 MiB for 8 million.
         grown = rss_mib(server) - before
         transport.disconnect()
-        assert grown < 10, f"{grown:.1f} MiB for {frames} empty frames"  # was 32 and more
+        assert grown < 30, f"{grown:.1f} MiB for {frames} empty frames"
         await self._server_goes_on(server)
 
     async def test_other_paths_are_not_websockets(self, server: GatewayProcess) -> None:

@@ -453,6 +453,14 @@ class CloudStream(RecognizeStream):
         except (OSError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
             await self._abandon()
             raise ProviderConnectionError(provider, f"cannot connect: {exc}") from exc
+        except Exception as exc:  # a handshake answer that cannot be read (not JSON, ...)
+            await self._abandon()
+            raise ProviderConnectionError(
+                provider, f"unreadable handshake answer ({type(exc).__name__}: {exc})"
+            ) from exc
+        except BaseException:  # cancelled: the session ended while the provider answered
+            await self._abandon()
+            raise
 
     async def _abandon(self) -> None:
         if self._ws is not None:
@@ -576,6 +584,9 @@ class CloudStream(RecognizeStream):
                 if self.answers_continuously or self._finalizing:
                     self.answered()
                 if await self.on_message(message):
+                    if not self._finalizing:  # the rest of the audio would be lost unsaid
+                        early = "ended the stream before the end of the audio"
+                        await self._give_up(self.fail(early))
                     break
                 if self._finalizing and self._answer_due is None:
                     # Still flushing: keep the finalize bound.

@@ -709,10 +709,11 @@ class Connection:
     async def _drain(self, engine: _Engine) -> None:
         """Wait for an engine whose input ended to deliver its last events.
 
-        The bound is on silence, not on the total: each event (or other sign of
-        progress, :meth:`RecognizeStream.progress_at`) restarts the
+        The bound is on silence, not on the total: each event but a partial (or
+        other sign of progress, :meth:`RecognizeStream.progress_at`) restarts the
         ``drain_timeout_s`` clock, so a busy engine working through a backlog
-        is given its time while one that stopped answering is cut off.
+        is given its time while one that stopped answering, or only ever
+        revises a partial, is cut off.
         """
         started = time.monotonic()
         try:
@@ -729,7 +730,7 @@ class Connection:
                     self._close_utterances(engine, finals=True)  # before the error
                     self.session.send_error(
                         "provider_error",
-                        f"{engine.provider}: no answer "
+                        f"{engine.provider}: no answer but partials "
                         f"for {self.settings.drain_timeout_s:g} s while finalizing; the rest of "
                         "the audio could not be transcribed",
                         retryable=True,
@@ -799,7 +800,9 @@ class Connection:
     async def _pump(self, engine: _Engine) -> None:
         try:
             async for event in engine.stream:
-                engine.last_event_at = time.monotonic()
+                if event.type is not SpeechEventType.PARTIAL:
+                    # Progress for the drain: partials that never become a final are not.
+                    engine.last_event_at = time.monotonic()
                 self._forward(engine, event)
                 self._flush()
         except ProviderError as exc:
