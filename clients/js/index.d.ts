@@ -8,7 +8,8 @@ export interface SessionConfig {
   /** BCP-47, default `en` */
   language?: string;
   prompt?: string;
-  input_audio_format?: "pcm16" | "mulaw";
+  /** Default `pcm16`; `mulaw`/`alaw` (G.711, one byte per sample): send the encoded bytes with `sendPcm16`. */
+  input_audio_format?: "pcm16" | "mulaw" | "alaw";
   /** Hz, default 16000 */
   sample_rate?: number;
   /** ms of silence that ends an utterance */
@@ -100,6 +101,8 @@ export class TranscribeClient {
   readonly sessionId: string | null;
   readonly effective: Record<string, unknown> | null;
   readonly sampleRate: number;
+  /** Wire format of the audio sent (from the session). */
+  readonly inputAudioFormat: "pcm16" | "mulaw" | "alaw";
   readonly isOpen: boolean;
   on<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): () => void;
   /**
@@ -109,6 +112,7 @@ export class TranscribeClient {
    * (its message and `retryable`), `timeout`, `closed`.
    */
   connect(): Promise<Record<string, unknown>>;
+  /** One chunk in the session's `input_audio_format` (pcm16, or mu-law/A-law bytes), at its rate. */
   sendPcm16(chunk: Int16Array | ArrayBuffer | Uint8Array): void;
   sendFloat32(samples: Float32Array): void;
   update(session: SessionConfig): void;

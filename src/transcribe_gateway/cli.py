@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -205,10 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from transcribe_gateway.store import cli as store_cli
 
             return store_cli.run_keys(args) if args.command == "keys" else store_cli.run_usage(args)
-        from transcribe_gateway.client.cli import run_stream
+        from transcribe_gateway.client.cli import stream_main
 
-        code: int = asyncio.run(run_stream(args))
-        return code
+        return stream_main(args)  # Ctrl-C: 130, no traceback
     except ConfigError as exc:
         print(f"transcribe-gateway: configuration error: {exc}", file=sys.stderr)
         return 2

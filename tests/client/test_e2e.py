@@ -9,7 +9,9 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, SHARED_AUDIO, TEST_KEYS, GatewayProcess
@@ -18,10 +20,17 @@ from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.client import (
     Event,
     TranscribeClient,
+    TranscribeError,
     TranscribeQuotaExceeded,
     TranscribeUnauthorized,
 )
-from transcribe_gateway.protocol.messages import TranscriptionCompleted, TranscriptionPartial
+from transcribe_gateway.protocol.messages import (
+    Error,
+    FallbackConfig,
+    SessionUpdated,
+    TranscriptionCompleted,
+    TranscriptionPartial,
+)
 
 JFK = SHARED_AUDIO / "jfk.flac"
 
@@ -47,6 +56,61 @@ async def test_sdk_first_message_auth_and_bad_key(gateway: GatewayProcess) -> No
     with pytest.raises(TranscribeUnauthorized):
         async with TranscribeClient.connect(gateway.url, "wrong"):
             pass
+
+
+ECHO = FallbackConfig(provider="FAULTY", model="echo")
+"""A fallback that gives a final per 0.5 s of audio (tests/plugins/faulty.py)."""
+
+
+async def test_configure_returns_the_fallback_when_the_primary_cannot_open(
+    gateway: GatewayProcess,
+) -> None:
+    # The server answers with provider_error ("...; switching to the fallback ...")
+    # and then session.updated for the fallback: that is configure()'s answer.
+    # (crash-on-open is an engine bug: the server closes 1011, no switch.)
+    primary = "refuse-on-open"
+    async with TranscribeClient.connect(gateway.url, TEST_KEYS[0]) as client:
+        config = await client.configure(provider="FAULTY", model=primary, fallback=ECHO)
+        assert (config.provider, config.model) == ("FAULTY", "echo")
+        assert (config.requested_provider, config.requested_model) == ("FAULTY", primary)
+        assert client.config == config
+        queued = client.drain_events()  # both answers stay queued, in order
+        assert [type(e) for e in queued[1:]] == [Error, SessionUpdated], queued
+        switch = queued[1]
+        assert isinstance(switch, Error) and switch.error.code == "provider_error"
+        assert "switching to the fallback" in switch.error.message
+        result = await client.stream_samples(np.zeros(16000, np.int16), fast=True)
+    assert [f.text for f in result.finals] == ["chunk 0", "chunk 1"]
+
+
+async def test_configure_raises_when_the_fallback_cannot_open_either(
+    gateway: GatewayProcess,
+) -> None:
+    refused = FallbackConfig(provider="FAULTY", model="refuse-on-open")
+    async with TranscribeClient.connect(gateway.url, TEST_KEYS[0]) as client:
+        with pytest.raises(TranscribeError) as caught:
+            await client.configure(provider="FAULTY", model="refuse-on-open", fallback=refused)
+        assert client.config is None  # no session.updated came
+        errors = [e for e in client.drain_events() if isinstance(e, Error)]
+    assert caught.value.code == "provider_error"
+    assert len(errors) == 2 and caught.value.message == errors[1].error.message
+
+
+async def test_config_follows_a_switch_to_the_fallback_mid_stream(
+    gateway: GatewayProcess,
+) -> None:
+    # fail-after-audio fails once 0.5 s arrived: the server switches to the
+    # fallback and says so with a session.updated of its own.
+    async with TranscribeClient.connect(gateway.url, TEST_KEYS[0]) as client:
+        config = await client.configure(provider="FAULTY", model="fail-after-audio", fallback=ECHO)
+        assert config.model == "fail-after-audio"
+        result = await client.stream_samples(np.zeros(32000, np.int16), fast=True)
+        updates = [e.session for e in result.events if isinstance(e, SessionUpdated)]
+        assert client.config is not None and client.config.model == "echo"
+    assert [u.model for u in updates] == ["fail-after-audio", "echo"], result.events
+    assert client.config == updates[-1] and updates[-1].requested_model == "fail-after-audio"
+    assert [e.code for e in result.errors] == ["provider_error"]
+    assert len(result.finals) == 4, result.finals  # the fallback got all of the 2 s
 
 
 def create_key(server: GatewayProcess, name: str, *options: str) -> str:
@@ -212,3 +276,60 @@ def test_stream_command_json(gateway: GatewayProcess) -> None:
     assert events[-1]["type"] == "session.closed"
     text = " ".join(e["text"] for e in events if e["type"] == "transcription.completed")
     assert normalize(text) == "ten of clubs"
+
+
+def start_cli(gateway: GatewayProcess, *args: str) -> subprocess.Popen[str]:
+    """The command as a terminal runs it: Ctrl-C (SIGINT) not ignored."""
+    return subprocess.Popen(
+        cli_command(gateway.url, *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=CLI_ENV,
+        cwd=ROOT,
+        # A job started in the background by a shell without job control ignores SIGINT.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def test_stream_command_ctrl_c_ends_the_session_and_prints_its_last_finals(
+    gateway: GatewayProcess,
+) -> None:
+    cli = start_cli(gateway, "--json", str(JFK))  # real time: 11 s
+    assert cli.stdout is not None
+    kinds = (json.loads(line)["type"] for line in cli.stdout)
+    assert "transcription.completed" in kinds  # consumes up to the first final
+    assert "transcription.partial" in kinds  # inside the second utterance: Ctrl-C now
+    cli.send_signal(signal.SIGINT)
+    out, err = cli.communicate(timeout=60)
+    assert cli.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted: ending the session" in err
+    events = [json.loads(line) for line in out.splitlines()]
+    # The utterance under way is finalized, then the session ends as for session.close.
+    assert [e["type"] for e in events].count("transcription.completed") >= 1, out
+    assert events[-1]["type"] == "session.closed" and events[-1]["reason"] == "client_close"
+    sent = re.search(r"audio: (\d+\.\d+) s sent in real time", err)
+    assert sent is not None and float(sent[1]) < 10.0, err
+
+
+def test_stream_command_second_ctrl_c_quits_at_once(gateway: GatewayProcess) -> None:
+    # hang-on-finalize never finishes: a graceful end would wait for the server's
+    # drain timeout (5 s here). The second Ctrl-C does not wait.
+    cli = start_cli(
+        gateway, "--json", "--provider", "FAULTY", "--model", "hang-on-finalize", str(JFK)
+    )
+    assert cli.stdout is not None
+    kinds = (json.loads(line)["type"] for line in cli.stdout)
+    assert "transcription.completed" in kinds  # streaming (a final per 0.5 s)
+    cli.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert cli.poll() is None  # the first Ctrl-C waits for the session to end
+    cli.send_signal(signal.SIGINT)
+    quit_at = time.monotonic()
+    out, err = cli.communicate(timeout=60)
+    assert time.monotonic() - quit_at < 3
+    assert "interrupted: ending the session" in err
+    assert cli.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "session.closed" not in out

@@ -5,8 +5,10 @@ checks auth (header or first message), answers ``session.update`` (rejecting
 unknown providers with ``invalid_session_config``), decodes every
 ``audio.append`` and records it, emits one utterance per second of audio
 (``speech.started``, partials, ``transcription.completed``, ``speech.stopped``)
-and ends with ``session.closed`` + close 1000 on ``session.close``.  It is
-reused by ``test_cli.py``.
+and ends with ``session.closed`` + close 1000 on ``session.close``.  It can
+also stop reading for a while, as the real server does to slow a fast sender
+down (backpressure), or for ever (a frozen server).  It is reused by
+``test_cli.py``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from tests.conftest import SHARED_AUDIO
 from transcribe_gateway.audio.decode import encode_mulaw
@@ -84,6 +87,14 @@ class FakeGateway:
     abort_after_ms: float | None = None
     abort_code: int = 1011
     ignore_close: bool = False
+    stall: bool = False
+    """Right after ``session.updated``, stop reading the socket (as the real server
+    does when its engine is behind: the audio, and the client's pings behind it,
+    wait in the socket's buffers)..."""
+    stall_s: float | None = None
+    """...for this long (None: for ever, and send nothing: a frozen server)..."""
+    stall_partial_every_s: float | None = None
+    """...sending a partial this often meanwhile (an engine working through a backlog)."""
     sessions: list[Recorded] = field(default_factory=list)
 
     async def handler(self, ws: ServerConnection) -> None:
@@ -156,6 +167,8 @@ class FakeGateway:
                     **session,
                 }
                 await send({"type": "session.updated", "session": config})
+                if self.stall:
+                    await self._stall(ws, send)
             elif kind == "audio.append":
                 data = base64.b64decode(msg["audio"], validate=True)
                 rec.chunks.append(data)
@@ -217,6 +230,19 @@ class FakeGateway:
                 )
                 await ws.close(1000)
                 return
+
+    async def _stall(self, ws: ServerConnection, send: Any) -> None:
+        loop = asyncio.get_running_loop()
+        end = None if self.stall_s is None else loop.time() + self.stall_s
+        step = self.stall_partial_every_s or 0.1
+        ws.transport.pause_reading()
+        while ws.state is not State.CLOSED and (end is None or loop.time() < end):
+            if self.stall_partial_every_s is not None:
+                await send({"type": "transcription.partial", "utterance_id": "u", "text": "..."})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ws.wait_closed(), step)
+        if ws.state is not State.CLOSED:
+            ws.transport.resume_reading()
 
     @staticmethod
     async def _final(send: Any, uid: str, n: int, start: float, end: float) -> None:
@@ -491,6 +517,51 @@ async def test_stream_file_reads_at_session_rate(fake_gateway: FakeGateway) -> N
     assert result.audio_seconds == pytest.approx(89160 / 2 / 16000, abs=0.01)
     assert len(result.finals) == 3
     assert {len(c) for c in (await fake_gateway.recorded()).chunks[:-1]} == {320}  # 20 ms at 8 kHz
+
+
+async def test_a_server_that_stops_reading_is_not_taken_for_dead(
+    fake_gateway: FakeGateway,
+) -> None:
+    # The server stops reading for 2 s (its engine is behind: backpressure), while
+    # partials keep coming. The client's pings wait behind the queued audio, so a
+    # ping timeout (websockets' default 20 s, here 0.3 s) used to drop the
+    # connection with 1011 and report "1006 connection lost"; and finish_timeout
+    # counted from when session.close was queued, not from when the server read it.
+    fake_gateway.stall = True
+    fake_gateway.stall_s = 2.0
+    fake_gateway.stall_partial_every_s = 0.1
+    async with TranscribeClient.connect(
+        fake_gateway.url, GOOD_KEY, ping_interval=0.2, ping_timeout=0.3
+    ) as client:
+        await client.configure()
+        result = await client.stream_samples(tone(3.0), fast=True, finish_timeout=1.0)
+    assert result.closed is not None and result.close_code == 1000
+    assert result.audio_seconds == pytest.approx(3.0)
+    assert [f.text for f in result.finals] == ["utterance 0", "utterance 1", "utterance 2"]
+    assert result.wall_seconds > 2.0  # it did wait for the server
+
+
+async def test_a_frozen_server_is_dropped_with_the_code_the_client_sent(
+    fake_gateway: FakeGateway,
+) -> None:
+    # Reads nothing and sends nothing from then on: no sign of life for
+    # ping_interval + ping_timeout, and the client ends the connection (1011),
+    # naming the code it sent itself since none came from the server.
+    fake_gateway.stall = True
+    async with TranscribeClient.connect(
+        fake_gateway.url, GOOD_KEY, ping_interval=0.2, ping_timeout=0.3
+    ) as client:
+        await client.configure()
+        begin = time.monotonic()
+        with pytest.raises(TranscribeConnectionClosed) as caught:
+            async with asyncio.timeout(10):
+                await client.stream_samples(tone(3.0), fast=True)
+        waited = time.monotonic() - begin
+        assert client.close_code == 1011
+    assert 0.4 < waited < 3, waited
+    assert (caught.value.code, caught.value.by_client) == (1011, True)
+    assert caught.value.reason.startswith("keepalive timeout")
+    assert "sent by the client" in str(caught.value) and "1006" not in str(caught.value)
 
 
 async def test_stream_times_out_without_session_closed(fake_gateway: FakeGateway) -> None:

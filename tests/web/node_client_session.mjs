@@ -2,6 +2,7 @@
 // Usage: node node_client_session.mjs <client index.js> connect <session JSON>
 //        node node_client_session.mjs <client index.js> close-twice <session JSON>
 //        node node_client_session.mjs <client index.js> rate-change <session JSON>
+//        node node_client_session.mjs <client index.js> encoded <session JSON>
 // Env: GATEWAY_URL, GATEWAY_KEY (header auth).
 import WebSocket from "ws";
 
@@ -65,6 +66,17 @@ if (scenario === "connect") {
   client.update({ ...session, sample_rate: session.sample_rate / 2 });
   await Promise.race([updated, hang("no session.updated")]);
   await sendSecond();
+  print({ event: "done", value: await client.close() });
+} else if (scenario === "encoded") {
+  // 2 s of G.711 silence (mulaw or alaw: one byte per sample), paced in real time:
+  // latency_ms is timed from the chunk that holds each final's end_ms.
+  client.on("completed", (value) => print({ event: "completed", value }));
+  await client.connect();
+  const silence = JSON.parse(sessionJson).input_audio_format === "alaw" ? 0xd5 : 0xff;
+  for (let i = 0; i < 100; i++) {
+    client.sendPcm16(new Uint8Array(client.sampleRate / 50).fill(silence));
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
   print({ event: "done", value: await client.close() });
 } else {
   throw new Error(`unknown scenario ${scenario}`);

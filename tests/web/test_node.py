@@ -250,3 +250,22 @@ def test_client_latency_stays_true_after_the_sample_rate_changes(
     assert [c["end_ms"] for c in completed] == [500, 1000, 1500, 2000], events
     assert all(c["latency_ms"] is not None and c["latency_ms"] < 300 for c in completed), events
     assert events[-1]["event"] == "done" and events[-1]["value"]["code"] == 1000
+
+
+@pytest.mark.parametrize("audio_format", ["mulaw", "alaw"])
+def test_client_latency_is_true_for_one_byte_formats(
+    gateway: GatewayProcess, node_workdir: Path, audio_format: str
+) -> None:
+    # One byte per sample: counting the bytes as pcm16 samples (2 each) halved the
+    # audio time sent, so each final was timed from a chunk sent far earlier.
+    session = {
+        "provider": "FAULTY",
+        "model": "echo",
+        "sample_rate": 8000,
+        "input_audio_format": audio_format,
+    }
+    events = run_session_script(node_workdir, gateway, "encoded", session)
+    completed = [e["value"] for e in events if e["event"] == "completed"]
+    assert [c["end_ms"] for c in completed] == [500, 1000, 1500, 2000], events
+    assert all(c["latency_ms"] is not None and c["latency_ms"] < 300 for c in completed), events
+    assert events[-1]["event"] == "done" and events[-1]["value"]["code"] == 1000

@@ -11,7 +11,13 @@ when stdout is a terminal (not at all when it is not), and a timing summary
 goes to stderr.  Server ``error`` messages are always reported on stderr too.
 Exit codes: 0 success, 1 server error (any ``error`` message) or abnormal
 close, 2 bad arguments or unreadable file, 141 (quietly) when stdout's reader
-went away (``stream --json FILE | head -1``), as for a tool killed by SIGPIPE.
+went away (``stream --json FILE | head -1``), as for a tool killed by SIGPIPE,
+130 after Ctrl-C.
+
+Ctrl-C while streaming stops sending, ends the session gracefully (the finals
+of the audio sent are printed, then the summary) and exits 130; the wait is
+bounded (10 s).  A second Ctrl-C, or one before streaming began, exits 130 at
+once.  Neither prints a traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -58,6 +66,10 @@ EXIT_SERVER = 1
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141
 """128 + SIGPIPE: what a shell reports for a tool whose stdout reader went away."""
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT: what a shell reports for a tool stopped with Ctrl-C."""
+INTERRUPT_GRACE_S = 10.0
+"""After a first Ctrl-C: how long the session may take to end (its last finals)."""
 
 _CLEAR_LINE = "\r\x1b[K"
 
@@ -92,7 +104,9 @@ def add_stream_parser(
             "Stream an audio file (wav, flac, mp3, ogg, or raw pcm16 .raw/.pcm) to a "
             "Transcribe WebSocket server, in real time unless --fast, and print the "
             "transcript. Exit codes: 0 ok, 1 server error or abnormal close, 2 bad "
-            "arguments or unreadable file, 141 stdout closed by its reader."
+            "arguments or unreadable file, 141 stdout closed by its reader, 130 "
+            "interrupted (a first Ctrl-C ends the session and prints its last finals, "
+            "a second quits at once)."
         ),
     )
     parser.add_argument("file", metavar="FILE", type=Path, help="audio file to stream")
@@ -188,8 +202,68 @@ class _Printer:
             raise _StdoutClosed from exc
 
     def error(self, message: str) -> None:
+        self.notice(f"error: {message}")
+
+    def notice(self, message: str) -> None:
         self.clear_live()
-        print(f"error: {message}", file=self.err, flush=True)
+        print(message, file=self.err, flush=True)
+
+
+class _Interrupt:
+    """Ctrl-C: the first ends a stream gracefully, the second (or one before) quits now.
+
+    ``stop`` is what :meth:`TranscribeClient.stream_samples` watches; quitting
+    drops the connection and cancels the command's task.
+    """
+
+    def __init__(self, printer: _Printer) -> None:
+        self.printer = printer
+        self.stop = asyncio.Event()
+        self.client: TranscribeClient | None = None
+        self.streaming = False
+        self.pressed = False
+        self.quitting = False
+        self._task = asyncio.current_task()
+        self._timer: asyncio.TimerHandle | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        except (NotImplementedError, RuntimeError, ValueError):  # no signals here
+            yield  # Ctrl-C raises KeyboardInterrupt: stream_main() exits 130
+            return
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+            if self._timer is not None:
+                self._timer.cancel()
+
+    def _on_sigint(self) -> None:
+        first = not self.pressed
+        self.pressed = True
+        if first and self.streaming:
+            self.stop.set()
+            self.printer.notice(
+                "interrupted: ending the session (press Ctrl-C again to quit at once)"
+            )
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(INTERRUPT_GRACE_S, self._too_slow)
+        else:
+            self.quit()
+
+    def _too_slow(self) -> None:
+        self.printer.notice(f"interrupted: the session did not end within {INTERRUPT_GRACE_S:g} s")
+        self.quit()
+
+    def quit(self) -> None:
+        self.quitting = True
+        if self.client is not None:
+            self.client.abort()
+        if self._task is not None:
+            self._task.cancel()
 
 
 def _fit(text: str) -> str:
@@ -250,14 +324,38 @@ async def run_stream(args: argparse.Namespace) -> int:
 
     Returns:
         The exit code: 0 success, 1 server error or abnormal close, 2 bad
-        arguments or unreadable file, 141 stdout closed by its reader.
+        arguments or unreadable file, 141 stdout closed by its reader, 130
+        interrupted (SIGINT).
     """
     printer = _Printer(json_lines=args.json, out=sys.stdout, err=sys.stderr)
+    interrupt = _Interrupt(printer)
+    with interrupt.installed():
+        try:
+            code = await _run_stream(args, printer, interrupt)
+        except _StdoutClosed:
+            _discard_stdout()
+            return EXIT_BROKEN_PIPE
+        except asyncio.CancelledError:
+            if not interrupt.quitting:
+                raise
+            return EXIT_INTERRUPTED
+    return EXIT_INTERRUPTED if interrupt.pressed else code
+
+
+def stream_main(args: argparse.Namespace) -> int:
+    """Run ``stream`` in its own event loop: what both entry points call.
+
+    Args:
+        args: parsed arguments.
+
+    Returns:
+        The exit code of :func:`run_stream`; 130 when Ctrl-C came outside of
+        it (no traceback).
+    """
     try:
-        return await _run_stream(args, printer)
-    except _StdoutClosed:
-        _discard_stdout()
-        return EXIT_BROKEN_PIPE
+        return asyncio.run(run_stream(args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 def _discard_stdout() -> None:
@@ -269,7 +367,7 @@ def _discard_stdout() -> None:
         os.close(devnull)
 
 
-async def _run_stream(args: argparse.Namespace, printer: _Printer) -> int:
+async def _run_stream(args: argparse.Namespace, printer: _Printer, interrupt: _Interrupt) -> int:
     try:
         samples = await asyncio.to_thread(_load, args)
     except (OSError, ValueError) as exc:
@@ -277,6 +375,7 @@ async def _run_stream(args: argparse.Namespace, printer: _Printer) -> int:
         return EXIT_USAGE
     try:
         async with TranscribeClient.connect(args.url, args.key, auth=args.auth) as client:
+            interrupt.client = client
             try:
                 async with asyncio.timeout(CONFIGURE_TIMEOUT_S):
                     await client.configure(
@@ -291,7 +390,10 @@ async def _run_stream(args: argparse.Namespace, printer: _Printer) -> int:
                 for event in client.drain_events():  # prints the error (and JSON lines)
                     printer.on_event(event)
                 return EXIT_SERVER
-            result = await client.stream_samples(samples, fast=args.fast, on_event=printer.on_event)
+            interrupt.streaming = True
+            result = await client.stream_samples(
+                samples, fast=args.fast, on_event=printer.on_event, stop=interrupt.stop
+            )
     except InvalidURI as exc:
         printer.error(str(exc))
         return EXIT_USAGE
@@ -328,10 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_stream_parser(subparsers)
     args = parser.parse_args(argv)
-    try:
-        return asyncio.run(run_stream(args))
-    except KeyboardInterrupt:
-        return 130
+    return stream_main(args)
 
 
 if __name__ == "__main__":

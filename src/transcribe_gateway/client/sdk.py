@@ -24,7 +24,18 @@ Close codes follow the websockets convention: 1000 and 1001 end
 :meth:`TranscribeClient.events` normally; any other code (4001 unauthorized,
 4029 over quota, 1008, 1011, 1006 lost connection...) raises
 :class:`TranscribeConnectionClosed` (or its subclasses
-:class:`TranscribeUnauthorized` / :class:`TranscribeQuotaExceeded`).
+:class:`TranscribeUnauthorized` / :class:`TranscribeQuotaExceeded`).  When no
+close frame came from the server but the client had sent one (its keepalive
+gave up, or the server sent a frame the client refused), the code is the one the
+client sent, and the exception says so (:attr:`TranscribeConnectionClosed.by_client`).
+
+Keepalive: the client pings the server every ``ping_interval`` seconds and takes
+it for dead when, for ``ping_interval + ping_timeout`` seconds, nothing at all
+came from it (no message, no pong, no ping of its own) *and* it read none of the
+audio queued for it.  A server that stops reading for a while (backpressure:
+its engine cannot keep up with a fast sender) is therefore not dropped while it
+works through the backlog, since the ping's answer waits behind that audio;
+a frozen or vanished server is, and the connection ends with 1011.
 """
 
 from __future__ import annotations
@@ -45,6 +56,8 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import CloseCode
+from websockets.protocol import State
 
 from transcribe_gateway.audio.decode import (
     BYTES_PER_SAMPLE,
@@ -99,13 +112,18 @@ AUDIO_ERROR_CODES: Final = frozenset({"invalid_audio", "audio_too_large", "sessi
 _CLOSE_MEANINGS: Final = {
     1000: "normal close",
     1001: "going away",
+    1002: "protocol error",
     1006: "connection lost without a close frame",
+    1007: "invalid data",
     1008: "policy violation",
+    1009: "message too big",
     1011: "internal server error",
     1012: "service restart",
     4001: "unauthorized",
     4029: "too many sessions or over quota",
 }
+_CLIENT_CLOSE_MEANINGS: Final = {1011: "internal error"}
+"""Meanings that differ when the client sent the code (its keepalive gave up: 1011)."""
 _REFUSAL_CLOSE_CODES: Final = {
     "too_many_sessions": 4029,
     "quota_exceeded": 4029,
@@ -115,6 +133,10 @@ _REFUSAL_CLOSE_CODES: Final = {
 """``error`` codes that refuse a session, and the close code the server sends right after."""
 _CLOSE_WAIT_S: Final = 2.0
 """How long to wait for the close the server sends right after its last message."""
+_ACLOSE_TIMEOUT_S: Final = 10.0
+"""Bound on :meth:`TranscribeClient.aclose`'s closing handshake (then the socket is dropped)."""
+PING_INTERVAL_S: Final = 20.0
+PING_TIMEOUT_S: Final = 20.0
 
 
 # ---------------------------------------------------------------- exceptions
@@ -161,20 +183,34 @@ class TranscribeConnectionClosed(TranscribeClientError):
         reason: the close reason sent by the server, possibly empty.
         error: the ``error`` the server sent to explain the close, if any
             (e.g. ``too_many_sessions`` before 4029).
+        by_client: no close frame came from the server, and ``code`` and
+            ``reason`` are those the client sent (1011 ``keepalive timeout...``
+            when the server stopped answering; 1002/1007/1009 when the server
+            sent a frame the client refused).
     """
 
-    def __init__(self, code: int, reason: str = "", *, error: ErrorInfo | None = None) -> None:
-        meaning = _CLOSE_MEANINGS.get(code, "abnormal close")
+    def __init__(
+        self,
+        code: int,
+        reason: str = "",
+        *,
+        error: ErrorInfo | None = None,
+        by_client: bool = False,
+    ) -> None:
+        meanings = _CLIENT_CLOSE_MEANINGS if by_client else {}
+        meaning = meanings.get(code) or _CLOSE_MEANINGS.get(code, "abnormal close")
+        who = " sent by the client (none came from the server)" if by_client else ""
         detail = f": {reason}" if reason else ""
         cause = f" after error {error.code}: {error.message}" if error is not None else ""
-        super().__init__(f"connection closed with code {code} ({meaning}){detail}{cause}")
+        super().__init__(f"connection closed with code {code} ({meaning}){who}{detail}{cause}")
         self.code = code
         self.reason = reason
         self.error = error
+        self.by_client = by_client
 
     @staticmethod
     def for_code(
-        code: int, reason: str = "", *, error: ErrorInfo | None = None
+        code: int, reason: str = "", *, error: ErrorInfo | None = None, by_client: bool = False
     ) -> TranscribeConnectionClosed:
         """Return the exception matching a close code.
 
@@ -182,16 +218,17 @@ class TranscribeConnectionClosed(TranscribeClientError):
             code: the WebSocket close code.
             reason: the close reason.
             error: the ``error`` the server sent before closing, if any.
+            by_client: the client sent the code and none came from the server.
 
         Returns:
             :class:`TranscribeUnauthorized` for 4001,
             :class:`TranscribeQuotaExceeded` for 4029, else the base class.
         """
         if code == 4001:
-            return TranscribeUnauthorized(code, reason, error=error)
+            return TranscribeUnauthorized(code, reason, error=error, by_client=by_client)
         if code == 4029:
-            return TranscribeQuotaExceeded(code, reason, error=error)
-        return TranscribeConnectionClosed(code, reason, error=error)
+            return TranscribeQuotaExceeded(code, reason, error=error, by_client=by_client)
+        return TranscribeConnectionClosed(code, reason, error=error, by_client=by_client)
 
 
 class TranscribeUnauthorized(TranscribeConnectionClosed):
@@ -337,6 +374,29 @@ class StreamResult:
 # ---------------------------------------------------------------- client
 
 
+class _Connection(ClientConnection):
+    """A client connection that notes when the server last showed it is alive.
+
+    Signs of life: any bytes received (a message, a pong, a ping of the
+    server's), and the socket taking more of the audio queued for the server
+    after it had been full (the server read some).  A ping's answer alone is
+    not enough: when the server stops reading to slow a fast sender down, the
+    ping waits behind the queued audio, and the pong with it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_alive = time.monotonic()
+
+    def data_received(self, data: bytes) -> None:
+        self.last_alive = time.monotonic()
+        super().data_received(data)
+
+    def resume_writing(self) -> None:
+        self.last_alive = time.monotonic()
+        super().resume_writing()
+
+
 @dataclass(slots=True)
 class _Waiter:
     accepts: Callable[[Event], bool]
@@ -351,9 +411,13 @@ class TranscribeClient:
 
     Args:
         ws: an open ``websockets`` client connection.
+        dead_after: seconds without a sign of life from the server (see the
+            module docstring) after which the connection is dropped with 1011;
+            None never drops it.  Needs a connection opened by :meth:`open`
+            (others are not watched).
     """
 
-    def __init__(self, ws: ClientConnection) -> None:
+    def __init__(self, ws: ClientConnection, *, dead_after: float | None = None) -> None:
         self._ws = ws
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._waiters: list[_Waiter] = []
@@ -362,6 +426,7 @@ class TranscribeClient:
         self._config: EffectiveConfig | None = None
         self._close_code: int | None = None
         self._close_reason = ""
+        self._close_by_client = False
         self._reader_error: BaseException | None = None
         # Timing: cumulative ms of audio sent after each chunk, and when it went out.
         self._sent_end_ms: list[float] = []
@@ -369,7 +434,12 @@ class TranscribeClient:
         self._sent_ms = 0.0
         self._first_audio_at: float | None = None
         self._timings = Timings()
+        self._watchdog: asyncio.Task[None] | None = None
         self._reader = asyncio.create_task(self._read_loop(), name="transcribe-client-reader")
+        if dead_after is not None and isinstance(ws, _Connection):
+            self._watchdog = asyncio.create_task(
+                self._watch(ws, dead_after), name="transcribe-client-keepalive"
+            )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -381,6 +451,8 @@ class TranscribeClient:
         *,
         auth: AuthMode = "header",
         open_timeout: float | None = 10.0,
+        ping_interval: float | None = PING_INTERVAL_S,
+        ping_timeout: float | None = PING_TIMEOUT_S,
     ) -> TranscribeClient:
         """Connect, authenticate and wait for ``session.created``.
 
@@ -395,6 +467,13 @@ class TranscribeClient:
                 as the first frame (what browsers must do).
             open_timeout: seconds for the whole opening (TCP, upgrade,
                 ``session.created``); None waits forever.
+            ping_interval: seconds between keepalive pings; None sends none
+                (and never takes the server for dead).
+            ping_timeout: the server is taken for dead (the connection ends
+                with 1011) after ``ping_interval + ping_timeout`` seconds
+                without a sign of life from it: nothing received, and none of
+                the queued audio read (see the module docstring; a server that
+                reads slowly is not taken for dead); None never.
 
         Returns:
             A client whose :attr:`session_id` is set.
@@ -415,11 +494,17 @@ class TranscribeClient:
         headers = {"Authorization": f"Bearer {api_key}"} if auth == "header" else None
         async with asyncio.timeout(open_timeout):
             try:
+                # websockets' own ping timeout would drop a server that stopped
+                # reading (its pong waits behind the queued audio): the client's
+                # watchdog judges the server instead.
                 ws = await ws_connect(
                     url,
                     additional_headers=headers,
                     user_agent_header=USER_AGENT,
                     open_timeout=None,
+                    ping_interval=ping_interval,
+                    ping_timeout=None,
+                    create_connection=_Connection,
                 )
             except InvalidStatus as exc:
                 status = exc.response.status_code
@@ -428,7 +513,10 @@ class TranscribeClient:
                 if status == 429:
                     raise TranscribeQuotaExceeded(4029, f"HTTP {status} on upgrade") from exc
                 raise
-            client = cls(ws)
+            dead_after = None
+            if ping_interval is not None and ping_timeout is not None:
+                dead_after = ping_interval + ping_timeout
+            client = cls(ws, dead_after=dead_after)
             try:
                 if auth == "message":
                     await client._send(encode(Auth(token=api_key)))
@@ -449,6 +537,8 @@ class TranscribeClient:
         *,
         auth: AuthMode = "header",
         open_timeout: float | None = 10.0,
+        ping_interval: float | None = PING_INTERVAL_S,
+        ping_timeout: float | None = PING_TIMEOUT_S,
     ) -> AsyncIterator[TranscribeClient]:
         """Open a session for the duration of an ``async with`` block.
 
@@ -461,6 +551,8 @@ class TranscribeClient:
             api_key: an API key or a short-lived token.
             auth: ``header`` or ``message`` (see :meth:`open`).
             open_timeout: seconds allowed until ``session.created``.
+            ping_interval: seconds between keepalive pings (see :meth:`open`).
+            ping_timeout: when to take the server for dead (see :meth:`open`).
 
         Returns:
             An async context manager yielding the connected client.
@@ -473,16 +565,41 @@ class TranscribeClient:
             TimeoutError: no ``session.created`` within ``open_timeout``.
             OSError: the server cannot be reached.
         """
-        client = await cls.open(url, api_key, auth=auth, open_timeout=open_timeout)
+        client = await cls.open(
+            url,
+            api_key,
+            auth=auth,
+            open_timeout=open_timeout,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+        )
         try:
             yield client
         finally:
             await client.aclose()
 
     async def aclose(self) -> None:
-        """Close the socket (code 1000) and stop the reader; idempotent."""
-        await self._ws.close()
+        """Close the socket (code 1000) and stop the reader; idempotent.
+
+        The closing handshake is bounded (10 s): a server that does not answer
+        (frozen, or not reading) has its connection dropped.
+        """
+        try:
+            async with asyncio.timeout(_ACLOSE_TIMEOUT_S):
+                await self._ws.close()
+        except TimeoutError:
+            self.abort()
         await asyncio.wait({self._reader})
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
+    def abort(self) -> None:
+        """Drop the connection at once, without a closing handshake; idempotent.
+
+        For a caller that must not wait (a second Ctrl-C): the reader ends
+        with code 1006, or the code the client had already sent.
+        """
+        self._ws.transport.abort()
 
     async def wait_closed(self) -> None:
         """Wait until the connection has ended (bound it with ``asyncio.timeout``)."""
@@ -499,7 +616,11 @@ class TranscribeClient:
 
     @property
     def config(self) -> EffectiveConfig | None:
-        """The effective configuration from the last ``session.updated``."""
+        """The effective configuration from the last ``session.updated`` received.
+
+        Also one the server sent on its own: after a switch to the fallback
+        mid-stream, ``provider``/``model`` name the fallback.
+        """
         return self._config
 
     @property
@@ -541,6 +662,16 @@ class TranscribeClient:
     ) -> EffectiveConfig:
         """Send ``session.update`` and wait for ``session.updated``.
 
+        With a ``fallback``, a primary that cannot be opened is answered with
+        ``error`` ``provider_error`` (``...; switching to the fallback ...``)
+        and then ``session.updated`` for the fallback: that configuration is
+        returned (its ``requested_provider``/``requested_model`` name the
+        primary); both messages stay queued for :meth:`events`.  Only when the
+        fallback fails too does this raise.
+
+        :attr:`config` follows every ``session.updated``, including one the
+        server sends on its own when it switches to the fallback mid-stream.
+
         Options left at None are not sent (the server's defaults apply).
         Messages that arrive meanwhile stay queued for :meth:`events`.  The
         server always answers; to bound the wait (loading a model can take
@@ -566,7 +697,8 @@ class TranscribeClient:
         Raises:
             TranscribeError: the server answered with an ``error`` (any code
                 except the audio ones, e.g. ``invalid_session_config`` with
-                ``field`` set); the previous configuration stands.
+                ``field`` set, or ``provider_error`` without a fallback or from
+                the fallback too); the previous configuration stands.
             TranscribeConnectionClosed: the connection ended abnormally meanwhile.
         """
         session: dict[str, Any] = {
@@ -588,10 +720,18 @@ class TranscribeClient:
             session["fallback"] = msgspec.to_builtins(fallback)
         frame = msgspec.json.encode({"type": "session.update", "session": session}).decode()
 
+        switching = False  # the primary failed to open: the fallback's answer comes next
+
         def answers(event: Event) -> bool:
+            nonlocal switching
             if isinstance(event, SessionUpdated):
                 return True
-            return isinstance(event, Error) and event.error.code not in AUDIO_ERROR_CODES
+            if not isinstance(event, Error) or event.error.code in AUDIO_ERROR_CODES:
+                return False
+            if event.error.code == "provider_error" and fallback is not None and not switching:
+                switching = True  # session.updated for the fallback, or its own error, follows
+                return False
+            return True
 
         async with self._configure_lock:
             waiter = self._add_waiter(answers)
@@ -604,8 +744,7 @@ class TranscribeClient:
         if isinstance(event, Error):
             raise TranscribeError.from_info(event.error)
         assert isinstance(event, SessionUpdated)
-        self._config = event.session
-        return event.session
+        return event.session  # _handle() made it the config
 
     async def send_audio(self, data: bytes) -> None:
         """Send one ``audio.append`` chunk (already encoded in the session format).
@@ -727,6 +866,7 @@ class TranscribeClient:
         chunk_ms: int = 20,
         on_event: Callable[[Event], None] | None = None,
         finish_timeout: float | None = 60.0,
+        stop: asyncio.Event | None = None,
     ) -> StreamResult:
         """Send audio, then ``session.close``, while collecting events until ``session.closed``.
 
@@ -734,15 +874,25 @@ class TranscribeClient:
         as it arrives (including earlier ``session.created``/``session.updated``
         still queued).  Sending stops early when the session ends first: at
         ``session.closed``, or at an ``error`` ``session_closing`` (the server
-        is ending the session, e.g. on shutdown, and drops any further audio).
+        is ending the session, e.g. on shutdown, and drops any further audio),
+        or when ``stop`` is set (then ``session.close`` is sent at once).
+
+        A server that reads slower than the audio is sent holds the rest in
+        the socket's buffers (backpressure): ``finish_timeout`` counts from
+        when the server has read the ``session.close`` (the answer to a ping
+        sent right after it), not from when it was queued.
 
         Args:
             samples: mono int16 at the configured ``sample_rate``.
             fast: send as fast as possible instead of in real time.
             chunk_ms: chunk duration.
             on_event: called synchronously with each message.
-            finish_timeout: seconds allowed after ``session.close`` for
-                ``session.closed`` (or the close) to come; None waits forever.
+            finish_timeout: seconds allowed, once the server has read
+                ``session.close``, for ``session.closed`` (or the close) to
+                come; None waits forever.  Without keepalive (``ping_interval``
+                or ``ping_timeout`` None) it counts from the ``session.close``.
+            stop: when set, stop sending audio and end the session gracefully
+                (the finals of the audio sent still come).
 
         Returns:
             The collected events and timings.
@@ -762,14 +912,23 @@ class TranscribeClient:
         events: list[Event] = []
         closed: SessionClosed | None = None
         sent_before = self._sent_ms
-        refused = asyncio.Event()  # the server takes no more audio
+        refused = asyncio.Event()  # the server takes no more audio, or the caller's stop
+
+        async def relay_stop() -> None:
+            if stop is not None:
+                await stop.wait()
+                refused.set()
 
         async def produce() -> None:
+            relay = asyncio.create_task(relay_stop())
             try:
                 await self._send_samples(samples, chunk_ms=chunk_ms, fast=fast, stop=refused)
                 await self.close_session()
+                await self._server_read_all()
             except TranscribeConnectionClosed:
                 logger.debug("connection closed while sending; the receiver reports it")
+            finally:
+                relay.cancel()
 
         def sender_error() -> BaseException | None:
             return None if sender.cancelled() else sender.exception()
@@ -835,6 +994,7 @@ class TranscribeClient:
         chunk_ms: int = 20,
         on_event: Callable[[Event], None] | None = None,
         finish_timeout: float | None = 60.0,
+        stop: asyncio.Event | None = None,
     ) -> StreamResult:
         """Read an audio file at the session's rate and :meth:`stream_samples` it.
 
@@ -845,6 +1005,7 @@ class TranscribeClient:
             chunk_ms: chunk duration.
             on_event: called synchronously with each message.
             finish_timeout: see :meth:`stream_samples`.
+            stop: see :meth:`stream_samples`.
 
         Returns:
             The collected events and timings.
@@ -866,9 +1027,24 @@ class TranscribeClient:
             chunk_ms=chunk_ms,
             on_event=on_event,
             finish_timeout=finish_timeout,
+            stop=stop,
         )
 
     # ------------------------------------------------------------ internals
+
+    async def _server_read_all(self) -> None:
+        """Wait until the server has read all that was sent (the answer to a ping).
+
+        Pings are answered in order, after what was sent before them.  Only
+        while the keepalive watchdog runs: it ends the wait if the server dies.
+        """
+        if self._watchdog is None or self._watchdog.done():
+            return
+        try:
+            pong = await self._ws.ping()
+            await pong
+        except ConnectionClosed:
+            pass  # the receiver reports the close
 
     def _audio_format(self) -> tuple[AudioFormat, int]:
         if self._config is None:
@@ -885,8 +1061,8 @@ class TranscribeClient:
         try:
             await self._ws.send(frame)
         except ConnectionClosed as exc:
-            code, reason = _close_of(exc)
-            raise TranscribeConnectionClosed.for_code(code, reason) from exc
+            code, reason, by_client = _close_of(exc)
+            raise TranscribeConnectionClosed.for_code(code, reason, by_client=by_client) from exc
 
     async def _refusal(self, info: ErrorInfo) -> TranscribeClientError:
         """The exception for an ``error`` received instead of ``session.created``."""
@@ -904,7 +1080,9 @@ class TranscribeClient:
             raise self._reader_error
         code = self._close_code
         if code is not None and code not in NORMAL_CLOSE_CODES:
-            raise TranscribeConnectionClosed.for_code(code, self._close_reason)
+            raise TranscribeConnectionClosed.for_code(
+                code, self._close_reason, by_client=self._close_by_client
+            )
 
     def _add_waiter(self, accepts: Callable[[Event], bool]) -> _Waiter:
         waiter = _Waiter(accepts, asyncio.get_running_loop().create_future())
@@ -934,7 +1112,9 @@ class TranscribeClient:
     def _ended_exception(self) -> BaseException:
         if self._reader_error is not None:
             return self._reader_error
-        return TranscribeConnectionClosed.for_code(self._close_code or 1006, self._close_reason)
+        return TranscribeConnectionClosed.for_code(
+            self._close_code or 1006, self._close_reason, by_client=self._close_by_client
+        )
 
     async def _read_loop(self) -> None:
         try:
@@ -945,22 +1125,44 @@ class TranscribeClient:
                 if event is not None:
                     self._handle(event, received)
         except ConnectionClosed as exc:
-            self._close_code, self._close_reason = _close_of(exc)
+            self._close_code, self._close_reason, self._close_by_client = _close_of(exc)
         except Exception as exc:  # pragma: no cover - defensive: never lose the end
             logger.exception("transcribe client reader failed")
             self._reader_error = exc
             self._close_code = self._ws.close_code
             await self._ws.close(1011)
         finally:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             self._queue.put_nowait(None)  # end of stream for events()
             for waiter in self._waiters:
                 if not waiter.future.done():
                     waiter.future.set_exception(self._ended_exception())
             self._waiters.clear()
 
+    async def _watch(self, ws: _Connection, dead_after: float) -> None:
+        """Drop the connection once the server showed no sign of life for ``dead_after`` s."""
+        while True:  # sleep until the deadline that the last sign of life set
+            quiet = time.monotonic() - ws.last_alive
+            if quiet >= dead_after:
+                break
+            await asyncio.sleep(dead_after - quiet)
+        logger.info("no sign of life from the server for %.1f s: dropping it", quiet)
+        if ws.protocol.state is State.OPEN:
+            # As websockets' own keepalive does (1011), but without waiting for the
+            # close frame to get through: a server that reads nothing never gets it.
+            ws.protocol.fail(
+                CloseCode.INTERNAL_ERROR,
+                f"keepalive timeout: no sign of life from the server for {dead_after:g} s",
+            )
+        ws.transport.abort()
+
     def _handle(self, event: Event, received: float) -> None:
         if isinstance(event, SessionCreated):
             self._session_id = event.session.id
+        elif isinstance(event, SessionUpdated):
+            # Every one: configure()'s answer, and the switch to a fallback mid-stream.
+            self._config = event.session
         elif isinstance(event, TranscriptionPartial):
             if self._timings.first_partial_s is None and self._first_audio_at is not None:
                 self._timings.first_partial_s = received - self._first_audio_at
@@ -984,11 +1186,18 @@ class TranscribeClient:
         return self._sent_at[min(index, len(self._sent_at) - 1)]
 
 
-def _close_of(exc: ConnectionClosed) -> tuple[int, str]:
-    """Close code and reason received from the server (1006 when none came)."""
+def _close_of(exc: ConnectionClosed) -> tuple[int, str, bool]:
+    """Close code and reason, and whether the client sent them.
+
+    The server's when it sent a close frame; else the client's own when it had
+    sent one (its keepalive gave up: 1011, or it refused a frame: 1002, 1007,
+    1009...); else 1006 (the connection was lost).
+    """
     if exc.rcvd is not None:
-        return int(exc.rcvd.code), exc.rcvd.reason
-    return 1006, ""
+        return int(exc.rcvd.code), exc.rcvd.reason, False
+    if exc.sent is not None:
+        return int(exc.sent.code), exc.sent.reason, True
+    return 1006, "", False
 
 
 def _encode_samples(samples: Samples, audio_format: AudioFormat) -> bytes:

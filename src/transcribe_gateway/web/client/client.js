@@ -23,7 +23,8 @@
  * @property {string} model e.g. `whisper-tiny.en`, `nova-3`
  * @property {string} [language] BCP-47, default `en`
  * @property {string} [prompt] keyterms or context
- * @property {"pcm16" | "mulaw"} [input_audio_format] default `pcm16`
+ * @property {"pcm16" | "mulaw" | "alaw"} [input_audio_format] default `pcm16`; `mulaw`/`alaw`
+ *   (G.711, one byte per sample): send the encoded bytes with `sendPcm16`
  * @property {number} [sample_rate] Hz, default 16000
  * @property {number} [endpointing] ms of silence that ends an utterance
  * @property {number} [endpointing_unfinished] ms of silence that ends an utterance whose
@@ -82,6 +83,9 @@ export class TranscribeError extends Error {
 
 const OPEN = 1;
 
+/** Bytes per sample of each `input_audio_format` (G.711 mu-law and A-law: one). */
+const BYTES_PER_SAMPLE = { pcm16: 2, mulaw: 1, alaw: 1 };
+
 /** `error` codes answering the `session.update` of connect(): the session cannot be served. */
 const REFUSES_SESSION = new Set(["invalid_session_config", "provider_unavailable", "provider_error"]);
 
@@ -135,6 +139,11 @@ export class TranscribeClient {
   /** Sample rate the audio must be sent at (from the session). */
   get sampleRate() {
     return (this.effective && this.effective.sample_rate) || this._opts.session.sample_rate || 16000;
+  }
+
+  /** Wire format of the audio sent (from the session): `pcm16`, `mulaw` or `alaw`. */
+  get inputAudioFormat() {
+    return (this.effective && this.effective.input_audio_format) || this._opts.session.input_audio_format || "pcm16";
   }
 
   /** Whether the socket is open. */
@@ -293,7 +302,8 @@ export class TranscribeClient {
   }
 
   /**
-   * Send one chunk of pcm16 audio at the session's sample rate (20 ms recommended).
+   * Send one chunk of audio at the session's sample rate (20 ms recommended), in the
+   * session's `input_audio_format`: pcm16, or the encoded bytes of a `mulaw`/`alaw` session.
    * @param {Int16Array | ArrayBuffer | Uint8Array} chunk
    */
   sendPcm16(chunk) {
@@ -301,7 +311,8 @@ export class TranscribeClient {
     const bytes = chunk instanceof ArrayBuffer
       ? new Uint8Array(chunk)
       : new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength);
-    this._sentMs += ((bytes.byteLength / 2) * 1000) / this.sampleRate;
+    const width = BYTES_PER_SAMPLE[/** @type {keyof typeof BYTES_PER_SAMPLE} */ (this.inputAudioFormat)] || 2;
+    this._sentMs += ((bytes.byteLength / width) * 1000) / this.sampleRate;
     this._sent.push([this._sentMs, now()]);
     if (this._sent.length > 3000) this._sent.splice(0, this._sent.length - 3000); // bounded
     this._ws.send(JSON.stringify({ type: "audio.append", audio: toBase64(bytes) }));
