@@ -5,7 +5,7 @@ Run by hand (never in CI), from the repository root:
     .venv/bin/pip install -e '.[bench]'   # py-spy; picows (a dependency) drives the load
     .venv/bin/python bench/gateway_load.py --sessions 100,250,500,1000 --seconds 10 \
         --runs 3 --client picows \
-        --servers bare,bare-uvloop,bare-picows,gateway-asyncio,gateway
+        --servers bare,bare-uvloop,bare-picows,bare-picows-uvloop,gateway-asyncio,gateway
 
 For each N it runs, in the same run and on the same cores, the servers named
 in ``--servers`` (see ``SERVERS``): the bare baseline server
@@ -21,8 +21,12 @@ cost low enough to drive 1000 sessions from one core).  Each session streams 20 
 at real-time pace; the server answers every 10th chunk with a partial naming
 the samples it has seen, so each answer's latency is measured from the send of
 the chunk it covers.  Reported per N: latency p50/p99, server CPU (cores),
-server CPU per chunk, RSS per session, errors, and whether the generator kept
-its schedule (if it did not, the figures for that N are not valid).
+server CPU per chunk, RSS per session (each run on a fresh server process,
+after one session has warmed it: RSS with the N sessions streaming less RSS
+before), errors (failed opens, ``error`` events, and sessions that did not end
+with ``session.closed``: one the server closed, with a failure's close code and
+no event, counts), and whether the generator kept its schedule (if it did not,
+that run's latencies are its own lateness: the medians leave them out).
 """
 
 from __future__ import annotations
@@ -160,6 +164,9 @@ SERVERS: dict[str, Callable[[str], Server]] = {
     "bare": lambda cpu: start_bare("bare", cpu),
     "bare-uvloop": lambda cpu: start_bare("bare-uvloop", cpu, loop="uvloop"),
     "bare-picows": lambda cpu: start_bare("bare-picows", cpu, script="bare_picows.py"),
+    "bare-picows-uvloop": lambda cpu: start_bare(
+        "bare-picows-uvloop", cpu, loop="uvloop", script="bare_picows.py"
+    ),
     # An earlier version, for before/after figures: GATEWAY_BEFORE=<checkout>
     # (e.g. `git worktree add /tmp/before <commit>`), run with this environment.
     "gateway-before": lambda cpu: start_gateway("gateway-before", cpu, root=before_checkout()),
@@ -224,6 +231,8 @@ class Client:
         self.sent_at = [0.0] * slots
         self.sent = 0
         self.measure = False
+        self.closed = False
+        """``session.closed`` came: the session ended as the client asked."""
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def on_message(self, raw: str | bytes) -> None:
@@ -234,6 +243,8 @@ class Client:
                 self.level.latencies.append(time.perf_counter() - self.sent_at[chunk])
         elif msg["type"] == "error":
             self.level.errors += 1
+        elif msg["type"] == "session.closed":
+            self.closed = True
 
     async def send(self, text: str) -> None:
         raise NotImplementedError
@@ -339,6 +350,13 @@ async def run_level(
 ) -> Level:
     level = Level(server.name, n)
     slots = int((seconds + warmup + 5) * 1000 / CHUNK_MS)
+    # One session first, so that what any first session allocates (imports, caches)
+    # is not counted as the N sessions' memory.
+    first = await CLIENTS[client](server, Level(server.name, 1), slots)
+    await first.send(json.dumps({"type": "session.close"}))
+    await asyncio.wait([first.done], timeout=10)
+    await first.close()
+    await asyncio.sleep(0.5)
     rss_before = rss_mb(server.proc.pid)
     fds_before = open_fds(server.proc.pid)
     clients: list[Client] = []
@@ -396,6 +414,9 @@ async def run_level(
         except websockets.ConnectionClosed:
             level.errors += 1
     await asyncio.wait([c.done for c in clients], timeout=30)
+    # A session the server closed (a failure closes with no error event), or that
+    # did not end in time, did not end as asked: an error too.
+    level.errors += sum(not c.closed for c in clients)
     for c in clients:
         await c.close()
     await asyncio.sleep(1.0)
@@ -406,14 +427,17 @@ async def run_level(
 
 
 def median_row(rows: list[Level]) -> str:
-    """One table row: each figure the median over the runs of one (server, sessions)."""
+    """One table row: each figure the median over the runs of one (server, sessions);
+    latencies over the runs whose generator kept pace (all of them if none did)."""
     med = statistics.median
     cores = med(r.cpu_s / r.window_s for r in rows if r.window_s)
     per_chunk = med(r.cpu_s / r.chunks * 1e6 for r in rows if r.chunks)
     kept = sum(r.kept_pace for r in rows)
+    # A run whose generator fell behind timed its own lateness: not a server figure.
+    timed = [r for r in rows if r.kept_pace] or rows
     return (
-        f"| {rows[0].sessions} | {rows[0].server} | {med(r.p50_ms for r in rows):.1f} | "
-        f"{med(r.p99_ms for r in rows):.1f} | {cores:.2f} | {per_chunk:.1f} | "
+        f"| {rows[0].sessions} | {rows[0].server} | {med(r.p50_ms for r in timed):.1f} | "
+        f"{med(r.p99_ms for r in timed):.1f} | {cores:.2f} | {per_chunk:.1f} | "
         f"{med(r.rss_per_session_kb for r in rows):.0f} | {sum(r.errors for r in rows)} | "
         f"{kept}/{len(rows)} |"
     )
@@ -440,19 +464,20 @@ async def main() -> None:
     os.sched_setaffinity(0, {int(c) for c in args.client_cpu.split(",")})
     levels = [int(n) for n in args.sessions.split(",")]
     wanted = args.servers.split(",")
-    servers = [SERVERS[name](args.server_cpu) for name in wanted]
     rows: list[Level] = []
-    try:
-        # Runs interleave servers at each level, so drift on a shared machine hits all alike.
-        for n in levels:
-            for run in range(args.runs):
-                for server in servers:
+    # Runs interleave servers at each level, so drift on a shared machine hits all
+    # alike; each run on a fresh server process, so that memory per session reads
+    # what N live sessions hold, not memory an earlier run's sessions freed.
+    for n in levels:
+        for run in range(args.runs):
+            for name in wanted:
+                server = SERVERS[name](args.server_cpu)
+                try:
                     level = await run_level(server, n, args.seconds, args.warmup, args.client)
-                    rows.append(level)
-                    print(f"run {run + 1}: {level.row()}", flush=True)
-    finally:
-        for server in servers:
-            server.stop()
+                finally:
+                    server.stop()
+                rows.append(level)
+                print(f"run {run + 1}: {level.row()}", flush=True)
     print(
         f"\n## Gateway capacity ({os.cpu_count()} cores; server on core {args.server_cpu}; "
         f"medians of {args.runs} runs)\n"
