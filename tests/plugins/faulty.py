@@ -27,6 +27,8 @@ ways a real engine can.  The model name picks the failure:
 * ``chatty-slow-close``: after ``end_input``, an utterance and its final every
   0.2 s for ever (an engine that never finishes its backlog, never silent);
   closing takes 1 s, as a cloud socket's close handshake may.
+* ``slow-end-input``: as ``echo``, but ``end_input`` takes 4 s to return (an
+  engine that holds the end of the input back while it works through a backlog).
 * ``revising``: after ``end_input``, a new partial every 0.2 s for ever, and no
   final (a provider that keeps revising its interim result).
 
@@ -80,6 +82,7 @@ class FaultySTT(STT):
             "raise-on-close",
             "chatty-slow-close",
             "revising",
+            "slow-end-input",
             "um-then-fail",
             "um-then-hang",
             "late-stop",
@@ -122,6 +125,8 @@ class FaultyStream(RecognizeStream):
         await self._audio.put(len(samples))
 
     async def _on_end_input(self) -> None:
+        if self.options.model == "slow-end-input":
+            await asyncio.sleep(4.0)
         await self._audio.put(None)
 
     async def _script(self, model: str) -> None:

@@ -122,6 +122,24 @@ async def test_a_client_gone_while_an_update_opens_its_engine_leaves_no_stream_o
     assert server.health()["sessions"] == 0
 
 
+async def test_a_client_gone_while_its_session_ends_the_input_leaves_no_stream_open(
+    server: Server,
+) -> None:
+    # The session was ending its engine's input (4 s, held back) when the client
+    # left: the engine was in neither the session's hands nor the drain's yet,
+    # and nothing closed it (nor its tasks, nor a LOCAL slot).
+    ws, _ = await open_session(server.url, provider="FAULTY", model="slow-end-input")
+    await send_audio(ws, ONE_SECOND)
+    for _ in range(2):  # all of it taken (a paused reader would not see the client go)
+        await recv_type(ws, "transcription.completed")
+    await ws.send(json.dumps({"type": "session.close"}))
+    await asyncio.sleep(1.0)
+    ws.transport.abort()
+    await asyncio.sleep(0.5)  # the abort happens on the loop, which unclosed() blocks
+    assert server.unclosed(timeout=3.0) == set()
+    assert server.health()["sessions"] == 0
+
+
 async def test_an_update_during_the_switch_comes_after_it(server: Server) -> None:
     ws, _ = await open_session(
         server.url, provider="FAULTY", model="fail-after-audio", fallback=SLOW_FALLBACK

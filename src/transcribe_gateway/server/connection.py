@@ -938,8 +938,12 @@ class Connection:
             if (engine := self._engine) is None:
                 break
             self._engine = None
-            await self._finish_input(engine)
-            await self._drain(engine)
+            try:
+                await self._finish_input(engine)
+            except BaseException:  # cancelled (the client left): nothing else holds it now
+                await self._retire(engine, finalize=False)
+                raise
+            await self._drain(engine)  # retires it, however it ends
         if self._retired:  # earlier streams still finishing after a reconfiguration
             await asyncio.wait(list(self._retired), timeout=self.settings.drain_timeout_s)
         if self.session.state is State.CLOSED:

@@ -64,7 +64,8 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets=sockets)
         if self._drain_task is not None:
             self._drain_task.cancel()  # a forced exit leaves it waiting for the sessions
-        if self.force_exit:
+        shut = getattr(self.lifespan, "shutdown_event", None)
+        if self.force_exit and not (shut is not None and shut.is_set()):
             # uvicorn skips the app's shutdown on a forced exit; the app's lifespan
             # task was then cancelled at exit, logging a traceback at ERROR. The
             # gateway's cleanup is bounded (CLEANUP_WAIT_S, USAGE_FLUSH_S) and closes
