@@ -113,6 +113,36 @@ async def test_config_follows_a_switch_to_the_fallback_mid_stream(
     assert len(result.finals) == 4, result.finals  # the fallback got all of the 2 s
 
 
+async def next_error(client: TranscribeClient) -> Error:
+    """The next ``error`` the client receives (10 s at most)."""
+    async with asyncio.timeout(10):
+        async for event in client.events():
+            if isinstance(event, Error):
+                return event
+    raise AssertionError("the connection ended without an error")
+
+
+async def test_configure_after_a_failure_is_not_answered_by_the_dropped_audio(
+    gateway: GatewayProcess,
+) -> None:
+    # With no fallback, audio after the failure is dropped with an error (one a
+    # second). It was a provider_error, which configure() took for the answer to
+    # a session.update sent while such audio was in flight.
+    async with TranscribeClient.connect(gateway.url, TEST_KEYS[0]) as client:
+        await client.configure(provider="FAULTY", model="fail-after-audio")
+        chunk = np.zeros(320, np.int16).tobytes()
+        for _ in range(30):  # 0.6 s: it fails at 0.5 s
+            await client.send_audio(chunk)
+        failure = await next_error(client)
+        assert failure.error.code == "provider_error"
+        await asyncio.sleep(1.1)  # the next dropped chunk gets its error at once
+        await client.send_audio(chunk)
+        config = await client.configure(provider="FAULTY", model="echo")
+        assert config.model == "echo"
+        dropped = await next_error(client)
+        assert dropped.error.code == "session_not_configured", dropped
+
+
 def create_key(server: GatewayProcess, name: str, *options: str) -> str:
     """``transcribe-gateway keys create NAME OPTIONS`` in the server's store: the key."""
     done = subprocess.run(

@@ -244,9 +244,10 @@ class TestProviderErrors:
         await send_audio(ws, np.zeros(16000, dtype=np.int16))
         err = await expect_error(ws, "provider_error")
         assert "FAULTY" in err["error"]["message"]
-        # Audio without an engine is reported (not silently dropped) ...
+        # Audio without an engine is reported (not silently dropped), as audio the
+        # session cannot take: the failure itself was the provider_error ...
         await ws.send(GOOD_CHUNK)
-        await expect_error(ws, "provider_error")
+        await expect_error(ws, "session_not_configured")
         # ... and a new session.update brings the session back.
         await ws.send(
             json.dumps(

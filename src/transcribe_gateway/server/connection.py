@@ -764,8 +764,11 @@ class Connection:
             now = time.monotonic()
             if now - self._last_no_engine_error > 1.0:  # one error a second, not one a chunk
                 self._last_no_engine_error = now
+                # An audio error, not provider_error: the failure was reported
+                # once, and a client reconfiguring must not take this, sent for
+                # its chunks in flight, for the answer to its session.update.
                 self.session.send_error(
-                    "provider_error",
+                    "session_not_configured",
                     "no engine is serving this session since its provider failed; "
                     "send session.update to continue (audio dropped meanwhile)",
                 )
