@@ -573,9 +573,9 @@ class Connection:
         )
 
     async def _make_way(self) -> bool:
-        """Make way for a new engine: a switch to the fallback under way finishes
-        (one began while the engine opened, as above), and a reconfigured session's
-        engine finishes in the background. False when the session began to end meanwhile."""
+        """Make way for a new engine: a switch to the fallback that began while it
+        opened finishes first, and a reconfigured session's engine finishes in the
+        background. False when the session began to end meanwhile."""
         await self._switch_done()
         if self._ending_meanwhile():
             return False
