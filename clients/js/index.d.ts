@@ -109,7 +109,8 @@ export class TranscribeClient {
    * Open, authenticate and configure; resolves with the effective configuration.
    * Rejects with a `TranscribeError` (the socket closed): `unauthorized`, `over_limit`,
    * the server's `invalid_session_config` / `provider_unavailable` / `provider_error`
-   * (its message and `retryable`), `timeout`, `closed`.
+   * (its message and `retryable`), `timeout`, `closed`. With a `fallback`, the
+   * `provider_error` of the switch is not a refusal: it resolves with the fallback's config.
    */
   connect(): Promise<Record<string, unknown>>;
   /** One chunk in the session's `input_audio_format` (pcm16, or mu-law/A-law bytes), at its rate. */

@@ -14,10 +14,12 @@ from transcribe_gateway.client.sdk import (
     UnknownEvent,
     event_to_dict,
 )
+from transcribe_gateway.protocol.messages import FallbackConfig, VadConfig
 
 __all__ = [
     "AuthMode",
     "Event",
+    "FallbackConfig",
     "StreamResult",
     "Timings",
     "TranscribeClient",
@@ -27,5 +29,6 @@ __all__ = [
     "TranscribeQuotaExceeded",
     "TranscribeUnauthorized",
     "UnknownEvent",
+    "VadConfig",
     "event_to_dict",
 ]
