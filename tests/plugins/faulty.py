@@ -5,6 +5,7 @@ through the same plugin interface any third-party engine uses, fails in the
 ways a real engine can.  The model name picks the failure:
 
 * ``fail-after-audio``: raises ``ProviderError`` once 0.5 s of audio arrived;
+* ``fail-after-3s``: takes 3 s of audio without a word, then raises;
 * ``hang-on-finalize``: echoes a final per 0.5 s of audio but never finishes
   after ``end_input`` (a finalize that never returns);
 * ``crash-on-open``: ``open_stream`` raises a plain exception (a bug);
@@ -82,6 +83,7 @@ class FaultySTT(STT):
             "raise-on-close",
             "chatty-slow-close",
             "revising",
+            "fail-after-3s",
             "slow-end-input",
             "um-then-fail",
             "um-then-hang",
@@ -152,6 +154,10 @@ class FaultyStream(RecognizeStream):
             self._samples += n
             if model == "fail-after-audio" and self._samples >= HALF_SECOND:
                 raise ProviderError("FAULTY", "connection reset by the engine")
+            if model == "fail-after-3s":
+                if self._samples >= 6 * HALF_SECOND:
+                    raise ProviderError("FAULTY", "connection reset after 3 s")
+                continue
             if model == "stall-then-fail" and self._samples >= HALF_SECOND:
                 await asyncio.sleep(0.5)
                 raise ProviderError("FAULTY", "stopped answering, then reset")

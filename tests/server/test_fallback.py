@@ -73,6 +73,28 @@ async def test_fallback_used_when_the_primary_cannot_open(gateway: GatewayProces
     assert texts == ["go forward ten meters"]
 
 
+async def test_audio_over_the_fallback_buffer_is_named_in_the_switch() -> None:
+    # 3 s without a final, 1 s of buffer: the fallback could be given only the last
+    # second, and the client was not told that the first two were lost.
+    server = GatewayProcess("fallback-buffer", env={"TRANSCRIBE_FALLBACK_BUFFER_S": "1"})
+    try:
+        fallback = {"provider": "FAULTY", "model": "echo"}
+        ws, _ = await open_session(
+            server.url, provider="FAULTY", model="fail-after-3s", fallback=fallback
+        )
+        await send_audio(ws, np.zeros(16000 * 3, np.int16))
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws)
+        errors = [m["error"]["message"] for m in messages if m["type"] == "error"]
+        assert len(errors) == 1 and "switching to the fallback" in errors[0], messages
+        assert "the first 2 s of audio since the last final" in errors[0], errors
+        assert "fallback_buffer_s (1 s)" in errors[0]
+        finals = [m["text"] for m in messages if m["type"] == "transcription.completed"]
+        assert finals == ["chunk 0", "chunk 1"], finals  # the last second, replayed
+    finally:
+        assert server.stop() == 0
+
+
 def test_replay_buffer_keeps_only_audio_not_yet_final() -> None:
     buffer = ReplayBuffer(rate=1000, max_seconds=10)
     for i in range(5):  # five 100 ms chunks
@@ -90,3 +112,9 @@ def test_replay_buffer_is_bounded() -> None:
         buffer.append(i * 100, np.full(100, i, np.int16))
     assert [int(c[0]) for c in buffer] == [2, 3, 4]
     assert buffer.dropped_samples == 200
+    assert buffer.lost_ms == 200  # no final yet: from where the buffer began
+    buffer.trim_before(250)  # a final of what was dropped, and more
+    assert buffer.lost_ms == 0
+    later = ReplayBuffer(rate=1000, max_seconds=0.3)  # a reconfigured session's, 60 s in
+    later.append(60_000, np.full(100, 1, np.int16))
+    assert later.lost_ms == 0

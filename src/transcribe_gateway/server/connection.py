@@ -593,8 +593,9 @@ class Connection:
         metrics.provider_errors.labels(provider=exc.provider).inc()
         self.session.send_error(exc.code, str(exc), retryable=exc.retryable)
 
-    def _report_failure(self, exc: ProviderError, fallback: Plan) -> None:
-        """An engine failed and ``fallback`` takes over: counted, and the client told."""
+    def _report_failure(self, exc: ProviderError, fallback: Plan, *, lost_ms: int = 0) -> None:
+        """An engine failed and ``fallback`` takes over: counted, and the client told
+        (also of the audio ``lost_ms`` that the fallback cannot be given)."""
         metrics.provider_errors.labels(provider=exc.provider).inc()
         metrics.fallbacks.labels(
             from_provider=exc.provider, to_provider=fallback.effective.provider
@@ -603,10 +604,16 @@ class Connection:
             "provider failed; switching to fallback",
             extra={"reason": exc.reason, "fallback": fallback.effective.provider},
         )
+        lost = (
+            f"; the first {lost_ms / 1000:g} s of audio since the last final were over "
+            f"fallback_buffer_s ({self.settings.fallback_buffer_s:g} s) and are not replayed"
+            if lost_ms
+            else ""
+        )
         self.session.send_error(
             "provider_error",
             f"{exc}; switching to the fallback "
-            f"{fallback.effective.provider}/{fallback.effective.model}",
+            f"{fallback.effective.provider}/{fallback.effective.model}{lost}",
             retryable=exc.retryable,
         )
         self._flush()
@@ -639,7 +646,7 @@ class Connection:
         if self._cleanup_task is not None:
             return False  # the client is gone: nobody to transcribe for
         self._fallback = None  # one switch per configuration
-        self._report_failure(exc, plan)
+        self._report_failure(exc, plan, lost_ms=replay.lost_ms)
         if self._engine is failed:
             self._engine = None
         # Whoever ends, frees or reconfigures the session waits for this pump (or

@@ -28,6 +28,9 @@ class ReplayBuffer:
         self._samples = 0
         self.dropped_samples = 0
         """Oldest audio dropped because the buffer was full."""
+        self._final_sample: int | None = None
+        """Where the last final ended (the trim point), in samples of the session;
+        before any, where the buffer began (a session reconfigured later starts one)."""
 
     def __len__(self) -> int:
         return len(self._chunks)
@@ -37,7 +40,17 @@ class ReplayBuffer:
         """Where the buffered audio starts in the session (ms)."""
         return self._chunks[0][0] * 1000 // self.rate if self._chunks else 0
 
+    @property
+    def lost_ms(self) -> int:
+        """Audio since the last final that is no longer held (the buffer overflowed):
+        a fallback cannot be given it."""
+        if not self._chunks or self._final_sample is None:
+            return 0
+        return max(0, (self._chunks[0][0] - self._final_sample) * 1000 // self.rate)
+
     def append(self, first_sample: int, samples: Samples) -> None:
+        if self._final_sample is None:
+            self._final_sample = first_sample
         self._chunks.append((first_sample, samples))
         self._samples += len(samples)
         while self._samples > self._max_samples and len(self._chunks) > 1:
@@ -49,6 +62,7 @@ class ReplayBuffer:
     def trim_before(self, ms: int) -> None:
         """Forget audio that ends at or before ``ms`` (its words are final)."""
         limit = ms * self.rate // 1000
+        self._final_sample = max(self._final_sample or 0, limit)
         while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= limit:
             _, gone = self._chunks.popleft()
             self._gone += 1
