@@ -297,13 +297,10 @@ async def test_a_client_gone_during_the_greeting_leaves_no_provider_socket(
 ) -> None:
     # The provider took the upgrade but had not greeted when the client left:
     # the handshake's wait was cancelled and nothing closed the socket.
-    from tests.server.wsutil import connect, recv
-
     emulator = cloud.emulator(greeting)
     emulator.faults = Faults(handshake="silent")
     before = len(emulator.records)
-    ws = await connect(cloud.gateway.url)
-    await recv(ws)
+    ws, _ = await open_ws(cloud)
     update = {"provider": greeting.provider, "model": greeting.model}
     await ws.send(json.dumps({"type": "session.update", "session": update}))
     for _ in range(100):

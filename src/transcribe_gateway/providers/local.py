@@ -80,8 +80,6 @@ class LocalSTT(STT):
         self._loading: dict[str, asyncio.Task[WhisperEngine]] = {}
         """The load under way of each model being loaded (its sessions share it)."""
         self._ready = False
-        self.active: dict[str, int] = {"whisper": 0, "sphinx": 0}
-        """Open streams per engine family (admission control, metrics, tests)."""
         self._holders: dict[str, Counter[str]] = {"whisper": Counter(), "sphinx": Counter()}
         """Open streams per engine family and session."""
 
@@ -104,6 +102,11 @@ class LocalSTT(STT):
         if found is None and is_whisper_hub_name(name):
             found = _whisper_info(name, "Whisper via faster-whisper")
         return found
+
+    @property
+    def active(self) -> dict[str, int]:
+        """Open streams per engine family (admission control, metrics, tests)."""
+        return {family: holders.total() for family, holders in self._holders.items()}
 
     @property
     def whisper_capacity(self) -> int:
@@ -164,10 +167,11 @@ class LocalSTT(STT):
             # The session's update: its one stream finishes while the new one starts,
             # and it keeps its place (refused, it could never be served by retrying).
             return
-        if self.active[family] >= capacity:
+        active = self._holders[family].total()
+        if active >= capacity:
             raise ProviderUnavailable(
                 "LOCAL",
-                f"the embedded engine is at capacity ({self.active[family]} sessions on "
+                f"the embedded engine is at capacity ({active} sessions on "
                 f"{self.pool.workers} decode workers); try again later or use another provider",
             )
         if self.pool.saturated:
@@ -179,11 +183,9 @@ class LocalSTT(STT):
             )
 
     def _hold(self, family: str, session_id: str) -> None:
-        self.active[family] += 1
         self._holders[family][session_id] += 1
 
     def _release(self, family: str, session_id: str) -> None:
-        self.active[family] -= 1
         holders = self._holders[family]
         holders[session_id] -= 1
         if holders[session_id] <= 0:

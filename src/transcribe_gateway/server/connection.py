@@ -252,9 +252,7 @@ class Connection:
             if (failed := self._switching_from) is not None and failed.pump is not None:
                 # First: a switch that ends now would otherwise hand the session
                 # a fallback stream after the engine was retired below.
-                failed.pump.cancel()
-                with contextlib.suppress(BaseException):
-                    await failed.pump
+                await _cancel([failed.pump])
             # The session's own tasks stop first: an update still opening an engine
             # would otherwise install it after the engine below was retired, and
             # nothing would close it (a cancelled update closes what it opened).
@@ -693,9 +691,7 @@ class Connection:
         """Stop feeding ``engine``; with ``finalize`` let it finish its pending audio."""
         if not finalize:
             if engine.pump is not None:
-                engine.pump.cancel()
-                with contextlib.suppress(BaseException):
-                    await engine.pump
+                await _cancel([engine.pump])
             await engine.stream.aclose()
             # Nothing more comes of it: what it left open is closed (normally nothing).
             self._close_utterances(engine, finals=True)
