@@ -32,6 +32,9 @@ ways a real engine can.  The model name picks the failure:
   engine that holds the end of the input back while it works through a backlog).
 * ``revising``: after ``end_input``, a new partial every 0.2 s for ever, and no
   final (a provider that keeps revising its interim result).
+* ``backlog``: after ``end_input``, one utterance whose partial grows by a word
+  every 0.3 s for 6 s, then its final (a provider working through a long
+  utterance sent faster than real time).
 
 With ``FAULTY_STREAM_LOG`` set to a file path, every stream appends
 ``open <id> <model>`` when it opens and ``close <id>`` when it is closed, so a
@@ -83,6 +86,7 @@ class FaultySTT(STT):
             "raise-on-close",
             "chatty-slow-close",
             "revising",
+            "backlog",
             "fail-after-3s",
             "slow-end-input",
             "um-then-fail",
@@ -205,6 +209,16 @@ class FaultyStream(RecognizeStream):
             for n in itertools.count():
                 await asyncio.sleep(0.2)
                 await self._emit(SpeechEvent(SpeechEventType.PARTIAL, utterance, f"still {n}"))
+        if model == "backlog":
+            utterance = self._emitted
+            await self._emit(SpeechEvent(SpeechEventType.SPEECH_STARTED, utterance))
+            words: list[str] = []
+            for n in range(20):
+                await asyncio.sleep(0.3)
+                words.append(f"w{n}")
+                await self._emit(SpeechEvent(SpeechEventType.PARTIAL, utterance, " ".join(words)))
+            await self._emit(SpeechEvent(SpeechEventType.FINAL, utterance, " ".join(words)))
+            await self._emit(SpeechEvent(SpeechEventType.SPEECH_STOPPED, utterance))
         if model == "fail-on-finalize":
             await asyncio.sleep(0.2)
             raise ProviderError("FAULTY", "connection reset while finalizing")

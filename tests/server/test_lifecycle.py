@@ -234,6 +234,22 @@ class TestVanishedClient:
         assert finals[1][0] < messages.index({"type": "error", "error": errors[0]})
         assert messages[-1]["type"] == "session.closed" and ws.close_code == 1000
 
+    async def test_an_engine_whose_partial_grows_is_given_its_time_to_finish(
+        self, gateway: GatewayProcess
+    ) -> None:
+        # A provider working through one long utterance after the finalize says
+        # so only with partials; a partial with more words than the utterance's
+        # last is progress, where a revision of the same words is not (above).
+        ws, _ = await open_session(gateway.url, provider="FAULTY", model="backlog")
+        await send_audio(ws, np.zeros(8000, np.int16))
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 30)
+        assert not [m for m in messages if m["type"] == "error"], messages
+        finals = [m["text"] for m in messages if m["type"] == "transcription.completed"]
+        # 6 s of growing partials: past the 5 s drain timeout.
+        assert finals == ["chunk 0", " ".join(f"w{n}" for n in range(20))], finals
+        assert messages[-1]["type"] == "session.closed" and ws.close_code == 1000
+
 
 class TestHealth:
     def test_healthz(self, gateway: GatewayProcess) -> None:

@@ -126,7 +126,21 @@ class _Engine:
     it is retired by a reconfiguration: that fallback is the new configuration's)."""
     pump: asyncio.Task[None] | None = None
     last_event_at: float = 0.0
-    """Monotonic time of the stream's last event (drain progress)."""
+    """Monotonic time of the stream's last progress (for the drain)."""
+    partial_words: tuple[int, int] = (-1, 0)
+    """The utterance of the stream's last partial, and the most words a partial of
+    it has had: a partial with more is progress, a revision of the same is not."""
+
+    def progressed(self, event: SpeechEvent) -> bool:
+        """Whether ``event`` shows the engine getting on with its audio."""
+        if event.type is not SpeechEventType.PARTIAL:
+            return True
+        utterance, most = self.partial_words
+        words = len(event.text.split())
+        if utterance == event.utterance and words <= most:
+            return False
+        self.partial_words = (event.utterance, words)
+        return True
 
 
 class Connection:
@@ -712,11 +726,12 @@ class Connection:
     async def _drain(self, engine: _Engine) -> None:
         """Wait for an engine whose input ended to deliver its last events.
 
-        The bound is on silence, not on the total: each event but a partial (or
-        other sign of progress, :meth:`RecognizeStream.progress_at`) restarts the
-        ``drain_timeout_s`` clock, so a busy engine working through a backlog
-        is given its time while one that stopped answering, or only ever
-        revises a partial, is cut off.
+        The bound is on silence, not on the total: each event but a partial
+        that adds no words to its utterance (or other sign of progress,
+        :meth:`RecognizeStream.progress_at`) restarts the ``drain_timeout_s``
+        clock, so a busy engine working through a backlog is given its time
+        while one that stopped answering, or only ever revises a partial, is
+        cut off.
         """
         started = time.monotonic()
         try:
@@ -806,8 +821,7 @@ class Connection:
     async def _pump(self, engine: _Engine) -> None:
         try:
             async for event in engine.stream:
-                if event.type is not SpeechEventType.PARTIAL:
-                    # Progress for the drain: partials that never become a final are not.
+                if engine.progressed(event):
                     engine.last_event_at = time.monotonic()
                 self._forward(engine, event)
                 self._flush()
