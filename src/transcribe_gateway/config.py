@@ -69,6 +69,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     strict_providers: bool = False
     """Refuse (``provider_unavailable``) an unconfigured provider instead of using LOCAL."""
     api_keys: list[str] = msgspec.field(default_factory=list)
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    """Browser origins (``https://app.example.com``) that may open ``/ws``; ``*``: any.
+    Empty: any, but while the public development key is in force only pages on this
+    machine. Clients that are not browsers send no origin and are not checked."""
     auth_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=600)] = 10.0
     token_secret: str = ""
     """HMAC secret of the short-lived session tokens; replicas must share it (empty: random)."""
@@ -108,6 +112,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     providers: dict[str, dict[str, str]] = msgspec.field(default_factory=dict)
     """Per cloud provider settings (``api_key``, ``base_url``), e.g. ``[providers.DEEPGRAM]``."""
 
+    @property
+    def public_key(self) -> bool:
+        """Whether :data:`DEV_KEY`, which anyone can know, is accepted."""
+        return not self.api_keys and self.profile == "development"
+
     def keys(self) -> list[str]:
         """The API keys in force; the development profile falls back to :data:`DEV_KEY`."""
         if self.api_keys:
@@ -129,6 +138,7 @@ _ENV: Final[dict[str, tuple[tuple[str, ...], str]]] = {
     "TRANSCRIBE_PROFILE": (("profile",), "str"),
     "TRANSCRIBE_STRICT_PROVIDERS": (("strict_providers",), "bool"),
     "TRANSCRIBE_API_KEYS": (("api_keys",), "list"),
+    "TRANSCRIBE_ALLOWED_ORIGINS": (("allowed_origins",), "list"),
     "TRANSCRIBE_AUTH_TIMEOUT_S": (("auth_timeout_s",), "float"),
     "TRANSCRIBE_TOKEN_SECRET": (("token_secret",), "str"),
     "TRANSCRIBE_TOKEN_MAX_TTL_S": (("token_max_ttl_s",), "int"),

@@ -22,6 +22,7 @@ from transcribe_gateway.server import http, metrics
 from transcribe_gateway.server.auth import KeyChecker
 from transcribe_gateway.server.connection import Connection
 from transcribe_gateway.server.limits import Admission
+from transcribe_gateway.server.origins import OriginPolicy
 from transcribe_gateway.server.tokens import TokenIssuer
 from transcribe_gateway.store import open_store
 from transcribe_gateway.store.redis import RedisStore
@@ -48,6 +49,8 @@ class Gateway:
         self.settings = settings
         self.registry = registry or ProviderRegistry.discover(settings)
         self.keys = KeyChecker(settings.keys())
+        self.origins = OriginPolicy(settings.allowed_origins, public_key=settings.public_key)
+        """Which web pages may open ``/ws``."""
         self.connections: set[Connection] = set()
         self.draining = False
         self.store = open_store(settings.store)

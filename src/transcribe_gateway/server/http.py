@@ -26,6 +26,7 @@ from transcribe_gateway.providers.registry import CATALOG
 from transcribe_gateway.server import metrics
 from transcribe_gateway.server.auth import bearer_token, fingerprint
 from transcribe_gateway.server.limits import Refusal
+from transcribe_gateway.server.origins import is_local_origin, is_loopback_host
 from transcribe_gateway.server.tokens import looks_like_token
 from transcribe_gateway.store.keys import SCOPE_USAGE
 
@@ -184,6 +185,11 @@ async def demo_token(gateway: Gateway, request: Request) -> JSONResponse:
     keys = gateway.settings.keys()
     if client not in _LOOPBACK:
         return _error(403, "forbidden", "the demo token helper answers local clients only")
+    # A page elsewhere reaches a loopback server through a name rebound to
+    # 127.0.0.1: its Host (and Origin) is that name, never a loopback one.
+    host, origin = request.headers.get("host", ""), request.headers.get("origin")
+    if not is_loopback_host(host) or (origin is not None and not is_local_origin(origin, host)):
+        return _error(403, "forbidden", "the demo token helper answers pages on this machine only")
     if not keys:
         return _error(503, "unavailable", "no API key is configured")
     key_id = f"static-{fingerprint(keys[0])}"

@@ -24,6 +24,8 @@ from picows import (
     WSMsgType,
     WSTransport,
     WSUpgradeRequest,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
 )
 
 # The server-side protocol class ws_create_server() builds per connection. It is
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 PATH: Final = b"/ws"
 HANDSHAKE_TIMEOUT_S: Final = 5.0
+FORBIDDEN: Final = 403
 CLOSE_REPLY_TIMEOUT_S: Final = 5.0
 """After our close frame, how long the client has to answer before the socket is cut."""
 PROTOCOL_ERROR: Final = 1002
@@ -185,9 +188,18 @@ def websocket_protocol(gateway: Gateway) -> type[Any]:
             max_size = config.ws_max_size
             ping_interval = config.ws_ping_interval
 
-            def listener(request: WSUpgradeRequest) -> WebSocketLink | None:
+            def listener(
+                request: WSUpgradeRequest,
+            ) -> WebSocketLink | WSUpgradeResponseWithListener | None:
                 if request.path.partition(b"?")[0] != PATH:
                     return None  # picows answers 404
+                origin = request.headers.get("origin")
+                if not gateway.origins.allows(origin, request.headers.get("host")):
+                    log.info("websocket refused: origin not allowed", extra={"origin": origin})
+                    refusal = WSUpgradeResponse.create_error_response(
+                        FORBIDDEN, b"this origin may not use the gateway (allowed_origins)"
+                    )
+                    return WSUpgradeResponseWithListener(refusal, None)
                 return WebSocketLink(gateway, request, max_size)
 
             super().__init__(
