@@ -263,6 +263,31 @@ class TestProviderErrors:
         ]
         assert messages[-1]["type"] == "session.closed"
 
+    async def test_audio_dropped_after_a_failure_is_not_billed_but_keeps_the_clock(
+        self, gateway: GatewayProcess
+    ) -> None:
+        ws, _ = await open_session(gateway.url, provider="FAULTY", model="fail-after-audio")
+        await send_audio(ws, np.zeros(8000, dtype=np.int16))  # 0.5 s: all taken, then it fails
+        await expect_error(ws, "provider_error")
+        await send_audio(ws, np.zeros(32000, dtype=np.int16))  # 2 s that no engine takes
+        await ws.send(
+            json.dumps(
+                {"type": "session.update", "session": {"provider": "FAULTY", "model": "echo"}}
+            )
+        )
+        dropped = []
+        while (msg := await recv(ws))["type"] != "session.updated":
+            dropped.append(msg["error"]["code"])
+        assert set(dropped) == {"session_not_configured"}, dropped
+        await send_audio(ws, np.zeros(8000, dtype=np.int16))
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 30)
+        # The client was told those 2 s were dropped: they are not in its usage
+        # (nor its quota), but they are on its timeline.
+        final = next(m for m in messages if m["type"] == "transcription.completed")
+        assert (final["text"], final["start_ms"]) == ("chunk 0", 2500)
+        assert messages[-1]["usage"]["audio_seconds"] == 1.0, messages[-1]
+
     async def test_finalize_that_never_returns_is_bounded(self, gateway: GatewayProcess) -> None:
         ws, _ = await open_session(gateway.url, provider="FAULTY", model="hang-on-finalize")
         await send_audio(ws, np.zeros(8000, dtype=np.int16))

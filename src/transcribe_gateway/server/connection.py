@@ -181,7 +181,10 @@ class Connection:
         self._unmetered_s = 0.0
         """Audio not yet added to that counter (it is fed once a second, not per chunk)."""
         self.audio_seconds = 0.0
-        """Seconds of audio received (usage)."""
+        """Seconds of audio an engine was given or will be (usage, quota)."""
+        self.timeline_s = 0.0
+        """Seconds of audio received: the session's clock, which event times are
+        on. Audio dropped while no engine serves is on it, not in the usage."""
         self._engine: _Engine | None = None
         self._retired: set[asyncio.Task[None]] = set()
         self._generation = 0
@@ -466,7 +469,7 @@ class Connection:
 
     def _meter(self, seconds: float, now: float) -> None:
         """Count received audio (metrics, the key's audio quota)."""
-        self._latency.on_audio(self.audio_seconds, now)
+        self._latency.on_audio(self.timeline_s, now)
         self._unmetered_s += seconds
         if self._unmetered_s >= 1.0:
             self._count_audio()
@@ -573,7 +576,7 @@ class Connection:
         )
         # The replay's sample positions are at this configuration's rate, which
         # may not be the last one's: the session's clock, counted anew in them.
-        self._samples_received = round(self.audio_seconds * config.sample_rate)
+        self._samples_received = round(self.timeline_s * config.sample_rate)
         self._engine = self._start_engine(plan, stream, can_fall_back=fallback_plan is not None)
         self._count_audio()  # what came before goes to the provider that had it
         self.effective = plan.effective
@@ -637,7 +640,7 @@ class Connection:
             stream,
             plan.effective.provider,
             Resampler(self.config.sample_rate, plan.options.sample_rate),
-            offset_ms=round(self.audio_seconds * 1000),
+            offset_ms=round(self.timeline_s * 1000),
             generation=self._generation,
             can_fall_back=can_fall_back,
         )
@@ -765,21 +768,15 @@ class Connection:
         """Count, keep and convert one chunk; returns what the engine should be given."""
         assert self.config is not None, "the session only accepts audio once configured"
         samples = decode_audio(data, self.config.input_audio_format)
-        if self._replay is not None:
-            self._replay.append(self._samples_received, samples)
+        first_sample = self._samples_received
         self._samples_received += len(samples)
         seconds = len(samples) / self.config.sample_rate
-        self.audio_seconds += seconds
+        self.timeline_s += seconds
         now = time.monotonic()
-        self._meter(seconds, now)
-        if self.session.close_code is not None:
-            return None  # over the audio quota
-        self._touch(now)
         engine = self._engine
-        if engine is None:
-            if self._switching_from is not None:
-                return None  # the fallback takes this chunk from the replay buffer
-            now = time.monotonic()
+        if engine is None and self._switching_from is None:
+            # Dropped, and said so: on the session's clock, not in its usage or quota.
+            self._touch(now)
             if now - self._last_no_engine_error > 1.0:  # one error a second, not one a chunk
                 self._last_no_engine_error = now
                 # An audio error, not provider_error: the failure was reported
@@ -791,6 +788,15 @@ class Connection:
                     "send session.update to continue (audio dropped meanwhile)",
                 )
             return None
+        if self._replay is not None:
+            self._replay.append(first_sample, samples)
+        self.audio_seconds += seconds
+        self._meter(seconds, now)
+        if self.session.close_code is not None:
+            return None  # over the audio quota
+        self._touch(now)
+        if engine is None:
+            return None  # switching: the fallback takes this chunk from the replay buffer
         converted = engine.resampler.push(samples)
         if not len(converted):
             return None
@@ -847,7 +853,7 @@ class Connection:
         fallback replays that audio) the partial is dropped, as the fallback
         transcribes those words again.
         """
-        end_ms = round(self.audio_seconds * 1000)
+        end_ms = round(self.timeline_s * 1000)
         keys = {**self._unstopped, **self._open_partials}
         for key in sorted(k for k in keys if k[0] == engine.generation):
             partial = self._open_partials.pop(key, None)
