@@ -151,6 +151,48 @@ class TestSessionUpdate:
         assert err.field == field
         assert field in err.message
 
+    def test_null_options_take_their_defaults_and_integral_floats_are_ints(self) -> None:
+        # What pydantic's model_dump() and dataclasses.asdict() write for options
+        # not set, and a rate computed as a float, from Python's json.
+        got = m.parse_client_message(
+            update(
+                language=None,
+                input_audio_format=None,
+                sample_rate=8000.0,
+                prompt=None,
+                endpointing=700.0,
+                vad={"threshold": None, "prefix_padding_ms": 200.0, "min_speech_ms": None},
+                fallback=None,
+            )
+        )
+        assert isinstance(got, m.SessionUpdate)
+        assert got.session == m.SessionConfig(
+            provider="LOCAL",
+            model="tiny",
+            sample_rate=8000,
+            endpointing=700,
+            vad=m.VadConfig(prefix_padding_ms=200),
+        )
+        assert type(got.session.sample_rate) is int
+
+    @pytest.mark.parametrize(
+        ("session", "field"),
+        [
+            ({"language": None, "sample_rate": "16000"}, "session.sample_rate"),
+            (
+                {"sample_rate": None, "fallback": {"provider": None, "model": "x"}},
+                "session.fallback.provider",
+            ),
+            ({"prompt": None, "colour": None}, "session.colour"),
+            ({"endpointing": 5.0}, "session.endpointing"),
+        ],
+    )
+    def test_a_relaxed_update_names_what_is_still_wrong(
+        self, session: dict[str, Any], field: str
+    ) -> None:
+        err = parse_error(update(**session))
+        assert (err.code, err.field) == ("invalid_session_config", field), err.message
+
     @pytest.mark.parametrize(
         "frame",
         [

@@ -10,10 +10,12 @@ error code and name the bad field.  Server messages are structs encoded by
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
+import msgspec.inspect
 
 AUDIO_FORMATS: Final = ("pcm16", "mulaw", "alaw")
 MIN_SAMPLE_RATE: Final = 8000
@@ -122,7 +124,14 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
         return _decoder.decode(text)
     except msgspec.ValidationError as exc:
         try:
-            diagnosed = _diagnose(text, str(exc))
+            relaxed = _relaxed_update(text)
+            if relaxed is None:
+                diagnosed = _diagnose(text, str(exc))
+            else:
+                try:
+                    return _decoder.decode(relaxed)
+                except msgspec.ValidationError as still:
+                    diagnosed = _diagnose(relaxed, str(still))
         except RecursionError:
             diagnosed = ParseError("invalid_message", _TOO_DEEP)
         raise diagnosed from None
@@ -132,6 +141,60 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
         # msgspec recurses per nesting level: a few KB of "[[[[" would otherwise
         # escape as an internal error (found by tests/reliability fuzzing).
         raise ParseError("invalid_message", _TOO_DEEP) from None
+
+
+def _relaxed_update(text: str | bytes) -> bytes | None:
+    """A ``session.update`` that generic clients write, as we read it; ``None`` if
+    nothing needed changing (or it is not one).
+
+    Serializers of config objects (pydantic's ``model_dump``, ``dataclasses.asdict``)
+    write ``null`` for an option not set, and Python's ``json`` writes a rate
+    computed as a float as ``16000.0`` (an integer to JSON Schema).  So ``null``
+    for an option with a default means the default, and an integral float is an
+    integer.  Only ``session.update`` takes this slow path: a chunk never does.
+    """
+    try:
+        raw: Any = msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(raw, dict) or raw.get("type") != "session.update":
+        return None
+    session = raw.get("session")
+    if not isinstance(session, dict) or not _relax(session, SessionConfig):
+        return None
+    return msgspec.json.encode(raw)
+
+
+@functools.cache
+def _fields(struct: type[msgspec.Struct]) -> tuple[msgspec.inspect.Field, ...]:
+    info = msgspec.inspect.type_info(struct)
+    assert isinstance(info, msgspec.inspect.StructType)
+    return info.fields
+
+
+def _relax(obj: dict[str, Any], struct: type[msgspec.Struct]) -> bool:
+    """Drop ``obj``'s nulls for fields of ``struct`` with defaults, make its integral
+    floats ints where ``struct`` wants an int; whether anything changed."""
+    changed = False
+    for field in _fields(struct):
+        value = obj.get(field.name)
+        kinds = (
+            field.type.types if isinstance(field.type, msgspec.inspect.UnionType) else (field.type,)
+        )
+        if value is None and field.name in obj and not field.required:
+            del obj[field.name]
+            changed = True
+        elif isinstance(value, float) and value.is_integer():
+            if any(isinstance(k, msgspec.inspect.IntType) for k in kinds) and not any(
+                isinstance(k, msgspec.inspect.FloatType) for k in kinds
+            ):
+                obj[field.name] = int(value)
+                changed = True
+        elif isinstance(value, dict):
+            for kind in kinds:
+                if isinstance(kind, msgspec.inspect.StructType):
+                    changed |= _relax(value, kind.cls)
+    return changed
 
 
 _MAX_ECHO: Final = 200
