@@ -332,11 +332,11 @@ class TestReadAudio:
 
     @pytest.mark.parametrize("name", ["missing.wav", "missing.flac"])
     def test_client_rejects_missing_file(self, tmp_path: Path, name: str) -> None:
-        with pytest.raises(ValueError):
+        with pytest.raises(FileNotFoundError):
             read_audio(tmp_path / name)
 
     def test_client_rejects_missing_raw_file(self, tmp_path: Path) -> None:
-        with pytest.raises(ValueError):
+        with pytest.raises(FileNotFoundError):
             read_audio(tmp_path / "missing.raw")
 
     @pytest.mark.parametrize("name", ["garbage.wav", "garbage.flac", "garbage.mp3", "garbage.bin"])
@@ -353,5 +353,5 @@ class TestReadAudio:
             read_audio(path)
 
     def test_client_rejects_directory(self, tmp_path: Path) -> None:
-        with pytest.raises(ValueError):
+        with pytest.raises(OSError):
             read_audio(tmp_path)

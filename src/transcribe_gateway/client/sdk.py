@@ -1012,8 +1012,10 @@ class TranscribeClient:
 
         Raises:
             RuntimeError: :meth:`configure` has not succeeded yet.
-            ValueError: the file cannot be decoded.
-            OSError: the file cannot be read.
+            OSError: the file cannot be opened for reading: missing
+                (``FileNotFoundError``), a directory (``IsADirectoryError``), no
+                permission (``PermissionError``)...
+            ValueError: the file opens but its content cannot be decoded.
             TranscribeConnectionClosed: the socket closed abnormally.
         """
         if self._config is None:
