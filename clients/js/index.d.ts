@@ -73,15 +73,26 @@ export interface SpeechEvent {
 export interface ClosedInfo {
   /** 1000 normal, 4001 unauthorized, 4029 over a limit, 1008 policy, 1011 internal error */
   code: number;
+  /** The WebSocket close reason. */
   reason: string;
+  /**
+   * Whether `session.closed` arrived (the server finished the audio). `false` with code
+   * 1000 when `close()` gave up waiting (`timeoutMs`), or when the client closed a
+   * session `connect()` gave up on.
+   */
+  finalized: boolean;
+  /** `session.closed`'s reason, `null` without one. */
+  session_reason: "client_close" | "idle_timeout" | "shutdown" | (string & {}) | null;
   /** From `session.closed`, when the server sent it. */
   audio_seconds: number | null;
 }
 
 export class TranscribeError extends Error {
-  constructor(code: string, message: string, retryable?: boolean);
+  constructor(code: string, message: string, retryable?: boolean, field?: string | null);
   readonly code: string;
   readonly retryable: boolean;
+  /** The offending path the server named (e.g. `session.sample_rate`), `null` if none. */
+  readonly field: string | null;
 }
 
 export interface ClientEvents {
@@ -104,6 +115,13 @@ export class TranscribeClient {
   /** Wire format of the audio sent (from the session). */
   readonly inputAudioFormat: "pcm16" | "mulaw" | "alaw";
   readonly isOpen: boolean;
+  /** Bytes sent but still queued on the socket (0 before `connect()`). */
+  readonly bufferedAmount: number;
+  /**
+   * Resolves once fewer than `maxBytes` (default 1 MiB) are queued on the socket, or once
+   * the connection is not open. Await it between chunks to pace a file to the link.
+   */
+  drained(maxBytes?: number): Promise<void>;
   on<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): () => void;
   /**
    * Open, authenticate and configure; resolves with the effective configuration.
@@ -117,7 +135,11 @@ export class TranscribeClient {
   sendPcm16(chunk: Int16Array | ArrayBuffer | Uint8Array): void;
   sendFloat32(samples: Float32Array): void;
   update(session: SessionConfig): void;
-  /** `session.close`: resolves once the server finalized and closed the socket (every call, the same promise). */
+  /**
+   * `session.close`: resolves once the server finalized and closed the socket (every call,
+   * the same promise). After `timeoutMs` (default 20000) the client closes the socket itself
+   * and resolves with `finalized: false`.
+   */
   close(options?: { timeoutMs?: number }): Promise<ClosedInfo>;
 }
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import re
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -303,3 +304,131 @@ async def test_demo_page_stays_closed_when_the_session_ends_during_the_prompt(
     state = await page.evaluate(MEDIA_STATE)
     assert all(t == "ended" for t in state["tracks"]), state
     assert not errors, errors
+
+
+NOT_DEVELOPMENT = (
+    "this server is not in the development profile: the demo token helper is off; "
+    "mint tokens from your backend with POST /v1/tokens"
+)
+
+
+@pytest.fixture(scope="module")
+def production_gateway() -> Iterator[GatewayProcess]:
+    """The production profile: no ``/demo/token`` route (the static mount answers 405)."""
+    server = GatewayProcess("web-production", env={"TRANSCRIBE_PROFILE": "production"})
+    yield server
+    server.stop()
+
+
+async def demo_page_failure(page: Any, http: str) -> dict[str, Any]:
+    """Open the demo page, press Start, and return what it shows once it gave up."""
+    await page.goto(f"{http}/")
+    await page.wait_for_function("document.body.dataset.state === 'idle'", timeout=15_000)
+    await page.click("#start")
+    await page.wait_for_function("document.body.dataset.state === 'error'", timeout=30_000)
+    await page.wait_for_function("!document.getElementById('start').disabled", timeout=30_000)
+    return {
+        "status": await page.inner_text("#status"),
+        "errors": await page.eval_on_selector_all(
+            "#errors li", "els => els.map(e => e.textContent)"
+        ),
+    }
+
+
+async def test_demo_page_in_production_says_the_token_helper_is_off(
+    production_gateway: GatewayProcess, browser: Any, goforward_wav: Path
+) -> None:
+    # The 405 text/plain reply was parsed as JSON: "Unexpected token 'M'...".
+    context = await browser(goforward_wav)
+    page = await context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    shown = await demo_page_failure(page, production_gateway.http)
+    assert shown == {"status": NOT_DEVELOPMENT, "errors": [NOT_DEVELOPMENT]}, shown
+    assert not errors, errors
+
+
+async def test_demo_page_reports_a_token_reply_that_is_not_json(
+    gateway: GatewayProcess, browser: Any, goforward_wav: Path
+) -> None:
+    """A proxy's HTML error page: its status, not a JSON parse error."""
+    context = await browser(goforward_wav)
+    page = await context.new_page()
+    await page.route(
+        "**/demo/token",
+        lambda route: route.fulfill(
+            status=502, content_type="text/html", body="<h1>Bad Gateway</h1>"
+        ),
+    )
+    shown = await demo_page_failure(page, gateway.http)
+    text = "token request failed (502)"
+    assert shown == {"status": text, "errors": [text]}, shown
+
+
+# Before the page's scripts: the close code of every WebSocket the page opens.
+TRACK_CLOSES = """
+(() => {
+  const Real = window.WebSocket;
+  window.__closes = [];
+  window.WebSocket = class extends Real {
+    constructor(...args) {
+      super(...args);
+      this.addEventListener("close", (ev) => window.__closes.push(ev.code));
+    }
+  };
+})();
+"""
+
+
+async def test_demo_page_shows_a_refused_session_once_and_keeps_its_reason(
+    gateway: GatewayProcess, browser: Any, goforward_wav: Path
+) -> None:
+    # The error showed twice (the error event, then connect()'s rejection), and the
+    # close that followed replaced the status with "closed (1005)": the client
+    # closed without a code.
+    context = await browser(goforward_wav)
+    await context.add_init_script(TRACK_CLOSES)
+    page = await context.new_page()
+    await page.goto(f"{gateway.http}/")
+    await page.wait_for_function("document.body.dataset.state === 'idle'", timeout=15_000)
+    await page.select_option("#provider", "FAULTY")
+    await page.select_option("#model", "refuse-on-open")
+    await page.click("#start")
+    # The close event is handled by the client right after this listener: wait past it.
+    await page.wait_for_function("window.__closes.length > 0", timeout=30_000)
+    await page.wait_for_timeout(200)
+    assert await page.evaluate("window.__closes") == [1000]
+    errors = await page.eval_on_selector_all("#errors li", "els => els.map(e => e.textContent)")
+    assert len(errors) == 1 and errors[0].startswith("provider_error: "), errors
+    assert "authentication refused" in errors[0], errors
+    assert await page.inner_text("#status") == errors[0]
+    assert await page.evaluate("document.body.dataset.state") == "error"
+    assert await page.is_enabled("#start") and not await page.is_enabled("#stop")
+
+
+async def test_demo_page_says_when_the_close_gave_up_before_the_server_finished(
+    gateway: GatewayProcess, browser: Any, goforward_wav: Path
+) -> None:
+    """hang-on-finalize never sends ``session.closed``: the page's close() gives up
+    after its 20 s (the page's clock is run forward, before the server's own 5 s
+    drain timeout ends the session) and must not read as a clean close."""
+    context = await browser(goforward_wav)
+    page = await context.new_page()
+    await page.clock.install()
+    await page.goto(f"{gateway.http}/")
+    await page.wait_for_function("document.body.dataset.state === 'idle'", timeout=15_000)
+    await page.select_option("#provider", "FAULTY")
+    await page.select_option("#model", "hang-on-finalize")
+    await page.click("#start")
+    await page.wait_for_function("document.body.dataset.state === 'live'", timeout=30_000)
+    await page.wait_for_function(
+        "document.querySelectorAll('#finals li').length > 0", timeout=30_000
+    )
+    await page.click("#stop")
+    await page.wait_for_function("document.body.dataset.state === 'closing'", timeout=10_000)
+    await page.clock.run_for(21_000)
+    await page.wait_for_function("document.body.dataset.state !== 'closing'", timeout=10_000)
+    status = await page.inner_text("#status")
+    assert status.startswith("closed (1000)"), status
+    assert "the server did not finish in time" in status, status
+    assert await page.evaluate("document.body.dataset.state") == "error"

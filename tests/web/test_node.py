@@ -269,3 +269,86 @@ def test_client_latency_is_true_for_one_byte_formats(
     assert [c["end_ms"] for c in completed] == [500, 1000, 1500, 2000], events
     assert all(c["latency_ms"] is not None and c["latency_ms"] < 300 for c in completed), events
     assert events[-1]["event"] == "done" and events[-1]["value"]["code"] == 1000
+
+
+def test_client_latency_is_unknown_for_finals_whose_chunk_was_dropped(
+    gateway: GatewayProcess, node_workdir: Path
+) -> None:
+    # 3100 chunks sent before any final is handled: the 3000-entry history drops
+    # the first 2 s. Finals ending there were timed from the first kept chunk (as
+    # before), far later than their audio left: a latency too low, not unknown.
+    session = {"provider": "FAULTY", "model": "echo", "sample_rate": 16000}
+    events = run_session_script(node_workdir, gateway, "latency-cap", session)
+    completed = [e["value"] for e in events if e["event"] == "completed"]
+    dropped = [c for c in completed if c["end_ms"] <= 2000]
+    kept = [c for c in completed if c["end_ms"] > 2000]
+    assert [c["end_ms"] for c in dropped] == [500, 1000, 1500, 2000], events
+    assert all(c["latency_ms"] is None for c in dropped), dropped
+    assert kept and all(c["latency_ms"] is not None for c in kept), events
+    assert events[-1]["event"] == "done" and events[-1]["value"]["audio_seconds"] == 62
+
+
+class TestClientClosedInfo:
+    """``ClosedInfo`` tells a finished session (``session.closed`` arrived, and why)
+    from one the client gave up on: both close with 1000."""
+
+    def test_graceful_close_is_finalized(self, gateway: GatewayProcess, node_workdir: Path) -> None:
+        session = {"provider": "FAULTY", "model": "echo", "sample_rate": 16000}
+        events = run_session_script(node_workdir, gateway, "close-twice", session)
+        infos = next(e["value"] for e in events if e["event"] == "infos")
+        for info in [*infos, next(e["value"] for e in events if e["event"] == "third")]:
+            assert info["code"] == 1000 and info["finalized"] is True, events
+            assert info["session_reason"] == "client_close", events
+
+    def test_close_that_times_out_is_not_finalized(
+        self, gateway: GatewayProcess, node_workdir: Path
+    ) -> None:
+        # hang-on-finalize: the server is still finishing when close({timeoutMs: 1000})
+        # stops waiting (before its own 5 s drain timeout would end the session).
+        session = {"provider": "FAULTY", "model": "hang-on-finalize", "sample_rate": 16000}
+        events = run_session_script(node_workdir, gateway, "close-timeout", session)
+        done = events[-1]
+        assert done["event"] == "done", events
+        assert done["value"] == {
+            "code": 1000,
+            "reason": "",
+            "finalized": False,
+            "session_reason": None,
+            "audio_seconds": None,
+        }, events
+
+    def test_idle_timeout_is_the_session_reason(
+        self, gateway: GatewayProcess, node_workdir: Path
+    ) -> None:
+        session = {"provider": "FAULTY", "model": "echo", "sample_rate": 16000}
+        events = run_session_script(node_workdir, gateway, "idle", session)
+        done = events[-1]
+        assert done["event"] == "done", events
+        assert done["value"]["code"] == 1000 and done["value"]["finalized"] is True, events
+        assert done["value"]["session_reason"] == "idle_timeout", events
+
+
+def test_client_drained_bounds_the_socket_queue(
+    gateway: GatewayProcess, node_workdir: Path
+) -> None:
+    # 10 minutes of audio as fast as the socket takes it: unpaced, the ws queue holds
+    # megabytes while the engine works (the client had no way to see or wait on it).
+    session = {"provider": "LOCAL", "model": "whisper-tiny.en", "sample_rate": 16000}
+    events = run_session_script(node_workdir, gateway, "drained", session)
+    stream = next(e["value"] for e in events if e["event"] == "stream")
+    # drained(limit) before each chunk: at most the limit plus the chunk just sent.
+    assert 0 <= stream["most"] < stream["limit"] + stream["frame"], stream
+    done = events[-1]
+    assert done["event"] == "done" and done["value"]["finalized"] is True, events
+    assert done["value"]["audio_seconds"] == 600, events
+
+
+def test_client_error_carries_the_field_the_server_named(
+    gateway: GatewayProcess, node_workdir: Path
+) -> None:
+    session = {"provider": "FAULTY", "model": "echo", "sample_rate": 3}
+    events = run_session_script(node_workdir, gateway, "connect", session)
+    server_error = next(e for e in events if e["event"] == "error")
+    failed = next(e for e in events if e["event"] == "connect_failed")
+    assert server_error["code"] == failed["code"] == "invalid_session_config", events
+    assert server_error["field"] == failed["field"] == "session.sample_rate", events

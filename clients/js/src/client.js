@@ -60,7 +60,12 @@
 /**
  * @typedef {object} ClosedInfo
  * @property {number} code WebSocket close code (1000 normal, 4001 unauthorized, 4029 over limit)
- * @property {string} reason
+ * @property {string} reason the WebSocket close reason
+ * @property {boolean} finalized whether `session.closed` arrived: the server finished the
+ *   audio. `false` with code 1000 when `close()` gave up waiting (its `timeoutMs`), or
+ *   when the client closed a session that `connect()` gave up on
+ * @property {string | null} session_reason `session.closed`'s reason (`client_close`,
+ *   `idle_timeout`, `shutdown`), `null` without one
  * @property {number | null} audio_seconds `session.closed`'s usage, when the server sent it
  */
 
@@ -70,14 +75,17 @@ export class TranscribeError extends Error {
    * @param {string} code
    * @param {string} message
    * @param {boolean} [retryable]
+   * @param {string | null} [field]
    */
-  constructor(code, message, retryable = false) {
+  constructor(code, message, retryable = false, field = null) {
     super(message);
     this.name = "TranscribeError";
     /** snake_case error code from the protocol */
     this.code = code;
     /** whether retrying the same request may succeed */
     this.retryable = retryable;
+    /** the offending path the server named, e.g. `session.sample_rate` (`null` if none) */
+    this.field = field;
   }
 }
 
@@ -85,6 +93,12 @@ const OPEN = 1;
 
 /** Bytes per sample of each `input_audio_format` (G.711 mu-law and A-law: one). */
 const BYTES_PER_SAMPLE = { pcm16: 2, mulaw: 1, alaw: 1 };
+
+/** @param {any} e an `error` message's `error` object */
+function errorFrom(e) {
+  return new TranscribeError(e.code || "error", e.message || "", !!e.retryable,
+    typeof e.field === "string" ? e.field : null);
+}
 
 /** `error` codes answering the `session.update` of connect(): the session cannot be served. */
 const REFUSES_SESSION = new Set(["invalid_session_config", "provider_unavailable", "provider_error"]);
@@ -130,8 +144,12 @@ export class TranscribeClient {
     /** @private Audio sent so far, in ms: each chunk at the rate it was sent at. */ this._sentMs = 0;
     /** @private @type {Array<[number, number]>} (audio ms at chunk end, wall ms when sent) */
     this._sent = [];
+    /** @private Audio ms at the end of the last entry dropped from `_sent`: a final ending
+     * at or before it cannot be timed (its chunk's send time is gone). */
+    this._droppedMs = 0;
     /** @private @type {ClosedInfo | null} */ this._closed = null;
     /** @private @type {number | null} */ this._audioSeconds = null;
+    /** @private @type {any} the `session.closed` message, once it arrived */ this._sessionClosed = null;
     /** @private @type {((info: ClosedInfo) => void) | null} */ this._onClose = null;
     /** @private @type {Promise<ClosedInfo> | null} */ this._closing = null;
   }
@@ -149,6 +167,33 @@ export class TranscribeClient {
   /** Whether the socket is open. */
   get isOpen() {
     return this._ws !== null && this._ws.readyState === OPEN && this._closed === null;
+  }
+
+  /**
+   * Bytes sent but still queued on the socket (the WebSocket's `bufferedAmount`; 0 before
+   * `connect()`). Audio sent faster than the network or the server takes it piles up here.
+   * @returns {number}
+   */
+  get bufferedAmount() {
+    return (this._ws && this._ws.bufferedAmount) || 0;
+  }
+
+  /**
+   * Resolves once fewer than `maxBytes` are queued on the socket (at once if so already),
+   * or once the connection is not open (nothing more drains; `sendPcm16` then throws).
+   * Await it between chunks to stream a file no faster than the link takes it.
+   * @param {number} [maxBytes] default 1 MiB
+   * @returns {Promise<void>}
+   */
+  drained(maxBytes = 1024 * 1024) {
+    // Neither the browser WebSocket nor `ws` has a drain event: poll.
+    return new Promise((resolve) => {
+      const check = () => {
+        if (!this.isOpen || this.bufferedAmount < maxBytes) resolve();
+        else setTimeout(check, 10);
+      };
+      check();
+    });
   }
 
   /**
@@ -206,7 +251,8 @@ export class TranscribeClient {
         settled = true;
         clearTimeout(timer);
         reject(err);
-        if (ws.readyState <= OPEN) ws.close();
+        // An explicit code: without one the close event reports 1005 (no status).
+        if (ws.readyState <= OPEN) ws.close(1000);
       };
       ws.onopen = () => {
         if (auth === "message") ws.send(JSON.stringify({ type: "auth", token: credential }));
@@ -232,12 +278,20 @@ export class TranscribeClient {
             switching = true;
             return;
           }
-          fail(new TranscribeError(msg.error.code, msg.error.message || "", !!msg.error.retryable));
+          fail(errorFrom(msg.error));
         }
       };
       ws.onerror = () => {}; // the close event that follows carries the code
       ws.onclose = (/** @type {any} */ ev) => {
-        const info = { code: ev.code, reason: ev.reason || "", audio_seconds: this._audioSeconds };
+        const last = this._sessionClosed;
+        /** @type {ClosedInfo} */
+        const info = {
+          code: ev.code,
+          reason: ev.reason || "",
+          finalized: last !== null,
+          session_reason: last && typeof last.reason === "string" ? last.reason : null,
+          audio_seconds: this._audioSeconds,
+        };
         this._closed = info;
         if (!settled) {
           const code = ev.code === 4001 ? "unauthorized" : ev.code === 4029 ? "over_limit" : "closed";
@@ -273,12 +327,11 @@ export class TranscribeClient {
       case "speech.stopped":
         this._emit("speech_stopped", msg);
         break;
-      case "error": {
-        const e = msg.error || {};
-        this._emit("error", new TranscribeError(e.code || "error", e.message || "", !!e.retryable));
+      case "error":
+        this._emit("error", errorFrom(msg.error || {}));
         break;
-      }
       case "session.closed":
+        this._sessionClosed = msg;
         this._audioSeconds = msg.usage && typeof msg.usage.audio_seconds === "number"
           ? msg.usage.audio_seconds
           : null;
@@ -289,16 +342,25 @@ export class TranscribeClient {
   /** @private @param {number} endMs @returns {number | null} */
   _latency(endMs) {
     if (typeof endMs !== "number") return null;
+    // Its chunk was dropped: a later one's send time would make the latency too low.
+    if (endMs <= this._droppedMs) return null;
     // The first chunk whose audio reaches end_ms: when the end of the speech left here.
     const sent = this._sent;
     for (let i = 0; i < sent.length; i++) {
       if (sent[i][0] >= endMs) {
         const latency = Math.max(0, Math.round(now() - sent[i][1]));
-        sent.splice(0, i); // older entries are never needed again
+        this._drop(i); // older entries are never needed again
         return latency;
       }
     }
     return null;
+  }
+
+  /** @private Drop the `count` oldest send-history entries. @param {number} count */
+  _drop(count) {
+    if (count <= 0) return;
+    this._droppedMs = this._sent[count - 1][0];
+    this._sent.splice(0, count);
   }
 
   /**
@@ -314,7 +376,7 @@ export class TranscribeClient {
     const width = BYTES_PER_SAMPLE[/** @type {keyof typeof BYTES_PER_SAMPLE} */ (this.inputAudioFormat)] || 2;
     this._sentMs += ((bytes.byteLength / width) * 1000) / this.sampleRate;
     this._sent.push([this._sentMs, now()]);
-    if (this._sent.length > 3000) this._sent.splice(0, this._sent.length - 3000); // bounded
+    if (this._sent.length > 3000) this._drop(this._sent.length - 3000); // bounded
     this._ws.send(JSON.stringify({ type: "audio.append", audio: toBase64(bytes) }));
   }
 
@@ -340,19 +402,26 @@ export class TranscribeClient {
    * End gracefully: the server finalizes the pending audio (last `completed`
    * events), sends `session.closed` and closes with 1000. Calling it again
    * while it is under way returns the same promise (the first call's timeout holds).
+   * After `timeoutMs` (default 20000) without the server's close the client closes
+   * with 1000 itself: the `ClosedInfo` then has `finalized: false` (the server may
+   * not have finished the audio).
    * @param {{timeoutMs?: number}} [options]
    * @returns {Promise<ClosedInfo>}
    */
   close(options = {}) {
     if (this._closed) return Promise.resolve(this._closed);
     const ws = this._ws;
-    if (!ws) return Promise.resolve({ code: 1000, reason: "never connected", audio_seconds: null });
+    if (!ws) {
+      return Promise.resolve({
+        code: 1000, reason: "never connected", finalized: false, session_reason: null, audio_seconds: null,
+      });
+    }
     if (this._closing) return this._closing;
     return (this._closing = new Promise((resolve) => {
       const timer = setTimeout(() => ws.close(1000), options.timeoutMs || 20000);
       this._onClose = (info) => { clearTimeout(timer); resolve(info); };
       if (ws.readyState === OPEN) ws.send(JSON.stringify({ type: "session.close" }));
-      else ws.close();
+      else ws.close(1000);
     }));
   }
 }

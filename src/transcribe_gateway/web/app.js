@@ -1,6 +1,6 @@
 // The demo page: pickers from GET /v1/providers, a token from POST /demo/token
 // (local development only), the microphone through the browser client.
-import { TranscribeClient, startMicrophone } from "./client/index.js";
+import { TranscribeClient, TranscribeError, startMicrophone } from "./client/index.js";
 
 const $ = (id) => document.getElementById(id);
 const els = {
@@ -47,12 +47,19 @@ async function loadProviders() {
 
 async function getToken() {
   const res = await fetch("/demo/token", { method: "POST" });
-  if (res.status === 404) {
+  // No such route: 404, or 405 where the static mount answers a POST to that path.
+  if (res.status === 404 || res.status === 405) {
     throw new Error("this server is not in the development profile: the demo token helper is off; "
       + "mint tokens from your backend with POST /v1/tokens");
   }
-  const body = await res.json();
-  if (!res.ok) throw new Error(body.error ? body.error.message : `token request failed (${res.status})`);
+  // A proxy's or the static mount's plain-text or HTML reply is no JSON to parse.
+  const isJson = (res.headers.get("content-type") || "").includes("application/json");
+  const body = isJson ? await res.json().catch(() => null) : null;
+  if (!res.ok || !body || typeof body.token !== "string") {
+    throw new Error(body && body.error && body.error.message
+      ? body.error.message
+      : `token request failed (${res.status})`);
+  }
   return body.token;
 }
 
@@ -76,10 +83,30 @@ function addFinal(msg) {
   }
 }
 
+/** How an error reads on the page: a server's error with its code, as the `error` event shows it. */
+function describe(err) {
+  return err instanceof TranscribeError ? `${err.code}: ${err.message}` : String((err && err.message) || err);
+}
+
+function closedText(info) {
+  let text = `closed (${info.code}${info.reason ? " " + info.reason : ""})`;
+  if (info.session_reason && info.session_reason !== "client_close") {
+    text += ` · ${info.session_reason.replace("_", " ")}`;
+  }
+  if (info.audio_seconds !== null) text += ` · ${info.audio_seconds.toFixed(1)} s of audio`;
+  if (!info.finalized && info.code === 1000) {
+    // close() stopped waiting: the server never confirmed it finished the audio.
+    text += " · the server did not finish in time: the last words may be missing";
+  }
+  return text;
+}
+
 async function start() {
   els.start.disabled = true;
   setState("connecting", "connecting…");
   let own = null; // this attempt's client: `client` may be a newer one by the time a prompt is answered
+  let failed = false; // the attempt failed: its error stays the status, not the close that follows
+  let lastError = null; // the `error` event's line: connect()'s rejection repeats the server's error
   try {
     const token = await getToken();
     const scheme = location.protocol === "https:" ? "wss" : "ws";
@@ -90,12 +117,10 @@ async function start() {
     });
     own.on("partial", (msg) => { els.partial.textContent = msg.text; });
     own.on("completed", (msg) => { els.partial.textContent = ""; addFinal(msg); });
-    own.on("error", (err) => showError(`${err.code}: ${err.message}`));
+    own.on("error", (err) => { lastError = describe(err); showError(lastError); });
     own.on("closed", (info) => {
       if (client !== own) return; // an older session: the page shows a newer one
-      setState(info.code === 1000 ? "closed" : "error",
-        `closed (${info.code}${info.reason ? " " + info.reason : ""})`
-        + (info.audio_seconds !== null ? ` · ${info.audio_seconds.toFixed(1)} s of audio` : ""));
+      if (!failed) setState(info.code === 1000 && info.finalized ? "closed" : "error", closedText(info));
       els.start.disabled = false;
       els.stop.disabled = true;
       if (mic) mic.stop();
@@ -113,10 +138,12 @@ async function start() {
     els.stop.disabled = false;
     setState("live", "listening");
   } catch (err) {
+    failed = true;
     if (own) own.close();
     if (own && client !== own) return; // a newer session owns the page
-    setState("error", String(err.message || err));
-    showError(String(err.message || err));
+    const text = describe(err);
+    setState("error", text);
+    if (text !== lastError) showError(text);
     els.start.disabled = false;
   }
 }
