@@ -76,6 +76,8 @@ log = logging.getLogger(__name__)
 _PARTIAL_PREFIX: Final = '{"type":"transcription.partial"'
 _CLOSE_REASONS: Final = {4001: "unauthorized", 4029: "over_limit", 1008: "policy", 1011: "error"}
 SERVICE_RESTART: Final = 1012
+_FINAL_SENT: Final = 1
+_STOP_SENT: Final = 2
 _ENDING: Final = {
     "shutdown": "the server is shutting down",
     "idle_timeout": "the session timed out idle",
@@ -189,8 +191,8 @@ class Connection:
         self._retired: set[asyncio.Task[None]] = set()
         self._generation = 0
         self._utterance_ids: dict[tuple[int, int], str] = {}
-        self._utterance_ended: set[tuple[int, int]] = set()
-        """Utterances whose final or speech.stopped was sent (forgotten after both)."""
+        self._said: dict[tuple[int, int], int] = {}
+        """What was sent of each utterance that ended: ``_FINAL_SENT``, ``_STOP_SENT``."""
         self._open_partials: dict[tuple[int, int], tuple[str, str, int]] = {}
         """Utterances with a partial but no final yet: (utterance id, text, start ms)."""
         self._unstopped: dict[tuple[int, int], str] = {}
@@ -869,7 +871,7 @@ class Connection:
         # Nothing more comes of this engine: forget its utterances.
         for key in [k for k in self._utterance_ids if k[0] == engine.generation]:
             del self._utterance_ids[key]
-        self._utterance_ended = {k for k in self._utterance_ended if k[0] != engine.generation}
+        self._said = {k: v for k, v in self._said.items() if k[0] != engine.generation}
 
     def _forward(self, engine: _Engine, event: SpeechEvent) -> None:
         if self.session.state not in (State.STREAMING, State.DRAINING):
@@ -882,27 +884,28 @@ class Connection:
             utterance_id = self._utterance_ids[key] = f"utt_{self._utterances}"
         offset = engine.offset_ms
         kind = event.type
+        said = self._said.get(key, 0)
+        if said & _STOP_SENT or (said and kind is not SpeechEventType.SPEECH_STOPPED):
+            # An engine out of the protocol's order (a plugin's): started,
+            # partials, one final, stopped. Nothing after the final or the stop
+            # joins the utterance; a final's words are kept as an utterance of
+            # their own, a partial is dropped (its final, if any, follows).
+            if kind is SpeechEventType.FINAL:
+                self._forward_apart(engine, event)
+            return
         if kind is SpeechEventType.PARTIAL:
             self.session.send_event(m.TranscriptionPartial(utterance_id, event.text))
             opened = self._open_partials.get(key)
             start_ms = opened[2] if opened else event.start_ms + offset
             self._open_partials[key] = (utterance_id, event.text, start_ms)
         elif kind is SpeechEventType.FINAL:
-            words = [
-                m.Word(w.word, w.start_ms + offset, w.end_ms + offset, w.confidence)
-                for w in event.words
-            ]
-            self.session.send_event(
-                m.TranscriptionCompleted(
-                    utterance_id, event.text, event.start_ms + offset, event.end_ms + offset, words
-                )
-            )
+            self.session.send_event(_completed(utterance_id, event, offset))
             self._open_partials.pop(key, None)
             if self._replay is not None and engine is self._engine:
                 self._replay.trim_before(event.end_ms + offset)
             if self.settings.log_level == "debug":
                 self._log.debug("final", extra={"text": event.text})
-            self._end_utterance(key)
+            self._end_utterance(key, _FINAL_SENT)
         elif kind is SpeechEventType.SPEECH_STARTED:
             self.session.send_event(m.SpeechStarted(utterance_id, event.start_ms + offset))
             self._open_partials.pop(key, None)
@@ -911,21 +914,27 @@ class Connection:
             self.session.send_event(m.SpeechStopped(utterance_id, event.end_ms + offset))
             self._unstopped.pop(key, None)
             self._open_partials.pop(key, None)  # stopped without a final: it said nothing
-            self._end_utterance(key)
+            self._end_utterance(key, _STOP_SENT)
 
-    def _end_utterance(self, key: tuple[int, int]) -> None:
-        # A final may come after speech.stopped (a plugin's engine): keep the id
-        # until both were sent, and never more than a few utterances back. Another
-        # engine's (one retired, still finishing) are forgotten when it is closed.
-        if key in self._utterance_ended:
-            self._utterance_ended.discard(key)
-            self._utterance_ids.pop(key, None)
-        else:
-            self._utterance_ended.add(key)
+    def _end_utterance(self, key: tuple[int, int], sent: int) -> None:
+        # Remember what was sent of the utterance (its stop may still follow its
+        # final), never more than a few utterances back. Another engine's (one
+        # retired, still finishing) are forgotten when it is closed.
+        self._said[key] = self._said.get(key, 0) | sent
         generation, number = key
-        for old in [k for k in self._utterance_ended if k[0] == generation and k[1] < number - 16]:
-            self._utterance_ended.discard(old)
+        for old in [k for k in self._said if k[0] == generation and k[1] < number - 16]:
+            del self._said[old]
             self._utterance_ids.pop(old, None)
+
+    def _forward_apart(self, engine: _Engine, event: SpeechEvent) -> None:
+        """A final for an utterance already finalized or stopped, as an utterance of its own."""
+        self._log.warning("engine sent a final out of order; sent as a new utterance")
+        self._utterances += 1
+        utterance_id = f"utt_{self._utterances}"
+        completed = _completed(utterance_id, event, engine.offset_ms)
+        self.session.send_event(m.SpeechStarted(utterance_id, completed.start_ms))
+        self.session.send_event(completed)
+        self.session.send_event(m.SpeechStopped(utterance_id, completed.end_ms))
 
     # ----------------------------------------------------------------- ending
 
@@ -1032,3 +1041,14 @@ class Connection:
         """The client reads again: send what was held back."""
         while self._backlog and self.link.writable and not self._close_sent:
             self.link.send_text(self._backlog.popleft())
+
+
+def _completed(utterance_id: str, event: SpeechEvent, offset_ms: int) -> m.TranscriptionCompleted:
+    """A final as the client gets it: times moved onto the session's timeline."""
+    words = [
+        m.Word(w.word, w.start_ms + offset_ms, w.end_ms + offset_ms, w.confidence)
+        for w in event.words
+    ]
+    return m.TranscriptionCompleted(
+        utterance_id, event.text, event.start_ms + offset_ms, event.end_ms + offset_ms, words
+    )
