@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, GatewayProcess, free_port
+from transcribe_gateway.store.sqlite import open_database
 
 # Sessions in these tests must outlive the shared fixture's 3 s idle timeout.
 OPS_ENV = {"TRANSCRIBE_IDLE_TIMEOUT_S": "60", "TRANSCRIBE_STORE_RECHECK_INTERVAL_S": "0.5"}
@@ -104,6 +105,8 @@ def create_key(env: dict[str, str], name: str, *options: str) -> str:
 @pytest.fixture(scope="module")
 def sqlite_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     path = tmp_path_factory.mktemp("store") / "keys.db"
+    # Made now: the commands that only read refuse a store file that does not exist.
+    open_database(path).close()
     return {"TRANSCRIBE_STORE_PATH": str(path)}
 
 

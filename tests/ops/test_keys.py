@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import websockets
 
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, free_port
 from tests.ops.conftest import create_key, run_cli
 from tests.server.wsutil import connect, recv
 from transcribe_gateway.store.keys import hash_key
+from transcribe_gateway.store.sqlite import open_database
 
 
 class TestKeysCli:
@@ -63,6 +64,8 @@ class TestKeysCli:
             ("--audio-minutes", "inf"),
             ("--rate", "-1"),
             ("--rate", "nan"),
+            ("--rate", "0.5"),  # counted per second: would let one message a second through
+            ("--rate", "2.5"),
             ("--expires-in", "inf"),  # then `keys list` crashed on the whole store
             ("--expires-in", "1e300"),
             ("--expires-in", "nan"),
@@ -74,6 +77,7 @@ class TestKeysCli:
         self, tmp_path: Path, option: str, value: str
     ) -> None:
         env = {"TRANSCRIBE_STORE_PATH": str(tmp_path / "k.db")}
+        open_database(tmp_path / "k.db").close()  # a store there already (`keys list` needs it)
         done = run_cli(env, "keys", "create", "bad", option, value)
         assert done.returncode == 2, done.stderr
         assert option in done.stderr and "exists already" not in done.stderr
@@ -82,6 +86,67 @@ class TestKeysCli:
         listing = run_cli(env, "keys", "list")
         assert listing.returncode == 0, listing.stderr
         assert "bad" not in listing.stdout
+
+    def test_cli_refuses_a_name_that_looks_like_a_key_id(self, tmp_path: Path) -> None:
+        # `keys revoke X` and `usage --key X` take a name or an id: X must be one key.
+        env = {"TRANSCRIBE_STORE_PATH": str(tmp_path / "k.db")}
+        done = run_cli(env, "keys", "create", "key_0123456789ab")
+        assert done.returncode == 2, done.stderr
+        assert "looks like a key id" in done.stderr and done.stdout == ""
+
+    def test_cli_takes_a_whole_rate(self, tmp_path: Path) -> None:
+        env = {"TRANSCRIBE_STORE_PATH": str(tmp_path / "k.db")}
+        create_key(env, "whole", "--rate", "2.0")
+        assert run_cli(env, "keys", "list").stdout.splitlines()[1].split()[8] == "2"
+
+    @pytest.mark.parametrize(
+        "command",
+        [("keys", "list"), ("keys", "revoke", "acme"), ("usage",), ("usage", "--key", "acme")],
+    )
+    def test_cli_commands_that_read_refuse_a_missing_store_file(
+        self, tmp_path: Path, command: tuple[str, ...]
+    ) -> None:
+        # A mistyped store.path: an error, not an empty store created there.
+        env = {"TRANSCRIBE_STORE_PATH": str(tmp_path / "typo" / "k.db")}
+        done = run_cli(env, *command)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.splitlines() == [
+            f"transcribe-gateway: store.path: {tmp_path / 'typo' / 'k.db'} does not exist "
+            "(no key was created there; check store.path / TRANSCRIBE_STORE_PATH)"
+        ]
+        assert not (tmp_path / "typo").exists()
+
+    @pytest.mark.parametrize(
+        "command", [("keys", "create", "acme"), ("keys", "list"), ("usage", "--key", "acme")]
+    )
+    def test_cli_says_in_one_line_that_redis_is_unavailable(self, command: tuple[str, ...]) -> None:
+        env = {
+            "TRANSCRIBE_STORE_BACKEND": "redis",
+            "TRANSCRIBE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
+        }
+        done = run_cli(env, *command)
+        assert done.returncode == 1, done.stderr
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("transcribe-gateway: store unavailable: ")
+        assert done.stdout == ""
+
+    def test_cli_says_in_one_line_that_the_sqlite_file_is_locked(self, tmp_path: Path) -> None:
+        # Another process holds the write lock past the 5 s busy timeout.
+        path = tmp_path / "k.db"
+        env = {"TRANSCRIBE_STORE_PATH": str(path)}
+        create_key(env, "acme")
+        lock = sqlite3.connect(path, isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            done = run_cli(env, "keys", "revoke", "acme")
+            listing = run_cli(env, "keys", "list")  # reads go on (WAL)
+        finally:
+            lock.close()
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.splitlines() == [
+            f"transcribe-gateway: store unavailable: database is locked ({path})"
+        ]
+        assert listing.returncode == 0 and "active" in listing.stdout
 
     def test_cli_list_shows_a_bad_stored_value_instead_of_failing(self, tmp_path: Path) -> None:
         # Written before the CLI refused such values (or by hand): the listing of the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.ops.conftest import RedisServer
+from transcribe_gateway.config import Settings
+from transcribe_gateway.store import redis as redis_store
+from transcribe_gateway.store import sqlite as sqlite_store
+from transcribe_gateway.store.cli import _usage_key_id
 from transcribe_gateway.store.keys import KeyExistsError, KeyLimits, Store, hash_key
 from transcribe_gateway.store.redis import TOKEN_CLOCK_SKEW_S, RedisStore
 from transcribe_gateway.store.sqlite import SqliteStore
@@ -132,8 +137,117 @@ class TestStoreContract:
     async def test_store_ping(self, store: Store) -> None:
         assert await store.ping()
 
+    @pytest.mark.parametrize("name", ["key_0123456789ab", "key_5a51a102a0fa"])
+    async def test_store_refuses_a_name_that_looks_like_a_key_id(
+        self, store: Store, name: str
+    ) -> None:
+        # `keys revoke X` and `usage --key X` take a name or an id: X must be one key.
+        with pytest.raises(ValueError, match="looks like a key id"):
+            await store.create_key(name)
+        assert await store.list_keys() == []
+        await store.create_key("key_of_acme")  # not an id's form: a name like any other
+        await store.create_key("KEY_0123456789AB")
+
+    async def test_store_refuses_a_fractional_message_rate(self, store: Store) -> None:
+        # Messages are counted per second: 0.5 a second would let one through each second.
+        with pytest.raises(ValueError, match="whole number"):
+            await store.create_key("half", limits=KeyLimits(messages_per_second=0.5))
+        assert await store.list_keys() == []
+        await store.create_key("two", limits=KeyLimits(messages_per_second=2.0))
+
+    async def test_store_resolves_a_name_before_an_id(
+        self, store: Store, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A key named like another's id, created before such names were refused.
+        first, _ = await store.create_key("first")
+        for module in (sqlite_store, redis_store):
+            monkeypatch.setattr(module, "check_new_key", lambda *args: None)
+        legacy, _ = await store.create_key(first.id)
+        settings = Settings()
+        assert await _usage_key_id(store, settings, first.id) == legacy.id
+        assert await _usage_key_id(store, settings, "first") == first.id
+        assert await store.revoke_key(first.id)  # the key of that name, only
+        keys = {k.name: k.status() for k in await store.list_keys()}
+        assert keys == {"first": "active", first.id: "revoked"}
+        assert not await store.revoke_key(first.id)  # that name's key is revoked already
+        assert (await store.get_keys([first.id]))[first.id].status() == "active"
+        assert await store.revoke_key("first")
+
+
+class TestSqliteOnly:
+    async def test_sqlite_lookups_do_not_wait_for_a_write_held_by_a_lock(
+        self, tmp_path: Path
+    ) -> None:
+        # Another process (a `keys` command, a backup) holds the write lock while a
+        # session's usage record is written: the write waits (the busy timeout, again
+        # on each retry), and key lookups must not queue behind it (WAL reads go on).
+        store = SqliteStore(tmp_path / "store.db")
+        await store.start()
+        lock = sqlite3.connect(tmp_path / "store.db", isolation_level=None)
+        try:
+            created, secret = await store.create_key("acme")
+            lock.execute("BEGIN IMMEDIATE")
+            write = asyncio.create_task(store.record_usage(record(created.id, 2.0, time.time())))
+            await asyncio.sleep(0.2)  # the write is waiting for the lock
+            lookup = asyncio.create_task(store.find_key(secret))
+            done, _ = await asyncio.wait({write, lookup}, return_when=asyncio.FIRST_COMPLETED)
+            # The write cannot end before the lock is released (or its busy timeout
+            # passes): the lookup answered first, while the write still waited.
+            assert lookup in done and write not in done
+            assert lookup.result() == created
+            assert await store.get_keys([created.id]) == {created.id: created}
+            assert await store.ping()
+            lock.execute("ROLLBACK")
+            await write  # and the record is written once the lock is gone
+            rows = await store.usage_report(created.id, "day")
+            assert [(r.sessions, r.audio_seconds) for r in rows] == [(1, 2.0)]
+        finally:
+            lock.close()
+            await store.aclose()
+
 
 class TestRedisOnly:
+    async def test_redis_one_keys_report_reads_only_that_keys_totals(
+        self, redis_server: RedisServer
+    ) -> None:
+        # GET /v1/usage reports one key: what Redis sends back for it must not grow
+        # with the other keys' totals, which share its periods' hashes.
+        store = RedisStore(redis_server.url)
+        await store.start()
+        await store.client.flushdb()
+        now = time.time()
+        days = [now - d * 86400 for d in range(3)]
+
+        async def report_bytes() -> int:
+            await store.client.config_resetstat()
+            rows = await store.usage_report("mine", "day")
+            info = await store.client.info("stats")
+            assert [(r.key_name, r.sessions, r.audio_seconds) for r in rows] == [
+                ("named", 1, 1.5)
+            ] * 3
+            return int(info["total_net_output_bytes"])
+
+        try:
+            for i, at in enumerate(days):
+                await store.record_usage(record("mine", 1.5, at, f"ts_mine{i}"))
+            alone = await report_bytes()
+            for k in range(100):
+                for i, at in enumerate(days):
+                    await store.record_usage(record(f"key_other{k:03}", 9.0, at, f"ts_{k}_{i}"))
+            crowded = await report_bytes()
+            # The same bytes (give or take a reconnection's handshake): reading the
+            # periods' whole hashes, as before, sent some 30 kB more here.
+            assert crowded < alone + 100
+            # The full report (the `usage` command) still has every key.
+            everyone = await store.usage_report(None, "day")
+            assert len(everyone) == 3 * 101
+            assert {r.key_id for r in everyone if r.period == period_id("day", now)} == {
+                "mine",
+                *(f"key_other{k:03}" for k in range(100)),
+            }
+        finally:
+            await store.aclose()
+
     async def test_redis_lease_expires_without_renewal(self, redis_server: RedisServer) -> None:
         store = RedisStore(redis_server.url, lease_ttl_s=1.0)
         await store.start()

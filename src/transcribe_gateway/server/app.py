@@ -21,7 +21,7 @@ from transcribe_gateway.providers.registry import ProviderRegistry
 from transcribe_gateway.server import http, metrics
 from transcribe_gateway.server.auth import KeyChecker
 from transcribe_gateway.server.connection import Connection
-from transcribe_gateway.server.limits import Admission
+from transcribe_gateway.server.limits import OPS_STOP_S, Admission
 from transcribe_gateway.server.origins import OriginPolicy
 from transcribe_gateway.server.tokens import TokenIssuer
 from transcribe_gateway.store import open_store
@@ -86,9 +86,17 @@ class Gateway:
         await _wait_closed(live, CLEANUP_WAIT_S)
         for task in self._ops:
             task.cancel()
-        for task in self._ops:
-            with contextlib.suppress(BaseException):
-                await task
+        # Bounded: a task whose cancellation a callee swallowed (asyncio.wait_for in
+        # redis-py on Python 3.11) could otherwise hold up the exit for ever.
+        if self._ops:
+            done, stuck = await asyncio.wait(self._ops, timeout=OPS_STOP_S)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("%s failed", task.get_name(), exc_info=task.exception())
+            for task in stuck:
+                log.error(
+                    "%s did not stop within %g s; exiting without it", task.get_name(), OPS_STOP_S
+                )
         await self.registry.aclose()
         await self.store.aclose()
 

@@ -60,9 +60,23 @@ USAGE_PENDING_MAX: Final = 10_000
 """Records waiting for the store at most (memory bound while it is away)."""
 USAGE_FLUSH_S: Final = 30.0
 """At shutdown, how long records still waiting may take before the store is closed."""
+OPS_STOP_S: Final = USAGE_FLUSH_S + 10.0
+"""At shutdown, how long the ops tick (which flushes the records first) may take to stop."""
 
 
 _RATE_LIMITED: Final = metrics.refusals.labels(code="rate_limited")
+
+
+def _cancelling() -> bool:
+    """True once the current task was asked to stop, even if the request was swallowed.
+
+    On Python 3.11, ``asyncio.wait_for`` (which redis-py uses for its socket
+    timeouts) returns the result instead of raising ``CancelledError`` when the
+    call completes as the task is cancelled (CPython gh-86296, fixed in 3.12): a
+    loop that only waits for the exception would then run on for ever.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _fields(record: UsageRecord) -> dict[str, object]:
@@ -296,6 +310,8 @@ class Admission:
                             await self._meter(grant, record.session_id)
                         await self.store.record_usage(record)
                 except Exception as exc:  # a timeout, a lock, the store away: try again
+                    if _cancelling():  # shutdown, its CancelledError swallowed on the way
+                        raise asyncio.CancelledError from exc
                     pause = USAGE_BACKOFF_S[min(failures, len(USAGE_BACKOFF_S) - 1)]
                     failures += 1
                     if time.monotonic() + pause > deadline:
@@ -359,13 +375,14 @@ class Admission:
         interval = min(store_cfg.recheck_interval_s, store_cfg.lease_ttl_s / 3)
         rate_task = asyncio.create_task(self._sync_rates()) if self.shared else None
         try:
-            while True:
+            while not _cancelling():
                 await asyncio.sleep(interval)
                 try:
                     async with asyncio.timeout(_STORE_TIMEOUT_S):
                         await self.tick(list(connections))
                 except Exception:  # a store hiccup must not end the loop
                     log.warning("ops tick failed", exc_info=True)
+            raise asyncio.CancelledError  # cancelled, though a store call swallowed it
         finally:
             if rate_task is not None:
                 rate_task.cancel()
@@ -416,7 +433,7 @@ class Admission:
     async def _sync_rates(self) -> None:
         """Share this process's message counts and learn the other replicas' (Redis)."""
         failing = False
-        while True:
+        while not _cancelling():
             await asyncio.sleep(_RATE_SYNC_S)
             second = int(time.time())
             for key_id, window in list(self._rates.items()):
@@ -439,6 +456,7 @@ class Admission:
                     failing = False
                 window.pushed += pending
                 window.others = max(0, total - window.pushed)
+        raise asyncio.CancelledError  # cancelled, though a store call swallowed it
 
 
 class SessionLimits:

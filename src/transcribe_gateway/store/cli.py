@@ -10,10 +10,13 @@ import argparse
 import asyncio
 import json
 import math
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from pathlib import Path
+
+from redis.exceptions import RedisError
 
 from transcribe_gateway.config import Settings, load_settings
 from transcribe_gateway.server.auth import fingerprint
@@ -28,8 +31,6 @@ from transcribe_gateway.store.keys import (
 )
 from transcribe_gateway.store.usage import format_report
 
-T = TypeVar("T")
-
 
 def _count(raw: str) -> int:
     """``--max-sessions``: a whole number, 0 (the server's limit) to MAX_SESSIONS_LIMIT."""
@@ -43,13 +44,27 @@ def _count(raw: str) -> int:
 
 
 def _amount(raw: str) -> float:
-    """``--audio-minutes``, ``--rate``: a finite number >= 0 (0: no limit)."""
+    """``--audio-minutes``: a finite number >= 0 (0: no limit)."""
     try:
         value = float(raw)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, not {raw!r}") from None
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: no limit), not {raw}")
+    return value
+
+
+def _rate(raw: str) -> float:
+    """``--rate``: whole messages per second >= 0 (0: no limit).
+
+    Messages are counted per one-second window, so a fraction would not hold:
+    0.5 would let one message a second through.
+    """
+    value = _amount(raw)
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number of messages per second (0: no limit), not {raw}"
+        )
     return value
 
 
@@ -79,7 +94,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     create.add_argument("--period", choices=["day", "month"], default="month")
     create.add_argument(
-        "--rate", type=_amount, default=0.0, help="messages per second (0: no limit)"
+        "--rate", type=_rate, default=0.0, help="whole messages per second (0: no limit)"
     )
     create.add_argument("--expires-in", type=_days, help="days until the key expires")
     create.add_argument(
@@ -104,20 +119,41 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 def _run(
     args: argparse.Namespace,
-    job: Callable[[Store], Awaitable[T]],
+    job: Callable[[Store], Awaitable[int]],
     settings: Settings | None = None,
-) -> T:
-    settings = settings or load_settings(args.config)
+    *,
+    create: bool = False,
+) -> int:
+    """Run ``job`` on the configured store; its exit status, or 1 when the store fails.
 
-    async def main() -> T:
-        store = open_store(settings.store)
+    Only ``create`` (``keys create``) may create a SQLite file: a command that
+    reads or changes keys at a mistyped path would otherwise leave an empty store there.
+    """
+    settings = settings or load_settings(args.config)
+    cfg = settings.store
+    if cfg.backend == "sqlite" and not create and not Path(cfg.path).exists():
+        print(
+            f"transcribe-gateway: store.path: {cfg.path} does not exist (no key was created "
+            "there; check store.path / TRANSCRIBE_STORE_PATH)",
+            file=sys.stderr,
+        )
+        return 2
+
+    async def main() -> int:
+        store = open_store(cfg)
         await store.start()
         try:
             return await job(store)
         finally:
             await store.aclose()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except (RedisError, sqlite3.Error, OSError) as exc:
+        # Redis away, a SQLite lock held past the busy timeout: one line, no traceback.
+        where = f" ({cfg.path})" if cfg.backend == "sqlite" else ""
+        print(f"transcribe-gateway: store unavailable: {exc}{where}", file=sys.stderr)
+        return 1
 
 
 def _when(stamp: float | None) -> str:
@@ -160,7 +196,7 @@ def run_keys(args: argparse.Namespace) -> int:
             )
             return 0
 
-        return _run(args, create)
+        return _run(args, create, create=True)
     if args.keys_command == "revoke":
 
         async def revoke(store: Store) -> int:
@@ -205,9 +241,13 @@ def _static_id(name: str) -> str | None:
 
 async def _usage_key_id(store: Store, settings: Settings, name: str) -> str | None:
     """The key id whose records ``--key name`` asks for; ``None`` when no key has that name."""
-    found = [k for k in await store.list_keys() if name in (k.name, k.id)]
-    if found:
-        return found[0].id
+    stored = await store.list_keys()
+    # A name first, then an id, as `keys revoke` resolves it.
+    found = next((k for k in stored if k.name == name), None) or next(
+        (k for k in stored if k.id == name), None
+    )
+    if found is not None:
+        return found.id
     key_id = _static_id(name)
     configured = settings.keys()
     if key_id is not None and key_id.removeprefix("static-") in map(fingerprint, configured):

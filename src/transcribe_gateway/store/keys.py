@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,8 @@ class KeyLimits:
     """Audio minutes per :attr:`period` (over it: ``error`` then close 4029)."""
     period: Period = "month"
     messages_per_second: float = 0.0
-    """Client messages per second (over it: frames refused with ``rate_limited``)."""
+    """Client messages per second, a whole number (over it: frames refused with
+    ``rate_limited``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,14 @@ NO_LIMITS: Final = KeyLimits()
 
 def new_key_id() -> str:
     return "key_" + secrets.token_hex(6)
+
+
+_KEY_ID: Final = re.compile(r"key_[0-9a-f]{12}")
+
+
+def looks_like_key_id(name: str) -> bool:
+    """True for a name of :func:`new_key_id`'s form (``key_`` and 12 hex digits)."""
+    return _KEY_ID.fullmatch(name) is not None
 
 
 def new_key(
@@ -117,6 +127,10 @@ def check_new_key(name: str, limits: KeyLimits, expires_at: float | None) -> Non
     """
     if not name.strip():
         raise ValueError("the key's name is empty")
+    # Commands take a key's name or id: a name that could be another key's id
+    # would make them ambiguous.
+    if looks_like_key_id(name):
+        raise ValueError(f"the key's name {name!r} looks like a key id (key_ and 12 hex digits)")
     if not 0 <= limits.max_sessions <= MAX_SESSIONS_LIMIT:
         raise ValueError(f"max_sessions must be 0 to {MAX_SESSIONS_LIMIT} (0: no limit)")
     for what, value in (
@@ -125,6 +139,12 @@ def check_new_key(name: str, limits: KeyLimits, expires_at: float | None) -> Non
     ):
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{what} must be a finite number >= 0 (0: no limit), not {value}")
+    # The rate is counted in whole messages per one-second window: 0.5 would let one through.
+    if not float(limits.messages_per_second).is_integer():
+        raise ValueError(
+            "messages_per_second must be a whole number of messages per second, "
+            f"not {limits.messages_per_second}"
+        )
     if limits.period not in ("day", "month"):
         raise ValueError(f"period must be day or month, not {limits.period!r}")
     if expires_at is not None and not (
@@ -168,7 +188,8 @@ class Store(Protocol):
     async def list_keys(self) -> list[KeyRecord]: ...
 
     async def revoke_key(self, name: str) -> bool:
-        """Revoke by name or id; False when there is no such active key."""
+        """Revoke the key named ``name``, or else the key of that id (one key at most);
+        False when that key is not active or there is none."""
         ...
 
     async def find_key(self, secret: str) -> KeyRecord | None:

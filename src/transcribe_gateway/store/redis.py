@@ -117,6 +117,15 @@ return total
 """
 
 
+_REPORT_BATCH: Final = 500
+"""Periods read per pipelined round trip by a usage report (bounds one reply's size)."""
+
+
+def _fields(key_id: str) -> list[str]:
+    """A key's fields in a ``usage:<day|month>:<period>`` hash."""
+    return [f"{key_id}|sessions", f"{key_id}|seconds", f"{key_id}|name"]
+
+
 def _str(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -248,14 +257,30 @@ class RedisStore:
         found: Any = await self._redis.zrevrange(f"{P}usage:periods:{period}", 0, -1)
         periods = [_str(p) for p in found]
         rows: list[UsageRow] = []
-        for pid in periods:
-            raw = await self._redis.hgetall(f"{P}usage:{period}:{pid}")
-            totals = {_str(k): _str(v) for k, v in raw.items()}
-            ids = sorted({f.split("|", 1)[0] for f in totals})
-            for kid in ids:
-                if key_id is not None and kid != key_id:
-                    continue
-                rows.append(
+        for start in range(0, len(periods), _REPORT_BATCH):
+            batch = periods[start : start + _REPORT_BATCH]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for pid in batch:
+                    if key_id is None:
+                        pipe.hgetall(f"{P}usage:{period}:{pid}")
+                    else:
+                        # Only this key's fields: a period's hash holds every key's totals,
+                        # and one key's report (GET /v1/usage) must not cost all of them.
+                        pipe.hmget(f"{P}usage:{period}:{pid}", _fields(key_id))
+                replies: list[Any] = await pipe.execute()
+            for pid, reply in zip(batch, replies, strict=True):
+                if key_id is None:
+                    totals = {_str(k): _str(v) for k, v in reply.items()}
+                    ids = sorted({f.split("|", 1)[0] for f in totals})
+                else:
+                    if all(v is None for v in reply):
+                        continue  # the key has no records in this period
+                    fields = _fields(key_id)
+                    totals = {
+                        f: _str(v) for f, v in zip(fields, reply, strict=True) if v is not None
+                    }
+                    ids = [key_id]
+                rows.extend(
                     UsageRow(
                         kid,
                         totals.get(f"{kid}|name", kid),
@@ -263,6 +288,7 @@ class RedisStore:
                         int(totals.get(f"{kid}|sessions", 0)),
                         float(totals.get(f"{kid}|seconds", 0.0)),
                     )
+                    for kid in ids
                 )
         rows.sort(key=lambda r: (r.key_name, r.key_id))
         rows.sort(key=lambda r: r.period, reverse=True)  # stable: newest period first

@@ -5,8 +5,11 @@ commands may use the same file while the gateway runs (WAL mode, busy
 timeout): a key revoked from the command line is noticed by the gateway's
 periodic re-check.
 
-sqlite3 blocks, so every query runs on one worker thread that owns the
-connection; the event loop only awaits it.
+sqlite3 blocks, so queries run on worker threads; the event loop only awaits
+them.  Reads (key lookups, reports, ``ping``) have a connection and a thread of
+their own: a write waiting for another process's lock (up to the busy
+timeout, again on each retry) never holds up the lookups that admit sessions,
+and WAL lets them read meanwhile.
 """
 
 from __future__ import annotations
@@ -161,6 +164,17 @@ def _check_path(path: Path, refuse: Callable[[str], ConfigError]) -> None:
         raise refuse(f"cannot be created: {parent} is not writable")
 
 
+def _execute(
+    db: sqlite3.Connection | None, sql: str, params: tuple[Any, ...]
+) -> list[tuple[Any, ...]]:
+    """One statement, committed (on the worker thread that owns ``db``)."""
+    if db is None:
+        raise RuntimeError("store not started")
+    rows = db.execute(sql, params).fetchall()
+    db.commit()
+    return rows
+
+
 class SqliteStore:
     """Keys and usage in a SQLite file; session slots, rates and metered audio in memory."""
 
@@ -168,6 +182,8 @@ class SqliteStore:
         self.path = Path(path)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection | None = None
+        self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="sqlite-store-read")
+        self._read_db: sqlite3.Connection | None = None
         self._slots: dict[str, set[str]] = {}
         self._audio: dict[tuple[str, str], float] = {}
         self._session_audio: OrderedDict[str, float] = OrderedDict()
@@ -177,6 +193,14 @@ class SqliteStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return await self._run(self._query, sql, params)
+
+    async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._read_pool, _execute, self._read_db, sql, params
+        )
+
     # ------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
@@ -184,26 +208,37 @@ class SqliteStore:
 
     def _open(self) -> None:
         self._db = open_database(self.path)
+        try:
+            # Opened after the writer: the file exists, with its schema, in WAL mode.
+            reader = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
+            reader.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as exc:
+            self._db.close()
+            self._db = None
+            raise ConfigError(
+                f"store.path: cannot open {self.path}: {exc} (TRANSCRIBE_STORE_PATH)"
+            ) from None
+        self._read_db = reader
 
     async def aclose(self) -> None:
+        if self._read_db is not None:
+            await asyncio.get_running_loop().run_in_executor(self._read_pool, self._read_db.close)
+            self._read_db = None
         if self._db is not None:
             await self._run(self._db.close)
             self._db = None
+        self._read_pool.shutdown(wait=False)
         self._pool.shutdown(wait=False)
 
     async def ping(self) -> bool:
         try:
-            await self._run(self._query, "SELECT 1", ())
+            await self._read("SELECT 1", ())
         except (sqlite3.Error, RuntimeError):
             return False
         return True
 
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        if self._db is None:
-            raise RuntimeError("store not started")
-        rows = self._db.execute(sql, params).fetchall()
-        self._db.commit()
-        return rows
+        return _execute(self._db, sql, params)
 
     # ------------------------------------------------------------------ keys
 
@@ -218,8 +253,7 @@ class SqliteStore:
         check_new_key(name, limits, expires_at)
         record, secret = new_key(name, scopes=scopes, limits=limits, expires_at=expires_at)
         try:
-            await self._run(
-                self._query,
+            await self._write(
                 f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
@@ -242,23 +276,20 @@ class SqliteStore:
         return record, secret
 
     async def list_keys(self) -> list[KeyRecord]:
-        rows = await self._run(
-            self._query, f"SELECT {_KEY_COLUMNS} FROM keys ORDER BY created_at", ()
-        )
+        rows = await self._read(f"SELECT {_KEY_COLUMNS} FROM keys ORDER BY created_at", ())
         return [_record(r) for r in rows]
 
     async def revoke_key(self, name: str) -> bool:
-        rows = await self._run(
-            self._query,
-            "UPDATE keys SET revoked_at = ? WHERE (name = ? OR id = ?) AND revoked_at IS NULL "
-            "RETURNING id",
+        # One key: the one of that name, else the one of that id (as with Redis).
+        rows = await self._write(
+            "UPDATE keys SET revoked_at = ? WHERE revoked_at IS NULL "
+            "AND id = COALESCE((SELECT id FROM keys WHERE name = ?), ?) RETURNING id",
             (time.time(), name, name),
         )
         return bool(rows)
 
     async def find_key(self, secret: str) -> KeyRecord | None:
-        rows = await self._run(
-            self._query,
+        rows = await self._read(
             f"SELECT {_KEY_COLUMNS} FROM keys WHERE key_hash = ?",
             (hash_key(secret),),
         )
@@ -268,8 +299,8 @@ class SqliteStore:
         if not key_ids:
             return {}
         marks = ",".join("?" * len(key_ids))
-        rows = await self._run(
-            self._query, f"SELECT {_KEY_COLUMNS} FROM keys WHERE id IN ({marks})", tuple(key_ids)
+        rows = await self._read(
+            f"SELECT {_KEY_COLUMNS} FROM keys WHERE id IN ({marks})", tuple(key_ids)
         )
         return {r[0]: _record(r) for r in rows}
 
@@ -277,8 +308,7 @@ class SqliteStore:
 
     async def record_usage(self, record: UsageRecord) -> None:
         # Once per session: a write retried after a timeout may have landed already.
-        await self._run(
-            self._query,
+        await self._write(
             "INSERT INTO usage (key_id, key_name, session_id, provider, model, audio_seconds, "
             "started_at, ended_at, close_reason) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? "
             "WHERE NOT EXISTS (SELECT 1 FROM usage WHERE session_id = ? AND key_id = ?)",
@@ -300,8 +330,7 @@ class SqliteStore:
     async def usage_report(self, key_id: str | None, period: Period) -> list[UsageRow]:
         fmt = _FORMATS[period]
         where, params = ("WHERE key_id = ?", (key_id,)) if key_id else ("", ())
-        rows = await self._run(
-            self._query,
+        rows = await self._read(
             f"SELECT key_id, MAX(key_name), strftime('{fmt}', started_at, 'unixepoch') AS p, "
             f"COUNT(*), SUM(audio_seconds) FROM usage {where} "
             "GROUP BY key_id, p ORDER BY p DESC, MAX(key_name), key_id",
@@ -336,8 +365,7 @@ class SqliteStore:
             # Loaded once per process and period; afterwards the live counter leads and
             # the records written at session end are already included in it.
             fmt = _FORMATS["day" if len(period_id) == 10 else "month"]
-            rows = await self._run(
-                self._query,
+            rows = await self._read(
                 "SELECT COALESCE(SUM(audio_seconds), 0) FROM usage WHERE key_id = ? AND "
                 f"strftime('{fmt}', started_at, 'unixepoch') = ?",
                 (key_id, period_id),
