@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import sys
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -274,6 +275,14 @@ class TestHealth:
             server.stop()
 
 
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as refused:
+        return refused.code
+
+
 class TestShutdown:
     async def test_sigterm_drains_open_sessions_and_exits_0(self, shared_audio) -> None:
         server = GatewayProcess(
@@ -298,6 +307,39 @@ class TestShutdown:
             server.stop()
         with pytest.raises(OSError):
             await websockets.connect(server.url, open_timeout=2)
+
+    async def test_sighup_drains_and_the_probes_answer_meanwhile(self) -> None:
+        # SIGHUP (a closed terminal, a kill -HUP meant as a reload) killed the
+        # process at once: no session.closed, no usage. And during a drain the
+        # listener was closed: the health probes were refused by TCP.
+        server = GatewayProcess("sighup")
+        try:
+            ws, _ = await open_session(server.url, provider="FAULTY", model="count-slow-finalize")
+            await send_audio(ws, np.zeros(8000, np.int16))
+            await asyncio.sleep(0.2)
+            server.proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.3)  # the final comes 2 s after the end of the input
+            health = await asyncio.to_thread(server.health)
+            assert (health["status"], health["sessions"]) == ("draining", 1), health
+            assert await asyncio.to_thread(http_status, f"{server.http}/readyz") == 503
+            late = await websockets.connect(server.url)
+            with pytest.raises(websockets.ConnectionClosedError):
+                await asyncio.wait_for(late.recv(), 10)
+            assert late.close_code == 1012
+            messages = await collect(ws)
+            assert [m["text"] for m in messages if m["type"] == "transcription.completed"] == [
+                "8000"
+            ]
+            assert messages[-1]["type"] == "session.closed", messages
+            assert messages[-1]["reason"] == "shutdown"
+            assert server.proc.wait(30) == 0
+        finally:
+            server.stop()
+        db = sqlite3.connect(server.store_path)
+        try:
+            assert db.execute("SELECT audio_seconds FROM usage").fetchall() == [(0.5,)]
+        finally:
+            db.close()
 
     async def test_a_connection_not_yet_authenticated_is_closed_1012(self) -> None:
         # It never got session.created: no session.closed either, but the close

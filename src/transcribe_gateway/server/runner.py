@@ -2,19 +2,22 @@
 
 uvicorn's own shutdown closes open WebSockets with 1012 at once; a gateway must
 first let every session finalize its pending audio and send ``session.closed``.
-So the first SIGTERM/SIGINT stops accepting and drains (bounded by
-``drain_timeout_s``), then lets uvicorn shut down; a second signal stops the
-wait (open sessions are closed 1012, their engines closed and their usage
-written, bounded). The process then exits 0.
+So the first SIGTERM/SIGINT/SIGHUP drains (bounded by ``drain_timeout_s``),
+then lets uvicorn shut down; a second signal stops the wait (open sessions are
+closed 1012, their engines closed and their usage written, bounded). The
+process then exits 0. During the drain the socket still accepts: the health
+probes answer (``draining``), and a new WebSocket is closed with 1012.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 import uvicorn
@@ -46,6 +49,22 @@ class GatewayServer(uvicorn.Server):
             # Listening, engines loaded: whatever on_ready tells a user to try works now.
             self._on_ready()
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # SIGHUP too (a closed terminal, a `kill -HUP` meant as a reload): by
+        # default it kills the process, with no drain and no usage written.
+        hup = getattr(signal, "SIGHUP", None)
+        if hup is None or threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        previous = signal.signal(hup, self.handle_exit)
+        try:
+            with super().capture_signals():
+                yield
+        finally:
+            signal.signal(hup, previous)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not recorded in _captured_signals: uvicorn would re-raise it after
         # shutdown and the process would die by the signal instead of exiting 0.
@@ -73,8 +92,8 @@ class GatewayServer(uvicorn.Server):
             await self.lifespan.shutdown()
 
     async def _drain(self) -> None:
-        for server in getattr(self, "servers", []):
-            server.close()  # stop accepting new connections
+        # Still listening: /healthz and /readyz answer (draining), and a client that
+        # connects now is told to go elsewhere (1012) rather than refused by TCP.
         try:
             await self.gateway.drain(self.gateway.drain_grace_s())
         finally:
@@ -103,5 +122,5 @@ def build_server(settings: Settings, on_ready: Callable[[], None] | None = None)
 
 
 def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
-    """Run until SIGTERM/SIGINT (blocking); ``on_ready`` is called once it is listening."""
+    """Run until SIGTERM/SIGINT/SIGHUP (blocking); ``on_ready`` is called once it is listening."""
     build_server(settings, on_ready).run()
