@@ -1,4 +1,5 @@
-"""Logging: a client's malformed frames are not reported as the server's errors."""
+"""Logging: a client's malformed frames are not reported as the server's errors, and
+what a client wrote cannot pass for fields or lines of the server's own."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 
 import pytest
 
-from transcribe_gateway.server.logs import ClientFaultsAreInfo
+from transcribe_gateway.server.logs import ClientFaultsAreInfo, TextFormatter
 
 
 def picows_record(name: str, message: str) -> logging.LogRecord:
@@ -28,3 +29,21 @@ def test_other_errors_stay_errors() -> None:
     ):
         assert keep.filter(record)
         assert record.levelname == "ERROR"
+
+
+def test_text_fields_from_clients_cannot_pass_for_other_fields_or_lines() -> None:
+    record = logging.makeLogRecord(
+        {
+            "msg": "websocket refused",
+            "origin": "https://evil.example level=INFO key=key_admin",
+            "reason": "a\nforged line",
+            "provider": "LOCAL",
+            "empty": "",
+        }
+    )
+    line = TextFormatter().format(record)
+    assert line.endswith(
+        ' origin="https://evil.example level=INFO key=key_admin"'
+        ' reason="a\\nforged line" provider=LOCAL empty=""'
+    ), line
+    assert "\n" not in line

@@ -59,6 +59,11 @@ class TestDevelopmentKey:
             await first_event(url, DEV_KEY, f"http://evil.example:{dev_key_server.port}") == "403"
         )
         assert "origin not allowed" in dev_key_server.logs()
+        # A client's header, logged: bounded and quoted.
+        assert await first_event(url, DEV_KEY, "https://x.example/" + "a" * 8000) == "403"
+        line = dev_key_server.logs().splitlines()[-1]
+        assert 'origin="https://x.example/aaa' in line or "origin=https://x.example/aaa" in line
+        assert len(line) < 600, line
 
     async def test_pages_on_this_machine_and_other_clients_connect(
         self, dev_key_server: GatewayProcess

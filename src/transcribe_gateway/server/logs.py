@@ -29,10 +29,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+def _value(value: Any) -> str:
+    """A field's value for a ``key=value`` line, quoted (as JSON) when it holds a space,
+    an ``=``, a quote or a control character: some values come from clients (an
+    ``Origin`` header), and must not pass for fields or lines of their own."""
+    text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' ="'):
+        return text
+    return json.dumps(text)
+
+
 class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        fields = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        fields = " ".join(f"{k}={_value(v)}" for k, v in _extras(record).items())
         line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
         if fields:
             line += f" {fields}"

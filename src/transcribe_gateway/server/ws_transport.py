@@ -33,6 +33,7 @@ from picows import (
 # is pinned to a minor release (pyproject.toml) and every test goes through it.
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
+from transcribe_gateway.protocol.messages import clip_echo
 from transcribe_gateway.server.connection import Connection
 
 if TYPE_CHECKING:
@@ -195,7 +196,8 @@ def websocket_protocol(gateway: Gateway) -> type[Any]:
                     return None  # picows answers 404
                 origin = request.headers.get("origin")
                 if not gateway.origins.allows(origin, request.headers.get("host")):
-                    log.info("websocket refused: origin not allowed", extra={"origin": origin})
+                    shown = clip_echo(origin) if origin is not None else None  # a client's
+                    log.info("websocket refused: origin not allowed", extra={"origin": shown})
                     refusal = WSUpgradeResponse.create_error_response(
                         FORBIDDEN, b"this origin may not use the gateway (allowed_origins)"
                     )
