@@ -500,6 +500,14 @@ class TestBlankKeys:
             load_settings(environ={}, overrides={"api_keys": ["\t"]})
 
 
+class TestBlankHost:
+    @pytest.mark.parametrize("host", ["", "  "])
+    def test_an_empty_host_is_refused_not_every_interface(self, host: str) -> None:
+        assert "host" in config_error(TRANSCRIBE_HOST=host)
+        with pytest.raises(ConfigError, match="0.0.0.0"):
+            load_settings(environ={}, overrides={"host": host})
+
+
 class TestRedisUrl:
     @pytest.mark.parametrize("url", ["htp://x", "localhost:6379", "redis://x:port/0"])
     def test_a_bad_redis_url_is_named(self, url: str) -> None:

@@ -283,6 +283,12 @@ def load_settings(
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid setting: {exc}") from None
     settings.providers = _provider_tables(settings.providers)
+    if not settings.host.strip():
+        # uvicorn reads "" as every interface: a compose file's unset variable would
+        # put the server (and, with no key, the public dev-key) on the network.
+        raise ConfigError(
+            "host: empty (TRANSCRIBE_HOST); every interface is 0.0.0.0 (or :: for IPv6)"
+        )
     for key in settings.api_keys:
         if not key.strip():
             # KeyChecker drops it: a production server would start with no usable key.
