@@ -504,7 +504,7 @@ class TestBlankHost:
     @pytest.mark.parametrize("host", ["", "  "])
     def test_an_empty_host_is_refused_not_every_interface(self, host: str) -> None:
         assert "host" in config_error(TRANSCRIBE_HOST=host)
-        with pytest.raises(ConfigError, match="0.0.0.0"):
+        with pytest.raises(ConfigError, match=r"0\.0\.0\.0"):
             load_settings(environ={}, overrides={"host": host})
 
 
