@@ -174,6 +174,21 @@ BAD_SETTINGS = {
         "local.default_model",
     ),
     "plugin": (lambda _: {"TRANSCRIBE_PLUGINS": "nosuchmod:Foo"}, "plugins"),
+    # A plugin whose __init__ raises, that has no name, or that claims LOCAL: a
+    # traceback and exit 1 (LOCAL: every substituted session broken), and
+    # "configuration OK" from config check.
+    "plugin-init-raises": (
+        lambda _: {"TRANSCRIBE_PLUGINS": "tests.plugins.broken:InitRaises"},
+        "plugins",
+    ),
+    "plugin-without-a-name": (
+        lambda _: {"TRANSCRIBE_PLUGINS": "tests.plugins.broken:NoName"},
+        "plugins",
+    ),
+    "plugin-claims-local": (
+        lambda _: {"TRANSCRIBE_PLUGINS": "tests.plugins.broken:ClaimsLocal"},
+        "plugins",
+    ),
     "blank-api-key": (lambda p: {"TRANSCRIBE_CONFIG": _blank_key_config(p)}, "api_keys"),
 }
 
@@ -244,3 +259,14 @@ def test_serve_warns_of_an_unknown_variable_and_brackets_an_ipv6_host(tmp_path: 
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_a_plugin_failing_to_initialise_is_named_in_one_line(tmp_path: Path) -> None:
+    env = quiet_env(tmp_path, TRANSCRIBE_PLUGINS="tests.plugins.broken:InitRaises")
+    for command in (["config", "check"], ["serve", "--port", str(free_port())]):
+        result = run(*command, env=env)
+        assert result.returncode == 2, result.stderr
+        (line,) = [x for x in result.stderr.splitlines() if "configuration error" in x]
+        # The plugin's own two-line message, on the one line.
+        assert "tests.plugins.broken:InitRaises" in line, result.stderr
+        assert "INITBAD_API_KEY is not set (a second line)" in line, result.stderr

@@ -55,7 +55,7 @@ def _checked(settings: Settings, *, serving: bool = False) -> Settings:
         # Stored keys (`keys create`) do not count: the store is not open yet.
         raise ConfigError("api_keys: the production profile needs at least one key")
     _check_default_model(settings)
-    _check_plugins(settings)
+    _check_plugins(settings, create=not serving)
     if settings.store.backend == "sqlite":
         from transcribe_gateway.store import sqlite
 
@@ -100,14 +100,15 @@ def _check_default_model_weights(settings: Settings) -> None:
         raise ConfigError(f"local.default_model: {exc.reason}") from None
 
 
-def _check_plugins(settings: Settings) -> None:
-    """Import each of ``plugins`` as ``serve`` does (a bad one is a configuration error)."""
+def _check_plugins(settings: Settings, *, create: bool) -> None:
+    """Load each of ``plugins`` as ``serve`` does (a bad one is a configuration error);
+    with ``create`` (``config check``) also create its engine, which ``serve`` does
+    later, once, in the registry (same error)."""
     if not settings.plugins:
         return
-    from transcribe_gateway.providers.registry import _import_plugin
+    from transcribe_gateway.providers.registry import check_plugins
 
-    for spec in settings.plugins:
-        _import_plugin(spec)
+    check_plugins(settings, create=create)
 
 
 def _warn_unknown_env(*, to_log: bool) -> None:

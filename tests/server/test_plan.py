@@ -91,6 +91,40 @@ def test_features_a_model_lacks_are_listed_not_refused(registry: ProviderRegistr
     )
 
 
+def test_an_ignored_prompt_is_not_announced_as_in_use(registry: ProviderRegistry) -> None:
+    # Cartesia's ink-whisper announced "prompt" while listing it in `unsupported`.
+    bare = ModelInfo("bare", supports_prompt=False)
+    plan = plan_for(
+        config(model="bare", prompt="cards"), Resolution(registry.local, bare), endpointing_ms=500
+    )
+    assert plan.effective.prompt is None and plan.effective.unsupported == ["prompt"]
+    assert '"prompt":' not in m.encode(m.SessionUpdated(session=plan.effective))
+    whisper = registry.resolve("LOCAL", "whisper-tiny.en", "en")
+    assert plan_for(config(prompt="cards"), whisper, endpointing_ms=500).effective.prompt == "cards"
+
+
+@pytest.mark.parametrize("language", ["en-US", "en", "EN-gb", "de-de"])
+def test_region_tags_a_model_declares_match_by_language(
+    registry: ProviderRegistry, language: str
+) -> None:
+    # ModelInfo.languages holds BCP-47 tags; a model declaring "en-US" had
+    # "en-US" turned into "language=en-US (... transcribes en-US)".
+    regional = ModelInfo("regional", languages=("en-US", "de-DE"))
+    plan = plan_for(
+        config(model="regional", language=language),
+        Resolution(registry.local, regional),
+        endpointing_ms=500,
+    )
+    assert plan.effective.unsupported == []
+    assert plan.options.language == plan.effective.language == language
+    other = plan_for(
+        config(model="regional", language="fr"),
+        Resolution(registry.local, regional),
+        endpointing_ms=500,
+    )
+    assert other.effective.unsupported == ["language=fr (regional transcribes en-US)"]
+
+
 def test_semantic_endpointing_is_for_models_that_can_judge_a_sentence(
     registry: ProviderRegistry,
 ) -> None:

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.request
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from tests.conftest import SHARED_AUDIO, GatewayProcess
-from tests.server.wsutil import collect, connect, finals, open_session, recv, send_audio
+from tests.server.wsutil import (
+    collect,
+    connect,
+    finals,
+    open_session,
+    recv,
+    send_audio,
+    silence,
+)
 from transcribe_gateway.audio.files import read_audio
 
 CLOUD = [
@@ -247,3 +257,111 @@ class TestWhisperModelByPath:
             assert "forward" in finals(await collect(ws, 60)).lower()
         finally:
             assert server.stop() == 0
+
+
+BROKEN_PLUGINS = ",".join(
+    [
+        "tests.plugins.faulty:FaultySTT",
+        "tests.plugins.broken:StartRaises",
+        "tests.plugins.broken:ModelsRaises",
+        "tests.plugins.broken:InputRaises",
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def broken_plugins() -> Iterator[GatewayProcess]:
+    """A server with plugins that fail (tests/plugins/broken.py) beside working ones."""
+    server = GatewayProcess("broken-plugins", env={"TRANSCRIBE_PLUGINS": BROKEN_PLUGINS})
+    yield server
+    assert server.stop() == 0
+
+
+class TestBrokenPlugins:
+    """One broken plugin costs its own provider only.  (A STARTBAD's start() failing
+    stopped the server from starting; MODELSBAD's models() failing made
+    GET /v1/providers 500 and its sessions close 1011; INPUTBAD's _on_audio
+    failing closed its session 1011, without provider_error or fallback.)"""
+
+    def test_the_listing_shows_them_unavailable_with_the_reason(
+        self, broken_plugins: GatewayProcess
+    ) -> None:
+        with urllib.request.urlopen(f"{broken_plugins.http}/v1/providers", timeout=10) as r:
+            listed = {p["name"]: p for p in json.loads(r.read())["providers"]}
+        assert "failed to start" in listed["STARTBAD"]["reason"]
+        assert "failed to list its models" in listed["MODELSBAD"]["reason"]
+        for name in ("STARTBAD", "MODELSBAD"):
+            assert listed[name]["available"] is False
+            assert listed[name]["substitute"] is None  # refused, not served by LOCAL
+        assert listed["LOCAL"]["available"] and listed["INPUTBAD"]["available"]
+        assert "Traceback" in broken_plugins.logs()  # for the operator
+
+    async def test_their_sessions_are_refused_and_others_served(
+        self, broken_plugins: GatewayProcess
+    ) -> None:
+        ws = await connect(broken_plugins.url)
+        await recv(ws)
+        updates = [
+            ({"provider": "STARTBAD", "model": "echo"}, "session.provider"),
+            ({"provider": "MODELSBAD", "model": "echo"}, "session.provider"),
+            (
+                {
+                    "provider": "LOCAL",
+                    "model": "whisper-tiny.en",
+                    "fallback": {"provider": "MODELSBAD", "model": "echo"},
+                },
+                "session.fallback.provider",
+            ),
+        ]
+        for update, field in updates:
+            await ws.send(json.dumps({"type": "session.update", "session": update}))
+            err = await recv(ws)
+            assert err["type"] == "error", err
+            assert err["error"]["code"] == "provider_unavailable", err
+            assert err["error"]["field"] == field
+        update = {"provider": "INPUTBAD", "model": "echo"}
+        await ws.send(json.dumps({"type": "session.update", "session": update}))
+        assert (await recv(ws))["session"]["provider"] == "INPUTBAD"
+        await ws.close()
+
+    async def test_an_input_side_failure_switches_to_the_fallback(
+        self, broken_plugins: GatewayProcess
+    ) -> None:
+        fallback = {"provider": "FAULTY", "model": "echo"}
+        ws, _ = await open_session(
+            broken_plugins.url, provider="INPUTBAD", model="raise-on-audio", fallback=fallback
+        )
+        await send_audio(ws, silence(2.0))
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 30)
+        errors = [m["error"] for m in messages if m["type"] == "error"]
+        assert [e["code"] for e in errors] == ["provider_error"], messages
+        assert "internal engine error" in errors[0]["message"]
+        switched = [m["session"] for m in messages if m["type"] == "session.updated"]
+        assert [s["provider"] for s in switched] == ["FAULTY"], messages
+        assert switched[0]["requested_provider"] == "INPUTBAD"
+        assert finals(messages), messages  # the fallback transcribed the audio
+        assert messages[-1]["type"] == "session.closed"
+
+    async def test_a_failure_ending_the_input_is_a_provider_error(
+        self, broken_plugins: GatewayProcess
+    ) -> None:
+        ws, _ = await open_session(broken_plugins.url, provider="INPUTBAD", model="raise-on-end")
+        await send_audio(ws, silence(1.0))
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 30)
+        assert finals(messages) == "chunk 0 chunk 1", messages
+        errors = [m["error"]["code"] for m in messages if m["type"] == "error"]
+        assert errors == ["provider_error"], messages
+        assert messages[-1]["type"] == "session.closed"
+        assert ws.close_code == 1000
+
+    async def test_a_stream_its_plugin_forgot_to_start_is_served(
+        self, broken_plugins: GatewayProcess
+    ) -> None:
+        ws, _ = await open_session(broken_plugins.url, provider="INPUTBAD", model="unstarted-echo")
+        await send_audio(ws, silence(1.0))
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 30)
+        assert finals(messages) == "chunk 0 chunk 1", messages
+        assert messages[-1]["type"] == "session.closed"

@@ -13,9 +13,20 @@ plus :meth:`RecognizeStream._on_audio` (and, for engines whose input side rarely
 waits, :meth:`RecognizeStream._take_audio`); the base class owns the task, the bounded
 event channel and the error path, so every provider behaves the same way when
 it fails: iteration raises :class:`~transcribe_gateway.exceptions.ProviderError`.
+That holds for the input side too: an exception from ``_on_audio``,
+``_take_audio`` or ``_on_end_input`` ends the stream as one from ``_run`` does
+(a plain exception becomes ``ProviderError("internal engine error: ...")``), so
+the session gets ``provider_error`` and switches to its fallback.
+
+:meth:`STT.open_stream` returns a started stream: it creates the stream, does
+what must come first (connect), then calls :meth:`RecognizeStream.start`, which
+runs ``_run`` in the stream's task.  A stream returned unstarted is started by
+its first use (push, end of input or iteration), but only ``open_stream`` can
+report a failure to connect as the session's provider failing to open.
 
 Providers are found through the ``transcribe_gateway.providers`` entry point
-group (see :mod:`transcribe_gateway.providers.registry`).
+group and the ``plugins`` setting (see :mod:`transcribe_gateway.providers.registry`);
+a provider's name is its class's :attr:`STT.provider`, upper-cased.
 """
 
 from __future__ import annotations
@@ -96,6 +107,11 @@ class StreamOptions:
     one finishes: an engine that counts its sessions (capacity) counts it once."""
 
 
+def primary_subtag(tag: str) -> str:
+    """A BCP-47 tag's language, case-folded: ``"EN-us"`` -> ``"en"`` (tags ignore case)."""
+    return tag.split("-")[0].casefold()
+
+
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     """A model an engine offers, and what it can honour."""
@@ -103,7 +119,13 @@ class ModelInfo:
     name: str
     description: str = ""
     languages: tuple[str, ...] | None = None
-    """Supported BCP-47 languages; ``None`` means any (with ``multi`` for auto-detect)."""
+    """Supported BCP-47 languages; ``None`` means any (with ``multi`` for auto-detect).
+
+    Only the language itself counts: a request matches a declared tag when their
+    primary subtags agree, whatever the case or region on either side (a model
+    declaring ``"en-US"`` serves ``en-US``, ``en``, ``EN-gb``).  The first one is the
+    language a request it cannot serve (``multi`` on a model that cannot detect)
+    is transcribed in."""
     input_rate: int = 16000
     """Sample rate the engine wants; the session resamples to it."""
     supports_prompt: bool = True
@@ -113,19 +135,32 @@ class ModelInfo:
     """Can hold an utterance whose text does not end a sentence (semantic endpointing)."""
     extra: dict[str, str] = field(default_factory=dict)
 
+    def has_language(self, tag: str) -> bool:
+        """Whether a session asking for BCP-47 ``tag`` gets its language (see ``languages``)."""
+        if self.languages is None:
+            return True
+        return primary_subtag(tag) in {primary_subtag(own) for own in self.languages}
+
 
 class STT(abc.ABC):
     """A speech engine (one per server process)."""
 
     provider: ClassVar[str]
-    """Name used in ``session.provider``, e.g. ``LOCAL``."""
+    """Name used in ``session.provider``, e.g. ``DEEPGRAM``: required, upper case
+    (the registry upper-cases it, and names the engine so); ``LOCAL`` is the
+    embedded engine's and is refused to a plugin.  A plugin with the name of
+    another engine replaces it (with a warning in the log)."""
 
     def __init__(self, settings: Settings) -> None:
+        """Created once at server start, before :meth:`start`.  If it raises, an
+        entry point's engine is logged and left out; a ``plugins`` entry's stops
+        the server with a configuration error (``config check`` reports it too)."""
         self.settings = settings
 
     @abc.abstractmethod
     def models(self) -> Sequence[ModelInfo]:
-        """Models this engine offers."""
+        """Models this engine offers.  Called per request: keep it cheap.  If it
+        raises, the engine is listed as unavailable and its sessions refused."""
 
     def unavailable_reason(self) -> str | None:
         """``None`` when the engine can serve, else why not (e.g. a missing key)."""
@@ -136,7 +171,11 @@ class STT(abc.ABC):
         return next((m for m in self.models() if m.name == name), None)
 
     async def start(self) -> None:
-        """Prepare at server start (load weights, warm up).  Default: nothing."""
+        """Prepare at server start (load weights, warm up).  Default: nothing.
+
+        If it raises, the failure is logged and the engine left out (unavailable,
+        its sessions refused); the server starts with the others.
+        """
 
     def is_ready(self) -> bool:
         """Whether :meth:`start` finished."""
@@ -144,7 +183,14 @@ class STT(abc.ABC):
 
     @abc.abstractmethod
     async def open_stream(self, options: StreamOptions) -> RecognizeStream:
-        """Open a recognition stream for one session.
+        """Open a recognition stream for one session, and start it.
+
+        Create the stream, connect or reserve what it needs, then call its
+        :meth:`RecognizeStream.start` before returning it::
+
+            stream = MyStream(self, options)
+            stream.start()
+            return stream
 
         Raises:
             ProviderUnavailable: the engine cannot take another session now.
@@ -171,30 +217,78 @@ class RecognizeStream(abc.ABC):
         self._input_ended = False
         self._closed = False
         self._task: asyncio.Task[None] | None = None
+        self._input_error: ProviderError | None = None
+        """The input side's failure (:meth:`_on_audio`, :meth:`_take_audio`,
+        :meth:`_on_end_input` raised): it ended the stream, iteration raises it."""
+        self._running = False
+        """The task is in :meth:`_run` (a failure of the input side cancels it then)."""
 
     @property
     def options(self) -> StreamOptions:
         return self._options
 
     def start(self) -> None:
-        """Start the adapter's main task (called by :meth:`STT.open_stream`)."""
+        """Start the adapter's main task (:meth:`_run`).
+
+        :meth:`STT.open_stream` calls it before returning the stream, once the
+        engine is ready for audio.  A stream returned unstarted is started by its
+        first :meth:`push_audio`, :meth:`push_audio_nowait`, :meth:`end_input` or
+        iteration (otherwise nothing would ever run :meth:`_run`: no events, and
+        a push waiting on backpressure for ever).  A second call does nothing.
+        """
+        if self._task is not None:
+            return
         self._task = asyncio.get_running_loop().create_task(
             self._main(), name=f"{self._stt.provider}-stream"
         )
 
+    def _ensure_started(self) -> None:
+        if self._task is None and not self._closed:
+            self.start()
+
+    def _as_provider_error(self, exc: Exception) -> ProviderError:
+        """An adapter's exception as the gateway reports it: a bug becomes
+        ``internal engine error`` (translated once, here, for every adapter)."""
+        if isinstance(exc, ProviderError):
+            return exc
+        error = ProviderError(self._stt.provider, f"internal engine error: {exc!r}")
+        error.__cause__ = exc
+        return error
+
     async def _main(self) -> None:
+        outcome: ProviderError | None = None
+        # The input side may fail before this task first runs (a burst of
+        # push_audio_nowait): then _run never starts, and that failure is the outcome.
+        self._running = self._input_error is None
         try:
-            await self._run()
+            if self._running:
+                await self._run()
         except asyncio.CancelledError:
-            raise
-        except ProviderError as exc:
-            await self._events.put(exc)
-        except Exception as exc:  # translated once, here, for every adapter
-            error = ProviderError(self._stt.provider, f"internal engine error: {exc!r}")
-            error.__cause__ = exc
-            await self._events.put(error)
-        else:
-            await self._events.put(None)
+            if self._input_error is None or self._closed:
+                raise
+            # Cancelled by _input_failed, not by aclose: the stream ends with that error.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+        except Exception as exc:
+            outcome = self._as_provider_error(exc)
+        # Not cancelled from here on: the outcome must reach the consumer.
+        self._running = False
+        # An input-side failure stopped _run (or came first): it is the one reported.
+        await self._events.put(self._input_error or outcome)
+
+    def _input_failed(self, exc: Exception) -> None:
+        """The adapter's input side raised: the stream has failed, as if :meth:`_run` had.
+
+        Iteration then raises the error (``provider_error``, and the session's
+        fallback), the same path a failing :meth:`_run` takes.
+        """
+        if not isinstance(exc, ProviderError):  # a bug: its traceback is for the operator
+            log.warning("%s stream failed taking its input", self._stt.provider, exc_info=exc)
+        if self._input_error is None:
+            self._input_error = self._as_provider_error(exc)
+        if self._task is not None and self._running:
+            self._task.cancel()
 
     @abc.abstractmethod
     async def _run(self) -> None:
@@ -202,10 +296,11 @@ class RecognizeStream(abc.ABC):
 
     @abc.abstractmethod
     async def _on_audio(self, samples: Samples) -> None:
-        """Take one chunk (may wait: that is the backpressure)."""
+        """Take one chunk (may wait: that is the backpressure).  Raising fails the
+        stream as :meth:`_run` raising does."""
 
     async def _on_end_input(self) -> None:
-        """Called once when no more audio will come."""
+        """Called once when no more audio will come.  Raising fails the stream."""
 
     async def _emit(self, event: SpeechEvent) -> None:
         await self._events.put(event)
@@ -237,11 +332,18 @@ class RecognizeStream(abc.ABC):
 
         Raises:
             RuntimeError: after :meth:`end_input` or :meth:`aclose`, or once the
-                stream's task has ended (it failed: iterating gives the error).
+                stream's task has ended or :meth:`_on_audio` raised (it failed:
+                iterating gives the error).
         """
-        if self._input_ended or self._closed:
+        if self._input_ended or self._closed or self._input_error is not None:
             raise RuntimeError("stream input has ended")
-        if not await self._unless_ended(self._on_audio(samples)):
+        self._ensure_started()
+        try:
+            taken = await self._unless_ended(self._on_audio(samples))
+        except Exception as exc:  # not CancelledError: the caller's own stays its own
+            self._input_failed(exc)
+            raise RuntimeError("the stream has ended") from exc
+        if not taken:
             raise RuntimeError("the stream has ended")
 
     async def _unless_ended(self, work: Coroutine[Any, Any, None]) -> bool:
@@ -294,11 +396,17 @@ class RecognizeStream(abc.ABC):
         was taken; False means nothing of it was.
 
         Raises:
-            RuntimeError: after :meth:`end_input` or :meth:`aclose`.
+            RuntimeError: after :meth:`end_input` or :meth:`aclose`, or when
+                :meth:`_take_audio` raised (the stream failed: iterating gives the error).
         """
-        if self._input_ended or self._closed:
+        if self._input_ended or self._closed or self._input_error is not None:
             raise RuntimeError("stream input has ended")
-        return self._take_audio(samples)
+        self._ensure_started()
+        try:
+            return self._take_audio(samples)
+        except Exception as exc:
+            self._input_failed(exc)
+            raise RuntimeError("the stream has ended") from exc
 
     def _take_audio(self, samples: Samples) -> bool:
         """The fast path of :meth:`_on_audio`: take the chunk now, or return False.
@@ -313,12 +421,17 @@ class RecognizeStream(abc.ABC):
         if self._input_ended or self._closed:
             return
         self._input_ended = True
-        await self._unless_ended(self._on_end_input())
+        self._ensure_started()
+        try:
+            await self._unless_ended(self._on_end_input())
+        except Exception as exc:  # reported by iteration, as a failing _run is
+            self._input_failed(exc)
 
     def __aiter__(self) -> AsyncIterator[SpeechEvent]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[SpeechEvent]:
+        self._ensure_started()
         while True:
             item = await self._events.get()
             if item is None:

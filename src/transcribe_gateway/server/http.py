@@ -203,30 +203,32 @@ async def providers(gateway: Gateway, request: Request) -> JSONResponse:
     default_model = settings.local.default_model
     listed = []
     for name in registry.known_providers():
-        stt = registry.engines.get(name)
-        if stt is not None:
-            reason = stt.unavailable_reason()
+        faulty = False
+        if name in registry.engines:
+            # Guarded: a plugin that raises is listed as unavailable, not a 500 for all.
+            offer = registry.offer(name)
+            reason, faulty = offer.reason, offer.faulty
             models = [
                 {
                     "name": info.name,
                     "description": info.description,
                     "languages": list(info.languages) if info.languages is not None else None,
                 }
-                for info in stt.models()
+                for info in offer.models
             ]
         else:
             reason = registry.missing_reason(name)
             models = [
                 {"name": model, "description": "", "languages": None} for model in CATALOG[name]
             ]
+        # A faulty engine's sessions are refused, not substituted (registry.resolve).
+        substitute = reason is not None and substitutes and not faulty
         listed.append(
             {
                 "name": name,
                 "available": reason is None,
                 "reason": reason,
-                "substitute": (
-                    f"LOCAL/{default_model}" if reason is not None and substitutes else None
-                ),
+                "substitute": f"LOCAL/{default_model}" if substitute else None,
                 "models": models,
             }
         )

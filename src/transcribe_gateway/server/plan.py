@@ -45,7 +45,7 @@ def plan_for(
     model = resolution.model
     unsupported: list[str] = []
     language = config.language
-    if model.languages is not None and language.split("-")[0].lower() not in model.languages:
+    if model.languages is not None and not model.has_language(language):
         unsupported.append(f"language={language} ({model.name} transcribes {model.languages[0]})")
         language = model.languages[0]
     if config.prompt and not model.supports_prompt:
@@ -95,7 +95,9 @@ def plan_for(
         sample_rate=config.sample_rate,
         endpointing=endpointing,
         endpointing_unfinished=unfinished,
-        prompt=config.prompt,
+        # Only what the engine honours is announced: an ignored prompt is in
+        # `unsupported`, not echoed back as if in use.
+        prompt=config.prompt if model.supports_prompt else None,
         vad=effective_vad,
         fallback=config.fallback,
         requested_provider=resolution.requested_provider,
