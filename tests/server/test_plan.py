@@ -157,7 +157,7 @@ def test_a_fallback_is_announced_in_place_of_the_provider_that_failed(
         config(), registry.resolve("LOCAL", "whisper-tiny.en", "en"), endpointing_ms=500
     )
     failure = ProviderError("DEEPGRAM", "connection refused", retryable=True)
-    plan = serving_instead(fallback, failure, "nova-3")
+    plan = serving_instead(fallback, failure, config(provider="DEEPGRAM", model="nova-3"))
     assert plan.options is fallback.options
     assert (plan.effective.provider, plan.effective.model) == ("LOCAL", "whisper-tiny.en")
     assert (plan.effective.requested_provider, plan.effective.requested_model) == (
@@ -168,3 +168,25 @@ def test_a_fallback_is_announced_in_place_of_the_provider_that_failed(
         "DEEPGRAM failed (connection refused); this session is served by its "
         "fallback LOCAL/whisper-tiny.en"
     )
+
+
+def test_a_fallback_for_a_substitute_names_what_the_client_asked_for(
+    registry: ProviderRegistry,
+) -> None:
+    # DEEPGRAM (no key) was served by LOCAL, which failed; the fallback OPENAI (no
+    # key either) is served by LOCAL too. The announcement read "requested LOCAL,
+    # nova-3", a pair no client asked for, and dropped the fallback's substitution.
+    asked = config(provider="DEEPGRAM", model="nova-3")
+    fallback = plan_for(
+        config(provider="OPENAI", model="gpt-4o-transcribe"),
+        registry.resolve("OPENAI", "gpt-4o-transcribe", "en"),
+        endpointing_ms=500,
+    )
+    plan = serving_instead(fallback, ProviderError("LOCAL", "at capacity"), asked)
+    effective = plan.effective
+    assert (effective.requested_provider, effective.requested_model) == ("DEEPGRAM", "nova-3")
+    assert effective.notice is not None
+    assert effective.notice.startswith(
+        "LOCAL (serving DEEPGRAM/nova-3) failed (at capacity); this session is served by "
+        "its fallback LOCAL/whisper-tiny.en (OPENAI is not available on this server"
+    ), effective.notice

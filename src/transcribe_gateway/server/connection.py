@@ -554,7 +554,7 @@ class Connection:
                 self._provider_failed(exc)
                 return
             self._report_failure(exc, fallback_plan)
-            plan, fallback_plan = serving_instead(fallback_plan, exc, config.model), None
+            plan, fallback_plan = serving_instead(fallback_plan, exc, config), None
             try:
                 stream = await plan.resolution.stt.open_stream(plan.options)
             except ProviderError as exc2:
@@ -672,7 +672,7 @@ class Connection:
         engine: _Engine | None = None
         try:
             assert self.config is not None
-            plan = serving_instead(plan, exc, self.config.model)
+            plan = serving_instead(plan, exc, self.config)
             try:
                 stream = await plan.resolution.stt.open_stream(plan.options)
             except ProviderError as exc2:

@@ -108,13 +108,22 @@ def plan_for(
     return Plan(resolution, options, effective)
 
 
-def serving_instead(fallback: Plan, exc: ProviderError, requested_model: str) -> Plan:
-    """``fallback`` announced as serving in place of the provider that failed with ``exc``."""
+def serving_instead(fallback: Plan, exc: ProviderError, config: m.SessionConfig) -> Plan:
+    """``fallback`` announced as serving ``config`` in place of the engine that failed
+    with ``exc``: the ``requested_*`` fields are what the client asked for, and the
+    notice says what failed (a substitute, if one served) and what serves now (a
+    substitute for the fallback, if it is one)."""
+    failed = exc.provider
+    if failed != config.provider:  # a substitute served the client's provider
+        failed = f"{failed} (serving {config.provider}/{config.model})"
+    serving = f"{fallback.effective.provider}/{fallback.effective.model}"
+    notice = f"{failed} failed ({exc.reason}); this session is served by its fallback {serving}"
+    if fallback.effective.notice:  # the fallback was itself substituted
+        notice += f" ({fallback.effective.notice})"
     effective = msgspec.structs.replace(
         fallback.effective,
-        requested_provider=exc.provider,
-        requested_model=requested_model,
-        notice=f"{exc.provider} failed ({exc.reason}); this session is served by its "
-        f"fallback {fallback.effective.provider}/{fallback.effective.model}",
+        requested_provider=config.provider,
+        requested_model=config.model,
+        notice=notice,
     )
     return Plan(fallback.resolution, fallback.options, effective)
