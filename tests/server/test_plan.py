@@ -86,6 +86,9 @@ def test_features_a_model_lacks_are_listed_not_refused(registry: ProviderRegistr
     plan = plan_for(session, resolution, endpointing_ms=500)
     assert plan.effective.unsupported == ["prompt", "vad", "endpointing"]
     assert plan.effective.vad is None  # the engine's own VAD: nothing of ours is in use
+    # Nor its endpointing (Deepgram Flux ends turns on its own): not announced as in use.
+    assert plan.effective.endpointing is None
+    assert '"endpointing":' not in m.encode(m.SessionUpdated(session=plan.effective))
     assert (
         plan_for(config(model="bare"), resolution, endpointing_ms=500).effective.unsupported == []
     )

@@ -262,7 +262,8 @@ class EffectiveConfig(msgspec.Struct, omit_defaults=True):
     language: str
     input_audio_format: str
     sample_rate: int
-    endpointing: int
+    endpointing: int | None = None
+    """Absent for an engine that ends utterances its own way (Deepgram Flux)."""
     prompt: str | None = None
     vad: VadConfig | None = None
     fallback: FallbackConfig | None = None

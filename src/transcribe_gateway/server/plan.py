@@ -93,10 +93,10 @@ def plan_for(
         language=language,
         input_audio_format=config.input_audio_format,
         sample_rate=config.sample_rate,
-        endpointing=endpointing,
+        endpointing=endpointing if model.supports_endpointing else None,
         endpointing_unfinished=unfinished,
-        # Only what the engine honours is announced: an ignored prompt is in
-        # `unsupported`, not echoed back as if in use.
+        # Only what the engine honours is announced: an ignored prompt or
+        # endpointing is in `unsupported`, not echoed back as if in use.
         prompt=config.prompt if model.supports_prompt else None,
         vad=effective_vad,
         fallback=config.fallback,
