@@ -7,11 +7,17 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import ROOT, free_port
+from transcribe_gateway import cli
+from transcribe_gateway.config import Settings, StoreSettings
+from transcribe_gateway.exceptions import ConfigError
+from transcribe_gateway.server import runner
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -190,7 +196,54 @@ BAD_SETTINGS = {
         "plugins",
     ),
     "blank-api-key": (lambda p: {"TRANSCRIBE_CONFIG": _blank_key_config(p)}, "api_keys"),
+    # Imports that raise other than ImportError: a traceback and exit 1.
+    "plugin-syntax-error": (
+        lambda p: {"PYTHONPATH": _module(p, "badsyntax", "def broken(:\n"), **_plugin("badsyntax")},
+        "plugins: cannot load 'badsyntax:X': SyntaxError",
+    ),
+    "plugin-import-raises": (
+        lambda p: {
+            "PYTHONPATH": _module(p, "badinit", 'raise RuntimeError("needs FOO_TOKEN")\n'),
+            **_plugin("badinit"),
+        },
+        "plugins: cannot load 'badinit:X': RuntimeError: needs FOO_TOKEN",
+    ),
+    "plugin-relative-name": (
+        lambda _: {"TRANSCRIBE_PLUGINS": ".rel:X"},
+        "plugins: cannot load '.rel:X': TypeError",
+    ),
+    # Accepted, never read: DEEPGRAM sessions quietly served by LOCAL instead.
+    "misspelt-provider-table": (
+        lambda p: {"TRANSCRIBE_CONFIG": _config(p, '[providers.deepgramm]\napi_key = "k"\n')},
+        "providers.DEEPGRAMM: no provider DEEPGRAMM",
+    ),
+    # uvloop cannot be imported (Windows, not installed): serve died with a traceback.
+    "uvloop-missing": (
+        lambda p: {
+            "PYTHONPATH": _module(p, "uvloop", 'raise ImportError("no uvloop (simulated)")\n'),
+            "TRANSCRIBE_EVENT_LOOP": "uvloop",
+        },
+        'event_loop: "uvloop" cannot be imported',
+    ),
 }
+
+
+def _module(tmp_path: Path, name: str, text: str) -> str:
+    """A directory for PYTHONPATH holding module ``name`` with source ``text``."""
+    folder = tmp_path / "modules"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.py").write_text(text)
+    return str(folder)
+
+
+def _plugin(module: str) -> dict[str, str]:
+    return {"TRANSCRIBE_PLUGINS": f"{module}:X"}
+
+
+def _config(tmp_path: Path, text: str) -> str:
+    config = tmp_path / "gateway.toml"
+    config.write_text(text)
+    return str(config)
 
 
 def _blank_key_config(tmp_path: Path) -> str:
@@ -270,3 +323,169 @@ def test_a_plugin_failing_to_initialise_is_named_in_one_line(tmp_path: Path) -> 
         # The plugin's own two-line message, on the one line.
         assert "tests.plugins.broken:InitRaises" in line, result.stderr
         assert "INITBAD_API_KEY is not set (a second line)" in line, result.stderr
+
+
+def checked(tmp_path: Path, **fields: Any) -> Settings:
+    """``cli._checked`` (as ``config check``) on settings with a store in ``tmp_path``."""
+    store = StoreSettings(path=str(tmp_path / "store.db"))
+    return cli._checked(Settings(store=store, **fields))
+
+
+def test_a_provider_table_must_name_a_provider_of_this_server(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        checked(tmp_path, providers={"OPEN_AI": {"api_key": "k"}})
+    assert str(caught.value).startswith("providers.OPEN_AI: no provider OPEN_AI"), caught.value
+    assert "did you mean [providers.OPENAI]?" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    # Far from any name: no guess, the names there are.
+    with pytest.raises(ConfigError, match=r"known: CARTESIA, DEEPGRAM, ") as caught:
+        checked(tmp_path, providers={"ZZZ": {"api_key": "k"}})
+    assert "did you mean" not in str(caught.value)
+    # LOCAL reads no table (its settings are [local]).
+    with pytest.raises(ConfigError, match=r"^providers\.LOCAL: .*\[local\]"):
+        checked(tmp_path, providers={"LOCAL": {"api_key": "k"}})
+    # The catalog's, and a plugin's, under the name it serves as ("lowered": LOWERED).
+    checked(
+        tmp_path,
+        plugins=["tests.plugins.broken:LowerCase"],
+        providers={"DEEPGRAM": {"api_key": "k"}, "LOWERED": {"base_url": "ws://x"}},
+    )
+
+
+def test_a_missing_uvloop_is_named_only_when_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop: ImportError
+    with pytest.raises(ConfigError, match=r'^event_loop: "uvloop" cannot be imported'):
+        checked(tmp_path, event_loop="uvloop")
+    checked(tmp_path, event_loop="auto")  # uvicorn falls back to asyncio
+
+
+def test_serve_names_an_unreachable_redis_in_one_line_without_its_password(
+    tmp_path: Path,
+) -> None:
+    # It printed a 50-line traceback and exited 3, after the models loaded.
+    port = free_port()  # nothing listens there
+    env = quiet_env(
+        tmp_path,
+        TRANSCRIBE_STORE_BACKEND="redis",
+        TRANSCRIBE_REDIS_URL=f"redis://:hunter2-secret@127.0.0.1:{port}/0",
+    )
+    checked = run("config", "check", env=env)
+    assert checked.returncode == 0, checked.stderr  # offline: Redis is not asked
+    served = run("serve", "--port", str(free_port()), env=env)
+    assert served.returncode == 2, served.stderr
+    assert "Traceback" not in served.stderr, served.stderr
+    assert "hunter2" not in served.stderr
+    (line,) = served.stderr.strip().splitlines()
+    assert line.startswith(
+        f"transcribe-gateway: configuration error: store.redis_url: Redis at 127.0.0.1:{port} "
+        "does not answer: "
+    ), line
+
+
+def test_a_redis_that_never_answers_is_given_up_on_after_the_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "REDIS_CHECK_TIMEOUT_S", 0.5)
+    with socket.create_server(("127.0.0.1", 0)) as mute:  # accepts, never replies
+        port = mute.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=r"^store\.redis_url: Redis at .* does not answer"):
+            checked_redis = Settings(
+                store=StoreSettings(backend="redis", redis_url=f"redis://127.0.0.1:{port}/0")
+            )
+            cli._checked(checked_redis, serving=True)
+        assert time.monotonic() - started < 3  # one try, bounded by the timeout
+
+
+def _no_engine_loaded(stderr: str) -> bool:
+    return "loaded whisper model" not in stderr and "local engine ready" not in stderr
+
+
+def test_serve_on_a_port_in_use_stops_before_loading_the_models(tmp_path: Path) -> None:
+    # It exited 3 once the models had loaded (minutes on a cold cache), naming no setting.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = quiet_env(tmp_path)
+        assert run("config", "check", env=env).returncode == 0  # the server may be up
+        served = run("serve", "--port", str(port), env=env)
+    assert served.returncode == 2, served.stderr
+    assert "Traceback" not in served.stderr, served.stderr
+    assert _no_engine_loaded(served.stderr), served.stderr
+    assert served.stderr.strip().splitlines()[-1] == (
+        f"transcribe-gateway: configuration error: port: 127.0.0.1:{port} is already in use "
+        "(another server?); pick another port (TRANSCRIBE_PORT, serve --port)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        ("not a host!!", "host: cannot resolve 'not a host!!': "),
+        ("192.0.2.1", "host: cannot listen on 192.0.2.1:"),  # TEST-NET-1: nobody's address
+    ],
+)
+def test_serve_on_a_bad_host_stops_before_loading_the_models(
+    tmp_path: Path, host: str, says: str
+) -> None:
+    served = run("serve", "--host", host, "--port", str(free_port()), env=quiet_env(tmp_path))
+    assert served.returncode == 2, served.stderr
+    assert "Traceback" not in served.stderr, served.stderr
+    assert _no_engine_loaded(served.stderr), served.stderr
+    last = served.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"transcribe-gateway: configuration error: {says}"), last
+    assert last.endswith("(TRANSCRIBE_HOST, serve --host)"), last
+
+
+async def test_a_port_taken_before_listening_is_one_line_and_status_3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Bound early with SO_REUSEADDR, the socket listens only once the models are
+    # loaded: a second gateway started meanwhile on the port listens first.
+    server = runner.build_server(Settings(store=StoreSettings(path=str(tmp_path / "s.db"))))
+    shut: list[bool] = []
+
+    class Lifespan:
+        async def shutdown(self) -> None:
+            shut.append(True)
+
+    async def startup(self: object, sockets: object = None) -> None:
+        raise OSError(98, "Address already in use")
+
+    monkeypatch.setattr(runner.uvicorn.Server, "startup", startup)
+    server.lifespan = Lifespan()  # type: ignore[assignment]
+    with pytest.raises(SystemExit) as exited:
+        await server.startup(sockets=[])
+    assert exited.value.code == 3
+    assert shut == [True]  # the engines closed, as uvicorn does on its own bind failure
+
+
+def test_serve_on_port_0_advertises_the_port_it_listens_on(tmp_path: Path) -> None:
+    # The banner said ws://localhost:0/ws.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "transcribe_gateway", "serve", "--port", "0"],
+        cwd=ROOT,
+        env=quiet_env(tmp_path, TRANSCRIBE_LOCAL_WORKERS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        seen: list[str] = []
+        for line in proc.stderr:  # ends if it exits; pytest-timeout bounds a hang
+            seen.append(line)
+            if "WebSocket URL" in line:
+                break
+        url = seen[-1].split("WebSocket URL ", 1)[1].strip()
+        assert url.startswith("ws://localhost:") and url.endswith("/ws"), "".join(seen)
+        port = int(url.removeprefix("ws://localhost:").removesuffix("/ws"))
+        assert port != 0, "".join(seen)
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        rest = [proc.stderr.readline() for _ in range(3)]
+        assert f"--url ws://localhost:{port}/ws " in rest[1]
+        assert f"demo page http://localhost:{port}/ " in rest[2]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import sys
 from collections.abc import Sequence
@@ -48,14 +49,18 @@ def _checked(settings: Settings, *, serving: bool = False) -> Settings:
     """What ``serve`` refuses beyond a setting's own bounds (``config check`` too).
 
     ``serving``: also what only starting finds (the store file opened or created,
-    the default model's weights found), so that ``serve`` stops with one line
-    naming the setting rather than a traceback from inside the server.
+    or Redis answering; the default model's weights found), so that ``serve``
+    stops with one line naming the setting rather than a traceback from inside
+    the server. ``config check`` stays offline: it may run where Redis is not
+    reachable, e.g. in a build.
     """
     if not settings.keys():
         # Stored keys (`keys create`) do not count: the store is not open yet.
         raise ConfigError("api_keys: the production profile needs at least one key")
     _check_default_model(settings)
     _check_plugins(settings, create=not serving)
+    _check_provider_tables(settings)
+    _check_event_loop(settings)
     if settings.store.backend == "sqlite":
         from transcribe_gateway.store import sqlite
 
@@ -63,9 +68,108 @@ def _checked(settings: Settings, *, serving: bool = False) -> Settings:
             sqlite.open_database(Path(settings.store.path)).close()
         else:
             sqlite.check_path(settings.store.path)
+    elif serving:
+        _check_redis(settings.store.redis_url)
     if serving:
         _check_default_model_weights(settings)
     return settings
+
+
+def _check_provider_tables(settings: Settings) -> None:
+    """Each ``[providers.<NAME>]`` names a provider this server has: a misspelt one
+    (``deepgramm``) is never read, and its provider's sessions would be served by
+    LOCAL (development) or refused, without a word about the table."""
+    if not settings.providers:
+        return
+    from importlib.metadata import entry_points
+
+    from transcribe_gateway.providers.registry import (
+        CATALOG,
+        ENTRY_POINT_GROUP,
+        plugin_class,
+        provider_name,
+    )
+
+    # The names that read a table: the catalog's, installed entry points' (the
+    # name they are declared under) and the plugins' (checked above: no error here).
+    installed = list(entry_points(group=ENTRY_POINT_GROUP))
+    known = {*CATALOG, *(ep.name.upper() for ep in installed)}
+    known |= {plugin_class(spec)[0] for spec in settings.plugins}
+    known.discard("LOCAL")
+    unknown = [name for name in settings.providers if name not in known]
+    if unknown:
+        # An entry point's class may serve under another name than the entry point's
+        # (the class's wins): load them only now, when a table is not matched yet.
+        for ep in installed:
+            try:
+                klass = ep.load()
+            except Exception:
+                continue  # serve logs it and leaves it out
+            if (name := provider_name(klass)) is not None and name != "LOCAL":
+                known.add(name)
+    for name in settings.providers:
+        if name in known:
+            continue
+        if name == "LOCAL":
+            raise ConfigError(
+                "providers.LOCAL: the embedded engine takes no api_key or base_url "
+                "(its settings are in [local]); remove the table"
+            )
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+        hint = f"did you mean [providers.{close[0]}]? " if close else ""
+        raise ConfigError(
+            f"providers.{name}: no provider {name} on this server, so this table would "
+            f"never be read ({hint}known: {', '.join(sorted(known))})"
+        )
+
+
+def _check_event_loop(settings: Settings) -> None:
+    """``event_loop = "uvloop"`` where uvloop cannot be imported (Windows, not installed):
+    uvicorn would fail on it with a traceback (``auto`` falls back to asyncio)."""
+    if settings.event_loop != "uvloop":
+        return
+    try:
+        import uvloop  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError(
+            f'event_loop: "uvloop" cannot be imported ({exc}); install uvloop, or set '
+            '"auto" or "asyncio" (TRANSCRIBE_EVENT_LOOP)'
+        ) from None
+
+
+REDIS_CHECK_TIMEOUT_S = 3.0
+"""Longest wait for Redis to answer ``serve``'s start-up ping (connect, then reply)."""
+
+
+def _check_redis(url: str) -> None:
+    """Redis answers a PING at ``url`` (once, bounded): the store's start would fail
+    after the models load, with a traceback and exit status 3."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.connection import parse_url
+    from redis.retry import Retry
+
+    parts = parse_url(url)  # type: ignore[no-untyped-call]
+    # Named by address, never by the URL: it may hold the password.
+    where = parts.get("path") or f"{parts.get('host', 'localhost')}:{parts.get('port', 6379)}"
+    client = redis.Redis.from_url(
+        url,
+        socket_connect_timeout=REDIS_CHECK_TIMEOUT_S,
+        socket_timeout=REDIS_CHECK_TIMEOUT_S,
+        retry=Retry(NoBackoff(), 0),  # one try: the bound is the timeout above
+    )
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        password = parts.get("password")
+        if password:
+            reason = reason.replace(str(password), "***")
+        raise ConfigError(
+            f"store.redis_url: Redis at {where} does not answer: {reason} (TRANSCRIBE_REDIS_URL)"
+        ) from None
+    finally:
+        client.close()
 
 
 def _check_default_model(settings: Settings) -> None:
@@ -134,8 +238,15 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level, settings.log_format)
     _warn_unknown_env(to_log=True)
     _checked(settings, serving=True)
+    from transcribe_gateway.server.runner import bind_sockets
+
+    # Bound now, before the models load (minutes, on a cold cache), so that a port
+    # in use or a bad host stops here with one line; uvicorn listens on them.
+    sockets = bind_sockets(settings.host, settings.port)
     host = _url_host(settings.host)
-    url = f"ws://{host}:{settings.port}/ws"
+    # The bound port: with port = 0 the system picks it.
+    port = sockets[0].getsockname()[1]
+    url = f"ws://{host}:{port}/ws"
 
     def banner() -> None:
         # Printed once the server is listening (the model loads first), so the line
@@ -159,12 +270,11 @@ def _serve(args: argparse.Namespace) -> int:
         )
         if settings.profile == "development":
             print(
-                f"transcribe-gateway: demo page http://{host}:{settings.port}/  "
-                "(local development)",
+                f"transcribe-gateway: demo page http://{host}:{port}/  (local development)",
                 file=sys.stderr,
             )
 
-    serve(settings, on_ready=banner)
+    serve(settings, on_ready=banner, sockets=sockets)
     return 0
 
 

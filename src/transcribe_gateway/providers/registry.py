@@ -80,8 +80,11 @@ def _import_plugin(spec: str) -> type[STT]:
     module_name, _, attr = spec.partition(":")
     try:
         loaded = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"plugins: cannot load {spec!r}: {exc}") from exc
+    except Exception as exc:
+        # Whatever the module raises on import (a SyntaxError, a RuntimeError for a
+        # missing variable; a TypeError for a relative ``.mod``): the operator named
+        # it, so one line naming the entry, not a traceback.
+        raise ConfigError(f"plugins: cannot load {spec!r}: {_one_line(exc)}") from exc
     if not (isinstance(loaded, type) and issubclass(loaded, STT)):
         raise ConfigError(f"plugins: {spec!r} is not an STT subclass")
     return loaded

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
@@ -23,10 +26,14 @@ from types import FrameType
 import uvicorn
 
 from transcribe_gateway.config import Settings
+from transcribe_gateway.exceptions import ConfigError
 from transcribe_gateway.server.app import Gateway, create_app
 from transcribe_gateway.server.ws_transport import websocket_protocol
 
 log = logging.getLogger(__name__)
+
+STARTUP_FAILURE = 3
+"""Exit status when listening fails, as uvicorn's own (``uvicorn.server``)."""
 
 
 class GatewayServer(uvicorn.Server):
@@ -44,7 +51,15 @@ class GatewayServer(uvicorn.Server):
 
     async def startup(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         self._loop = asyncio.get_running_loop()
-        await super().startup(sockets=sockets)  # type: ignore[arg-type]
+        try:
+            await super().startup(sockets=sockets)  # type: ignore[arg-type]
+        except OSError as exc:
+            # Sockets from bind_sockets listen only now: with SO_REUSEADDR another
+            # process could bind the same port meanwhile and listen first. One line
+            # and exit 3, as uvicorn does when its own bind fails.
+            log.error("cannot listen (port %s): %s", self.config.port, exc)
+            await self.lifespan.shutdown()
+            sys.exit(STARTUP_FAILURE)
         if self.started and self._on_ready is not None:
             # Listening, engines loaded: whatever on_ready tells a user to try works now.
             self._on_ready()
@@ -121,6 +136,72 @@ def build_server(settings: Settings, on_ready: Callable[[], None] | None = None)
     return GatewayServer(config, gateway, on_ready)
 
 
-def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:
-    """Run until SIGTERM/SIGINT/SIGHUP (blocking); ``on_ready`` is called once it is listening."""
-    build_server(settings, on_ready).run()
+def bind_sockets(host: str, port: int) -> list[socket.socket]:
+    """Bind ``host``:``port`` as uvicorn's ``loop.create_server`` would (every address
+    the host resolves to, ``SO_REUSEADDR`` on POSIX, IPv6 sockets IPv6-only), not
+    listening yet: uvicorn binds only after the models load, so a port in use or a
+    bad host failed late, with a message naming neither setting.
+
+    Raises:
+        ConfigError: the host does not resolve, or an address cannot be bound.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(
+            f"host: cannot resolve {host!r}: {reason} (TRANSCRIBE_HOST, serve --host)"
+        ) from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # deduplicated, in order
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:
+                continue  # a family this machine lacks (asyncio skips it too)
+            sockets.append(sock)
+            if os.name == "posix" and sys.platform != "cygwin":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise ConfigError(_bind_error(host, port, address, exc)) from None
+        if not sockets:
+            raise ConfigError(f"host: no address of {host!r} can be used (TRANSCRIBE_HOST)")
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _bind_error(host: str, port: int, address: tuple[object, ...], exc: OSError) -> str:
+    """One line naming the setting at fault: ``port`` when it is taken or privileged."""
+    where = f"[{address[0]}]:{port}" if ":" in str(address[0]) else f"{address[0]}:{port}"
+    reason = exc.strerror or str(exc)
+    named = where if str(address[0]) == host else f"{host} ({where})"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"port: {where} is already in use (another server?); pick another port "
+            "(TRANSCRIBE_PORT, serve --port)"
+        )
+    if exc.errno == errno.EACCES:
+        return f"port: cannot listen on {where}: {reason} (TRANSCRIBE_PORT, serve --port)"
+    return f"host: cannot listen on {named}: {reason} (TRANSCRIBE_HOST, serve --host)"
+
+
+def serve(
+    settings: Settings,
+    on_ready: Callable[[], None] | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT/SIGHUP (blocking); ``on_ready`` is called once it is listening.
+
+    ``sockets``: bound by :func:`bind_sockets` (uvicorn listens on them); without,
+    uvicorn binds ``host``:``port`` itself once the models are loaded.
+    """
+    build_server(settings, on_ready).run(sockets=sockets)
