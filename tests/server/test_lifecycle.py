@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 import urllib.error
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 import websockets
 
-from tests.conftest import TEST_KEYS, GatewayProcess
+from tests.conftest import ARTIFACTS, ROOT, TEST_KEYS, GatewayProcess, free_port
 from tests.server.wsutil import collect, connect, finals, open_session, recv, send_audio
 from tests.textnorm import normalize
 from transcribe_gateway.audio.files import read_audio
@@ -340,6 +341,38 @@ class TestShutdown:
             assert db.execute("SELECT audio_seconds FROM usage").fetchall() == [(0.5,)]
         finally:
             db.close()
+
+    def test_a_signal_while_the_engines_start_exits_without_the_banner(self) -> None:
+        # Ctrl-C while the engines loaded drained, then printed the "try this"
+        # banner (the WebSocket URL, a command to run) for a server about to exit.
+        ARTIFACTS.mkdir(exist_ok=True)
+        log_path = ARTIFACTS / "server-slow-start.log"
+        env = {
+            **os.environ,
+            "TRANSCRIBE_API_KEYS": TEST_KEYS[0],
+            "TRANSCRIBE_LOCAL_ALLOW_DOWNLOADS": "false",
+            "TRANSCRIBE_PLUGINS": "tests.plugins.slow_start:SlowStartSTT",
+            "TRANSCRIBE_STORE_PATH": str(ARTIFACTS / "store-slow-start.db"),
+            "PYTHONPATH": str(ROOT),
+            "HF_HUB_OFFLINE": "1",
+        }
+        command = [sys.executable, "-m", "transcribe_gateway", "serve", "--port", str(free_port())]
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            deadline = time.monotonic() + 60
+            while "slow start: warming up" not in log_path.read_text(errors="replace"):
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert "WebSocket URL" not in log_path.read_text(errors="replace")
 
     async def test_a_connection_not_yet_authenticated_is_closed_1012(self) -> None:
         # It never got session.created: no session.closed either, but the close

@@ -60,8 +60,9 @@ class GatewayServer(uvicorn.Server):
             log.error("cannot listen (port %s): %s", self.config.port, exc)
             await self.lifespan.shutdown()
             sys.exit(STARTUP_FAILURE)
-        if self.started and self._on_ready is not None:
-            # Listening, engines loaded: whatever on_ready tells a user to try works now.
+        if self.started and self._on_ready is not None and not self._draining:
+            # Listening, engines loaded: whatever on_ready tells a user to try works
+            # now (not once a signal came while they loaded: the server is leaving).
             self._on_ready()
 
     @contextlib.contextmanager
