@@ -74,20 +74,23 @@ async def browser(tmp_path: Path, chromium: Path) -> AsyncIterator[object]:
     """Launch Debian's Chromium through Playwright (never a downloaded browser).
 
     Yields a factory: ``await launch(wav)`` opens a browser whose fake
-    microphone plays ``wav`` once.
+    microphone plays ``wav`` once.  ``bypass_csp`` (the default) lifts the demo
+    page's Content-Security-Policy, which forbids what Playwright's polling
+    waits do (evaluate strings); the demo's own test runs under it.
     """
     from playwright.async_api import async_playwright
 
     async with async_playwright() as pw:
         launched = []
 
-        async def launch(wav: Path):  # type: ignore[no-untyped-def]
+        async def launch(wav: Path, *, bypass_csp: bool = True):  # type: ignore[no-untyped-def]
             profile = tmp_path / f"profile-{len(launched)}"
             profile.mkdir()
             context = await pw.chromium.launch_persistent_context(
                 str(profile),
                 executable_path=str(chromium),
                 headless=True,
+                bypass_csp=bypass_csp,
                 args=[*CHROMIUM_FLAGS, f"--use-file-for-fake-audio-capture={wav}%noloop"],
             )
             launched.append(context)

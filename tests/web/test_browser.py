@@ -35,11 +35,17 @@ def goforward_wav(tmp_path: Path, shared_audio: Path) -> Path:
 async def test_demo_page_shows_the_spoken_words(
     gateway: GatewayProcess, browser: Any, goforward_wav: Path
 ) -> None:
-    context = await browser(goforward_wav)
+    # Under the page's Content-Security-Policy (WEB_HEADERS): locator waits only,
+    # as the policy forbids the strings Playwright's polling waits evaluate.
+    context = await browser(goforward_wav, bypass_csp=False)
     page = await context.new_page()
     bodies: list[str] = []
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on(
+        "console",
+        lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None,
+    )
 
     async def keep_body(response: Any) -> None:
         if response.url.startswith(gateway.http):
@@ -48,18 +54,16 @@ async def test_demo_page_shows_the_spoken_words(
 
     page.on("response", keep_body)
     await page.goto(f"{gateway.http}/")
-    await page.wait_for_function("document.body.dataset.state === 'idle'", timeout=15_000)
+    await page.locator("body[data-state='idle']").wait_for(timeout=15_000)
     providers = await page.eval_on_selector_all("#provider option", "els => els.map(e => e.value)")
     assert "LOCAL" in providers and "DEEPGRAM" in providers
     assert await page.input_value("#model") == "whisper-tiny.en"
 
     await page.click("#start")
-    await page.wait_for_function("document.body.dataset.state === 'live'", timeout=30_000)
-    await page.wait_for_function(
-        "document.querySelectorAll('#finals li').length > 0", timeout=60_000
-    )
+    await page.locator("body[data-state='live']").wait_for(timeout=30_000)
+    await page.locator("#finals li").first.wait_for(timeout=60_000)
     await page.click("#stop")
-    await page.wait_for_function("document.body.dataset.state === 'closed'", timeout=30_000)
+    await page.locator("body[data-state='closed']").wait_for(timeout=30_000)
 
     finals = await page.eval_on_selector_all("#finals .text", "els => els.map(e => e.textContent)")
     assert normalize(" ".join(finals)) == WORDS, finals
@@ -90,6 +94,18 @@ def test_demo_token_helper_answers_and_providers_endpoint_lists_offers(
     assert "nova-3" in [m["name"] for m in deepgram["models"]]
     if not deepgram["available"]:  # no DEEPGRAM_API_KEY here: served by LOCAL (development)
         assert deepgram["reason"] and deepgram["substitute"] == "LOCAL/whisper-tiny.en"
+
+
+def test_demo_files_may_not_be_framed_sniffed_or_run_others(gateway: GatewayProcess) -> None:
+    # The page takes the microphone: another site framing it could get the user to
+    # click Start (clickjacking). The demo tests above run under this policy.
+    for path in ("/", "/app.js", "/style.css", "/client/pcm-worklet.js"):
+        with urllib.request.urlopen(f"{gateway.http}{path}", timeout=10) as r:
+            headers = r.headers
+        assert headers["X-Content-Type-Options"] == "nosniff", path
+        assert headers["Referrer-Policy"] == "no-referrer", path
+        policy = headers["Content-Security-Policy"]
+        assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy, path
 
 
 @pytest.fixture

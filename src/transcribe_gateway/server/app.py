@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Final
@@ -15,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 
 from transcribe_gateway.config import Settings
 from transcribe_gateway.providers.registry import ProviderRegistry
@@ -149,6 +151,31 @@ def _post_route(path: str, endpoint: Callable[[Request], Awaitable[Response]]) -
     return Route(path, handle, methods=_METHODS)
 
 
+WEB_HEADERS: Final = {
+    # The page takes the microphone: no other site may frame it (clickjacking), it
+    # runs only its own files, and it talks only to this server.
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+class WebFiles(StaticFiles):
+    """The demo page's files, with :data:`WEB_HEADERS`."""
+
+    def file_response(
+        self,
+        full_path: os.PathLike[str] | str,
+        stat_result: os.stat_result,
+        scope: Scope,
+        status_code: int = 200,
+    ) -> Response:
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers.update(WEB_HEADERS)
+        return response
+
+
 def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
     """Build the ASGI app: the HTTP routes (``/ws`` is served by :mod:`.ws_transport`)."""
     gw = gateway or Gateway(settings)
@@ -175,7 +202,7 @@ def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
                 else []
             ),
             # The demo page and the browser client (last: it answers every other path).
-            Mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web"),
+            Mount("/", WebFiles(directory=WEB_DIR, html=True), name="web"),
         ],
         lifespan=lifespan,
     )
