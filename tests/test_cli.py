@@ -62,15 +62,13 @@ def test_config_check_refuses_what_serve_refuses(tmp_path: Path) -> None:
     assert "api_keys" in result.stderr
 
 
-def start_serve(tmp_path: Path, **env_vars: str) -> tuple[subprocess.Popen[str], int, list[str]]:
-    """``serve`` on a free port, read up to its banner's URL line: (process, port, lines)."""
-    port = free_port()
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSCRIBE_LOCAL_ALLOW_DOWNLOADS": "false",
-        "TRANSCRIBE_STORE_PATH": str(tmp_path / "store.db"),
-    }
+def start_serve(
+    tmp_path: Path, *, port: int | None = None, **env_vars: str
+) -> tuple[subprocess.Popen[str], int, list[str]]:
+    """``serve`` on ``port`` (default: a free one), read up to its banner's URL line:
+    (process, port, lines)."""
+    port = free_port() if port is None else port
+    env = quiet_env(tmp_path)
     env.pop("TRANSCRIBE_API_KEYS", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "transcribe_gateway", "serve", "--port", str(port)],
@@ -463,21 +461,9 @@ async def test_a_port_taken_before_listening_is_one_line_and_status_3(
 
 def test_serve_on_port_0_advertises_the_port_it_listens_on(tmp_path: Path) -> None:
     # The banner said ws://localhost:0/ws.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "transcribe_gateway", "serve", "--port", "0"],
-        cwd=ROOT,
-        env=quiet_env(tmp_path, TRANSCRIBE_LOCAL_WORKERS="1"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, _, seen = start_serve(tmp_path, port=0, TRANSCRIBE_LOCAL_WORKERS="1")
     try:
         assert proc.stderr is not None
-        seen: list[str] = []
-        for line in proc.stderr:  # ends if it exits; pytest-timeout bounds a hang
-            seen.append(line)
-            if "WebSocket URL" in line:
-                break
         url = seen[-1].split("WebSocket URL ", 1)[1].strip()
         assert url.startswith("ws://localhost:") and url.endswith("/ws"), "".join(seen)
         port = int(url.removeprefix("ws://localhost:").removesuffix("/ws"))

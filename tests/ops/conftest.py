@@ -9,12 +9,27 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT, GatewayProcess, free_port
+from transcribe_gateway.server.limits import Grant
 from transcribe_gateway.store.sqlite import open_database
+
+
+@dataclass
+class Live:
+    """What the ops tick reads of a live Connection."""
+
+    grant: Grant
+    id: str
+    closed: list[int] = field(default_factory=list)
+
+    def terminate(self, code: int, error: str, message: str) -> None:
+        self.closed.append(code)
+
 
 # Sessions in these tests must outlive the shared fixture's 3 s idle timeout.
 OPS_ENV = {"TRANSCRIBE_IDLE_TIMEOUT_S": "60", "TRANSCRIBE_STORE_RECHECK_INTERVAL_S": "0.5"}

@@ -6,29 +6,16 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from tests.ops.conftest import RedisServer
+from tests.ops.conftest import Live, RedisServer
 from transcribe_gateway.config import Settings, StoreSettings
 from transcribe_gateway.server.limits import Admission, Grant, SessionLimits, Verdict
 from transcribe_gateway.store.keys import KeyLimits
 from transcribe_gateway.store.redis import RedisStore
-
-
-@dataclass
-class Live:
-    """What the ops tick reads of a live Connection."""
-
-    grant: Grant
-    id: str
-    closed: list[int] = field(default_factory=list)
-
-    def terminate(self, code: int, error: str, message: str) -> None:
-        self.closed.append(code)
 
 
 @pytest.fixture

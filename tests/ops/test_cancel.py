@@ -12,30 +12,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from tests.ops.conftest import Live
 from transcribe_gateway.config import Settings, StoreSettings
 from transcribe_gateway.server import app
 from transcribe_gateway.server.app import Gateway
 from transcribe_gateway.server.limits import Admission, Grant, _Window
 from transcribe_gateway.store.keys import KeyLimits, KeyRecord
 from transcribe_gateway.store.usage import UsageRecord
-
-
-@dataclass
-class Live:
-    """What the ops tick reads of a live Connection."""
-
-    grant: Grant
-    id: str
-    closed: list[int] = field(default_factory=list)
-
-    def terminate(self, code: int, error: str, message: str) -> None:
-        self.closed.append(code)
 
 
 class SwallowingStore:

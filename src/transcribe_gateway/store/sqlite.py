@@ -194,7 +194,7 @@ class SqliteStore:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def _write(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        return await self._run(self._query, sql, params)
+        return await self._run(_execute, self._db, sql, params)
 
     async def _read(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         return await asyncio.get_running_loop().run_in_executor(
@@ -236,9 +236,6 @@ class SqliteStore:
         except (sqlite3.Error, RuntimeError):
             return False
         return True
-
-    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
-        return _execute(self._db, sql, params)
 
     # ------------------------------------------------------------------ keys
 
