@@ -256,6 +256,7 @@ class RedisStore:
     async def usage_report(self, key_id: str | None, period: Period) -> list[UsageRow]:
         found: Any = await self._redis.zrevrange(f"{P}usage:periods:{period}", 0, -1)
         periods = [_str(p) for p in found]
+        fields = _fields(key_id) if key_id is not None else []
         rows: list[UsageRow] = []
         for start in range(0, len(periods), _REPORT_BATCH):
             batch = periods[start : start + _REPORT_BATCH]
@@ -266,7 +267,7 @@ class RedisStore:
                     else:
                         # Only this key's fields: a period's hash holds every key's totals,
                         # and one key's report (GET /v1/usage) must not cost all of them.
-                        pipe.hmget(f"{P}usage:{period}:{pid}", _fields(key_id))
+                        pipe.hmget(f"{P}usage:{period}:{pid}", fields)
                 replies: list[Any] = await pipe.execute()
             for pid, reply in zip(batch, replies, strict=True):
                 if key_id is None:
@@ -275,7 +276,6 @@ class RedisStore:
                 else:
                     if all(v is None for v in reply):
                         continue  # the key has no records in this period
-                    fields = _fields(key_id)
                     totals = {
                         f: _str(v) for f, v in zip(fields, reply, strict=True) if v is not None
                     }
