@@ -15,8 +15,14 @@ from transcribe_gateway.config import Settings
 from transcribe_gateway.store import redis as redis_store
 from transcribe_gateway.store import sqlite as sqlite_store
 from transcribe_gateway.store.cli import _usage_key_id
-from transcribe_gateway.store.keys import KeyExistsError, KeyLimits, Store, hash_key
-from transcribe_gateway.store.redis import TOKEN_CLOCK_SKEW_S, RedisStore
+from transcribe_gateway.store.keys import (
+    TOKEN_CLOCK_SKEW_S,
+    KeyExistsError,
+    KeyLimits,
+    Store,
+    hash_key,
+)
+from transcribe_gateway.store.redis import RedisStore
 from transcribe_gateway.store.sqlite import SqliteStore
 from transcribe_gateway.store.usage import UsageRecord, period_id
 
@@ -175,6 +181,28 @@ class TestStoreContract:
 
 
 class TestSqliteOnly:
+    async def test_sqlite_token_ledger_outlives_a_restart(self, tmp_path: Path) -> None:
+        # A token used before a restart must stay used after it (with a configured
+        # token_secret it still verifies), and records go once past expiry + skew.
+        store = SqliteStore(tmp_path / "store.db")
+        await store.start()
+        try:
+            assert await store.claim("tok_1", time.time() + 60)
+            assert not await store.claim("tok_1", time.time() + 60)
+            assert await store.claim("tok_old", time.time() - TOKEN_CLOCK_SKEW_S - 1)
+        finally:
+            await store.aclose()
+        again = SqliteStore(tmp_path / "store.db")
+        await again.start()
+        try:
+            assert not await again.claim("tok_1", time.time() + 60)
+            assert await again.claim("tok_2", time.time() + 60)
+            with sqlite3.connect(tmp_path / "store.db") as db:
+                ids = {row[0] for row in db.execute("SELECT id FROM used_tokens")}
+            assert ids == {"tok_1", "tok_2"}  # tok_old was dropped by the next claim
+        finally:
+            await again.aclose()
+
     async def test_sqlite_lookups_do_not_wait_for_a_write_held_by_a_lock(
         self, tmp_path: Path
     ) -> None:

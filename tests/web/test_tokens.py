@@ -11,6 +11,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ from tests.conftest import TEST_KEYS, GatewayProcess
 from tests.server.wsutil import connect, recv
 from transcribe_gateway.server.auth import fingerprint
 from transcribe_gateway.server.tokens import MemoryTokenLedger, TokenIssuer
+from transcribe_gateway.store.keys import TOKEN_CLOCK_SKEW_S
 
 
 def post(url: str, *, key: str | None = None, body: Any = None) -> tuple[int, dict[str, Any]]:
@@ -132,6 +134,30 @@ class TestUse:
         msg, _ = await first_message(gateway, token)
         assert msg is not None and msg["type"] == "session.created"
 
+    async def test_a_used_token_stays_used_after_a_restart(self, tmp_path: Path) -> None:
+        # With a configured token_secret a token verifies on the restarted server:
+        # the ledger in the store file must still know it was used.
+        env = {
+            "TRANSCRIBE_TOKEN_SECRET": "restart-test-secret",
+            "TRANSCRIBE_STORE_PATH": str(tmp_path / "store.db"),
+        }
+        first = GatewayProcess("tokens-restart-1", env)
+        try:
+            token = mint(first)["token"]
+            msg, _ = await first_message(first, token)
+            assert msg is not None and msg["type"] == "session.created"
+        finally:
+            first.stop()
+        second = GatewayProcess("tokens-restart-2", env)
+        try:
+            fresh = mint(second)["token"]
+            msg, code = await first_message(second, token)
+            assert msg is None and code == 4001
+            msg, _ = await first_message(second, fresh)  # the ledger still admits new ones
+            assert msg is not None and msg["type"] == "session.created"
+        finally:
+            second.stop()
+
     async def test_tokens_never_appear_in_server_logs(self, gateway: GatewayProcess) -> None:
         token = mint(gateway)["token"]
         await first_message(gateway, token)
@@ -171,10 +197,19 @@ class TestIssuer:
         assert await issuer.redeem(token) is not None
         assert await issuer.redeem(token) is None
 
+    async def test_ledger_keeps_a_used_token_past_its_expiry(self) -> None:
+        # After the clock steps back (NTP), a token that had expired verifies
+        # again for a while: the ledger must still know it was used.
+        ledger = MemoryTokenLedger()
+        now = time.time()
+        assert await ledger.claim("a", now - 10)
+        assert not await ledger.claim("a", now - 10)
+
     async def test_ledger_forgets_expired_entries_and_is_bounded(self) -> None:
         ledger = MemoryTokenLedger(max_entries=2)
         now = time.time()
-        assert await ledger.claim("a", now - 1)  # already expired: dropped on the next claim
+        # Expired longer ago than the clock skew allowed: dropped on the next claim.
+        assert await ledger.claim("a", now - TOKEN_CLOCK_SKEW_S - 1)
         assert await ledger.claim("b", now + 60)
         assert await ledger.claim("c", now + 60)
         assert len(ledger) == 2

@@ -27,7 +27,6 @@ from transcribe_gateway.server.limits import OPS_STOP_S, Admission
 from transcribe_gateway.server.origins import OriginPolicy
 from transcribe_gateway.server.tokens import TokenIssuer
 from transcribe_gateway.store import open_store
-from transcribe_gateway.store.redis import RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +57,9 @@ class Gateway:
         self.store = open_store(settings.store)
         """Keys, usage and per-key live state (SQLite, or Redis for replicas)."""
         self.admission = Admission(settings, self.store)
-        # With Redis, single use holds across replicas: the store is the token ledger.
-        ledger = self.store if isinstance(self.store, RedisStore) else None
-        self.tokens = TokenIssuer(settings.token_secret, settings.token_max_ttl_s, ledger)
+        # The store is the token ledger: single use holds across restarts (SQLite's
+        # file) and across replicas (Redis).
+        self.tokens = TokenIssuer(settings.token_secret, settings.token_max_ttl_s, self.store)
         """Short-lived session tokens for browsers (``POST /v1/tokens``)."""
         self._ops: list[asyncio.Task[None]] = []
 

@@ -12,8 +12,9 @@ that shares ``token_secret`` verifies it without a shared database::
 ``kid`` names the key that asked for the token (``static-<fingerprint>`` for a
 key from ``api_keys``, the store's id for a managed key), so the session counts
 against that key's limits.  Single use is enforced by a :class:`TokenLedger`:
-the first ``claim`` of a token id wins.  :class:`MemoryTokenLedger` serves one
-process; replicas behind a load balancer need a shared ledger (Redis).
+the first ``claim`` of a token id wins.  The gateway's store is its ledger
+(SQLite's file outlives a restart; Redis is shared by replicas);
+:class:`MemoryTokenLedger` serves one process for as long as it runs.
 
 An expired, forged or already-used token is refused exactly like a bad key
 (close 4001), and a token never reaches the logs.
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from typing import Final, Protocol
 
 from transcribe_gateway.server.limits import Admission, Grant, Refusal
+from transcribe_gateway.store.keys import TOKEN_CLOCK_SKEW_S
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,11 @@ class TokenLedger(Protocol):
 class MemoryTokenLedger:
     """A :class:`TokenLedger` for one process.
 
-    Entries are dropped once their token expired (it can no longer verify
-    anyway).  The ledger is bounded: past ``max_entries`` live tokens a claim
-    is refused rather than letting an old entry go, since forgetting one would
-    let that token be used twice.
+    Entries are dropped :data:`TOKEN_CLOCK_SKEW_S` after their token expired (it
+    can no longer verify by then, even after the clock steps back).  The ledger
+    is bounded: past ``max_entries`` live tokens a claim is refused rather than
+    letting an old entry go, since forgetting one would let that token be used
+    twice.
     """
 
     def __init__(self, max_entries: int = 100_000) -> None:
@@ -82,21 +85,21 @@ class MemoryTokenLedger:
         return len(self._used)
 
     async def claim(self, token_id: str, expires_at: float) -> bool:
-        self._expire(time.time())
+        self._expire(time.time() - TOKEN_CLOCK_SKEW_S)
         if token_id in self._used or len(self._used) >= self._max:
             return False
         self._used[token_id] = expires_at
         # Tokens mostly expire in claim order; a longer TTL claimed later just waits its turn.
         return True
 
-    def _expire(self, now: float) -> None:
+    def _expire(self, cutoff: float) -> None:
         while self._used:
             token_id, expires_at = next(iter(self._used.items()))
-            if expires_at > now:
+            if expires_at > cutoff:
                 break
             del self._used[token_id]
         if len(self._used) >= self._max:  # out-of-order TTLs: a full sweep, rarely
-            for token_id in [t for t, exp in self._used.items() if exp <= now]:
+            for token_id in [t for t, exp in self._used.items() if exp <= cutoff]:
                 del self._used[token_id]
 
 

@@ -25,6 +25,9 @@ KEY_PREFIX: Final = "tgk_"
 SCOPE_TRANSCRIBE: Final = "transcribe"
 SCOPE_USAGE: Final = "usage"
 DEFAULT_SCOPES: Final = (SCOPE_TRANSCRIBE, SCOPE_USAGE)
+TOKEN_CLOCK_SKEW_S: Final = 300
+"""How far clocks may disagree (replicas', or one machine's after a step) before a
+used session token could verify again: the ledger keeps it this long past expiry."""
 
 
 def generate_key() -> str:
@@ -228,4 +231,13 @@ class Store(Protocol):
 
     async def add_messages(self, key_id: str, window: int, count: int) -> int:
         """Count messages in a one-second window; returns the key's total in it."""
+        ...
+
+    # session tokens
+    async def claim(self, token_id: str, expires_at: float) -> bool:
+        """Single-use token ledger: True the first time ``token_id`` is claimed.
+
+        The record is kept :data:`TOKEN_CLOCK_SKEW_S` past the token's expiry, and
+        outlives a restart: a token used before it must stay used after it.
+        """
         ...

@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 from transcribe_gateway.store.keys import (
     DEFAULT_SCOPES,
     NO_LIMITS,
+    TOKEN_CLOCK_SKEW_S,
     KeyExistsError,
     KeyLimits,
     KeyRecord,
@@ -49,8 +50,6 @@ _NETWORK_TIMEOUT_S: Final = 2.0
 _AUDIO_TTL_S: Final = 40 * 86400
 """Metered audio outlives the longest period (a month) it counts towards."""
 _USAGE_LOG_MAX: Final = 1_000_000
-TOKEN_CLOCK_SKEW_S: Final = 300
-"""How far replicas' clocks may disagree before a used session token could verify again."""
 
 _ACQUIRE: Final = """
 local t = redis.call('TIME')

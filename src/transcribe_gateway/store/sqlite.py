@@ -1,4 +1,5 @@
-"""The default store: one SQLite file for keys and usage, live state in memory.
+"""The default store: one SQLite file for keys, usage and used session tokens, live state
+in memory.
 
 Meant for one gateway process per file (one box).  The ``keys`` and ``usage``
 commands may use the same file while the gateway runs (WAL mode, busy
@@ -29,6 +30,7 @@ from transcribe_gateway.exceptions import ConfigError
 from transcribe_gateway.store.keys import (
     DEFAULT_SCOPES,
     NO_LIMITS,
+    TOKEN_CLOCK_SKEW_S,
     KeyExistsError,
     KeyLimits,
     KeyRecord,
@@ -68,6 +70,10 @@ CREATE TABLE IF NOT EXISTS usage (
 );
 CREATE INDEX IF NOT EXISTS usage_key_started ON usage (key_id, started_at);
 CREATE INDEX IF NOT EXISTS usage_session ON usage (session_id);
+CREATE TABLE IF NOT EXISTS used_tokens (
+    id TEXT PRIMARY KEY,
+    keep_until REAL NOT NULL
+);
 """
 _SESSIONS_MAX = 100_000
 """Sessions whose metered audio is remembered (the most recently metered)."""
@@ -175,8 +181,21 @@ def _execute(
     return rows
 
 
+def _claim(db: sqlite3.Connection | None, token_id: str, keep_until: float, now: float) -> bool:
+    """Record a used token unless it is recorded already (on the writer thread)."""
+    if db is None:
+        raise RuntimeError("store not started")
+    db.execute("DELETE FROM used_tokens WHERE keep_until <= ?", (now,))
+    added = db.execute(
+        "INSERT OR IGNORE INTO used_tokens (id, keep_until) VALUES (?, ?)", (token_id, keep_until)
+    ).rowcount
+    db.commit()
+    return added == 1
+
+
 class SqliteStore:
-    """Keys and usage in a SQLite file; session slots, rates and metered audio in memory."""
+    """Keys, usage and used tokens in a SQLite file; session slots, rates and metered
+    audio in memory."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -385,3 +404,10 @@ class SqliteStore:
         total = total + count if start == window else count
         self._messages[key_id] = (window, total)
         return total
+
+    # ---------------------------------------------------------------- tokens
+
+    async def claim(self, token_id: str, expires_at: float) -> bool:
+        # In the file, not in memory: a token used before a restart stays used after it.
+        keep_until = expires_at + TOKEN_CLOCK_SKEW_S
+        return await self._run(_claim, self._db, token_id, keep_until, time.time())
