@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -457,6 +458,30 @@ async def test_a_port_taken_before_listening_is_one_line_and_status_3(
         await server.startup(sockets=[])
     assert exited.value.code == 3
     assert shut == [True]  # the engines closed, as uvicorn does on its own bind failure
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
+def test_serve_on_all_ipv6_addresses_advertises_a_url_that_connects(tmp_path: Path) -> None:
+    # "::" listens on IPv6 only; the banner said localhost, which may be IPv4 only.
+    proc, _, seen = start_serve(
+        tmp_path, port=0, TRANSCRIBE_HOST="::", TRANSCRIBE_LOCAL_WORKERS="1"
+    )
+    try:
+        url = urllib.parse.urlsplit(seen[-1].split("WebSocket URL ", 1)[1].strip())
+        assert url.hostname is not None and url.port is not None, "".join(seen)
+        socket.create_connection((url.hostname, url.port), timeout=5).close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
 
 
 def test_serve_on_port_0_advertises_the_port_it_listens_on(tmp_path: Path) -> None:

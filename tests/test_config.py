@@ -208,10 +208,11 @@ class TestEnvironment:
         s = load_settings(environ={"TRANSCRIBE_STRICT_PROVIDERS": raw})
         assert s.strict_providers is value
 
-    @pytest.mark.parametrize("raw", ["garbage", "2", "truee", "y e s"])
+    @pytest.mark.parametrize("raw", ["garbage", "2", "truee", "y e s", "", "  "])
     def test_env_rejects_bad_boolean(self, raw: str) -> None:
-        message = config_error(TRANSCRIBE_STRICT_PROVIDERS=raw)
-        assert "TRANSCRIBE_STRICT_PROVIDERS" in message
+        # Empty too: an unset compose variable must not turn a default-on setting off.
+        message = config_error(TRANSCRIBE_LOCAL_FINAL_CONTEXT=raw)
+        assert "TRANSCRIBE_LOCAL_FINAL_CONTEXT" in message
 
     @pytest.mark.parametrize(
         ("name", "raw"),
@@ -513,6 +514,13 @@ class TestRedisUrl:
     def test_a_bad_redis_url_is_named(self, url: str) -> None:
         message = config_error(TRANSCRIBE_STORE_BACKEND="redis", TRANSCRIBE_REDIS_URL=url)
         assert "store.redis_url" in message
+
+    def test_a_bad_redis_url_does_not_show_the_password(self) -> None:
+        # A "/" in the password splits the host part: the parser's words quote it.
+        url = "redis://:Xk3pQ/9zR+w@10.0.0.5:6379/0"
+        message = config_error(TRANSCRIBE_STORE_BACKEND="redis", TRANSCRIBE_REDIS_URL=url)
+        assert "store.redis_url" in message and "percent-encode" in message
+        assert "Xk3pQ" not in message and "9zR" not in message
 
     @pytest.mark.parametrize("url", ["redis://10.0.0.5:6379/0", "rediss://h/1", "unix:///tmp/r"])
     def test_a_good_redis_url_passes(self, url: str) -> None:

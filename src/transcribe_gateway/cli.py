@@ -225,8 +225,10 @@ def _warn_unknown_env(*, to_log: bool) -> None:
 
 def _url_host(host: str) -> str:
     """``host`` as a URL writes it: IPv6 addresses in brackets."""
-    if host in ("127.0.0.1", "0.0.0.0", "::"):
+    if host in ("127.0.0.1", "0.0.0.0"):
         return "localhost"
+    if host == "::":  # IPv6 only (as asyncio binds it), and localhost may be IPv4 only
+        return "[::1]"
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 

@@ -205,8 +205,10 @@ def _env_value(name: str, raw: str, kind: str) -> Any:
         lowered = raw.strip().lower()
         if lowered in {"1", "true", "yes", "on"}:
             return True
-        if lowered in {"0", "false", "no", "off", ""}:
+        if lowered in {"0", "false", "no", "off"}:
             return False
+        # Empty is refused, not false: an unset variable in a compose file passes
+        # "" and would silently turn a default-on setting off.
         raise ConfigError(f"{name}={raw!r}: expected true or false")
     if kind in {"int", "float"}:
         try:
@@ -243,7 +245,13 @@ def _check_redis_url(url: str) -> None:
     try:
         parse_url(url)  # type: ignore[no-untyped-call]
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"store.redis_url: {exc} (TRANSCRIBE_REDIS_URL)") from None
+        # The parser's words may quote part of a password it split at a "/" or ":".
+        reason = (
+            "not a valid Redis URL (percent-encode special characters in the password)"
+            if "@" in url
+            else str(exc)
+        )
+        raise ConfigError(f"store.redis_url: {reason} (TRANSCRIBE_REDIS_URL)") from None
 
 
 def load_settings(
