@@ -143,6 +143,27 @@ class TestMessageRate:
         # Only what was under the rate was accepted (20/s, 20 ms each).
         assert 0.2 <= closed["usage"]["audio_seconds"] <= 0.4 * (elapsed + 1)
 
+    async def test_messages_an_engine_held_back_are_not_refused_when_they_come_at_once(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        # 50 messages a second under a rate of 60. The engine holds one push for
+        # 1.5 s; what the client sent meanwhile waited in the server and the
+        # socket, then came in a burst, and was refused as over the rate.
+        key = create_key(sqlite_env, "rate-60", "--rate", "60")
+        ws = await connect(store_gateway.url, key)
+        assert (await recv(ws, 5))["type"] == "session.created"
+        config = {"provider": "FAULTY", "model": "count-hiccup"}
+        await ws.send(json.dumps({"type": "session.update", "session": config}))
+        await recv_type(ws, "session.updated", 30)
+        await asyncio.sleep(1.1)  # a second of its own for the audio
+        await send_audio(ws, silence(5.0), realtime=1.0)
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await _drain_until_closed(ws, 30)
+        errors = [m["error"]["code"] for m in messages if m["type"] == "error"]
+        assert errors == [], errors
+        final = next(m for m in messages if m["type"] == "transcription.completed")
+        assert final["text"] == str(5 * 16000)  # every sample reached the engine
+
     async def test_sustained_flood_far_over_the_rate_is_closed_1008(
         self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
     ) -> None:

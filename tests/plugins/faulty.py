@@ -18,6 +18,8 @@ ways a real engine can.  The model name picks the failure:
 * ``count-slow-open``: ``open_stream`` takes 1.5 s (a fallback still
   connecting), then one final at the end, text = the samples it was given;
 * ``count-slow-finalize``: the same final, 2 s after ``end_input``.
+* ``count-hiccup``: the same final at the end, but the 50th push is held for
+  1.5 s (a decoder briefly behind: backpressure).
 * ``um-then-fail``: once 0.5 s arrived, an utterance that stops with nothing
   final ("um"), then one left open with a partial ("hello wor"); 0.3 s later
   it raises;
@@ -35,6 +37,12 @@ ways a real engine can.  The model name picks the failure:
 * ``backlog``: after ``end_input``, one utterance whose partial grows by a word
   every 0.3 s for 6 s, then its final (a provider working through a long
   utterance sent faster than real time).
+* ``quit-early``: once 0.5 s arrived, its final ("chunk 0"), then the stream
+  ends cleanly though the audio goes on (an engine that says it is done early).
+* ``drop-when-quiet``: as ``echo``, but raises once no audio came for 1 s (a
+  provider closing an idle connection while the client pauses).
+* ``stall``: once 0.5 s of audio arrived, stops taking audio for ever without
+  failing (its queue of 64 chunks fills, and a push waits).
 
 With ``FAULTY_STREAM_LOG`` set to a file path, every stream appends
 ``open <id> <model>`` when it opens and ``close <id>`` when it is closed, so a
@@ -83,6 +91,7 @@ class FaultySTT(STT):
             "count-slow-open",
             "stall-then-fail",
             "count-slow-finalize",
+            "count-hiccup",
             "raise-on-close",
             "chatty-slow-close",
             "revising",
@@ -92,6 +101,9 @@ class FaultySTT(STT):
             "um-then-fail",
             "um-then-hang",
             "late-stop",
+            "quit-early",
+            "drop-when-quiet",
+            "stall",
         )
         return [ModelInfo(n, supports_prompt=False) for n in names]
 
@@ -115,6 +127,7 @@ class FaultyStream(RecognizeStream):
     def __init__(self, stt: STT, options: StreamOptions) -> None:
         super().__init__(stt, options)
         self._samples = 0
+        self._pushes = 0
         self._emitted = 0
         self._audio: asyncio.Queue[int | None] = asyncio.Queue(64)
         self._id = next(_ids)
@@ -128,6 +141,9 @@ class FaultyStream(RecognizeStream):
             await asyncio.sleep(1.0)
 
     async def _on_audio(self, samples: Samples) -> None:
+        self._pushes += 1
+        if self.options.model == "count-hiccup" and self._pushes == 50:
+            await asyncio.sleep(1.5)
         await self._audio.put(len(samples))
 
     async def _on_end_input(self) -> None:
@@ -152,10 +168,25 @@ class FaultyStream(RecognizeStream):
             await asyncio.sleep(0.3)
             raise ProviderError("FAULTY", "connection reset mid-utterance")
 
+    async def _next_chunk(self, model: str) -> int | None:
+        if model != "drop-when-quiet":
+            return await self._audio.get()
+        try:
+            return await asyncio.wait_for(self._audio.get(), 1.0)
+        except TimeoutError:
+            raise ProviderError("FAULTY", "closed the idle connection") from None
+
     async def _run(self) -> None:
         model = self.options.model
-        while (n := await self._audio.get()) is not None:
+        while (n := await self._next_chunk(model)) is not None:
             self._samples += n
+            if model == "stall" and self._samples >= HALF_SECOND:
+                await asyncio.Event().wait()  # never takes another chunk
+            if model == "quit-early" and self._samples >= HALF_SECOND:
+                await self._emit(SpeechEvent(SpeechEventType.SPEECH_STARTED, 0, start_ms=0))
+                await self._emit(SpeechEvent(SpeechEventType.FINAL, 0, "chunk 0", 0, 500))
+                await self._emit(SpeechEvent(SpeechEventType.SPEECH_STOPPED, 0, end_ms=500))
+                return
             if model == "fail-after-audio" and self._samples >= HALF_SECOND:
                 raise ProviderError("FAULTY", "connection reset by the engine")
             if model == "fail-after-3s":

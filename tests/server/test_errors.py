@@ -263,6 +263,23 @@ class TestProviderErrors:
         ]
         assert messages[-1]["type"] == "session.closed"
 
+    async def test_audio_after_a_first_engine_that_failed_to_open_gets_one_error_a_second(
+        self, gateway: GatewayProcess
+    ) -> None:
+        # A real-time client streams right after its session.update; the engine
+        # refuses to open, and every chunk held meanwhile got its own error.
+        ws = await connect(gateway.url)
+        await recv(ws)  # session.created
+        update = {"provider": "FAULTY", "model": "refuse-on-open"}
+        await ws.send(json.dumps({"type": "session.update", "session": update}))
+        await send_audio(ws, np.zeros(16000 * 2, dtype=np.int16))  # 100 chunks, at once
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 30)
+        codes = [m["error"]["code"] for m in messages if m["type"] == "error"]
+        assert codes[0] == "provider_error", codes
+        assert 1 <= codes.count("session_not_configured") <= 2, codes
+        assert messages[-1]["type"] == "session.closed"
+
     async def test_audio_dropped_after_a_failure_is_not_billed_but_keeps_the_clock(
         self, gateway: GatewayProcess
     ) -> None:

@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from tests.conftest import SHARED_AUDIO, GatewayProcess
-from tests.server.wsutil import collect, open_session, send_audio, silence
+from tests.server.wsutil import collect, open_session, recv, recv_type, send_audio, silence
 from tests.textnorm import normalize
 from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.server.replay import ReplayBuffer
@@ -93,6 +93,54 @@ async def test_audio_over_the_fallback_buffer_is_named_in_the_switch() -> None:
         assert finals == ["chunk 0", "chunk 1"], finals  # the last second, replayed
     finally:
         assert server.stop() == 0
+
+
+async def test_an_engine_that_ends_its_stream_early_is_a_failure(gateway: GatewayProcess) -> None:
+    # Its stream ended cleanly after 0.5 s: the rest of the audio was taken,
+    # billed and dropped without a word, and the fallback never used.
+    fallback = {"provider": "FAULTY", "model": "echo"}
+    ws, _ = await open_session(
+        gateway.url, provider="FAULTY", model="quit-early", fallback=fallback
+    )
+    await send_audio(ws, np.zeros(16000 * 3, np.int16), realtime=4.0)
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws)
+    errors = [m["error"]["message"] for m in messages if m["type"] == "error"]
+    assert len(errors) == 1, messages
+    assert "ended the stream before the end of the audio" in errors[0]
+    assert "switching to the fallback" in errors[0]
+    # Every second of the audio is transcribed: the first half second by the
+    # engine that quit, the rest replayed into the fallback.
+    spans = [
+        (m["start_ms"], m["end_ms"]) for m in messages if m["type"] == "transcription.completed"
+    ]
+    assert spans == [(0, 500), (500, 1000), (1000, 1500), (1500, 2000), (2000, 2500), (2500, 3000)]
+
+
+async def test_a_fallback_after_a_pause_keeps_the_session_timeline(
+    gateway: GatewayProcess,
+) -> None:
+    # Every word was final when the provider dropped (the client paused), so no
+    # audio was left to replay: the fallback's times began again at 0.
+    fallback = {"provider": "FAULTY", "model": "echo"}
+    ws, _ = await open_session(
+        gateway.url, provider="FAULTY", model="drop-when-quiet", fallback=fallback
+    )
+    await send_audio(ws, np.zeros(16000, np.int16))
+    spans = []
+    while len(spans) < 2:
+        msg = await recv(ws)
+        if msg["type"] == "transcription.completed":
+            spans.append((msg["start_ms"], msg["end_ms"]))
+    switched = await recv_type(ws, "session.updated", timeout=10)  # dropped after 1 s quiet
+    assert switched["session"]["provider"] == "FAULTY"
+    await send_audio(ws, np.zeros(16000, np.int16))
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws)
+    spans += [
+        (m["start_ms"], m["end_ms"]) for m in messages if m["type"] == "transcription.completed"
+    ]
+    assert spans == [(0, 500), (500, 1000), (1000, 1500), (1500, 2000)], messages
 
 
 def test_replay_buffer_keeps_only_audio_not_yet_final() -> None:

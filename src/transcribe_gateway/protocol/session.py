@@ -19,6 +19,7 @@ answered with an ``error`` frame and the state does not change.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -99,6 +100,9 @@ class Session:
         self._out: list[str] = []
         self._ending = "session.close was received"
         """Why the session drains, for the ``session_closing`` errors."""
+        self.not_configured_gate: Callable[[], bool] | None = None
+        """Whether to answer an unconfigured session's chunk with an error (None:
+        always); the caller sets a clock-based one once a provider error said why."""
         if authenticated:
             self.accept_auth()
 
@@ -161,9 +165,11 @@ class Session:
     def _refuse_audio(self) -> bool:
         """Answer an ``audio.append`` that this state does not take (True if refused)."""
         if self.state is State.AWAITING_CONFIG:
-            self.send_error(
-                "session_not_configured", "send session.update before audio.append; chunk dropped"
-            )
+            if self.not_configured_gate is None or self.not_configured_gate():
+                self.send_error(
+                    "session_not_configured",
+                    "send session.update before audio.append; chunk dropped",
+                )
             return True
         if self.state is State.DRAINING:
             self.send_error("session_closing", f"{self._ending}; chunk dropped")

@@ -31,6 +31,7 @@ import collections
 import contextlib
 import functools
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -76,6 +77,9 @@ log = logging.getLogger(__name__)
 _PARTIAL_PREFIX: Final = '{"type":"transcription.partial"'
 _CLOSE_REASONS: Final = {4001: "unauthorized", 4029: "over_limit", 1008: "policy", 1011: "error"}
 SERVICE_RESTART: Final = 1012
+_CREDIT_S: Final = 1.0
+"""How long after reading resumes the messages held back meanwhile may come
+uncounted: the socket's backlog is read in far less."""
 _FINAL_SENT: Final = 1
 _STOP_SENT: Final = 2
 _ENDING: Final = {
@@ -129,6 +133,8 @@ class _Engine:
     pump: asyncio.Task[None] | None = None
     last_event_at: float = 0.0
     """Monotonic time of the stream's last progress (for the drain)."""
+    input_ended: bool = False
+    """Its ``end_input`` was called: the stream may end now."""
     partial_words: tuple[int, int] = (-1, 0)
     """The utterance of the stream's last partial, and the most words a partial of
     it has had: a partial with more is progress, a revision of the same is not."""
@@ -209,6 +215,13 @@ class Connection:
         """The task running whatever must wait; messages meanwhile go to the inbox."""
         self._inbox: collections.deque[str | bytes] = collections.deque()
         self._reading_paused = False
+        self._paused_at = 0.0
+        self._rate_credit = 0
+        """Messages the key's rate lets through uncounted: those the client sent
+        while this server had stopped reading (backpressure) arrive in a burst."""
+        self._credit_until = 0.0
+        self._last_refused = -math.inf
+        """When a message was last refused as over the rate."""
         self._backlog: collections.deque[str] = collections.deque()
         """Frames held while the client reads slowly (bounded by ``outgoing_queue``)."""
         self._close_sent = False
@@ -305,6 +318,10 @@ class Connection:
         Binary messages are not part of the protocol; the session answers them
         with an error.
         """
+        # Counted as it arrives, not as it is parsed: messages held while an
+        # engine pushes back are parsed in a burst.
+        if self._rated and not self._admit_message():
+            return  # over the key's message rate: refused unparsed
         if self._work is not None:
             self._hold(message)
             return
@@ -318,11 +335,25 @@ class Connection:
         self._inbox.append(message)
         if not self._reading_paused and len(self._inbox) >= self.settings.ws_read_ahead:
             self._reading_paused = True
+            self._paused_at = time.monotonic()
             self.link.pause_reading()
 
+    def _resume_reading(self) -> None:
+        self._reading_paused = False
+        if self._rated and self._paused_at - self._last_refused > _CREDIT_S:
+            # What a client within its rate sent while we did not read comes now,
+            # at once: the pause's worth of the rate is let through. (One already
+            # over its rate gets none: a flood is not held up by us.)
+            assert self._limits is not None
+            now = time.monotonic()
+            rate = self._limits.grant.limits.messages_per_second
+            if now > self._credit_until:
+                self._rate_credit = 0
+            self._rate_credit += math.ceil((now - self._paused_at) * rate)
+            self._credit_until = now + _CREDIT_S
+        self.link.resume_reading()
+
     def _parse(self, message: str | bytes) -> list[Event]:
-        if self._rated and not self._admit_message():
-            return []  # over the key's message rate: refused unparsed
         if isinstance(message, str):
             self.session.receive_text(message)
         else:
@@ -359,8 +390,7 @@ class Connection:
                 await self._handle(event)
             while self._inbox and self.session.close_code is None:
                 if self._reading_paused and len(self._inbox) <= self.settings.ws_read_ahead // 2:
-                    self._reading_paused = False
-                    self.link.resume_reading()
+                    self._resume_reading()
                 events = self._parse(self._inbox.popleft())
                 for event in events:
                     await self._handle(event)
@@ -375,8 +405,7 @@ class Connection:
             # no message can have slipped in behind it.
             self._work = None
             if self._reading_paused:
-                self._reading_paused = False
-                self.link.resume_reading()
+                self._resume_reading()
 
     async def _handle(self, event: Event) -> None:
         """One event, waiting as long as it needs; its answers are written at once."""
@@ -451,9 +480,15 @@ class Connection:
     def _admit_message(self) -> bool:
         """Count a client message against its key's rate; False when it is refused."""
         assert self._limits is not None
+        if self._rate_credit:
+            if time.monotonic() <= self._credit_until:
+                self._rate_credit -= 1
+                return True
+            self._rate_credit = 0
         verdict = self.gateway.admission.check_message(self._limits)
         if verdict is Verdict.ACCEPT:
             return True
+        self._last_refused = time.monotonic()
         if verdict is Verdict.ABUSE:
             self._log.warning("message flood far over the rate limit; closing")
             self.end_reason = "rate_abuse"
@@ -552,6 +587,7 @@ class Connection:
         except ProviderError as exc:
             if fallback_plan is None:
                 self._provider_failed(exc)
+                self._quiet_not_configured()
                 return
             self._report_failure(exc, fallback_plan)
             plan, fallback_plan = serving_instead(fallback_plan, exc, config), None
@@ -559,6 +595,7 @@ class Connection:
                 stream = await plan.resolution.stt.open_stream(plan.options)
             except ProviderError as exc2:
                 self._provider_failed(exc2)
+                self._quiet_not_configured()
                 return
         try:
             serve = await self._make_way()
@@ -571,14 +608,13 @@ class Connection:
             return
         self.config = config
         self._fallback = fallback_plan
-        self._replay = (
-            ReplayBuffer(config.sample_rate, self.settings.fallback_buffer_s)
-            if fallback_plan is not None
-            else None
-        )
         # The replay's sample positions are at this configuration's rate, which
         # may not be the last one's: the session's clock, counted anew in them.
         self._samples_received = round(self.timeline_s * config.sample_rate)
+        self._replay = None
+        if fallback_plan is not None:
+            buffer_s = self.settings.fallback_buffer_s
+            self._replay = ReplayBuffer(config.sample_rate, buffer_s, self._samples_received)
         self._engine = self._start_engine(plan, stream, can_fall_back=fallback_plan is not None)
         self._count_audio()  # what came before goes to the provider that had it
         self.effective = plan.effective
@@ -609,6 +645,20 @@ class Connection:
         """An engine failed and nothing takes over: counted, and the client told."""
         metrics.provider_errors.labels(provider=exc.provider).inc()
         self.session.send_error(exc.code, str(exc), retryable=exc.retryable)
+
+    def _quiet_not_configured(self) -> None:
+        """After a first configuration's engine failed to open, its audio (sent
+        meanwhile, often hundreds of chunks) gets one error a second, as after a
+        failure mid-stream: the ``provider_error`` said why."""
+
+        def gate() -> bool:
+            now = time.monotonic()
+            if now - self._last_no_engine_error <= 1.0:
+                return False
+            self._last_no_engine_error = now
+            return True
+
+        self.session.not_configured_gate = gate
 
     def _report_failure(self, exc: ProviderError, fallback: Plan, *, lost_ms: int = 0) -> None:
         """An engine failed and ``fallback`` takes over: counted, and the client told
@@ -722,6 +772,7 @@ class Connection:
         task.add_done_callback(self._retired.discard)
 
     async def _finish_input(self, engine: _Engine) -> None:
+        engine.input_ended = True
         with contextlib.suppress(RuntimeError, ProviderError):
             tail = engine.resampler.flush()
             if len(tail):
@@ -833,6 +884,10 @@ class Connection:
                     engine.last_event_at = time.monotonic()
                 self._forward(engine, event)
                 self._flush()
+            if not engine.input_ended:
+                # Its audio would be taken and dropped without a word: a failure,
+                # as a cloud provider saying it is done early is (cloud.py).
+                raise ProviderError(engine.provider, "ended the stream before the end of the audio")
         except ProviderError as exc:
             # Nothing more comes of it: free what it holds (a LOCAL slot, a socket).
             await engine.stream.aclose()

@@ -18,8 +18,11 @@ from transcribe_gateway.audio.decode import Samples
 class ReplayBuffer:
     """Chunks of one session's audio since the last final, with their times."""
 
-    def __init__(self, rate: int, max_seconds: float) -> None:
+    def __init__(self, rate: int, max_seconds: float, start_sample: int = 0) -> None:
+        """``start_sample``: where the session's audio stands as the buffer begins."""
         self.rate = rate
+        self._next_sample = start_sample
+        """Where the next chunk will start in the session (the end of the last one)."""
         self._max_samples = int(max_seconds * rate)
         self._chunks: deque[tuple[int, Samples]] = deque()
         """(index of the chunk's first sample in the session, samples)."""
@@ -37,8 +40,10 @@ class ReplayBuffer:
 
     @property
     def start_ms(self) -> int:
-        """Where the buffered audio starts in the session (ms)."""
-        return self._chunks[0][0] * 1000 // self.rate if self._chunks else 0
+        """Where the buffered audio starts in the session (ms); empty, where the
+        next chunk will (every word so far is final: a fallback starts there)."""
+        first = self._chunks[0][0] if self._chunks else self._next_sample
+        return first * 1000 // self.rate
 
     @property
     def lost_ms(self) -> int:
@@ -53,6 +58,7 @@ class ReplayBuffer:
             self._final_sample = first_sample
         self._chunks.append((first_sample, samples))
         self._samples += len(samples)
+        self._next_sample = first_sample + len(samples)
         while self._samples > self._max_samples and len(self._chunks) > 1:
             _, dropped = self._chunks.popleft()
             self._gone += 1
