@@ -87,6 +87,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Largest text frame; above it the connection is closed with 1008."""
     ws_read_ahead: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 16
     """Client messages read ahead of the session before the socket is paused (backpressure)."""
+    ws_ping_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 20.0
+    """A client the server heard nothing from this long is pinged (keepalive) ..."""
+    ws_ping_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 20.0
+    """... and closed (1001) if its pong does not come within this."""
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     """``auto``: uvloop where it is installed (Linux, macOS), else asyncio's own loop."""
     outgoing_queue: Annotated[int, msgspec.Meta(ge=8, le=100000)] = 512
@@ -148,6 +152,8 @@ _ENV: Final[dict[str, tuple[tuple[str, ...], str]]] = {
     "TRANSCRIBE_MAX_MESSAGE_BYTES": (("max_message_bytes",), "int"),
     "TRANSCRIBE_ENDPOINTING_MS": (("endpointing_ms",), "int"),
     "TRANSCRIBE_WS_READ_AHEAD": (("ws_read_ahead",), "int"),
+    "TRANSCRIBE_WS_PING_INTERVAL_S": (("ws_ping_interval_s",), "float"),
+    "TRANSCRIBE_WS_PING_TIMEOUT_S": (("ws_ping_timeout_s",), "float"),
     "TRANSCRIBE_EVENT_LOOP": (("event_loop",), "str"),
     "TRANSCRIBE_OUTGOING_QUEUE": (("outgoing_queue",), "int"),
     "TRANSCRIBE_MAX_SESSIONS_PER_KEY": (("max_sessions_per_key",), "int"),

@@ -24,7 +24,7 @@ from picows import WSListener, WSMsgType, WSTransport, ws_connect
 from websockets.asyncio.client import ClientConnection
 
 from tests.conftest import TEST_KEYS, GatewayProcess
-from tests.server.wsutil import collect, connect, open_session, recv
+from tests.server.wsutil import collect, connect, open_session, recv, send_audio, silence
 
 MAX_MESSAGE = 4096  # the smallest max_message_bytes: frames over 4x it close 1009
 
@@ -290,3 +290,32 @@ async def test_a_shutdown_while_a_push_waits_keeps_every_accepted_chunk() -> Non
         assert finals == [f"{accepted} {digest}"], (finals, accepted)
     finally:
         assert process.stop() == 0
+
+
+async def test_a_client_is_not_dropped_for_a_pong_held_up_by_the_servers_own_pause() -> None:
+    # The server stops reading while an engine pushes back (count-hiccup holds a
+    # push for 1.5 s). Its keepalive ping then went unanswered, the pong queued
+    # behind the audio the client kept sending, and the session was closed 1001.
+    process = GatewayProcess(
+        "transport-ping",
+        env={"TRANSCRIBE_WS_PING_INTERVAL_S": "0.3", "TRANSCRIBE_WS_PING_TIMEOUT_S": "0.3"},
+    )
+    try:
+        ws, _ = await open_session(process.url, provider="FAULTY", model="count-hiccup")
+        await send_audio(ws, silence(3.0), realtime=1.0)
+        await ws.send(json.dumps({"type": "session.close"}))
+        received = await collect(ws, 30)
+        assert received and received[-1]["type"] == "session.closed", received[-3:]
+        finals = [m["text"] for m in received if m["type"] == "transcription.completed"]
+        assert finals == [str(3 * 16000)]
+        # A client that truly stops answering is still found (nothing paused then).
+        quiet = await connect(process.url)
+        quiet.transport.pause_reading()  # reads nothing, so answers no ping
+        await asyncio.sleep(2.0)
+        quiet.transport.resume_reading()
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:
+                await recv(quiet, 10)
+        assert quiet.close_code == 1001, quiet.close_reason
+    finally:
+        process.stop()

@@ -127,6 +127,8 @@ def build_server(settings: Settings, on_ready: Callable[[], None] | None = None)
         # 1008 close; beyond that the WebSocket layer itself closes with 1009.
         ws_max_size=4 * settings.max_message_bytes,
         ws_per_message_deflate=False,
+        ws_ping_interval=settings.ws_ping_interval_s,
+        ws_ping_timeout=settings.ws_ping_timeout_s,
         ws=websocket_protocol(gateway),  # /ws on picows (server/ws_transport.py)
         loop=settings.event_loop,
         log_config=None,

@@ -76,6 +76,7 @@ class WebSocketLink(WSListener):  # type: ignore[misc]  # picows ships no stubs 
         self._close_timer: asyncio.TimerHandle | None = None
         self.writable = True
         """False while the socket's send buffer is over its high-water mark."""
+        self._reading_paused = False
 
     # ---------------------------------------------------------- from picows
 
@@ -168,12 +169,25 @@ class WebSocketLink(WSListener):  # type: ignore[misc]  # picows ships no stubs 
         loop = asyncio.get_running_loop()
         self._close_timer = loop.call_later(CLOSE_REPLY_TIMEOUT_S, self._ws.disconnect, False)
 
+    def send_user_specific_ping(self, transport: WSTransport) -> None:
+        """picows' keepalive, for a client it heard nothing from for a while."""
+        if self._reading_paused:
+            # It is this server that stopped reading (an engine pushes back): the
+            # client's pong would wait behind the audio it sent, and the session
+            # be closed for our stall. Taken as answered (after picows marks the
+            # ping as awaiting its pong).
+            asyncio.get_running_loop().call_soon(transport.notify_user_specific_pong_received)
+            return
+        transport.send_ping()
+
     def pause_reading(self) -> None:
         if self._ws is not None:
+            self._reading_paused = True
             self._ws.underlying_transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self._ws is not None and not self._ws.is_disconnected:
+            self._reading_paused = False
             self._ws.underlying_transport.resume_reading()
 
 
