@@ -143,6 +143,25 @@ async def test_a_fallback_after_a_pause_keeps_the_session_timeline(
     assert spans == [(0, 500), (500, 1000), (1000, 1500), (1500, 2000)], messages
 
 
+async def test_an_engine_that_stops_taking_audio_has_failed(gateway: GatewayProcess) -> None:
+    # It neither fails nor takes audio: the push waited for ever, the close held
+    # behind it was never read, and the idle timeout never came (a push waiting
+    # keeps the session busy): the session lasted as long as the client stayed.
+    fallback = {"provider": "FAULTY", "model": "echo"}
+    ws, _ = await open_session(gateway.url, provider="FAULTY", model="stall", fallback=fallback)
+    await send_audio(ws, np.zeros(16000 * 2, np.int16))
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws, 30)  # the 5 s drain_timeout_s of no progress, then the switch
+    errors = [m["error"]["message"] for m in messages if m["type"] == "error"]
+    assert len(errors) == 1 and "took no audio and showed no progress for 5 s" in errors[0]
+    assert "switching to the fallback" in errors[0], errors
+    spans = [
+        (m["start_ms"], m["end_ms"]) for m in messages if m["type"] == "transcription.completed"
+    ]
+    assert spans == [(0, 500), (500, 1000), (1000, 1500), (1500, 2000)], messages
+    assert messages[-1]["type"] == "session.closed"
+
+
 def test_replay_buffer_keeps_only_audio_not_yet_final() -> None:
     buffer = ReplayBuffer(rate=1000, max_seconds=10)
     for i in range(5):  # five 100 ms chunks

@@ -377,3 +377,25 @@ async def test_a_retired_engines_late_stop_keeps_its_utterance_id(server: Server
     assert list(utterances) == ["utt_2", "utt_3"], utterances  # echo's two
     for kinds in utterances.values():
         assert kinds == ["speech.started", "transcription.completed", "speech.stopped"]
+
+
+async def test_repeated_updates_hold_one_replaced_stream_at_a_time(server: Server) -> None:
+    # Each update replaced the engine at once and let the old one finish in the
+    # background: a client repeating session.update held any number of engine
+    # streams (or cloud connections) at once, past its key's session limit.
+    start = len(server.stream_log.read_text().splitlines()) if server.stream_log.exists() else 0
+    ws, _ = await open_session(server.url, provider="FAULTY", model="revising")
+    update = {"type": "session.update", "session": {"provider": "FAULTY", "model": "revising"}}
+    for _ in range(5):
+        await send_audio(ws, ONE_SECOND[:1600])
+        await ws.send(json.dumps(update))
+    for _ in range(5):
+        await recv_type(ws, "session.updated", 30)
+    await ws.send(json.dumps({"type": "session.close"}))
+    await collect(ws, 60)
+    assert server.unclosed() == set()
+    live = most = 0
+    for line in server.stream_log.read_text().splitlines()[start:]:
+        live += 1 if line.startswith("open ") else -1
+        most = max(most, live)
+    assert most <= 2, most  # the engine serving, and the one it replaced finishing

@@ -20,7 +20,7 @@ import pytest
 import websockets
 
 from tests.conftest import ARTIFACTS, ROOT, TEST_KEYS, GatewayProcess, free_port
-from tests.server.wsutil import collect, connect, finals, open_session, recv, send_audio
+from tests.server.wsutil import collect, connect, finals, open_session, recv, recv_type, send_audio
 from tests.textnorm import normalize
 from transcribe_gateway.audio.files import read_audio
 
@@ -250,6 +250,26 @@ class TestVanishedClient:
         finals = [m["text"] for m in messages if m["type"] == "transcription.completed"]
         # 6 s of growing partials: past the 5 s drain timeout.
         assert finals == ["chunk 0", " ".join(f"w{n}" for n in range(20))], finals
+        assert messages[-1]["type"] == "session.closed" and ws.close_code == 1000
+
+    async def test_an_engine_replaced_by_an_update_is_given_its_time_to_finish(
+        self, gateway: GatewayProcess
+    ) -> None:
+        # The replaced engine works through its backlog (6 s of growing partials)
+        # while the session closes: the close waited 5 s in all for it, then cut
+        # it off without a word: no final, no speech.stopped, no error.
+        ws, _ = await open_session(gateway.url, provider="FAULTY", model="backlog")
+        await send_audio(ws, np.zeros(8000, np.int16))
+        update = {"provider": "FAULTY", "model": "echo"}
+        await ws.send(json.dumps({"type": "session.update", "session": update}))
+        await recv_type(ws, "session.updated")
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 30)
+        assert not [m for m in messages if m["type"] == "error"], messages
+        backlog = " ".join(f"w{n}" for n in range(20))
+        final = next(m for m in messages if m.get("text") == backlog)
+        stopped = [m for m in messages if m["type"] == "speech.stopped"]
+        assert final["utterance_id"] in {m["utterance_id"] for m in stopped}, messages
         assert messages[-1]["type"] == "session.closed" and ws.close_code == 1000
 
 

@@ -277,6 +277,11 @@ class RecognizeStream(abc.ABC):
         # An input-side failure stopped _run (or came first): it is the one reported.
         await self._events.put(self._input_error or outcome)
 
+    def stop_with_error(self, error: ProviderError) -> None:
+        """The gateway gives up on this stream (it stopped taking audio): iteration
+        raises ``error``, and a push or end of input waiting on it returns."""
+        self._input_failed(error)
+
     def _input_failed(self, exc: Exception) -> None:
         """The adapter's input side raised: the stream has failed, as if :meth:`_run` had.
 

@@ -151,6 +151,37 @@ class _Engine:
         return True
 
 
+class _StallWatch:
+    """While a wait on an engine taking audio (or its end) lasts: past ``limit``
+    seconds with no sign of progress the engine has failed, as one that stopped
+    answering has. Else the session, its ``session.close`` held behind the wait,
+    would hang for as long as the client stays. A timer, not a task: this is the
+    path of every chunk an engine pushes back."""
+
+    def __init__(self, engine: _Engine, limit: float) -> None:
+        self._engine = engine
+        self._limit = limit
+        self._started = time.monotonic()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self._limit, self._check)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _check(self) -> None:
+        engine = self._engine
+        last = max(self._started, engine.last_event_at, engine.stream.progress_at())
+        quiet = time.monotonic() - last
+        if quiet < self._limit:
+            self._timer = asyncio.get_running_loop().call_later(self._limit - quiet, self._check)
+            return
+        reason = f"took no audio and showed no progress for {self._limit:g} s"
+        engine.stream.stop_with_error(ProviderError(engine.provider, reason))
+
+
 class Connection:
     """Serve one client from upgrade to close.
 
@@ -575,6 +606,12 @@ class Connection:
         # A switch to the fallback finishes first (its replay is the audio sent
         # before this update); the update then replaces the fallback.
         await self._switch_done()
+        # So do engines an earlier update replaced (each bounded by its drain): a
+        # client repeating session.update would otherwise hold any number of
+        # streams at once, past its key's session limit. Before the new engine
+        # opens: a cloud provider may close a connection that gets no audio.
+        if self._retired:
+            await asyncio.wait(list(self._retired))
         endpointing_ms = self.settings.endpointing_ms
         plan = plan_for(config, resolution, endpointing_ms=endpointing_ms, session_id=self.id)
         fallback_plan = (
@@ -773,7 +810,8 @@ class Connection:
 
     async def _finish_input(self, engine: _Engine) -> None:
         engine.input_ended = True
-        with contextlib.suppress(RuntimeError, ProviderError):
+        stall = _StallWatch(engine, self.settings.drain_timeout_s)
+        with stall, contextlib.suppress(RuntimeError, ProviderError):
             tail = engine.resampler.flush()
             if len(tail):
                 await engine.stream.push_audio(tail)
@@ -869,7 +907,8 @@ class Connection:
         self._pushing = True
         try:
             # RuntimeError: the stream failed meanwhile; its pump reports the error.
-            with contextlib.suppress(RuntimeError):
+            stall = _StallWatch(engine, self.settings.drain_timeout_s)
+            with stall, contextlib.suppress(RuntimeError):
                 await engine.stream.push_audio(samples)
         finally:
             self._pushing = False
@@ -1035,7 +1074,9 @@ class Connection:
                 raise
             await self._drain(engine)  # retires it, however it ends
         if self._retired:  # earlier streams still finishing after a reconfiguration
-            await asyncio.wait(list(self._retired), timeout=self.settings.drain_timeout_s)
+            # Each is bounded by its own drain (silence, as the engine above): a
+            # total bound cut off one still working, and its words with it.
+            await asyncio.wait(list(self._retired))
         if self.session.state is State.CLOSED:
             return
         self.session.send_closed(self.audio_seconds, reason)
