@@ -187,3 +187,30 @@ def test_partials_on_one_live_line_only_on_a_tty() -> None:
         printer.on_event(final)
     assert tty.getvalue() == "\r\x1b[Khello\r\x1b[K[0.00-1.50] hello world\n"
     assert pipe.getvalue() == "[0.00-1.50] hello world\n"
+
+
+async def test_a_session_cut_before_session_closed_exits_1(
+    fake_gateway: FakeGateway, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 1001 mid-stream (a server's heartbeat cut a --fast stream): the transcript
+    # is incomplete. It used to print "ended without session.closed" and exit 0.
+    fake_gateway.abort_after_ms = 1500
+    fake_gateway.abort_code = 1001
+    args = parse(str(JFK), "--url", fake_gateway.url, "--key", GOOD_KEY, "--fast")
+    assert await run_stream(args) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["[0.00-1.00] utterance 0"]  # the finals that came
+    assert "1001" in captured.err and "before session.closed" in captured.err, captured.err
+
+
+@pytest.mark.parametrize(
+    "url", ["ws://127.0.0.1:99999/ws", "ws://127.0.0.1:abc/ws", "ws://[::1/ws", "http://x/ws"]
+)
+async def test_a_malformed_url_exits_2_with_one_line(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # urllib's ValueError (bad port, bad IPv6 literal) ended in a traceback, exit 1.
+    assert await run_stream(parse(str(JFK), "--url", url)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"error: --url {url!r}: ") and captured.err.count("\n") == 1

@@ -143,10 +143,10 @@ async def test_configure_after_a_failure_is_not_answered_by_the_dropped_audio(
         assert dropped.error.code == "session_not_configured", dropped
 
 
-def create_key(server: GatewayProcess, name: str, *options: str) -> str:
-    """``transcribe-gateway keys create NAME OPTIONS`` in the server's store: the key."""
+def keys_command(server: GatewayProcess, *args: str) -> str:
+    """``transcribe-gateway keys ARGS`` in the server's store: its output."""
     done = subprocess.run(
-        [sys.executable, "-m", "transcribe_gateway", "keys", "create", name, *options],
+        [sys.executable, "-m", "transcribe_gateway", "keys", *args],
         capture_output=True,
         text=True,
         timeout=60,
@@ -155,6 +155,11 @@ def create_key(server: GatewayProcess, name: str, *options: str) -> str:
     )
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
+
+
+def create_key(server: GatewayProcess, name: str, *options: str) -> str:
+    """``transcribe-gateway keys create NAME OPTIONS`` in the server's store: the key."""
+    return keys_command(server, "create", name, *options)
 
 
 async def test_sdk_refusals_raise_the_documented_exceptions() -> None:
@@ -180,6 +185,41 @@ async def test_sdk_refusals_raise_the_documented_exceptions() -> None:
     assert "too_many_sessions" in str(over.value) and over.value.error.message in str(over.value)
     assert forbidden.value.code == 4001
     assert forbidden.value.error is not None and forbidden.value.error.code == "forbidden"
+
+
+async def test_a_quota_reached_mid_stream_raises_with_the_servers_error(
+    gateway: GatewayProcess,
+) -> None:
+    # 0.05 audio minutes: the server sends error quota_exceeded, then closes 4029,
+    # 3 s into the stream. The exception's error was None (only a refusal before
+    # session.created kept it).
+    key = await asyncio.to_thread(
+        create_key, gateway, "quota-mid-stream", "--audio-minutes", "0.05"
+    )
+    async with TranscribeClient.connect(gateway.url, key) as client:
+        await client.configure(provider="FAULTY", model="echo")
+        with pytest.raises(TranscribeQuotaExceeded) as caught:
+            await client.stream_samples(np.zeros(5 * 16000, np.int16), fast=True)
+    assert caught.value.code == 4029
+    assert caught.value.error is not None and caught.value.error.code == "quota_exceeded"
+    assert "audio minutes" in caught.value.error.message
+    assert "quota_exceeded" in str(caught.value)
+
+
+async def test_a_key_revoked_mid_stream_raises_with_the_servers_error(
+    gateway: GatewayProcess,
+) -> None:
+    # The server rechecks open sessions' keys (every 2 s): error unauthorized, then 4001.
+    key = await asyncio.to_thread(create_key, gateway, "revoked-mid-stream")
+    async with TranscribeClient.connect(gateway.url, key) as client:
+        await client.configure(provider="FAULTY", model="echo")
+        streaming = asyncio.create_task(client.stream_samples(np.zeros(20 * 16000, np.int16)))
+        await asyncio.to_thread(keys_command, gateway, "revoke", "revoked-mid-stream")
+        with pytest.raises(TranscribeUnauthorized) as caught:
+            await asyncio.wait_for(streaming, 15)
+    assert caught.value.code == 4001
+    assert caught.value.error is not None and caught.value.error.code == "unauthorized"
+    assert "revoked" in caught.value.error.message
 
 
 async def test_sdk_reports_the_audio_sent_when_a_shutdown_ends_the_stream() -> None:

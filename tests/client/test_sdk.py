@@ -18,7 +18,7 @@ import base64
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,6 +95,11 @@ class FakeGateway:
     """...for this long (None: for ever, and send nothing: a frozen server)..."""
     stall_partial_every_s: float | None = None
     """...sending a partial this often meanwhile (an engine working through a backlog)."""
+    audio_delay_s: float = 0.0
+    """Time taken by each audio chunk (a slow engine: the server reads slower than a fast
+    sender sends, and the rest waits in the socket's buffers)."""
+    on_audio: Callable[[float], None] | None = None
+    """Called with the seconds of audio handled so far, after each chunk."""
     sessions: list[Recorded] = field(default_factory=list)
 
     async def handler(self, ws: ServerConnection) -> None:
@@ -182,6 +187,10 @@ class FakeGateway:
                     continue
                 width = 2 if config["input_audio_format"] == "pcm16" else 1
                 audio_ms += len(data) / width * 1000 / config["sample_rate"]
+                if self.audio_delay_s:
+                    await asyncio.sleep(self.audio_delay_s)
+                if self.on_audio is not None:
+                    self.on_audio(audio_ms / 1000)
                 if self.abort_after_ms is not None and audio_ms >= self.abort_after_ms:
                     # Keep reading while closing: unread frames would pause the
                     # transport and stall the closing handshake.
@@ -384,7 +393,10 @@ async def test_configure_error_raises_and_session_goes_on(fake_gateway: FakeGate
 
 
 async def test_events_during_configure_are_kept_in_order(fake_gateway: FakeGateway) -> None:
-    audio_error = {"type": "error", "error": {"code": "invalid_audio", "message": "odd length"}}
+    audio_error: dict[str, Any] = {
+        "type": "error",
+        "error": {"code": "invalid_audio", "message": "odd length"},
+    }
     future = {"type": "session.future_thing", "x": 1}
     fake_gateway.extra_before_updated = [audio_error, future]
     async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
@@ -572,3 +584,95 @@ async def test_stream_times_out_without_session_closed(fake_gateway: FakeGateway
         with pytest.raises(TimeoutError, match=r"no session\.closed"):
             await client.stream_samples(tone(0.2), fast=True, finish_timeout=0.2)
         assert time.monotonic() - begin < 2
+
+
+@pytest.mark.parametrize("code", [1000, 1001])
+async def test_a_stream_cut_before_session_closed_raises(
+    fake_gateway: FakeGateway, code: int
+) -> None:
+    # The server ends the socket mid-stream without session.closed (1001: its
+    # heartbeat gave up on a fast sender). Only 1000 after session.closed ends a
+    # session normally: the transcript is cut short, and that used to be returned
+    # as a success (closed=None).
+    fake_gateway.abort_after_ms = 300
+    fake_gateway.abort_code = code
+    seen: list[Any] = []
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
+        await client.configure()
+        with pytest.raises(TranscribeConnectionClosed) as caught:
+            await client.stream_samples(tone(1.0), fast=True, on_event=seen.append)
+    assert (caught.value.code, caught.value.reason) == (code, "scripted failure")
+    assert caught.value.before_closed and not caught.value.by_client
+    assert "before session.closed" in str(caught.value)
+    assert not any(isinstance(e, SessionClosed) for e in seen)
+
+
+# ---------------------------------------------------------------- opening
+
+
+@pytest.fixture
+async def frozen_url() -> AsyncIterator[str]:
+    """A server that completes the upgrade, then neither sends nor reads anything."""
+    thaw = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        ws.transport.pause_reading()  # the client's close frame is never read
+        await thaw.wait()
+        ws.transport.resume_reading()  # now see that the client went away
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/ws"
+        thaw.set()
+
+
+async def test_open_timeout_bounds_the_whole_opening_against_a_frozen_server(
+    frozen_url: str,
+) -> None:
+    # The clean-up after the timeout was a closing handshake, which the frozen
+    # server never answers: open_timeout ran ~10 s over.
+    begin = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await TranscribeClient.open(frozen_url, GOOD_KEY, open_timeout=0.5)
+    assert time.monotonic() - begin < 1.5
+
+
+async def test_cancelling_open_returns_at_once_against_a_frozen_server(frozen_url: str) -> None:
+    # What a Ctrl-C while connecting does in the stream command: it must not wait
+    # for the closing handshake either.
+    opening = asyncio.create_task(TranscribeClient.open(frozen_url, GOOD_KEY, open_timeout=None))
+    await asyncio.sleep(0.3)
+    assert not opening.done()
+    opening.cancel()
+    cancelled_at = time.monotonic()
+    with pytest.raises(asyncio.CancelledError):
+        await opening
+    assert time.monotonic() - cancelled_at < 1
+
+
+# ---------------------------------------------------------------- fast sending
+
+
+async def test_fast_sending_stays_a_few_seconds_ahead_of_a_slow_server(
+    fake_gateway: FakeGateway,
+) -> None:
+    # The server handles 20 ms of audio per 2 ms (10x real time). Sending fast
+    # used to put the whole file in the socket's buffers, tens of seconds ahead
+    # of the server, so a session.close (a Ctrl-C) waited behind all of it.
+    fake_gateway.audio_delay_s = 0.002
+    ahead: list[float] = []
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
+        await client.configure()
+        fake_gateway.on_audio = lambda handled: ahead.append(client.audio_seconds_sent - handled)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(1.0, stop.set)
+        begin = time.monotonic()
+        result = await client.stream_samples(tone(60.0), fast=True, stop=stop)
+        took = time.monotonic() - begin
+    # FAST_AUDIO_AHEAD_S (5 s) and a ping's second, plus what the server's
+    # WebSocket layer read at once (256 KiB reads: ~6 s) but has not handled yet.
+    assert max(ahead) < 15.0, max(ahead)
+    assert result.closed is not None and result.closed.reason == "client_close"
+    assert result.audio_seconds < 30  # stopped early, with its session.closed...
+    assert took < 4.0  # ...soon after the stop (~1 s of the server's backlog)

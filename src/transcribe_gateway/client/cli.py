@@ -9,10 +9,12 @@ stdout and nothing else goes to stdout.  Otherwise each final is printed as
 ``[start-end] text`` (seconds), the current partial is shown on one live line
 when stdout is a terminal (not at all when it is not), and a timing summary
 goes to stderr.  Server ``error`` messages are always reported on stderr too.
-Exit codes: 0 success, 1 server error (any ``error`` message) or abnormal
-close, 2 bad arguments or unreadable file, 141 (quietly) when stdout's reader
-went away (``stream --json FILE | head -1``), as for a tool killed by SIGPIPE,
-130 after Ctrl-C.
+Exit codes: 0 success, 1 server error (any ``error`` message) or a session
+that ended without ``session.closed`` (any abnormal close, 1000 and 1001 too:
+its transcript is incomplete), 2 bad arguments (a malformed ``--url`` too) or
+unreadable file, 141 (quietly) when stdout's reader went away
+(``stream --json FILE | head -1``), as for a tool killed by SIGPIPE, 130 after
+Ctrl-C.
 
 Ctrl-C while streaming stops sending, ends the session gracefully (the finals
 of the audio sent are printed, then the summary) and exits 130; the wait is
@@ -35,6 +37,7 @@ from typing import TextIO
 
 import msgspec
 from websockets.exceptions import InvalidHandshake, InvalidURI
+from websockets.uri import parse_uri
 
 from transcribe_gateway.audio.decode import Samples
 from transcribe_gateway.audio.files import read_audio
@@ -103,10 +106,10 @@ def add_stream_parser(
         description=(
             "Stream an audio file (wav, flac, mp3, ogg, or raw pcm16 .raw/.pcm) to a "
             "Transcribe WebSocket server, in real time unless --fast, and print the "
-            "transcript. Exit codes: 0 ok, 1 server error or abnormal close, 2 bad "
-            "arguments or unreadable file, 141 stdout closed by its reader, 130 "
-            "interrupted (a first Ctrl-C ends the session and prints its last finals, "
-            "a second quits at once)."
+            "transcript. Exit codes: 0 ok, 1 server error or a session that ended "
+            "without session.closed, 2 bad arguments or unreadable file, 141 stdout "
+            "closed by its reader, 130 interrupted (a first Ctrl-C ends the session "
+            "and prints its last finals, a second quits at once)."
         ),
     )
     parser.add_argument("file", metavar="FILE", type=Path, help="audio file to stream")
@@ -305,6 +308,15 @@ def _summary(result: StreamResult, fast: bool) -> str:
     return "\n".join(lines)
 
 
+def _bad_url(url: str) -> str | None:
+    """Why ``url`` is no WebSocket URL (a port out of range...), or None if it is one."""
+    try:
+        parse_uri(url)
+    except (InvalidURI, ValueError) as exc:  # urllib raises ValueError for bad ports
+        return str(exc)
+    return None
+
+
 def _load(args: argparse.Namespace) -> Samples:
     path: Path = args.file
     if not path.is_file():
@@ -323,9 +335,9 @@ async def run_stream(args: argparse.Namespace) -> int:
         args: parsed arguments.
 
     Returns:
-        The exit code: 0 success, 1 server error or abnormal close, 2 bad
-        arguments or unreadable file, 141 stdout closed by its reader, 130
-        interrupted (SIGINT).
+        The exit code: 0 success, 1 server error or a session that ended
+        without ``session.closed``, 2 bad arguments or unreadable file, 141
+        stdout closed by its reader, 130 interrupted (SIGINT).
     """
     printer = _Printer(json_lines=args.json, out=sys.stdout, err=sys.stderr)
     interrupt = _Interrupt(printer)
@@ -368,6 +380,9 @@ def _discard_stdout() -> None:
 
 
 async def _run_stream(args: argparse.Namespace, printer: _Printer, interrupt: _Interrupt) -> int:
+    if (why := _bad_url(args.url)) is not None:
+        printer.error(f"--url {args.url!r}: {why}")
+        return EXIT_USAGE
     try:
         samples = await asyncio.to_thread(_load, args)
     except (OSError, ValueError) as exc:
@@ -414,7 +429,9 @@ async def _run_stream(args: argparse.Namespace, printer: _Printer, interrupt: _I
         return EXIT_SERVER
     printer.clear_live()
     print(_summary(result, args.fast), file=sys.stderr, flush=True)
-    return EXIT_SERVER if printer.had_error else EXIT_OK
+    # No session.closed: the session did not end cleanly (the SDK raises for
+    # that; kept as a guard so a cut transcript never exits 0).
+    return EXIT_SERVER if printer.had_error or result.closed is None else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

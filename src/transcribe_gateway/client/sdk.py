@@ -28,6 +28,9 @@ Close codes follow the websockets convention: 1000 and 1001 end
 close frame came from the server but the client had sent one (its keepalive
 gave up, or the server sent a frame the client refused), the code is the one the
 client sent, and the exception says so (:attr:`TranscribeConnectionClosed.by_client`).
+A session is over only at ``session.closed``: :meth:`TranscribeClient.stream_samples`
+raises :class:`TranscribeConnectionClosed` when the socket ends before it, 1000
+and 1001 included (:attr:`TranscribeConnectionClosed.before_closed`).
 
 Keepalive: the client pings the server every ``ping_interval`` seconds and takes
 it for dead when, for ``ping_interval + ping_timeout`` seconds, nothing at all
@@ -36,6 +39,11 @@ audio queued for it.  A server that stops reading for a while (backpressure:
 its engine cannot keep up with a fast sender) is therefore not dropped while it
 works through the backlog, since the ping's answer waits behind that audio;
 a frozen or vanished server is, and the connection ends with 1011.
+
+Sending fast (``fast=True``) keeps at most :data:`FAST_AUDIO_AHEAD_S` seconds of
+audio beyond what the server has read (the answer to a ping sent after every
+second of audio), rather than the whole file in the socket's buffers: a
+``session.close`` (or a stop) then reaches the server within seconds.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import contextlib
 import logging
 import statistics
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +146,10 @@ _ACLOSE_TIMEOUT_S: Final = 10.0
 """Bound on :meth:`TranscribeClient.aclose`'s closing handshake (then the socket is dropped)."""
 PING_INTERVAL_S: Final = 20.0
 PING_TIMEOUT_S: Final = 20.0
+FAST_AUDIO_AHEAD_S: Final = 5.0
+"""Sending fast: the most audio (seconds) sent beyond what the server has read."""
+_FAST_PING_EVERY_S: Final = 1.0
+"""Sending fast: a ping after this much audio, to learn how far the server has read."""
 
 
 # ---------------------------------------------------------------- exceptions
@@ -187,6 +200,9 @@ class TranscribeConnectionClosed(TranscribeClientError):
             ``reason`` are those the client sent (1011 ``keepalive timeout...``
             when the server stopped answering; 1002/1007/1009 when the server
             sent a frame the client refused).
+        before_closed: raised by :meth:`TranscribeClient.stream_samples` because
+            the socket ended before ``session.closed`` (whatever the code, 1000
+            and 1001 included): the transcript is incomplete.
     """
 
     def __init__(
@@ -196,21 +212,31 @@ class TranscribeConnectionClosed(TranscribeClientError):
         *,
         error: ErrorInfo | None = None,
         by_client: bool = False,
+        before_closed: bool = False,
     ) -> None:
         meanings = _CLIENT_CLOSE_MEANINGS if by_client else {}
         meaning = meanings.get(code) or _CLOSE_MEANINGS.get(code, "abnormal close")
         who = " sent by the client (none came from the server)" if by_client else ""
+        early = " before session.closed" if before_closed else ""
         detail = f": {reason}" if reason else ""
         cause = f" after error {error.code}: {error.message}" if error is not None else ""
-        super().__init__(f"connection closed with code {code} ({meaning}){who}{detail}{cause}")
+        super().__init__(
+            f"connection closed with code {code} ({meaning}){who}{early}{detail}{cause}"
+        )
         self.code = code
         self.reason = reason
         self.error = error
         self.by_client = by_client
+        self.before_closed = before_closed
 
     @staticmethod
     def for_code(
-        code: int, reason: str = "", *, error: ErrorInfo | None = None, by_client: bool = False
+        code: int,
+        reason: str = "",
+        *,
+        error: ErrorInfo | None = None,
+        by_client: bool = False,
+        before_closed: bool = False,
     ) -> TranscribeConnectionClosed:
         """Return the exception matching a close code.
 
@@ -219,23 +245,26 @@ class TranscribeConnectionClosed(TranscribeClientError):
             reason: the close reason.
             error: the ``error`` the server sent before closing, if any.
             by_client: the client sent the code and none came from the server.
+            before_closed: the socket ended before ``session.closed``.
 
         Returns:
             :class:`TranscribeUnauthorized` for 4001,
             :class:`TranscribeQuotaExceeded` for 4029, else the base class.
         """
+        cls: type[TranscribeConnectionClosed] = TranscribeConnectionClosed
         if code == 4001:
-            return TranscribeUnauthorized(code, reason, error=error, by_client=by_client)
-        if code == 4029:
-            return TranscribeQuotaExceeded(code, reason, error=error, by_client=by_client)
-        return TranscribeConnectionClosed(code, reason, error=error, by_client=by_client)
+            cls = TranscribeUnauthorized
+        elif code == 4029:
+            cls = TranscribeQuotaExceeded
+        return cls(code, reason, error=error, by_client=by_client, before_closed=before_closed)
 
 
 class TranscribeUnauthorized(TranscribeConnectionClosed):
     """The key or token was refused (close 4001, or HTTP 401/403 on the upgrade).
 
     When the server explained it (``error`` ``forbidden`` or ``unauthorized``
-    before the close), :attr:`error` holds that error's code and message.
+    before the close, at the start or mid-stream: a revoked key),
+    :attr:`error` holds that error's code and message.
     """
 
 
@@ -243,7 +272,8 @@ class TranscribeQuotaExceeded(TranscribeConnectionClosed):
     """Too many concurrent sessions or over quota (close 4029, or HTTP 429).
 
     :attr:`error` holds the server's ``too_many_sessions`` or
-    ``quota_exceeded`` error (code and message) when it sent one.
+    ``quota_exceeded`` error (code and message) when it sent one, at the start
+    or mid-stream.
     """
 
 
@@ -337,8 +367,9 @@ class StreamResult:
     Attributes:
         session_id: the server's session id.
         events: every server message received during the stream, in order.
-        closed: the ``session.closed`` message, None if the socket closed
-            normally without one.
+        closed: the ``session.closed`` message.  Never None from
+            :meth:`TranscribeClient.stream_samples`: without one the session
+            did not end cleanly, and it raises :class:`TranscribeConnectionClosed`.
         close_code: the WebSocket close code, None if the server had not
             closed the socket shortly after ``session.closed``.
         audio_seconds: seconds of audio this stream sent: all of the samples,
@@ -428,6 +459,9 @@ class TranscribeClient:
         self._close_reason = ""
         self._close_by_client = False
         self._reader_error: BaseException | None = None
+        # The last error that announces a refusal close (quota_exceeded before
+        # 4029...): the exception for that close carries it.
+        self._refusal_error: ErrorInfo | None = None
         # Timing: cumulative ms of audio sent after each chunk, and when it went out.
         self._sent_end_ms: list[float] = []
         self._sent_at: list[float] = []
@@ -523,6 +557,12 @@ class TranscribeClient:
                 event = await client._wait_for(lambda e: isinstance(e, SessionCreated | Error))
                 if isinstance(event, Error):
                     raise await client._refusal(event.error)
+            except (asyncio.CancelledError, TimeoutError, KeyboardInterrupt):
+                # open_timeout, or Ctrl-C: a closing handshake with a server that
+                # does not answer would outlast both, so drop the connection.
+                client.abort()
+                await client._stopped()
+                raise
             except BaseException:
                 await client.aclose()
                 raise
@@ -589,6 +629,10 @@ class TranscribeClient:
                 await self._ws.close()
         except TimeoutError:
             self.abort()
+        await self._stopped()
+
+    async def _stopped(self) -> None:
+        """Wait for the reader to end (the connection is closed or aborted)."""
         await asyncio.wait({self._reader})
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -774,7 +818,9 @@ class TranscribeClient:
 
         Real-time pacing sends each chunk when a live source would have it
         (at the time of its last sample, on a monotonic clock, so it does not
-        drift); ``fast`` sends as fast as the socket takes them.
+        drift); ``fast`` sends as fast as the server reads them, at most
+        :data:`FAST_AUDIO_AHEAD_S` seconds of audio ahead of it (see the
+        module docstring).
 
         Args:
             samples: mono int16 at the configured ``sample_rate``.
@@ -804,15 +850,24 @@ class TranscribeClient:
         width = BYTES_PER_SAMPLE[audio_format]
         per_chunk = max(1, rate * chunk_ms // 1000)
         start = time.monotonic()
+        window = _AckWindow(self._ws, self._sent_ms) if fast else None
         for first in range(0, len(samples), per_chunk):
             last = min(first + per_chunk, len(samples))
-            if not fast:
+            if window is not None:
+                try:
+                    if not await window.room(self._sent_ms, stop):
+                        return
+                except ConnectionClosed as exc:
+                    raise self._closed_exception(exc) from exc
+            else:
                 delay = start + last / rate - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
             if stop is not None and stop.is_set():
                 return
             await self.send_audio(data[first * width : last * width])
+            if window is not None:
+                await window.sent(self._sent_ms)
 
     async def close_session(self) -> None:
         """Send ``session.close``: the server finalizes, sends ``session.closed``, closes.
@@ -895,11 +950,14 @@ class TranscribeClient:
                 (the finals of the audio sent still come).
 
         Returns:
-            The collected events and timings.
+            The collected events and timings (with ``session.closed``).
 
         Raises:
             RuntimeError: :meth:`configure` has not succeeded yet.
-            TranscribeConnectionClosed: the socket closed abnormally.
+            TranscribeConnectionClosed: the socket closed before
+                ``session.closed``, whatever the code (1000 and 1001 too: its
+                :attr:`~TranscribeConnectionClosed.before_closed` is set), or
+                closed abnormally.
             TimeoutError: nothing ended the session within ``finish_timeout``.
         """
         if self._config is None:
@@ -972,9 +1030,13 @@ class TranscribeClient:
             await asyncio.wait({sender})
         if (error := sender_error()) is not None:
             raise error
+        if closed is None:
+            # The socket ended (1000 or 1001) before session.closed: the
+            # transcript is cut short, which is no success.
+            raise self._ended_exception(before_closed=True)
         wall = time.monotonic() - started
-        if closed is not None:  # the server closes right after; record its code
-            await asyncio.wait({self._reader}, timeout=_CLOSE_WAIT_S)
+        # The server closes right after session.closed; record its code.
+        await asyncio.wait({self._reader}, timeout=_CLOSE_WAIT_S)
         return StreamResult(
             session_id=self.session_id,
             events=events,
@@ -1016,7 +1078,8 @@ class TranscribeClient:
                 (``FileNotFoundError``), a directory (``IsADirectoryError``), no
                 permission (``PermissionError``)...
             ValueError: the file opens but its content cannot be decoded.
-            TranscribeConnectionClosed: the socket closed abnormally.
+            TranscribeConnectionClosed: the socket closed before
+                ``session.closed`` (see :meth:`stream_samples`).
         """
         if self._config is None:
             raise RuntimeError("call configure() before streaming")
@@ -1063,8 +1126,20 @@ class TranscribeClient:
         try:
             await self._ws.send(frame)
         except ConnectionClosed as exc:
-            code, reason, by_client = _close_of(exc)
-            raise TranscribeConnectionClosed.for_code(code, reason, by_client=by_client) from exc
+            raise self._closed_exception(exc) from exc
+
+    def _closed_exception(self, exc: ConnectionClosed) -> TranscribeConnectionClosed:
+        code, reason, by_client = _close_of(exc)
+        return TranscribeConnectionClosed.for_code(
+            code, reason, error=self._refusal_for(code, by_client), by_client=by_client
+        )
+
+    def _refusal_for(self, code: int, by_client: bool) -> ErrorInfo | None:
+        """The refusal ``error`` the server sent before closing with ``code``, if any."""
+        info = self._refusal_error
+        if by_client or info is None or _REFUSAL_CLOSE_CODES.get(info.code) != code:
+            return None
+        return info
 
     async def _refusal(self, info: ErrorInfo) -> TranscribeClientError:
         """The exception for an ``error`` received instead of ``session.created``."""
@@ -1082,9 +1157,7 @@ class TranscribeClient:
             raise self._reader_error
         code = self._close_code
         if code is not None and code not in NORMAL_CLOSE_CODES:
-            raise TranscribeConnectionClosed.for_code(
-                code, self._close_reason, by_client=self._close_by_client
-            )
+            raise self._ended_exception()
 
     def _add_waiter(self, accepts: Callable[[Event], bool]) -> _Waiter:
         waiter = _Waiter(accepts, asyncio.get_running_loop().create_future())
@@ -1111,11 +1184,16 @@ class TranscribeClient:
     async def _wait_for(self, accepts: Callable[[Event], bool]) -> Event:
         return await self._await_waiter(self._add_waiter(accepts))
 
-    def _ended_exception(self) -> BaseException:
+    def _ended_exception(self, *, before_closed: bool = False) -> BaseException:
         if self._reader_error is not None:
             return self._reader_error
+        code, by_client = self._close_code or 1006, self._close_by_client
         return TranscribeConnectionClosed.for_code(
-            self._close_code or 1006, self._close_reason, by_client=self._close_by_client
+            code,
+            self._close_reason,
+            error=self._refusal_for(code, by_client),
+            by_client=by_client,
+            before_closed=before_closed,
         )
 
     async def _read_loop(self) -> None:
@@ -1165,6 +1243,8 @@ class TranscribeClient:
         elif isinstance(event, SessionUpdated):
             # Every one: configure()'s answer, and the switch to a fallback mid-stream.
             self._config = event.session
+        elif isinstance(event, Error) and event.error.code in _REFUSAL_CLOSE_CODES:
+            self._refusal_error = event.error
         elif isinstance(event, TranscriptionPartial):
             if self._timings.first_partial_s is None and self._first_audio_at is not None:
                 self._timings.first_partial_s = received - self._first_audio_at
@@ -1186,6 +1266,62 @@ class TranscribeClient:
             return None
         index = bisect.bisect_left(self._sent_end_ms, audio_ms - 1e-6)
         return self._sent_at[min(index, len(self._sent_at) - 1)]
+
+
+class _AckWindow:
+    """Fast sending: how much of the audio sent the server has read.
+
+    After every :data:`_FAST_PING_EVERY_S` of audio a ping goes out; its pong
+    comes once the server has read all that was sent before it (pings are
+    answered in order).  Without this, the whole file waits in the socket's
+    buffers, and a ``session.close`` (a Ctrl-C) with it.
+    """
+
+    def __init__(self, ws: ClientConnection, sent_ms: float) -> None:
+        self._ws = ws
+        self._acked_ms = sent_ms  # what the server has surely read
+        self._pinged_ms = sent_ms
+        self._pending: deque[tuple[float, asyncio.Future[float]]] = deque()
+
+    async def sent(self, sent_ms: float) -> None:
+        """Ping when another second of audio went out since the last ping."""
+        if sent_ms - self._pinged_ms < _FAST_PING_EVERY_S * 1000:
+            return
+        try:
+            pong = await self._ws.ping()
+        except ConnectionClosed:
+            return  # the next send (or the receiver) reports the close
+        self._pending.append((sent_ms, asyncio.ensure_future(pong)))
+        self._pinged_ms = sent_ms
+
+    async def room(self, sent_ms: float, stop: asyncio.Event | None) -> bool:
+        """Wait until the server is within :data:`FAST_AUDIO_AHEAD_S` of ``sent_ms``.
+
+        Returns:
+            False when ``stop`` was set meanwhile.
+
+        Raises:
+            ConnectionClosed: the connection closed meanwhile.
+        """
+        while self._pending and (
+            self._pending[0][1].done() or sent_ms - self._acked_ms >= FAST_AUDIO_AHEAD_S * 1000
+        ):
+            mark, pong = self._pending[0]
+            if not pong.done():
+                waits: set[asyncio.Future[Any]] = {pong}
+                if stop is not None:
+                    waits.add(asyncio.ensure_future(stop.wait()))
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiting in waits - {pong}:
+                        waiting.cancel()
+                if not pong.done():
+                    return False  # stopped
+            pong.result()  # raises ConnectionClosed if the connection closed first
+            self._pending.popleft()
+            self._acked_ms = mark
+        return True
 
 
 def _close_of(exc: ConnectionClosed) -> tuple[int, str, bool]:
