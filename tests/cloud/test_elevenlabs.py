@@ -14,6 +14,7 @@ import base64
 import json
 import math
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -219,3 +220,54 @@ async def test_error_messages_name_the_cause() -> None:
     assert "rate_limited" in limited.value.reason and limited.value.retryable
     # Unknown informational messages are not errors.
     assert await s.on_message(json.dumps({"message_type": "something_new"})) is False
+
+
+class ScriptedVad:
+    """The gateway VAD, giving the boundaries a test hands it, one call at a time."""
+
+    def __init__(self) -> None:
+        self.due: list[SimpleNamespace] = []
+
+    def process(self, samples: Any) -> list[SimpleNamespace]:
+        due, self.due = self.due, []
+        return due
+
+
+async def boundary(s: ElevenLabsStream, vad: ScriptedVad, kind: str, at_ms: int) -> None:
+    vad.due = [SimpleNamespace(kind=kind, sample=at_ms * 16)]  # 16 kHz samples
+    await s._on_audio(np.zeros(16, np.int16))
+
+
+async def test_speech_starting_between_the_commit_answers_waits_for_the_words(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The commit was taken as answered at committed_transcript, but the words
+    # come with committed_transcript_with_timestamps: a speech start heard in
+    # between closed the utterance with its partial as the final, and the
+    # committed text became a second, duplicate final in the next utterance.
+    s = stream()
+    vad = ScriptedVad()
+    monkeypatch.setattr(s, "_vad", vad)
+    await boundary(s, vad, "start", 100)
+    await s.on_message(json.dumps({"message_type": "partial_transcript", "text": "go forward ten"}))
+    await boundary(s, vad, "end", 2400)  # the commit goes out
+    committed = "Go forward ten meters."
+    await s.on_message(json.dumps({"message_type": "committed_transcript", "text": committed}))
+    await boundary(s, vad, "start", 2500)  # the next speech, before the timestamps
+    await s.on_message(
+        json.dumps(
+            {
+                "message_type": "committed_transcript_with_timestamps",
+                "text": committed,
+                "words": [word("Go", 0.1, 0.3), word("meters.", 1.9, 2.3)],
+            }
+        )
+    )
+    await s.on_message(json.dumps({"message_type": "partial_transcript", "text": "turn left"}))
+    events = [(e.utterance, e.type, e.text) for e in drain(s)]
+    finals = [(u, text) for u, kind, text in events if kind is SpeechEventType.FINAL]
+    assert finals == [(0, committed)], events
+    first = [kind for u, kind, _ in events if u == 0]
+    assert first[-2:] == [SpeechEventType.FINAL, SpeechEventType.SPEECH_STOPPED], events
+    second = [kind for u, kind, _ in events if u == 1]
+    assert second == [SpeechEventType.SPEECH_STARTED, SpeechEventType.PARTIAL], events

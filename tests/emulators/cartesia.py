@@ -190,6 +190,7 @@ class CartesiaEmulator(Emulator):
                 record.binary_frames += 1
                 state.last_audio = time.monotonic()
                 self.audio(ws, record, recognizer, message)
+                await self.pace(record)
                 limit = self.fail_after_ms
                 if limit is not None and record.audio_ms >= limit:
                     await self._error(
@@ -206,6 +207,8 @@ class CartesiaEmulator(Emulator):
                 recognizer.mark("flush_done")
             elif command in ("done", "close"):
                 record.finalized = True
+                if await self.closed_on_finalize(ws):
+                    return
                 if not self.faults.ignore_finalize:
                     recognizer.flush()
                     recognizer.mark("done")

@@ -197,6 +197,7 @@ class DeepgramEmulator(Emulator):
             if isinstance(message, bytes):
                 record.binary_frames += 1
                 self.audio(ws, record, recognizer, message)
+                await self.pace(record)
                 failing_at = self.error_after_ms
                 if failing_at is not None and record.audio_ms >= failing_at:
                     await self._fail(ws, record, state)
@@ -209,6 +210,8 @@ class DeepgramEmulator(Emulator):
                 record.keepalives += 1  # no answer: "the server will not send a response"
             elif kind == "Finalize" and not flux:
                 record.finalized = True
+                if await self.closed_on_finalize(ws):
+                    return
                 if self.faults.ignore_finalize:
                     state.silent = True
                 else:
@@ -216,6 +219,8 @@ class DeepgramEmulator(Emulator):
                     recognizer.flush()
             elif kind == "ForceEndTurn" and flux:
                 record.finalized = True
+                if await self.closed_on_finalize(ws):
+                    return
                 if self.faults.ignore_finalize:
                     state.silent = True
                 elif state.in_speech or state.turn_open:  # else: no turn, ignored
@@ -223,6 +228,8 @@ class DeepgramEmulator(Emulator):
                     recognizer.flush()
             elif kind == "CloseStream":
                 record.finalized = True
+                if await self.closed_on_finalize(ws):
+                    return
                 if self.faults.ignore_finalize:
                     state.silent = True
                     continue  # never answer, never close: the client must give up

@@ -28,8 +28,9 @@ What it implements, and where the docs say so:
   with an ``error`` text, after which the service closes - same pages.
 
 ElevenLabs documents no end-of-stream message: a client commits, reads the
-answer and closes, so every commit sets :attr:`Record.finalized` and
-``ignore_finalize`` leaves commits unanswered.  It documents no keepalive
+answer and closes, so every commit sets :attr:`Record.finalized`,
+``ignore_finalize`` leaves commits unanswered and ``close_on_finalize`` closes
+at a commit.  It documents no keepalive
 either: an audio chunk that ends a gap of 2 s or more counts as one.  The idle
 limit behind ``insufficient_audio_activity`` is not documented, so
 :attr:`ElevenLabsEmulator.idle_close_s` is off unless a test sets it.
@@ -195,12 +196,15 @@ class ElevenLabsEmulator(Emulator):
                     record.keepalives += 1
                 state.last_audio = now
                 self.audio(ws, record, recognizer, pcm16)
+                await self.pace(record)
                 failure = self.fail_after
                 if failure is not None and record.audio_ms >= failure[0]:
                     await self._error(ws, record, failure[1], failure[2])
                     return
             if chunk.get("commit"):
                 record.finalized = True
+                if await self.closed_on_finalize(ws):
+                    return
                 if not self.faults.ignore_finalize:
                     recognizer.flush()
                     recognizer.mark("commit")

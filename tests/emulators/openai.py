@@ -284,12 +284,15 @@ class OpenAIEmulator(Emulator):
                 self._start(ws, record, state)
             assert state.recognizer is not None
             self.audio(ws, record, state.recognizer, pcm16)
+            await self.pace(record)
             limit = self.error_after_ms
             if limit is not None and record.audio_ms >= limit and not state.error_sent:
                 state.error_sent = True
                 await self._recoverable_error(ws, record)
         elif kind == "input_audio_buffer.commit":
             record.finalized = True
+            if await self.closed_on_finalize(ws):
+                return
             if self.faults.ignore_finalize or state.commit_at_ms is not None:
                 return
             if state.recognizer is None:

@@ -171,6 +171,7 @@ class QwenEmulator(Emulator):
                         await self._error(ws, record, "audio is not valid base64.", param="audio")
                         continue
                     self.audio(ws, record, state.recognizer, pcm16)
+                    await self.pace(record)
                 elif kind == "input_audio_buffer.commit":
                     if state.vad:
                         await self._error(ws, record, "commit is disabled in VAD mode.")
@@ -178,6 +179,8 @@ class QwenEmulator(Emulator):
                         state.recognizer.flush()
                 elif kind == "session.finish":
                     record.finalized = True
+                    if await self.closed_on_finalize(ws):
+                        return
                     if self.faults.ignore_finalize:
                         continue
                     if state.recognizer is None:

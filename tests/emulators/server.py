@@ -13,6 +13,7 @@ import abc
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -45,6 +46,13 @@ class Faults:
     sends a frame that is not JSON (where the adapter waits for a greeting)."""
     finish_after_ms: float | None = None
     """Say the stream is finished (and close) after this much audio (Soniox)."""
+    close_on_finalize: int | None = None
+    """Close with this code (1000, or 1001 "going away": a rolling restart) when
+    the finalize / end-of-stream message arrives, before answering it."""
+    realtime: bool = False
+    """Hear audio no faster than it plays (a provider transcribing in real
+    time): the reader takes the next message only once the audio before it has
+    played, so what a client sends faster (a file) waits in the network."""
 
 
 @dataclass
@@ -62,6 +70,8 @@ class Record:
     finalized: bool = False
     closed_by_client: bool = False
     stalled: bool = False
+    heard_until: float = 0.0
+    """``time.monotonic()`` when the audio received so far has played (``realtime``)."""
     ended: bool = False
     """The connection is over (either side closed it, or it broke)."""
 
@@ -110,7 +120,14 @@ class Emulator(abc.ABC):
 
     async def __aenter__(self) -> Emulator:
         self._server = await serve(
-            self._handle, "127.0.0.1", 0, process_request=self._check, max_size=2**24
+            self._handle,
+            "127.0.0.1",
+            0,
+            process_request=self._check,
+            max_size=2**24,
+            # A provider buffers what it receives, so it answers pings while it
+            # works through the audio (``realtime``) instead of pausing the socket.
+            max_queue=None,
         )
         return self
 
@@ -171,7 +188,10 @@ class Emulator(abc.ABC):
         self, ws: ServerConnection, record: Record, recognizer: Recognizer, pcm16: bytes
     ) -> None:
         """Account for received audio, apply the faults, feed the recognizer."""
-        record.audio_ms += len(pcm16) * 500 / recognizer.rate
+        ms = len(pcm16) * 500 / recognizer.rate
+        record.audio_ms += ms
+        if self.faults.realtime:
+            record.heard_until = max(record.heard_until, time.monotonic()) + ms / 1000
         drop = self.faults.drop_after_ms
         if drop is not None and record.audio_ms >= drop:
             ws.transport.abort()  # a crash or a cut cable: no close frame
@@ -180,6 +200,20 @@ class Emulator(abc.ABC):
         if stall is not None and record.audio_ms >= stall:
             record.stalled = True
         recognizer.feed(pcm16)
+
+    async def pace(self, record: Record) -> None:
+        """With ``realtime``: wait until the audio received so far has played."""
+        delay = record.heard_until - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def closed_on_finalize(self, ws: ServerConnection) -> bool:
+        """Apply ``close_on_finalize`` to a finalize just received; True if closed."""
+        code = self.faults.close_on_finalize
+        if code is None:
+            return False
+        await ws.close(code, "going away" if code == 1001 else "")
+        return True
 
     async def send(self, ws: ServerConnection, record: Record, payload: dict[str, Any]) -> None:
         """Send a JSON message unless the emulator is stalled."""

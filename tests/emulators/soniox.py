@@ -151,6 +151,8 @@ class SonioxEmulator(Emulator):
         async for message in ws:
             if message in (b"", ""):
                 record.finalized = True  # end of audio
+                if await self.closed_on_finalize(ws):
+                    return
                 if not self.faults.ignore_finalize:
                     recognizer.flush()
                     recognizer.finish()
@@ -158,6 +160,7 @@ class SonioxEmulator(Emulator):
             if isinstance(message, bytes):
                 record.binary_frames += 1
                 self.audio(ws, record, recognizer, message)
+                await self.pace(record)
                 finish = self.faults.finish_after_ms
                 if finish is not None and record.audio_ms >= finish:
                     await self.send(ws, record, {"tokens": [], "finished": True})

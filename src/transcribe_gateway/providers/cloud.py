@@ -22,9 +22,14 @@ each item is a way existing integrations lose words or hang:
   memory; a keepalive goes out when no audio has been sent for
   ``keepalive_interval_s``;
 * at the end of input the stream sends the provider's finalize message and keeps
-  reading until the provider says it is done or closes, so trailing words are
-  never clipped; if it never answers, the stream fails with a timeout (and the
-  session delivers the last partial as the final, or replays to a fallback);
+  reading until the provider says it is done, so trailing words are never
+  clipped; if it never answers, or closes before saying so, the stream fails
+  (and the session delivers the last partial as the final, or replays to a
+  fallback);
+* a deadline counts from when a provider transcribing at real time can have
+  heard the audio before what it answers: a client that sends a file faster
+  than real time puts seconds of audio ahead of a flush, and a healthy
+  provider reaches the flush only that much later;
 * results become our events through :class:`Utterances`, which accumulates the
   provider's pieces so a partial is always the whole utterance so far and each
   utterance gets exactly one final, even when it arrives after speech stopped.
@@ -296,6 +301,11 @@ class CloudStream(RecognizeStream):
     """Audio a provider may hold without answering (it may keep the last
     fraction of a second until more audio or a finalize arrives, so a client's
     pause right after speech must not look like a dead provider)."""
+    close_is_done: ClassVar[bool] = False
+    """Whether the provider's close after the finalize is its only "done"
+    (Deepgram Flux sends no last message).  Otherwise :meth:`on_message` sees
+    the provider's done message, and a close before it is a failure: the words
+    it had not sent yet are lost, so the session's fallback must replay them."""
 
     def __init__(self, stt: CloudSTT, options: StreamOptions) -> None:
         super().__init__(stt, options)
@@ -303,7 +313,8 @@ class CloudStream(RecognizeStream):
         self.settings = stt.settings
         self.utterances = Utterances(self._emit)
         self._ws: ClientConnection | None = None
-        self._outbox: asyncio.Queue[Frame | None] = asyncio.Queue(OUTBOX_FRAMES)
+        self._outbox: asyncio.Queue[tuple[Frame, float] | None] = asyncio.Queue(OUTBOX_FRAMES)
+        """Frames for the sender, each with the milliseconds of audio it carries."""
         self._batch = bytearray()
         self._batch_bytes = max(2, options.sample_rate * self.chunk_ms // 1000 * 2)
         self._answer_due: float | None = None
@@ -312,6 +323,11 @@ class CloudStream(RecognizeStream):
         self._sender: asyncio.Task[None] | None = None
         self.sent_ms = 0.0
         """Milliseconds of audio handed to the sender so far (the stream's clock)."""
+        self._out_ms = 0.0
+        """Milliseconds of audio the sender has sent (the rest waits in the outbox)."""
+        self._heard_at = 0.0
+        """Loop time at which a provider transcribing at real time has heard all
+        the audio sent (it hears each frame after the ones before it)."""
         self.last_error: ProviderError | None = None
         """The provider's last error that did not end the stream (an adapter sets
         it); a close that follows fails the stream with it."""
@@ -366,11 +382,8 @@ class CloudStream(RecognizeStream):
 
     async def queue(self, frame: Frame) -> None:
         """Send a control frame in order with the audio (e.g. a finalize at end of speech)."""
-        if self._batch:  # the audio before it goes first
-            await self._enqueue(self.audio_frame(bytes(self._batch)))
-            self.sent_ms += len(self._batch) * 500 / self._options.sample_rate
-            self._batch.clear()
-        await self._enqueue(frame)
+        await self._flush_batch()  # the audio before it goes first
+        await self._enqueue((frame, 0.0))
 
     async def send_json(self, payload: dict[str, Any]) -> None:
         await self.send(json.dumps(payload))
@@ -382,9 +395,13 @@ class CloudStream(RecognizeStream):
             return await self._ws.recv()
 
     def expect_answer(self) -> None:
-        """An answer is due: fail if none comes within the response timeout."""
+        """An answer is due: fail if none comes within the response timeout.
+
+        Counted from when a provider transcribing at real time can have heard
+        all the audio handed over so far (:meth:`_heard_by`), not from now.
+        """
         if self._answer_due is None:
-            self._answer_due = self._now() + self.settings.provider_response_timeout_s
+            self._answer_due = self._heard_by() + self.settings.provider_response_timeout_s
 
     def answered(self) -> None:
         self._answer_due = None
@@ -468,8 +485,8 @@ class CloudStream(RecognizeStream):
             self._ws = None
 
     async def _on_audio(self, samples: Samples) -> None:
-        for frame in self._frames(samples):
-            await self._enqueue(frame)
+        for item in self._frames(samples):
+            await self._enqueue(item)
 
     def _take_audio(self, samples: Samples) -> bool:
         # The outbox has room for every frame this chunk completes (the usual
@@ -478,35 +495,46 @@ class CloudStream(RecognizeStream):
         room = self._outbox.maxsize - self._outbox.qsize()
         if due > room or self._sender is None or self._sender.done():
             return False
-        for frame in self._frames(samples):
-            self._outbox.put_nowait(frame)
+        for item in self._frames(samples):
+            self._outbox.put_nowait(item)
         return True
 
-    def _frames(self, samples: Samples) -> Iterator[Frame]:
-        """Batch ``samples`` into the provider's frame size; yields each full frame."""
+    def _frames(self, samples: Samples) -> Iterator[tuple[Frame, float]]:
+        """Batch ``samples`` into the provider's frame size; yields each full frame
+        with its milliseconds of audio."""
         self._batch += samples.astype("<i2", copy=False).tobytes()
         while len(self._batch) >= self._batch_bytes:
             pcm16 = bytes(self._batch[: self._batch_bytes])
             del self._batch[: self._batch_bytes]
-            yield self.audio_frame(pcm16)
+            ms = len(pcm16) * 500 / self._options.sample_rate
+            yield self.audio_frame(pcm16), ms
             # After the frame is queued (the consumer resumes us): the stream's clock.
-            self.sent_ms += len(pcm16) * 500 / self._options.sample_rate
+            self.sent_ms += ms
 
-    async def _enqueue(self, frame: Frame | None) -> None:
+    async def _flush_batch(self) -> None:
+        """Queue the audio short of a full frame (before a control frame, or at the end)."""
+        if self._batch:
+            ms = len(self._batch) * 500 / self._options.sample_rate
+            await self._enqueue((self.audio_frame(bytes(self._batch)), ms))
+            self.sent_ms += ms
+            self._batch.clear()
+
+    async def _enqueue(self, item: tuple[Frame, float] | None) -> None:
         # Waits while the provider reads slower than the client sends (backpressure),
         # and gives up with the stream if the sender died.
-        put = asyncio.ensure_future(self._outbox.put(frame))
-        if self._sender is None or self._sender.done():
-            put.cancel()
-            return
-        done, _ = await asyncio.wait({put, self._sender}, return_when=asyncio.FIRST_COMPLETED)
-        if put not in done:
-            put.cancel()
+        put = asyncio.ensure_future(self._outbox.put(item))
+        try:
+            if self._sender is None or self._sender.done():
+                return
+            await asyncio.wait({put, self._sender}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Also when the caller is cancelled while it waits (the client left):
+            # a put left pending would outlive the stream.
+            if not put.done():
+                put.cancel()
 
     async def _on_end_input(self) -> None:
-        if self._batch:
-            await self._enqueue(self.audio_frame(bytes(self._batch)))
-            self._batch.clear()
+        await self._flush_batch()
         await self._enqueue(None)
 
     def start(self) -> None:
@@ -530,24 +558,32 @@ class CloudStream(RecognizeStream):
         while True:
             try:
                 async with asyncio.timeout(interval):
-                    frame = await self._outbox.get()
+                    item = await self._outbox.get()
             except TimeoutError:
                 keepalive = self.keepalive_frame()
                 if keepalive is not None:
                     await self.send(keepalive)
                 continue
-            if frame is None:
+            if item is None:
                 break
+            frame, audio_ms = item
             await self.send(frame)
+            if not audio_ms:
+                continue
+            self._out_ms += audio_ms
+            self._heard_at = max(self._heard_at, self._now()) + audio_ms / 1000
             if self.answers_continuously:
-                self._unanswered_ms += self.chunk_ms
-                if self._unanswered_ms >= self.unanswered_audio_ms:
-                    self.expect_answer()
+                self._unanswered_ms += audio_ms
+                if self._unanswered_ms >= self.unanswered_audio_ms and self._answer_due is None:
+                    # Due for the audio sent, not for what waits behind it.
+                    self._answer_due = (
+                        max(self._heard_at, self._now()) + self.settings.provider_response_timeout_s
+                    )
         self._finalizing = True
         for frame in self.finalize_frames():
             await self.send(frame)
         # The finalize must be answered, or the stream ends with what it has.
-        self._answer_due = self._now() + self.settings.provider_finalize_timeout_s
+        self._answer_due = self._heard_by() + self.settings.provider_finalize_timeout_s
 
     async def _receive_loop(self) -> None:
         assert self._ws is not None and self._sender is not None
@@ -573,11 +609,16 @@ class CloudStream(RecognizeStream):
                     ProviderTimeout(self.cloud.provider, f"no answer to {what} within {limit:g} s")
                 )
             except ConnectionClosedOK as exc:
-                if self._finalizing and self.last_error is None:
+                if self._finalizing and self.close_is_done and self.last_error is None:
                     break  # the provider closed after flushing: done
-                await self._give_up(
-                    self._close_failure(exc, "closed the connection before the end of the audio")
+                # Before its done message the rest of its words are lost: a failure,
+                # so the fallback replays the audio since the last final.
+                what = (
+                    "closed the connection before answering the finalize"
+                    if self._finalizing
+                    else "closed the connection before the end of the audio"
                 )
+                await self._give_up(self._close_failure(exc, what))
             except ConnectionClosed as exc:
                 await self._give_up(self._close_failure(exc, "connection dropped"))
             else:
@@ -590,7 +631,7 @@ class CloudStream(RecognizeStream):
                     break
                 if self._finalizing and self._answer_due is None:
                     # Still flushing: keep the finalize bound.
-                    self._answer_due = self._now() + self.settings.provider_finalize_timeout_s
+                    self._answer_due = self._heard_by() + self.settings.provider_finalize_timeout_s
         await self.utterances.flush()
         await self._close_ws()
 
@@ -613,6 +654,16 @@ class CloudStream(RecognizeStream):
             soon = self._now() + 1.0
             deadline = soon if deadline is None else min(deadline, soon)
         return deadline
+
+    def _heard_by(self) -> float:
+        """Loop time by which a provider transcribing at real time can have heard
+        all the audio handed over so far: what was sent, then what waits in the
+        outbox.  A client sending faster than real time (a file) puts seconds of
+        audio ahead of a flush; the provider reaches the flush only that much later.
+        """
+        queued_ms = max(0.0, self.sent_ms - self._out_ms)
+        queued_ms += len(self._batch) * 500 / self._options.sample_rate
+        return max(self._heard_at, self._now()) + queued_ms / 1000
 
     @staticmethod
     def _now() -> float:

@@ -188,6 +188,10 @@ class FluxStream(_DeepgramStream):
 
     chunk_ms = 80  # "80ms audio chunks strongly recommended"
     keepalive_interval_s = None  # no KeepAlive message on /v2: pings keep it open
+    # After CloseStream Flux "closes the connection without sending a WebSocket
+    # close status code" and no last message: that close is its "done".  (Nova
+    # sends Metadata first, so a close before it is a failure there.)
+    close_is_done = True
 
     def url(self) -> str:
         o = self.options

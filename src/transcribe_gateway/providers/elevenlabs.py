@@ -161,7 +161,6 @@ class ElevenLabsStream(LocalEndpointingStream):
                 await self.utterances.interim(str(response.get("text") or ""))
             elif kind == "committed_transcript":
                 await self._settle_words()
-                self.flush_answered()
                 text = str(response.get("text") or "")
                 if text.strip():
                     self._words_due = text  # the timestamps message follows
@@ -188,6 +187,10 @@ class ElevenLabsStream(LocalEndpointingStream):
             await self._committed(text, ())
 
     async def _committed(self, text: str, words: tuple[WordTiming, ...]) -> None:
+        # The commit is answered only now, with the utterance closed: until then
+        # VAD boundaries stay held back, or the next speech start would close the
+        # utterance with its partial and this text would land in the next one.
+        self.flush_answered()
         if words:
             await self.utterances.commit(text, words[0].start_ms, words[-1].end_ms, words)
         else:
