@@ -111,44 +111,44 @@ class TestAudioQuota:
 
 
 class TestMessageRate:
-    async def test_flood_gets_rate_limited_and_the_server_serves_another_session(
+    async def test_a_flood_is_slowed_to_the_rate_and_nothing_is_lost(
         self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
     ) -> None:
+        # Over the rate, messages were dropped unread (audio lost, a session.close
+        # too): a file sent fast with a rate-limited key lost most of it. They now
+        # wait for the next second, the socket unread meanwhile (backpressure).
+        from tests.ops.test_metrics import get, sample
+
         key = create_key(sqlite_env, "rate-20", "--rate", "20")
         ws = await connect(store_gateway.url, key)
         await _configure(ws)
+        _, text = get(f"{store_gateway.http}/metrics")
+        waits_before = sample(text, "transcribe_rate_limit_waits_total") or 0.0
         start = time.monotonic()
-        for _ in range(150):  # ~7x the rate for about a second
+        for _ in range(100):  # at once: 5 s of messages at the key's rate
             await ws.send(CHUNK)
-            await asyncio.sleep(0.007)
-        elapsed = time.monotonic() - start
-        errors: list[dict[str, Any]] = []
-        with pytest.raises(TimeoutError):
-            while True:
-                msg = await recv(ws, 1.0)
-                if msg["type"] == "error":
-                    errors.append(msg["error"])
-        assert errors and {e["code"] for e in errors} == {"rate_limited"}
-        assert all(e["retryable"] for e in errors)
-        # Throttled: at most one such error per second.
-        assert len(errors) <= int(elapsed) + 2
-        # Another session is served meanwhile and afterwards, and the flooded one goes on.
+        await ws.send(json.dumps({"type": "session.close"}))
+        # Another session is served meanwhile.
         other, _ = await open_session(store_gateway.url)
         await send_audio(other, silence(1.0))
         await other.send(json.dumps({"type": "session.close"}))
         closed = await recv_type(other, "session.closed", 30)
         assert closed["usage"]["audio_seconds"] == pytest.approx(1.0)
-        await ws.send(json.dumps({"type": "session.close"}))
-        closed = await recv_type(ws, "session.closed", 30)
-        # Only what was under the rate was accepted (20/s, 20 ms each).
-        assert 0.2 <= closed["usage"]["audio_seconds"] <= 0.4 * (elapsed + 1)
+        messages = await _drain_until_closed(ws, 30)
+        took = time.monotonic() - start
+        assert [m for m in messages if m["type"] == "error"] == [], messages
+        assert messages[-1]["type"] == "session.closed"
+        assert messages[-1]["usage"]["audio_seconds"] == pytest.approx(2.0)  # all 100
+        assert took >= 3.5, took  # 20 a second, not all at once
+        _, text = get(f"{store_gateway.http}/metrics")
+        assert (sample(text, "transcribe_rate_limit_waits_total") or 0.0) - waits_before >= 3
 
-    async def test_messages_an_engine_held_back_are_not_refused_when_they_come_at_once(
+    async def test_messages_an_engine_held_back_are_not_lost_when_they_come_at_once(
         self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
     ) -> None:
         # 50 messages a second under a rate of 60. The engine holds one push for
         # 1.5 s; what the client sent meanwhile waited in the server and the
-        # socket, then came in a burst, and was refused as over the rate.
+        # socket, then came in a burst over the rate, and was dropped.
         key = create_key(sqlite_env, "rate-60", "--rate", "60")
         ws = await connect(store_gateway.url, key)
         assert (await recv(ws, 5))["type"] == "session.created"
@@ -163,49 +163,3 @@ class TestMessageRate:
         assert errors == [], errors
         final = next(m for m in messages if m["type"] == "transcription.completed")
         assert final["text"] == str(5 * 16000)  # every sample reached the engine
-
-    async def test_sustained_flood_far_over_the_rate_is_closed_1008(
-        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
-    ) -> None:
-        key = create_key(sqlite_env, "rate-5", "--rate", "5")
-        ws = await connect(store_gateway.url, key)
-        await _configure(ws)
-        deadline = time.monotonic() + 15
-        with pytest.raises(websockets.ConnectionClosed):
-            while time.monotonic() < deadline:
-                await ws.send(CHUNK)  # ~150/s: 30x the rate
-                await asyncio.sleep(0.005)
-        assert ws.close_code == 1008
-        assert time.monotonic() < deadline - 8  # within about 3-5 s
-
-    async def test_every_refused_message_is_counted_in_the_refusals_metric(
-        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
-    ) -> None:
-        # transcribe_refusals_total{code="rate_limited"}: the messages refused, not the
-        # errors that tell the client (one a second at most).
-        from tests.ops.test_metrics import get, sample
-
-        key = create_key(sqlite_env, "rate-5-counted", "--rate", "5")
-        ws = await connect(store_gateway.url, key)
-        await _configure(ws)
-        await asyncio.sleep(1.1)  # a fresh second for the burst
-        _, text = get(f"{store_gateway.http}/metrics")
-        before = sample(text, "transcribe_refusals_total", 'code="rate_limited"') or 0.0
-        sent = 40  # within a second or so: far fewer than 10x the rate a second for 3 s
-        for _ in range(sent):
-            await ws.send(CHUNK)
-        errors = []
-        with pytest.raises(TimeoutError):
-            while True:
-                msg = await recv(ws, 1.5)
-                if msg["type"] == "error":
-                    errors.append(msg)
-        await ws.send(json.dumps({"type": "session.close"}))
-        closed = await recv_type(ws, "session.closed", 30)
-        await ws.close()
-        accepted = round(closed["usage"]["audio_seconds"] / 0.02)
-        _, text = get(f"{store_gateway.http}/metrics")
-        after = sample(text, "transcribe_refusals_total", 'code="rate_limited"') or 0.0
-        assert 1 <= len(errors) <= 2
-        assert sent - accepted >= 25
-        assert after - before == sent - accepted

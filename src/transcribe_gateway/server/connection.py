@@ -31,7 +31,6 @@ import collections
 import contextlib
 import functools
 import logging
-import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -65,7 +64,7 @@ from transcribe_gateway.providers.base import (
 from transcribe_gateway.providers.registry import ResolutionError
 from transcribe_gateway.server import metrics, tokens
 from transcribe_gateway.server.auth import bearer_token
-from transcribe_gateway.server.limits import Grant, Refusal, SessionLimits, Verdict
+from transcribe_gateway.server.limits import Grant, Refusal, SessionLimits
 from transcribe_gateway.server.plan import Plan, plan_for, serving_instead
 from transcribe_gateway.server.replay import ReplayBuffer
 
@@ -77,9 +76,6 @@ log = logging.getLogger(__name__)
 _PARTIAL_PREFIX: Final = '{"type":"transcription.partial"'
 _CLOSE_REASONS: Final = {4001: "unauthorized", 4029: "over_limit", 1008: "policy", 1011: "error"}
 SERVICE_RESTART: Final = 1012
-_CREDIT_S: Final = 1.0
-"""How long after reading resumes the messages held back meanwhile may come
-uncounted: the socket's backlog is read in far less."""
 _FINAL_SENT: Final = 1
 _STOP_SENT: Final = 2
 _ENDING: Final = {
@@ -246,13 +242,6 @@ class Connection:
         """The task running whatever must wait; messages meanwhile go to the inbox."""
         self._inbox: collections.deque[str | bytes] = collections.deque()
         self._reading_paused = False
-        self._paused_at = 0.0
-        self._rate_credit = 0
-        """Messages the key's rate lets through uncounted: those the client sent
-        while this server had stopped reading (backpressure) arrive in a burst."""
-        self._credit_until = 0.0
-        self._last_refused = -math.inf
-        """When a message was last refused as over the rate."""
         self._backlog: collections.deque[str] = collections.deque()
         """Frames held while the client reads slowly (bounded by ``outgoing_queue``)."""
         self._close_sent = False
@@ -349,12 +338,14 @@ class Connection:
         Binary messages are not part of the protocol; the session answers them
         with an error.
         """
-        # Counted as it arrives, not as it is parsed: messages held while an
-        # engine pushes back are parsed in a burst.
-        if self._rated and not self._admit_message():
-            return  # over the key's message rate: refused unparsed
         if self._work is not None:
             self._hold(message)
+            return
+        if self._rated and not self._admit_message():
+            # Over the key's message rate: it waits for the next second, and so
+            # do the messages after it (backpressure; nothing is dropped).
+            self._hold(message)
+            self._start_work(self._next_second, [])
             return
         try:
             self._dispatch(self._parse(message))
@@ -366,22 +357,10 @@ class Connection:
         self._inbox.append(message)
         if not self._reading_paused and len(self._inbox) >= self.settings.ws_read_ahead:
             self._reading_paused = True
-            self._paused_at = time.monotonic()
             self.link.pause_reading()
 
     def _resume_reading(self) -> None:
         self._reading_paused = False
-        if self._rated and self._paused_at - self._last_refused > _CREDIT_S:
-            # What a client within its rate sent while we did not read comes now,
-            # at once: the pause's worth of the rate is let through. (One already
-            # over its rate gets none: a flood is not held up by us.)
-            assert self._limits is not None
-            now = time.monotonic()
-            rate = self._limits.grant.limits.messages_per_second
-            if now > self._credit_until:
-                self._rate_credit = 0
-            self._rate_credit += math.ceil((now - self._paused_at) * rate)
-            self._credit_until = now + _CREDIT_S
         self.link.resume_reading()
 
     def _parse(self, message: str | bytes) -> list[Event]:
@@ -422,6 +401,9 @@ class Connection:
             while self._inbox and self.session.close_code is None:
                 if self._reading_paused and len(self._inbox) <= self.settings.ws_read_ahead // 2:
                     self._resume_reading()
+                if self._rated and not self._admit_message():
+                    await self._next_second()
+                    continue
                 events = self._parse(self._inbox.popleft())
                 for event in events:
                     await self._handle(event)
@@ -509,31 +491,14 @@ class Connection:
         self._flush()
 
     def _admit_message(self) -> bool:
-        """Count a client message against its key's rate; False when it is refused."""
+        """Count a client message against its key's rate; False when it must wait."""
         assert self._limits is not None
-        if self._rate_credit:
-            if time.monotonic() <= self._credit_until:
-                self._rate_credit -= 1
-                return True
-            self._rate_credit = 0
-        verdict = self.gateway.admission.check_message(self._limits)
-        if verdict is Verdict.ACCEPT:
-            return True
-        self._last_refused = time.monotonic()
-        if verdict is Verdict.ABUSE:
-            self._log.warning("message flood far over the rate limit; closing")
-            self.end_reason = "rate_abuse"
-            self.session.fail(1008, "message rate far over the limit")
-        elif verdict is Verdict.DROP_AND_WARN:
-            rate = self._limits.grant.limits.messages_per_second
-            self.session.send_error(
-                "rate_limited",
-                f"over this key's {rate:g} messages per second; messages are dropped "
-                "until the rate falls (one such error per second)",
-                retryable=True,
-            )
-        self._flush()
-        return False
+        return self.gateway.admission.check_message(self._limits)
+
+    async def _next_second(self) -> None:
+        """Wait for the key's next rate window (rates count calendar seconds)."""
+        metrics.rate_waits.inc()
+        await asyncio.sleep(1.0 - time.time() % 1.0)
 
     def _meter(self, seconds: float, now: float) -> None:
         """Count received audio (metrics, the key's audio quota)."""

@@ -15,19 +15,17 @@ session ends, and retried with backoff while the store stalls or fails
 (:data:`USAGE_RETRY_S`); what is still waiting at shutdown gets
 :data:`USAGE_FLUSH_S` before the store is closed.
 
-:class:`SessionLimits` (one per session) decides on each client message.
-Message rate: a message over the key's rate is refused *before it is parsed*
-(audio already accepted is never dropped) and the client gets one ``error``
-``rate_limited`` per second at most; a client that keeps sending over
-:data:`ABUSE_FACTOR` times the rate for :data:`ABUSE_SECONDS` seconds in a
-row is closed with 1008.
+:class:`SessionLimits` (one per session) meters its audio against the quota.
+Message rate: a message over the key's rate waits, unparsed, for the next
+second (the session stops reading meanwhile: backpressure), so a client that
+sends faster than the rate (a file, a flood) is slowed to it and nothing it
+sent is lost.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import time
 from collections.abc import Iterable
@@ -45,8 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ABUSE_FACTOR: Final = 10
-ABUSE_SECONDS: Final = 3
 _STORE_TIMEOUT_S: Final = 5.0
 _RATE_SYNC_S: Final = 0.1
 USAGE_ATTEMPT_TIMEOUT_S: Final = 30.0
@@ -62,9 +58,6 @@ USAGE_FLUSH_S: Final = 30.0
 """At shutdown, how long records still waiting may take before the store is closed."""
 OPS_STOP_S: Final = USAGE_FLUSH_S + 10.0
 """At shutdown, how long the ops tick (which flushes the records first) may take to stop."""
-
-
-_RATE_LIMITED: Final = metrics.refusals.labels(code="rate_limited")
 
 
 def _cancelling() -> bool:
@@ -130,14 +123,6 @@ class Refusal:
     """``error`` code, or empty for a bare 4001."""
     message: str
     close_code: int
-
-
-class Verdict(enum.Enum):
-    ACCEPT = "accept"
-    DROP = "drop"
-    """Refused; an ``rate_limited`` error was already sent this second."""
-    DROP_AND_WARN = "drop_and_warn"
-    ABUSE = "abuse"
 
 
 @dataclass(slots=True)
@@ -352,20 +337,22 @@ class Admission:
         if self._usage_writes:
             await asyncio.wait(set(self._usage_writes))
 
-    def check_message(self, limits: SessionLimits) -> Verdict:
-        """Count one client message against its key's rate (no I/O)."""
+    def check_message(self, limits: SessionLimits) -> bool:
+        """Count one client message against its key's rate, if it is within it (no I/O).
+
+        False: the key is at its rate this second; the message must wait.
+        """
         rate = limits.grant.limits.messages_per_second
         if not rate:
-            return Verdict.ACCEPT
-        now = time.monotonic()
+            return True
         second = int(time.time())
         window = self._rates.get(limits.grant.key_id)
         if window is None or window.second != second:
             window = self._rates[limits.grant.key_id] = _Window(second)
-        allowed = window.local + window.others < rate
-        if allowed:
-            window.local += 1
-        return limits.judge(allowed, second, now, rate)
+        if window.local + window.others >= rate:
+            return False
+        window.local += 1
+        return True
 
     # -------------------------------------------------------------- ops tick
 
@@ -460,14 +447,10 @@ class Admission:
 
 
 class SessionLimits:
-    """One session's rate state: refusals, the one-error-a-second throttle, abuse."""
+    """One session's audio metering against its key's quota."""
 
     def __init__(self, grant: Grant) -> None:
         self.grant = grant
-        self._second = 0
-        self._count = 0
-        self._strikes = 0
-        self._last_warning = 0.0
 
     def add_audio(self, seconds: float) -> bool:
         """Meter received audio; True when the key is now over its audio quota."""
@@ -476,22 +459,3 @@ class SessionLimits:
             return False
         grant.used += seconds
         return grant.over_quota()
-
-    def judge(self, allowed: bool, second: int, now: float, rate: float) -> Verdict:
-        if second != self._second:
-            # A second far over the rate is a strike; a calmer one forgives.
-            if self._second and self._count > ABUSE_FACTOR * rate:
-                self._strikes = self._strikes + 1 if second == self._second + 1 else 1
-            else:
-                self._strikes = 0
-            self._second, self._count = second, 0
-        self._count += 1
-        if self._strikes >= ABUSE_SECONDS:
-            return Verdict.ABUSE
-        if allowed:
-            return Verdict.ACCEPT
-        _RATE_LIMITED.inc()  # every refused message, not only those that get an error
-        if now - self._last_warning >= 1.0:
-            self._last_warning = now
-            return Verdict.DROP_AND_WARN
-        return Verdict.DROP

@@ -52,8 +52,13 @@ fallbacks: Final = Counter(
 )
 refusals: Final = Counter(
     "transcribe_refusals",
-    "Sessions or messages refused by a limit",
+    "Sessions refused or ended by a limit",
     ["code"],
+    registry=REGISTRY,
+)
+rate_waits: Final = Counter(
+    "transcribe_rate_limit_waits",
+    "Times a session held a client's messages a second for its key's message rate",
     registry=REGISTRY,
 )
 first_partial_seconds: Final = Histogram(

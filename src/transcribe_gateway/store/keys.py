@@ -50,8 +50,8 @@ class KeyLimits:
     """Audio minutes per :attr:`period` (over it: ``error`` then close 4029)."""
     period: Period = "month"
     messages_per_second: float = 0.0
-    """Client messages per second, a whole number (over it: frames refused with
-    ``rate_limited``)."""
+    """Client messages per second, a whole number (over it: messages wait for the
+    next second, the socket unread meanwhile)."""
 
 
 @dataclass(frozen=True, slots=True)
