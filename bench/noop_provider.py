@@ -1,7 +1,8 @@
 """``NOOP``: a provider that does no recognition, for measuring the gateway's own cost.
 
-Loaded through the provider plugin interface (``TRANSCRIBE_PLUGINS=
-bench.noop_provider:NoopSTT``), as any third-party engine would be.  Every
+Loaded through the provider plugin interface (from the repository root:
+``PYTHONPATH=. TRANSCRIBE_PLUGINS=bench.noop_provider:NoopSTT transcribe-gateway
+serve``), as any third-party engine would be.  Every
 ``EVERY_SAMPLES`` of audio it emits a ``transcription.partial`` whose text is
 the number of samples received so far, so the load generator knows which
 chunk each event covers and can measure chunk-sent -> event-received latency.

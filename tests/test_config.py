@@ -404,6 +404,13 @@ class TestProviderTables:
         message = config_error(path)
         assert "providers.DEEPGRAM.api_kye" in message and "api_key" in message
 
+    def test_an_unknown_provider_setting_is_named_whatever_its_value(self, tmp_path: Path) -> None:
+        # A number failed the decoder first: "Expected str, got int - at $.providers[...]".
+        path = toml(tmp_path, '[providers.deepgram]\napi_key = "x"\nfoo = 1\n')
+        assert "providers.deepgram.foo: unknown setting" in config_error(path)
+        path = toml(tmp_path, "[providers.deepgram]\napi_key = 1\n")
+        assert "providers.deepgram.api_key: expected a string" in config_error(path)
+
 
 class TestEveryVariable:
     def test_every_setting_has_an_environment_variable(self) -> None:

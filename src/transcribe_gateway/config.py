@@ -113,7 +113,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Longest wait for a provider to flush its last words after the end of the audio."""
     fallback_buffer_s: Annotated[float, msgspec.Meta(ge=1, le=3600)] = 120.0
     """Audio kept since the last final for replay into a fallback (oldest dropped beyond)."""
-    providers: dict[str, dict[str, str]] = msgspec.field(default_factory=dict)
+    providers: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
     """Per cloud provider settings (``api_key``, ``base_url``), e.g. ``[providers.DEEPGRAM]``."""
 
     @property
@@ -132,7 +132,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         env = os.environ.get(f"{provider}_{name.upper()}")
         if env:
             return env
-        return self.providers.get(provider, {}).get(name)
+        value = self.providers.get(provider, {}).get(name)
+        return value if isinstance(value, str) else None
 
 
 # Environment variables that override the file: name -> (section path, kind).
@@ -228,19 +229,22 @@ PROVIDER_SETTINGS: Final = ("api_key", "base_url")
 """What a ``[providers.<NAME>]`` table may set (anything else would be ignored)."""
 
 
-def _provider_tables(tables: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+def _provider_tables(tables: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """``[providers.<NAME>]`` by the provider's name as the protocol spells it
     (``deepgram`` is ``DEEPGRAM``), and only settings that are read: a typo
     (``api_kye``) would otherwise be accepted and ignored, and the session served
-    by another engine without a word."""
-    merged: dict[str, dict[str, str]] = {}
+    by another engine without a word. Names are checked before values (typed
+    here, not by the decoder), so that a typo is named whatever its value."""
+    merged: dict[str, dict[str, Any]] = {}
     for name, table in tables.items():
-        for setting in table:
+        for setting, value in table.items():
             if setting not in PROVIDER_SETTINGS:
                 raise ConfigError(
                     f"providers.{name}.{setting}: unknown setting "
                     f"(expected {' or '.join(PROVIDER_SETTINGS)})"
                 )
+            if not isinstance(value, str):
+                raise ConfigError(f"providers.{name}.{setting}: expected a string")
         merged.setdefault(name.upper(), {}).update(table)
     return merged
 

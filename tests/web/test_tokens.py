@@ -76,6 +76,19 @@ class TestIssue:
         status, _ = post(f"{gateway.http}/v1/tokens")
         assert status == 401
 
+    def test_refusals_are_not_cached_either(self, gateway: GatewayProcess) -> None:
+        for key, body in (("not-a-key", b""), (TEST_KEYS[0], b'{"ttl_s": 0}')):
+            request = urllib.request.Request(
+                f"{gateway.http}/v1/tokens",
+                data=body,
+                method="POST",
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert refused.value.code in (400, 401)
+            assert refused.value.headers["Cache-Control"] == "no-store"
+
     def test_a_token_cannot_mint_another(self, gateway: GatewayProcess) -> None:
         status, _ = post(f"{gateway.http}/v1/tokens", key=mint(gateway)["token"])
         assert status == 401

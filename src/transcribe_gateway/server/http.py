@@ -62,7 +62,12 @@ async def metrics_text(gateway: Gateway, request: Request) -> Response:
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+    # Like the answers they stand for (tokens, usage): never cached.
+    return JSONResponse(
+        {"error": {"code": code, "message": message}},
+        status_code=status,
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 def _store_failed() -> JSONResponse:
