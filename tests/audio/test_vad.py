@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from transcribe_gateway.audio import vad as vad_module
 from transcribe_gateway.audio.decode import Samples, decode_audio, encode_mulaw
 from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.audio.resample import Resampler, resample
@@ -332,3 +335,75 @@ class TestPhoneLine:
         # widened audio may lag by a sample).
         behind = counts[:, 0].cumsum() - counts[:, 1].cumsum()
         assert behind.min() >= 0 and behind.max() <= 1
+
+
+class TestOffTheLoop:
+    """A long chunk is heard on a worker thread (a client sending faster than real
+    time must not stall the event loop, every session's); a short one inline."""
+
+    async def test_a_long_chunk_is_heard_on_a_thread_with_the_same_boundaries(self) -> None:
+        audio = np.concatenate([speech("goforward.raw"), speech("jfk.flac")])
+        expected = VoiceActivity(Endpointer(), narrowband=True).process(audio)
+        assert expected
+        activity = VoiceActivity(Endpointer(), narrowband=True)
+        heard_on: list[threading.Thread] = []
+        process = activity._vad.process
+
+        def spy(samples: Samples) -> npt.NDArray[np.float32]:
+            heard_on.append(threading.current_thread())
+            return process(samples)
+
+        activity._vad.process = spy  # type: ignore[method-assign]
+        assert not activity.inline(audio)
+        assert await activity.process_async(audio) == expected
+        assert heard_on[-1] is not threading.main_thread()
+        short = np.zeros(vad_module.OFF_LOOP_SAMPLES, np.int16)
+        assert activity.inline(short)
+        await activity.process_async(short)
+        assert heard_on[-1] is threading.main_thread()  # no thread hop for a short one
+
+    async def test_a_chunk_whose_caller_was_cancelled_is_heard_before_the_next(self) -> None:
+        # Its caller gone (the session ending), the thread still hears the chunk and
+        # Silero's state moves on with it: its boundaries come first with the next
+        # chunk's, in order, as if nothing had been cancelled; never two chunks on
+        # Silero at once.
+        first, second = (
+            speech("goforward.raw"),
+            speech("sense_and_sensibility_01_austen_64kb-0870.wav"),
+        )
+        reference = VoiceActivity(Endpointer())
+        expected = reference.process(first) + reference.process(second)
+        activity = VoiceActivity(Endpointer())
+        gate = threading.Event()
+        process = activity._vad.process
+
+        def held(samples: Samples) -> npt.NDArray[np.float32]:
+            assert gate.wait(30)
+            return process(samples)
+
+        activity._vad.process = held  # type: ignore[method-assign]
+        hearing = asyncio.create_task(activity.process_async(first))
+        await asyncio.sleep(0.05)
+        assert not activity.inline(second[:320])  # a short chunk must wait its turn
+        hearing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await hearing
+        assert activity.heard == len(first)  # taken: its caller's buffer must keep it
+        gate.set()
+        assert await activity.process_async(second) == expected
+
+    async def test_short_chunks_taken_at_once_let_the_loop_run_every_second_of_audio(
+        self,
+    ) -> None:
+        # Chunks heard inline one after the other, with no turn of the loop between
+        # them (a flood the gateway reads at once), stop being taken inline past
+        # INLINE_RUN_MS: the next one waits for the loop (process_async).
+        activity = VoiceActivity(Endpointer())
+        chunk = np.zeros(320, np.int16)
+        taken = 0
+        while activity.inline(chunk):
+            activity.process(chunk)
+            taken += 1
+        assert taken == vad_module.INLINE_RUN_SAMPLES // 320
+        await asyncio.sleep(0)  # the loop runs: inline again
+        assert activity.inline(chunk)

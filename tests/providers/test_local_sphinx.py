@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.providers.held_worker import held_worker
+from tests.providers.loop_watch import longest_stall
 from tests.textnorm import SHARED_AUDIO, normalize, references, word_errors
 from transcribe_gateway.audio.decode import Samples
 from transcribe_gateway.audio.files import read_audio
@@ -300,6 +301,57 @@ async def test_decoding_never_stalls_the_event_loop(stt: LocalSTT) -> None:
     assert "dashwood" in normalize(run.text)
     assert busy > 0.5, "the decodes were too short to show a stall"
     assert max(gaps) < 0.3, (max(gaps), busy)
+
+
+@pytest.mark.parametrize(
+    ("chunk_s", "chunks"),
+    [(120.0, 4), (0.2, 2000), (0.02, 10000)],
+    ids=["long-chunks", "200ms-chunks", "20ms-chunks"],
+)
+async def test_a_flood_of_silence_never_stalls_the_event_loop(
+    stt: LocalSTT, chunk_s: float, chunks: int
+) -> None:
+    # Silence sends the decoder nothing, so its backlog never held such a client
+    # back: 120 s chunks from a phone line (Silero twice, ~0.4 s of a core each)
+    # stopped the event loop for that long each, and short chunks, all taken at
+    # once, never let it run until the client paused. Now a long chunk is heard
+    # on a worker thread, and short ones let the loop run every INLINE_RUN_MS of
+    # audio. Speech after them is found where it is.
+    stream = await stt.open_stream(StreamOptions(model=MODEL, source_rate=8000))
+    events: list[SpeechEvent] = []
+
+    async def collect() -> None:
+        async for event in stream:
+            events.append(event)
+
+    async def flood() -> int:
+        waited = 0
+        for _ in range(chunks):
+            chunk = silence(chunk_s)
+            if not stream.push_audio_nowait(chunk):
+                waited += 1
+                await stream.push_audio(chunk)
+        return waited
+
+    collector = asyncio.create_task(collect())
+    try:
+        waited, stall = await longest_stall(flood())
+        assert stall < 0.3, stall  # before: 0.5-2 s (all of it), more on a busy machine
+        assert waited >= 1 if chunk_s <= 0.2 else waited == chunks  # pushed back
+        speech = np.concatenate([audio("goforward.raw"), silence(GAP_S)])
+        for i in range(0, len(speech), CHUNK):
+            if not stream.push_audio_nowait(speech[i : i + CHUNK]):
+                await stream.push_audio(speech[i : i + CHUNK])
+        await stream.end_input()
+        await asyncio.wait_for(collector, 60)
+    finally:
+        collector.cancel()
+        await stream.aclose()
+    check_order(events)
+    (final,) = [e for e in events if e.type is SpeechEventType.FINAL]
+    assert final.text == "go forward ten meters"
+    flood_ms = round(chunks * chunk_s * 1000)
+    assert flood_ms < final.start_ms <= flood_ms + 460  # speech starts ~0.46 s in
 
 
 async def test_a_dead_worker_process_fails_its_streams_and_is_replaced(stt: LocalSTT) -> None:

@@ -15,6 +15,7 @@ from faster_whisper.transcribe import Word
 
 from tests.conftest import SHARED_AUDIO
 from tests.providers.held_worker import held_worker
+from tests.providers.loop_watch import longest_stall
 from tests.textnorm import normalize, references
 from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.audio.vad import SAMPLE_RATE
@@ -368,6 +369,59 @@ def test_the_token_budget_leaves_speech_room_and_stops_a_loop(
     prompt = "Queen of clubs, seven of spades. " * 100
     partial = engines.alone.transcribe(np.tile(jfk, 3), final=False, prompt=prompt).text
     assert normalize(partial).startswith("and so my fellow americans")
+
+
+@pytest.mark.parametrize(
+    ("chunk_s", "chunks"),
+    [(120.0, 4), (0.2, 2000), (0.02, 10000)],
+    ids=["long-chunks", "200ms-chunks", "20ms-chunks"],
+)
+async def test_a_flood_of_silence_never_stalls_the_event_loop(
+    stt: LocalSTT, chunk_s: float, chunks: int
+) -> None:
+    # A client may send faster than real time: silence back to back, from a
+    # phone line (8 kHz: Silero hears it twice), which makes no final to wait
+    # for. Heard on the event loop, a 120 s chunk stopped every session of the
+    # server for ~0.4 s, and chunks that were all taken at once never let it run
+    # until the client paused. Now a long chunk is heard on a worker thread, and
+    # short ones let the loop run every INLINE_RUN_MS of audio. Speech after
+    # them is found where it is.
+    stream = await stt.open_stream(StreamOptions(model="whisper-tiny.en", source_rate=8000))
+    events: list[SpeechEvent] = []
+
+    async def collect() -> None:
+        async for event in stream:
+            events.append(event)
+
+    size = int(chunk_s * SAMPLE_RATE)
+
+    async def flood() -> int:
+        waited = 0
+        for _ in range(chunks):
+            chunk = np.zeros(size, np.int16)
+            if not stream.push_audio_nowait(chunk):
+                waited += 1
+                await stream.push_audio(chunk)
+        return waited
+
+    collector = asyncio.create_task(collect())
+    try:
+        waited, stall = await longest_stall(flood())
+        assert stall < 0.3, stall  # before: 0.5-2 s (all of it), more on a busy machine
+        assert waited >= 1 if chunk_s <= 0.2 else waited == chunks  # pushed back
+        speech = go_forward()
+        for i in range(0, len(speech), 320):
+            if not stream.push_audio_nowait(speech[i : i + 320]):
+                await stream.push_audio(speech[i : i + 320])
+        await stream.end_input()
+        await asyncio.wait_for(collector, 60)
+    finally:
+        collector.cancel()
+        await stream.aclose()
+    (final,) = finals(events)
+    assert normalize(final.text) == "go forward ten meters"
+    flood_ms = chunks * size * 1000 // SAMPLE_RATE
+    assert flood_ms < final.start_ms < flood_ms + 500  # speech starts ~0.46 s in
 
 
 async def test_speculation_is_dropped_when_speech_resumes(stt: LocalSTT) -> None:
@@ -739,6 +793,34 @@ def test_a_final_without_its_repeat_is_one_decode_alone_at_temperature_0(
     assert normalize(final.text) == "five five"
     assert decoded == [(len(audio), 0.0, True)]  # not the window of context and two copies
     assert engine.repeat_mismatches == mismatches
+
+
+def test_a_final_too_long_for_its_repeat_is_one_decode_alone_at_temperature_0(
+    engines: Engines, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An utterance too long to fit twice in the window (~17 s here) is decoded
+    # alone, and once at temperature 0 with the token budget too: faster-whisper's
+    # fallback resampled a long unsure reading up to five times, at random.
+    engine = engines.alone
+    decoded: list[tuple[int, object, object]] = []
+    model_transcribe = engine.model.transcribe
+
+    def spy(audio: np.ndarray, **kwargs: Any) -> Any:
+        decoded.append((len(audio), kwargs.get("temperature"), kwargs.get("max_new_tokens")))
+        return model_transcribe(audio, **kwargs)
+
+    monkeypatch.setattr(engine.model, "transcribe", spy)
+    utterance = np.concatenate(
+        [
+            read_audio(SHARED_AUDIO / "jfk.flac"),
+            read_audio(SHARED_AUDIO / "goforward.raw"),
+            read_audio(SHARED_AUDIO / "sense_and_sensibility_01_austen_64kb-0880.wav"),
+        ]
+    )
+    assert 2 * len(utterance) > WINDOW
+    final = engine.transcribe(utterance, final=True, context=go_forward())
+    assert "fellow americans" in normalize(final.text)
+    assert decoded == [(len(utterance), 0.0, token_budget(len(utterance)))]
 
 
 async def test_a_final_whose_partial_repeats_itself_is_decoded_without_its_repeat(

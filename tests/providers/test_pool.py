@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -75,7 +80,7 @@ async def test_saturation_follows_the_average_wait(monkeypatch: pytest.MonkeyPat
     gate.set()
     await asyncio.gather(first, *queued)
     assert pool.average_wait > 0.02
-    assert not pool.saturated  # an idle pool admits again, whatever the past average
+    assert not pool.saturated  # nothing waits: admits again, whatever the past average
     assert MAX_QUEUE_DELAY_S == 1.0  # the production threshold is unchanged
     pool.shutdown()
 
@@ -123,6 +128,86 @@ async def test_a_pool_that_has_caught_up_forgets_late_finals(
     await asyncio.sleep(0.3)
     assert pool.final_lateness == 0.0 and not pool.saturated  # idle 0.3 s: caught up
     pool.shutdown()
+
+
+async def test_a_burst_that_is_over_leaves_no_saturation_behind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Decodes queued in a burst raise the average wait, which only run() moves.
+    # After it, a worker busy with a partial (try_run: it never waits) with
+    # nobody in line is not a saturated pool, and an idle pool forgets the burst.
+    monkeypatch.setattr(pool_module, "MAX_QUEUE_DELAY_S", 0.05)
+    monkeypatch.setattr(pool_module, "IDLE_FORGETS_S", 0.2)
+    pool = DecodePool(1)
+    gate = threading.Event()
+    first = asyncio.create_task(pool.run(gate.wait))
+    await asyncio.sleep(0.05)
+    queued = [asyncio.create_task(pool.run(lambda: None)) for _ in range(3)]
+    await asyncio.sleep(0.3)
+    assert pool.waiting == 3
+    gate.set()
+    await asyncio.gather(first, *queued)
+    assert pool.average_wait > 0.05
+    partial_gate = threading.Event()
+    partial = asyncio.create_task(pool.try_run(partial_gate.wait))
+    try:
+        await asyncio.sleep(0.05)
+        assert pool.busy == pool.workers and pool.waiting == 0
+        assert not pool.saturated  # every worker busy, nobody waiting: not behind
+    finally:
+        partial_gate.set()
+    assert await partial is True
+    await asyncio.sleep(0.3)
+    assert not pool.saturated
+    assert pool.average_wait == 0.0  # idle past IDLE_FORGETS_S: the burst is forgotten
+    # A queue that forms later starts from no history: not saturated at once.
+    gate.clear()
+    first = asyncio.create_task(pool.run(gate.wait))
+    await asyncio.sleep(0.05)
+    queued = [asyncio.create_task(pool.run(lambda: None))]
+    await asyncio.sleep(0.01)
+    assert pool.waiting == 1 and not pool.saturated
+    gate.set()
+    await asyncio.gather(first, *queued)
+    pool.shutdown()
+
+
+def test_cgroup_cpu_quota_reads_v2_and_v1(tmp_path: Path) -> None:
+    # v2: the process's cgroup and its parents, the tightest quota, rounded up.
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "b" / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "a" / "cpu.max").write_text("150000 100000\n")
+    assert pool_module.cgroup_cpu_quota(str(tmp_path), "0::/a/b\n") == 2
+    (tmp_path / "a" / "cpu.max").write_text("max 100000\n")
+    assert pool_module.cgroup_cpu_quota(str(tmp_path), "0::/a/b\n") is None
+    # v1: the cpu controller's mount.
+    v1 = tmp_path / "cpu,cpuacct"
+    v1.mkdir()
+    (v1 / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert pool_module.cgroup_cpu_quota(str(tmp_path), "4:memory:/x\n3:cpu,cpuacct:/\n") == 3
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert pool_module.cgroup_cpu_quota(str(tmp_path), "3:cpu,cpuacct:/\n") is None
+    assert pool_module.cgroup_cpu_quota(str(tmp_path / "absent"), "0::/\n") is None
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs taskset")
+def test_workers_0_is_one_per_cpu_the_process_may_use() -> None:
+    # Pinned to one CPU (taskset), the process gets one worker, not one per
+    # core of the machine.
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs to pin to one")
+    cpu = min(os.sched_getaffinity(0))
+    code = "from transcribe_gateway.providers.pool import DecodePool; print(DecodePool(0).workers)"
+    pinned = subprocess.run(
+        ["taskset", "-c", str(cpu), sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert pinned.stdout.strip() == "1"
+    assert pool_module.usable_cpus() <= len(os.sched_getaffinity(0))
 
 
 async def test_a_call_refused_at_once_gives_its_slot_back() -> None:

@@ -2,15 +2,23 @@
 frame by frame, and an endpointer that turns speech probabilities into utterances.
 
 Silero runs at about 0.002x real time, so a session runs it inline on the event
-loop: a thread hop per 20 ms chunk would cost more than the model itself.
+loop for a chunk of up to :data:`OFF_LOOP_MS`: a thread hop per 20 ms chunk would
+cost more than the model itself.  A longer chunk (a client sending a file, or
+silence, faster than real time, which the protocol allows) is heard on a worker
+thread instead (:meth:`VoiceActivity.process_async`; onnxruntime releases the
+GIL): 128 KiB of 8 kHz mu-law is 16 s of audio, ~60 ms of Silero for a phone
+line, and inline one client sending those back to back stalled every session
+of the server for seconds.
 faster-whisper's own ``get_speech_timestamps`` works on whole files only, which
 is why the streaming state (LSTM state and 64-sample context) is kept here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -32,6 +40,22 @@ for no accuracy on the shared audio (BENCHMARKS.md, "Finals sooner")."""
 _CONTEXT: Final = 64
 NARROWBAND_RATE: Final = 8000
 """Client rates at or below this are a phone line's band (see :class:`NarrowbandVad`)."""
+OFF_LOOP_MS: Final = 200
+"""A chunk of more audio than this is heard on a worker thread, not on the event loop
+(under 1 ms of Silero inline, twice Silero at 8 kHz)."""
+OFF_LOOP_SAMPLES: Final = OFF_LOOP_MS * SAMPLE_RATE // 1000
+INLINE_RUN_MS: Final = 1000
+"""Audio a stream hears on the event loop before the loop has run again (a few ms of
+Silero); past it a chunk waits for the loop (:meth:`VoiceActivity.process_async`).
+A caller's 20 ms chunks, each in its own turn of the loop, never come near it; a
+client sending short chunks back to back held the loop for seconds (the gateway
+takes the messages it reads at once, or holds behind a push, one after the other)."""
+INLINE_RUN_SAMPLES: Final = INLINE_RUN_MS * SAMPLE_RATE // 1000
+VAD_THREADS: Final = 2
+"""Threads hearing long chunks, for every session together.  Each stream has one
+chunk there at a time (its client waits meanwhile); two threads hear some 600x
+real time (300x from a phone line), and a flood of files takes no more than two
+of the cores the decoders share (on the loop, before, it took one)."""
 
 
 @functools.cache
@@ -46,6 +70,11 @@ def _silero_session() -> Any:
     opts.log_severity_level = 4
     path = os.path.join(get_assets_path(), "silero_vad_v6.onnx")
     return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"], sess_options=opts)
+
+
+@functools.cache
+def _vad_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(VAD_THREADS, thread_name_prefix="vad")
 
 
 def load_vad_model() -> None:
@@ -272,15 +301,88 @@ class VoiceActivity:
     """Silero + endpointer: feed 16 kHz samples, get utterance boundaries.
 
     ``narrowband``: the audio was resampled from 8 kHz or less (see :class:`NarrowbandVad`).
+    One chunk at a time: a stream feeds the next once the previous one's boundaries
+    are back (:meth:`process_async` too; the gateway holds a client's later
+    messages while a push waits).
     """
 
     def __init__(self, endpointer: Endpointer, *, narrowband: bool = False) -> None:
         self._vad = NarrowbandVad() if narrowband else SileroVad()
         self.endpointer = endpointer
+        self.heard = 0
+        """Samples handed to Silero so far (a chunk on a worker thread included)."""
+        self._off_loop: asyncio.Future[npt.NDArray[np.float32]] | None = None
+        """Silero on a long chunk, on a worker thread, not yet given to the endpointer."""
+        self._unreported: list[VadEvent] = []
+        """Boundaries found for a chunk whose caller was cancelled: the next call's."""
+        self._inline_run = 0
+        """Samples heard on the event loop since it last ran other work."""
+        self._reset_due = False
 
     @property
     def in_speech(self) -> bool:
         return self.endpointer.in_speech
 
+    def inline(self, samples: Samples) -> bool:
+        """Whether :meth:`process` may take ``samples`` now, on the event loop: a short
+        chunk, not past :data:`INLINE_RUN_MS` since the loop last ran, and no earlier
+        one still being heard on a worker thread."""
+        if len(samples) > OFF_LOOP_SAMPLES or self._inline_run + len(samples) > INLINE_RUN_SAMPLES:
+            return False
+        return self._off_loop is None or self._off_loop.done()
+
     def process(self, samples: Samples) -> list[VadEvent]:
+        """Boundaries the chunk reveals, heard here (only where :meth:`inline` says so)."""
+        if self._off_loop is not None:  # done (inline() was asked): its frames come first
+            self._unreported += self.endpointer.process(self._off_loop.result())
+            self._off_loop = None
+        return self._report(self._hear_inline(samples))
+
+    async def process_async(self, samples: Samples) -> list[VadEvent]:
+        """:meth:`process` for any chunk, for a push that may wait: a chunk over
+        :data:`OFF_LOOP_SAMPLES` is heard on a worker thread, so the event loop
+        serves every other session meanwhile; a shorter one once the loop has run
+        (the gateway takes the messages held behind a push one after the other: a
+        client whose pushes never waited would hold the loop for as long as it sends).
+
+        Cancelled, the chunk was taken if :attr:`heard` counts it: the thread
+        finishes it all the same (Silero's state moves on with it), and its
+        boundaries come with the next chunk's.
+        """
+        await self._catch_up()
+        if len(samples) <= OFF_LOOP_SAMPLES:
+            await asyncio.sleep(0)
+            return self._report(self._hear_inline(samples))
+        loop = asyncio.get_running_loop()
+        self._off_loop = loop.run_in_executor(_vad_threads(), self._vad.process, samples)
+        self.heard += len(samples)
+        await self._catch_up()
+        return self._report([])
+
+    def _hear_inline(self, samples: Samples) -> list[VadEvent]:
+        if not self._reset_due:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # offline use (benchmarks): no loop to keep free
+                loop = None
+            if loop is not None:
+                loop.call_soon(self._loop_ran)  # the loop's next turn: it ran other work
+                self._reset_due = True
+        self._inline_run += len(samples)
+        self.heard += len(samples)
         return self.endpointer.process(self._vad.process(samples))
+
+    def _loop_ran(self) -> None:
+        self._inline_run = 0
+        self._reset_due = False
+
+    async def _catch_up(self) -> None:
+        """Give the endpointer the frames of the chunk heard on a worker thread, if any."""
+        if self._off_loop is not None:
+            probs = await asyncio.shield(self._off_loop)
+            self._off_loop = None
+            self._unreported += self.endpointer.process(probs)
+
+    def _report(self, events: list[VadEvent]) -> list[VadEvent]:
+        events, self._unreported = self._unreported + events, []
+        return events

@@ -93,7 +93,7 @@ import numpy.typing as npt
 
 from transcribe_gateway.audio.buffer import AudioBuffer
 from transcribe_gateway.audio.decode import Samples
-from transcribe_gateway.audio.vad import SAMPLE_RATE
+from transcribe_gateway.audio.vad import SAMPLE_RATE, VadEvent
 from transcribe_gateway.exceptions import ProviderError
 from transcribe_gateway.providers.base import (
     STT,
@@ -575,20 +575,35 @@ class SphinxStream(RecognizeStream):
         # so the chunk is taken here, without a task (the usual case).
         if self._backlog() + len(samples) + self._keep > self._max_backlog:
             return False
-        self._feed(samples)
+        if not self._activity.inline(samples):
+            return False  # heard off the loop, in _on_audio
+        self._clock.audio_arrived()
+        self._feed(samples, self._activity.process(samples))
         return True
 
     async def _on_audio(self, samples: Samples) -> None:
-        self._feed(samples)
+        self._clock.audio_arrived()
+        try:
+            # A long chunk is heard on a worker thread: the loop serves every other
+            # session meanwhile, and this client's later messages wait.  Its audio
+            # joins the buffer with its boundaries, after (the task would trim it).
+            heard = await self._activity.process_async(samples)
+        except asyncio.CancelledError:
+            if self._activity.heard > self._audio.end:
+                # Taken: the VAD hears it all the same (its boundaries come with the
+                # next chunk's), so the buffer takes it too, or they would be misplaced.
+                self._audio.append(samples)
+            raise
+        self._feed(samples, heard)
         # Backpressure: the client waits while the decoder is too far behind.
         while self._backlog() > self._max_backlog and not self._stopped():
             self._progress.clear()
             await self._progress.wait()
 
-    def _feed(self, samples: Samples) -> None:
-        self._clock.audio_arrived()
+    def _feed(self, samples: Samples, heard: list[VadEvent]) -> None:
+        """Take a chunk and the boundaries the VAD heard in it."""
         self._audio.append(samples)
-        for event in self._activity.process(samples):
+        for event in heard:
             if event.kind == "start":
                 self._begin_utterance(event.sample)
             else:

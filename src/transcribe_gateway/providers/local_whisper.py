@@ -209,9 +209,11 @@ class WhisperStream(RecognizeStream):
         bound = len(samples) // FRAME + 1 + self._semantic  # + an end of semantic endpointing
         if self._event_room() < bound or FINAL_QUEUE - self._finals.qsize() < bound:
             return False
+        if not self._activity.inline(samples):
+            return False  # heard off the loop, in _on_audio
         self._clock.audio_arrived()
         self._audio.append(samples)
-        for event in self._boundaries(samples):
+        for event in self._boundaries(self._activity.process(samples)):
             if event.kind == "start":
                 self._emit_nowait(self._begin_utterance(event.sample))
             else:
@@ -221,8 +223,18 @@ class WhisperStream(RecognizeStream):
 
     async def _on_audio(self, samples: Samples) -> None:
         self._clock.audio_arrived()
+        try:
+            # A long chunk is heard on a worker thread: the loop serves every other
+            # session meanwhile, and this client's later messages wait.
+            heard = await self._activity.process_async(samples)
+        except asyncio.CancelledError:
+            if self._activity.heard > self._audio.end:
+                # Taken: the VAD hears it all the same (its boundaries come with the
+                # next chunk's), so the buffer takes it too, or they would be misplaced.
+                self._audio.append(samples)
+            raise
         self._audio.append(samples)
-        for event in self._boundaries(samples):
+        for event in self._boundaries(heard):
             if event.kind == "start":
                 await self._emit(self._begin_utterance(event.sample))
             else:
@@ -235,8 +247,8 @@ class WhisperStream(RecognizeStream):
         # The buffer's end counts every sample taken (clearing it keeps the count).
         return self._clock.in_real_time(self._audio.end)
 
-    def _boundaries(self, samples: Samples) -> list[VadEvent]:
-        events = self._activity.process(samples)
+    def _boundaries(self, events: list[VadEvent]) -> list[VadEvent]:
+        """The VAD's boundaries for a chunk (``events``), and semantic endpointing's."""
         if events or not self._semantic:
             return events
         # Semantic endpointing: past the usual endpointing silence, a guess whose

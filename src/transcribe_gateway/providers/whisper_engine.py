@@ -268,14 +268,17 @@ class WhisperEngine:
     ) -> Transcript:
         """The utterance decoded in context (:func:`in_context`), or alone when it is
         too long to fit twice, its two readings disagree or would (``with_repeat``)."""
-        window, keep_from, keep_to = in_context(context, audio)
-        if window is audio:
-            return self._transcribe_alone(audio, kwargs, offset_ms, abandoned, padding_ms)
         # One pass at temperature 0, no fallback to sampling: faster-whisper takes a
         # repeat for a repetition loop (too compressible) and would resample it, at
         # random. The check below stands for its loop detector, the token budget
         # (_segments) for its bound on what a loop costs.
         once = {**kwargs, "temperature": 0.0}
+        window, keep_from, keep_to = in_context(context, audio)
+        if window is audio:
+            # Too long to fit twice: alone, but once at temperature 0 all the same (a
+            # long "five five ..." resampled up to five times: 13.6 s, and different
+            # words each run; BENCHMARKS.md, *No sampled retries*).
+            return self._transcribe_alone(audio, once, offset_ms, abandoned, padding_ms)
         if not with_repeat:
             return self._transcribe_alone(audio, once, offset_ms, abandoned)
         segments = self._segments(window, once, abandoned, padding_ms)
