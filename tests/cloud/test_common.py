@@ -310,3 +310,21 @@ async def test_a_client_gone_during_the_greeting_leaves_no_provider_socket(
     await asyncio.sleep(0.3)  # upgraded, waiting for the greeting
     ws.transport.abort()
     await wait_ended(emulator.records[-1], timeout=2.0)  # under the 3 s connect timeout
+
+
+async def test_a_provider_silent_during_a_file_sent_fast_falls_back(cloud: CloudWorld) -> None:
+    # The stream's deadlines count from when a real-time provider can have heard
+    # the audio sent ahead; the session's drain (5 s of silence here) cut the
+    # stream off first, and a cut-off never falls back: the rest was lost.
+    case = next(c for c in CASES if (c.provider, c.model) == ("DEEPGRAM", "nova-3"))
+    cloud.emulator(case).faults = Faults(realtime=True, stall_after_ms=3000)
+    ws = await session(cloud, case, fallback={"provider": "FAULTY", "model": "echo"})
+    audio = np.concatenate([first_audio(), silence(1.0)] * 3)
+    await send_audio(ws, audio)  # at once
+    messages = await close_and_collect(ws)
+    errors = [m["error"]["message"] for m in messages if m["type"] == "error"]
+    assert len(errors) == 1 and "switching to the fallback FAULTY/echo" in errors[0], errors
+    # The fallback was given what the provider had not made final, to the end.
+    finals = [m for m in messages if m["type"] == "transcription.completed"]
+    assert finals and finals[-1]["end_ms"] >= ms(audio) - 500, finals
+    assert messages[-1]["type"] == "session.closed"

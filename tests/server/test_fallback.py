@@ -162,6 +162,22 @@ async def test_an_engine_that_stops_taking_audio_has_failed(gateway: GatewayProc
     assert messages[-1]["type"] == "session.closed"
 
 
+async def test_a_fallback_that_stops_taking_the_replay_has_failed(gateway: GatewayProcess) -> None:
+    # The replay into the fallback had no bound: a fallback that stopped taking
+    # audio held the switch, and session.close (which waits for it) for ever.
+    stall = {"provider": "FAULTY", "model": "stall"}
+    ws, _ = await open_session(
+        gateway.url, provider="FAULTY", model="fail-after-3s", fallback=stall
+    )
+    await send_audio(ws, np.zeros(16000 * 4, np.int16))
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws, 30)  # the fallback's 5 s of no progress, then the end
+    errors = [m["error"]["message"] for m in messages if m["type"] == "error"]
+    assert "switching to the fallback FAULTY/stall" in errors[0], errors
+    assert "took no audio and showed no progress" in errors[-1], errors
+    assert messages[-1]["type"] == "session.closed"
+
+
 def test_replay_buffer_keeps_only_audio_not_yet_final() -> None:
     buffer = ReplayBuffer(rate=1000, max_seconds=10)
     for i in range(5):  # five 100 ms chunks

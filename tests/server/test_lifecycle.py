@@ -272,6 +272,26 @@ class TestVanishedClient:
         assert final["utterance_id"] in {m["utterance_id"] for m in stopped}, messages
         assert messages[-1]["type"] == "session.closed" and ws.close_code == 1000
 
+    async def test_a_client_streaming_while_an_update_waits_is_not_idle(
+        self, gateway: GatewayProcess
+    ) -> None:
+        # The second update waits for the first one's replaced engine (6 s of
+        # backlog); the audio streamed meanwhile is held, and the 3 s idle
+        # timeout, which only a push held back kept off, ended the session.
+        ws, _ = await open_session(gateway.url, provider="FAULTY", model="backlog")
+        await send_audio(ws, np.zeros(8000, np.int16))
+        update = {"type": "session.update", "session": {"provider": "FAULTY", "model": "echo"}}
+        await ws.send(json.dumps(update))
+        await recv_type(ws, "session.updated")
+        await ws.send(json.dumps(update))  # waits for the backlog to finish
+        await send_audio(ws, np.zeros(16000 * 5, np.int16), realtime=1.0)
+        await ws.send(json.dumps({"type": "session.close"}))
+        messages = await collect(ws, 30)
+        assert not [m for m in messages if m["type"] == "error"], messages
+        assert [m["type"] for m in messages].count("session.updated") == 1, messages
+        assert messages[-1]["type"] == "session.closed"
+        assert messages[-1]["reason"] == "client_close", messages[-1]
+
 
 class TestHealth:
     def test_healthz(self, gateway: GatewayProcess) -> None:

@@ -45,6 +45,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -654,6 +655,13 @@ class CloudStream(RecognizeStream):
             soon = self._now() + 1.0
             deadline = soon if deadline is None else min(deadline, soon)
         return deadline
+
+    def progress_at(self) -> float:
+        # While a provider at real time is still hearing the audio sent ahead of
+        # now (a file sent fast), its silence is not a failure yet: the session's
+        # drain must not cut it off (a cut-off never falls back) before the
+        # stream's own deadlines, which count from then and do fall back.
+        return time.monotonic() if self._heard_by() > self._now() else 0.0
 
     def _heard_by(self) -> float:
         """Loop time by which a provider transcribing at real time can have heard

@@ -734,10 +734,13 @@ class Connection:
             self._close_utterances(failed, finals=False)  # their audio is replayed
             engine = self._start_engine(plan, stream, can_fall_back=False)
             engine.offset_ms = replay.start_ms
+            limit = self.settings.drain_timeout_s
             for chunk in replay.unplayed():  # grows while we wait: caught up when it ends
                 converted = engine.resampler.push(chunk)
                 if len(converted):
-                    with contextlib.suppress(RuntimeError):
+                    # A fallback that stops taking audio has failed too (its pump
+                    # reports it); unbounded, the session's end waited on it for ever.
+                    with _StallWatch(engine, limit), contextlib.suppress(RuntimeError):
                         await engine.stream.push_audio(converted)
             self._engine, engine = engine, None
             self._count_audio()
@@ -1061,7 +1064,9 @@ class Connection:
         # One timer per idle period, re-armed lazily: no timer churn per chunk.
         idle_for = time.monotonic() - self._last_activity
         remaining = self.settings.idle_timeout_s - idle_for
-        if self._pushing:
+        if self._pushing or self._inbox:
+            # Held back by the engine, or its messages held while the session
+            # waits (an update waiting for a replaced engine): not idle.
             remaining = self.settings.idle_timeout_s
         if remaining > 0.01:
             self._arm_idle(remaining)
