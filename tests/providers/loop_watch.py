@@ -4,8 +4,12 @@ tests that a LOCAL stream never stalls every other session of the server."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterable
 from typing import TypeVar
+
+import numpy as np
+
+from transcribe_gateway.providers.base import RecognizeStream
 
 T = TypeVar("T")
 
@@ -34,3 +38,14 @@ async def longest_stall(work: Awaitable[T], tick_s: float = 0.005) -> tuple[T, f
         ticker.cancel()
         await asyncio.gather(ticker, return_exceptions=True)
     return result, max(late)
+
+
+async def push_all(stream: RecognizeStream, chunks: Iterable[np.ndarray]) -> int:
+    """Push each chunk as the gateway does: at once when the stream takes it, else
+    awaited. Returns how many were awaited (the stream pushed back)."""
+    waited = 0
+    for chunk in chunks:
+        if not stream.push_audio_nowait(chunk):
+            waited += 1
+            await stream.push_audio(chunk)
+    return waited

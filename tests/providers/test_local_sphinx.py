@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.providers.held_worker import held_worker
-from tests.providers.loop_watch import longest_stall
+from tests.providers.loop_watch import longest_stall, push_all
 from tests.textnorm import SHARED_AUDIO, normalize, references, word_errors
 from transcribe_gateway.audio.decode import Samples
 from transcribe_gateway.audio.files import read_audio
@@ -324,24 +324,14 @@ async def test_a_flood_of_silence_never_stalls_the_event_loop(
         async for event in stream:
             events.append(event)
 
-    async def flood() -> int:
-        waited = 0
-        for _ in range(chunks):
-            chunk = silence(chunk_s)
-            if not stream.push_audio_nowait(chunk):
-                waited += 1
-                await stream.push_audio(chunk)
-        return waited
-
     collector = asyncio.create_task(collect())
     try:
-        waited, stall = await longest_stall(flood())
+        flood = push_all(stream, (silence(chunk_s) for _ in range(chunks)))
+        waited, stall = await longest_stall(flood)
         assert stall < 0.3, stall  # before: 0.5-2 s (all of it), more on a busy machine
         assert waited >= 1 if chunk_s <= 0.2 else waited == chunks  # pushed back
         speech = np.concatenate([audio("goforward.raw"), silence(GAP_S)])
-        for i in range(0, len(speech), CHUNK):
-            if not stream.push_audio_nowait(speech[i : i + CHUNK]):
-                await stream.push_audio(speech[i : i + CHUNK])
+        await push_all(stream, (speech[i : i + CHUNK] for i in range(0, len(speech), CHUNK)))
         await stream.end_input()
         await asyncio.wait_for(collector, 60)
     finally:

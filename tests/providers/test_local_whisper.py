@@ -15,7 +15,7 @@ from faster_whisper.transcribe import Word
 
 from tests.conftest import SHARED_AUDIO
 from tests.providers.held_worker import held_worker
-from tests.providers.loop_watch import longest_stall
+from tests.providers.loop_watch import longest_stall, push_all
 from tests.textnorm import normalize, references
 from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.audio.vad import SAMPLE_RATE
@@ -395,24 +395,14 @@ async def test_a_flood_of_silence_never_stalls_the_event_loop(
 
     size = int(chunk_s * SAMPLE_RATE)
 
-    async def flood() -> int:
-        waited = 0
-        for _ in range(chunks):
-            chunk = np.zeros(size, np.int16)
-            if not stream.push_audio_nowait(chunk):
-                waited += 1
-                await stream.push_audio(chunk)
-        return waited
-
     collector = asyncio.create_task(collect())
     try:
-        waited, stall = await longest_stall(flood())
+        flood = push_all(stream, (np.zeros(size, np.int16) for _ in range(chunks)))
+        waited, stall = await longest_stall(flood)
         assert stall < 0.3, stall  # before: 0.5-2 s (all of it), more on a busy machine
         assert waited >= 1 if chunk_s <= 0.2 else waited == chunks  # pushed back
         speech = go_forward()
-        for i in range(0, len(speech), 320):
-            if not stream.push_audio_nowait(speech[i : i + 320]):
-                await stream.push_audio(speech[i : i + 320])
+        await push_all(stream, (speech[i : i + 320] for i in range(0, len(speech), 320)))
         await stream.end_input()
         await asyncio.wait_for(collector, 60)
     finally:

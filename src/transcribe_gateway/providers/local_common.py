@@ -3,10 +3,19 @@ whether a client streams in real time, and stream time in milliseconds."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Final
 
-from transcribe_gateway.audio.vad import NARROWBAND_RATE, SAMPLE_RATE, Endpointer, VoiceActivity
+from transcribe_gateway.audio.buffer import AudioBuffer
+from transcribe_gateway.audio.decode import Samples
+from transcribe_gateway.audio.vad import (
+    NARROWBAND_RATE,
+    SAMPLE_RATE,
+    Endpointer,
+    VadEvent,
+    VoiceActivity,
+)
 from transcribe_gateway.providers.base import StreamOptions
 
 AHEAD_OF_REAL_TIME_S: Final = 1.0
@@ -37,6 +46,23 @@ def lookback_samples(options: StreamOptions, margin_ms: int) -> int:
     and the head of an utterance is cut), and ``margin_ms`` more."""
     ms = options.vad_prefix_padding_ms + options.vad_min_speech_ms + margin_ms
     return ms * SAMPLE_RATE // 1000
+
+
+async def hear(activity: VoiceActivity, audio: AudioBuffer, samples: Samples) -> list[VadEvent]:
+    """The chunk's boundaries, by :meth:`VoiceActivity.process_async` (a long chunk on
+    a worker thread: the loop serves every other session meanwhile, and this
+    client's later messages wait); the caller then adds ``samples`` to ``audio``.
+
+    Cancelled once the VAD took the chunk, ``audio`` takes it here: the VAD hears
+    it all the same (its boundaries come with the next chunk's), and they would
+    be misplaced in a buffer without it.
+    """
+    try:
+        return await activity.process_async(samples)
+    except asyncio.CancelledError:
+        if activity.heard > audio.end:
+            audio.append(samples)
+        raise
 
 
 def to_ms(sample: int) -> int:

@@ -105,6 +105,7 @@ from transcribe_gateway.providers.base import (
 )
 from transcribe_gateway.providers.local_common import (
     RealTimeClock,
+    hear,
     lookback_samples,
     to_ms,
     voice_activity,
@@ -583,17 +584,9 @@ class SphinxStream(RecognizeStream):
 
     async def _on_audio(self, samples: Samples) -> None:
         self._clock.audio_arrived()
-        try:
-            # A long chunk is heard on a worker thread: the loop serves every other
-            # session meanwhile, and this client's later messages wait.  Its audio
-            # joins the buffer with its boundaries, after (the task would trim it).
-            heard = await self._activity.process_async(samples)
-        except asyncio.CancelledError:
-            if self._activity.heard > self._audio.end:
-                # Taken: the VAD hears it all the same (its boundaries come with the
-                # next chunk's), so the buffer takes it too, or they would be misplaced.
-                self._audio.append(samples)
-            raise
+        # The audio joins the buffer with its boundaries, after (the decode task
+        # would trim audio an utterance is about to start in).
+        heard = await hear(self._activity, self._audio, samples)
         self._feed(samples, heard)
         # Backpressure: the client waits while the decoder is too far behind.
         while self._backlog() > self._max_backlog and not self._stopped():

@@ -72,6 +72,7 @@ from transcribe_gateway.providers.base import (
 )
 from transcribe_gateway.providers.local_common import (
     RealTimeClock,
+    hear,
     lookback_samples,
     to_ms,
     voice_activity,
@@ -223,16 +224,7 @@ class WhisperStream(RecognizeStream):
 
     async def _on_audio(self, samples: Samples) -> None:
         self._clock.audio_arrived()
-        try:
-            # A long chunk is heard on a worker thread: the loop serves every other
-            # session meanwhile, and this client's later messages wait.
-            heard = await self._activity.process_async(samples)
-        except asyncio.CancelledError:
-            if self._activity.heard > self._audio.end:
-                # Taken: the VAD hears it all the same (its boundaries come with the
-                # next chunk's), so the buffer takes it too, or they would be misplaced.
-                self._audio.append(samples)
-            raise
+        heard = await hear(self._activity, self._audio, samples)
         self._audio.append(samples)
         for event in self._boundaries(heard):
             if event.kind == "start":
