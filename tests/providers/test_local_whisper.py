@@ -762,26 +762,34 @@ def test_an_utterance_that_says_words_twice_in_a_row_repeats_itself(
     assert repeats_itself(text) is repeats
 
 
+def spy_on_decodes(
+    engine: WhisperEngine, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[int, object, object]]:
+    """Each decode the model runs from now: (samples, temperature, max_new_tokens)."""
+    decoded: list[tuple[int, object, object]] = []
+    model_transcribe = engine.model.transcribe
+
+    def spy(audio: np.ndarray, **kwargs: Any) -> Any:
+        decoded.append((len(audio), kwargs.get("temperature"), kwargs.get("max_new_tokens")))
+        return model_transcribe(audio, **kwargs)
+
+    monkeypatch.setattr(engine.model, "transcribe", spy)
+    return decoded
+
+
 def test_a_final_without_its_repeat_is_one_decode_alone_at_temperature_0(
     engines: Engines, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # What a final whose copies disagree gets after its decode in context,
     # without that decode: the utterance alone, on the whole window, once.
     engine = engines.alone
-    decoded: list[tuple[int, object, bool]] = []
-    model_transcribe = engine.model.transcribe
-
-    def spy(audio: np.ndarray, **kwargs: Any) -> Any:
-        budget = kwargs.get("max_new_tokens") == token_budget(len(audio))
-        decoded.append((len(audio), kwargs.get("temperature"), budget))
-        return model_transcribe(audio, **kwargs)
-
-    monkeypatch.setattr(engine.model, "transcribe", spy)
+    decoded = spy_on_decodes(engine, monkeypatch)
     audio = read_audio(SHARED_AUDIO / "cards-004.wav")
     mismatches = engine.repeat_mismatches
     final = engine.transcribe(audio, final=True, context=audio, with_repeat=False)
     assert normalize(final.text) == "five five"
-    assert decoded == [(len(audio), 0.0, True)]  # not the window of context and two copies
+    # Not the window of context and two copies.
+    assert decoded == [(len(audio), 0.0, token_budget(len(audio)))]
     assert engine.repeat_mismatches == mismatches
 
 
@@ -792,14 +800,7 @@ def test_a_final_too_long_for_its_repeat_is_one_decode_alone_at_temperature_0(
     # alone, and once at temperature 0 with the token budget too: faster-whisper's
     # fallback resampled a long unsure reading up to five times, at random.
     engine = engines.alone
-    decoded: list[tuple[int, object, object]] = []
-    model_transcribe = engine.model.transcribe
-
-    def spy(audio: np.ndarray, **kwargs: Any) -> Any:
-        decoded.append((len(audio), kwargs.get("temperature"), kwargs.get("max_new_tokens")))
-        return model_transcribe(audio, **kwargs)
-
-    monkeypatch.setattr(engine.model, "transcribe", spy)
+    decoded = spy_on_decodes(engine, monkeypatch)
     utterance = np.concatenate(
         [
             read_audio(SHARED_AUDIO / "jfk.flac"),

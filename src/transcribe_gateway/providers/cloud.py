@@ -500,6 +500,10 @@ class CloudStream(RecognizeStream):
             self._outbox.put_nowait(item)
         return True
 
+    def pcm16_ms(self, size: int) -> float:
+        """Milliseconds of audio in ``size`` bytes of pcm16 at the stream's rate."""
+        return size * 500 / self._options.sample_rate
+
     def _frames(self, samples: Samples) -> Iterator[tuple[Frame, float]]:
         """Batch ``samples`` into the provider's frame size; yields each full frame
         with its milliseconds of audio."""
@@ -507,7 +511,7 @@ class CloudStream(RecognizeStream):
         while len(self._batch) >= self._batch_bytes:
             pcm16 = bytes(self._batch[: self._batch_bytes])
             del self._batch[: self._batch_bytes]
-            ms = len(pcm16) * 500 / self._options.sample_rate
+            ms = self.pcm16_ms(len(pcm16))
             yield self.audio_frame(pcm16), ms
             # After the frame is queued (the consumer resumes us): the stream's clock.
             self.sent_ms += ms
@@ -515,7 +519,7 @@ class CloudStream(RecognizeStream):
     async def _flush_batch(self) -> None:
         """Queue the audio short of a full frame (before a control frame, or at the end)."""
         if self._batch:
-            ms = len(self._batch) * 500 / self._options.sample_rate
+            ms = self.pcm16_ms(len(self._batch))
             await self._enqueue((self.audio_frame(bytes(self._batch)), ms))
             self.sent_ms += ms
             self._batch.clear()
@@ -576,10 +580,9 @@ class CloudStream(RecognizeStream):
             if self.answers_continuously:
                 self._unanswered_ms += audio_ms
                 if self._unanswered_ms >= self.unanswered_audio_ms and self._answer_due is None:
-                    # Due for the audio sent, not for what waits behind it.
-                    self._answer_due = (
-                        max(self._heard_at, self._now()) + self.settings.provider_response_timeout_s
-                    )
+                    # Due for the audio sent (heard by _heard_at, later than now),
+                    # not for what waits behind it.
+                    self._answer_due = self._heard_at + self.settings.provider_response_timeout_s
         self._finalizing = True
         for frame in self.finalize_frames():
             await self.send(frame)
@@ -670,7 +673,7 @@ class CloudStream(RecognizeStream):
         audio ahead of a flush; the provider reaches the flush only that much later.
         """
         queued_ms = max(0.0, self.sent_ms - self._out_ms)
-        queued_ms += len(self._batch) * 500 / self._options.sample_rate
+        queued_ms += self.pcm16_ms(len(self._batch))
         return max(self._heard_at, self._now()) + queued_ms / 1000
 
     @staticmethod

@@ -123,7 +123,7 @@ class ElevenLabsStream(LocalEndpointingStream):
             raise self._error(reply)
 
     def audio_frame(self, pcm16: bytes) -> Frame:
-        self._provider_ms += len(pcm16) * 500 / self.options.sample_rate
+        self._provider_ms += self.pcm16_ms(len(pcm16))
         return self._chunk(pcm16)
 
     def keepalive_frame(self) -> Frame | None:

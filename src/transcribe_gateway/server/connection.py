@@ -652,15 +652,15 @@ class Connection:
         """After a first configuration's engine failed to open, its audio (sent
         meanwhile, often hundreds of chunks) gets one error a second, as after a
         failure mid-stream: the ``provider_error`` said why."""
+        self.session.not_configured_gate = self._no_engine_error_due
 
-        def gate() -> bool:
-            now = time.monotonic()
-            if now - self._last_no_engine_error <= 1.0:
-                return False
-            self._last_no_engine_error = now
-            return True
-
-        self.session.not_configured_gate = gate
+    def _no_engine_error_due(self) -> bool:
+        """Whether audio no engine takes gets its error now: one a second, not one a chunk."""
+        now = time.monotonic()
+        if now - self._last_no_engine_error <= 1.0:
+            return False
+        self._last_no_engine_error = now
+        return True
 
     def _report_failure(self, exc: ProviderError, fallback: Plan, *, lost_ms: int = 0) -> None:
         """An engine failed and ``fallback`` takes over: counted, and the client told
@@ -836,8 +836,7 @@ class Connection:
         if engine is None and self._switching_from is None:
             # Dropped, and said so: on the session's clock, not in its usage or quota.
             self._touch(now)
-            if now - self._last_no_engine_error > 1.0:  # one error a second, not one a chunk
-                self._last_no_engine_error = now
+            if self._no_engine_error_due():
                 # An audio error, not provider_error: the failure was reported
                 # once, and a client reconfiguring must not take this, sent for
                 # its chunks in flight, for the answer to its session.update.
