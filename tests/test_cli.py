@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
 
 from tests.conftest import ROOT, free_port
 from transcribe_gateway import cli
@@ -159,7 +161,7 @@ def _not_a_database(tmp_path: Path) -> str:
     return str(tmp_path / "notes.db")
 
 
-BAD_SETTINGS = {
+BAD_SETTINGS: dict[str, tuple[Callable[[Path], dict[str, str]], str]] = {
     "redis-url": (
         lambda _: {"TRANSCRIBE_STORE_BACKEND": "redis", "TRANSCRIBE_REDIS_URL": "htp://x"},
         "store.redis_url",
@@ -452,7 +454,7 @@ async def test_a_port_taken_before_listening_is_one_line_and_status_3(
     async def startup(self: object, sockets: object = None) -> None:
         raise OSError(98, "Address already in use")
 
-    monkeypatch.setattr(runner.uvicorn.Server, "startup", startup)
+    monkeypatch.setattr(uvicorn.Server, "startup", startup)
     server.lifespan = Lifespan()  # type: ignore[assignment]
     with pytest.raises(SystemExit) as exited:
         await server.startup(sockets=[])

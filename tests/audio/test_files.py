@@ -25,7 +25,8 @@ def shared(name: str) -> Path:
 def libsndfile_int16(path: Path) -> Samples:
     """What read_audio gave before for every format: libsndfile's int16, mean-downmixed."""
     audio, _ = soundfile.read(path, dtype="int16", always_2d=True)
-    return audio.mean(axis=1).astype(np.int16) if audio.shape[1] > 1 else audio[:, 0]
+    mono = audio.mean(axis=1).astype(np.int16) if audio.shape[1] > 1 else audio[:, 0]
+    return np.asarray(mono, np.int16)
 
 
 def square(rate: int, seconds: float = 1.0) -> np.ndarray:

@@ -102,7 +102,7 @@ async def opened(case: CloudCase, faults: Faults) -> AsyncIterator[tuple[Recogni
 def at_rate(samples: np.ndarray, rate: int) -> np.ndarray:
     if rate == 16000:
         return samples
-    return soxr.resample(samples, 16000, rate).astype(np.int16)
+    return np.asarray(soxr.resample(samples, 16000, rate), np.int16)
 
 
 async def push(stream: RecognizeStream, samples: np.ndarray, rate: int) -> None:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -118,7 +118,7 @@ class Emulator(abc.ABC):
         port = next(iter(self._server.sockets)).getsockname()[1]
         return f"ws://127.0.0.1:{port}"
 
-    async def __aenter__(self) -> Emulator:
+    async def __aenter__(self) -> Self:
         self._server = await serve(
             self._handle,
             "127.0.0.1",

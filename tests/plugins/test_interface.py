@@ -9,7 +9,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from tests.plugins.broken import HALF_SECOND, InputRaises
+from tests.plugins.broken import HALF_SECOND, EchoStream, InputRaises
 from transcribe_gateway.config import Settings
 from transcribe_gateway.exceptions import ProviderError
 from transcribe_gateway.providers.base import RecognizeStream, SpeechEvent, StreamOptions
@@ -56,6 +56,7 @@ async def test_an_exception_taking_audio_fails_the_stream(model: str) -> None:
 async def test_a_failure_before_the_stream_first_ran_is_reported() -> None:
     # A burst of fast-path chunks: the stream's task has not run once yet.
     stream = await open_stream("raise-on-take")
+    assert isinstance(stream, EchoStream)
     stream._samples = HALF_SECOND  # the next chunk raises
     with pytest.raises(RuntimeError, match="ended"):
         stream.push_audio_nowait(CHUNK)

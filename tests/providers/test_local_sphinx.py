@@ -361,6 +361,7 @@ async def test_a_dead_worker_process_fails_its_streams_and_is_replaced(stt: Loca
     executor = stream._processes.executor(stream._host)
     await asyncio.wrap_future(executor.submit(int))  # the process is up
     for process in list(executor._processes.values()):
+        assert process.pid is not None
         os.kill(process.pid, signal.SIGKILL)
     # Once the stream has failed, pushing raises RuntimeError (as the gateway
     # expects of any failed stream); iterating gives the failure.

@@ -505,7 +505,7 @@ async def test_semantic_endpointing_ends_a_finished_sentence_at_the_endpointing(
     cards = read_audio(SHARED_AUDIO / "cards-001.wav")
     gap = np.zeros(int(0.9 * 16000), np.int16)
     audio = np.concatenate([words, gap, cards, np.zeros(16000, np.int16)])
-    options = {"endpointing_ms": 500, "endpointing_unfinished_ms": 1500}
+    options: dict[str, Any] = {"endpointing_ms": 500, "endpointing_unfinished_ms": 1500}
     result = await run(stt, audio, patient=True, **options)
     first, second = finals(result.events)
     assert normalize(first.text) == "go forward ten meters" and first.end_ms < 2400

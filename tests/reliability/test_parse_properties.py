@@ -53,7 +53,7 @@ class TestParseNeverRaisesUndocumented:
     )
     def test_parser_huge_field_names_are_not_echoed_whole(self, size: int, where: str) -> None:
         name = "n" * size
-        doc: dict[str, Any] = {
+        docs: dict[str, dict[str, Any]] = {
             "session": {
                 "type": "session.update",
                 "session": {"provider": "P", "model": "M", name: 1},
@@ -68,8 +68,8 @@ class TestParseNeverRaisesUndocumented:
                 "type": "session.update",
                 "session": {"provider": "P", "model": "M", "fallback": {name: 1}},
             },
-        }[where]
-        outcome = wire.check_parse(json.dumps(doc))  # checks the error's length
+        }
+        outcome = wire.check_parse(json.dumps(docs[where]))  # checks the error's length
         assert isinstance(outcome, m.ParseError)
         assert outcome.field is not None and name[:100] in outcome.field  # still named
 

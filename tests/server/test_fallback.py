@@ -127,7 +127,7 @@ async def test_a_fallback_after_a_pause_keeps_the_session_timeline(
         gateway.url, provider="FAULTY", model="drop-when-quiet", fallback=fallback
     )
     await send_audio(ws, np.zeros(16000, np.int16))
-    spans = []
+    spans: list[tuple[int, int]] = []
     while len(spans) < 2:
         msg = await recv(ws)
         if msg["type"] == "transcription.completed":

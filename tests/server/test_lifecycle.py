@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,9 @@ from tests.textnorm import normalize
 from transcribe_gateway.audio.files import read_audio
 
 
-async def wait_for_sessions(server: GatewayProcess, count: int, timeout: float = 10.0) -> dict:
+async def wait_for_sessions(
+    server: GatewayProcess, count: int, timeout: float = 10.0
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         health = server.health()
@@ -36,7 +39,7 @@ async def wait_for_sessions(server: GatewayProcess, count: int, timeout: float =
 
 class TestSessionClose:
     async def test_close_right_after_speech_loses_no_trailing_words(
-        self, gateway: GatewayProcess, shared_audio
+        self, gateway: GatewayProcess, shared_audio: Path
     ) -> None:
         # The file ends right after "meters": no silence for the VAD to end on.
         audio = read_audio(shared_audio / "goforward.raw")
@@ -60,7 +63,7 @@ class TestSessionClose:
         ]
 
     async def test_completed_carries_timing_and_words(
-        self, gateway: GatewayProcess, shared_audio
+        self, gateway: GatewayProcess, shared_audio: Path
     ) -> None:
         audio = read_audio(shared_audio / "goforward.raw")
         ws, _ = await open_session(gateway.url)
@@ -90,7 +93,9 @@ class TestSessionClose:
         assert messages[0]["usage"]["audio_seconds"] == 0
         assert ws.close_code == 1000
 
-    async def test_close_waits_for_finals_queued_behind_other_sessions(self, shared_audio) -> None:
+    async def test_close_waits_for_finals_queued_behind_other_sessions(
+        self, shared_audio: Path
+    ) -> None:
         # One decode worker and a 2.5 s drain bound; four sessions each close with three
         # utterances still to decode (~0.8 s each here), so the last waits for a worker
         # several times the bound.  The pool finishing the others' decodes is progress,
@@ -133,7 +138,7 @@ class TestSessionClose:
 
 class TestIdleTimeout:
     async def test_listening_client_gets_final_then_closed(
-        self, gateway: GatewayProcess, shared_audio
+        self, gateway: GatewayProcess, shared_audio: Path
     ) -> None:
         # A client that sends its audio and only listens (the public docs' example) still ends.
         audio = read_audio(shared_audio / "goforward.raw")
@@ -177,7 +182,7 @@ class TestIdleTimeout:
 
 class TestVanishedClient:
     async def test_killed_client_leaves_no_session_or_engine_behind(
-        self, gateway: GatewayProcess, shared_audio
+        self, gateway: GatewayProcess, shared_audio: Path
     ) -> None:
         before = await wait_for_sessions(gateway, 0)
         assert before["sessions"] == 0
@@ -302,7 +307,7 @@ class TestHealth:
         # `auto` runs on uvloop, a dependency wherever it builds (not on Windows).
         assert body["event_loop"] == ("asyncio" if sys.platform == "win32" else "uvloop")
 
-    async def test_runs_on_asyncio_loop_when_configured(self, shared_audio) -> None:
+    async def test_runs_on_asyncio_loop_when_configured(self, shared_audio: Path) -> None:
         server = GatewayProcess("asyncio-loop", env={"TRANSCRIBE_EVENT_LOOP": "asyncio"})
         try:
             assert server.health()["event_loop"] == "asyncio"
@@ -325,7 +330,7 @@ def http_status(url: str) -> int:
 
 
 class TestShutdown:
-    async def test_sigterm_drains_open_sessions_and_exits_0(self, shared_audio) -> None:
+    async def test_sigterm_drains_open_sessions_and_exits_0(self, shared_audio: Path) -> None:
         server = GatewayProcess(
             "sigterm", env={"TRANSCRIBE_IDLE_TIMEOUT_S": "60", "TRANSCRIBE_DRAIN_TIMEOUT_S": "20"}
         )
@@ -533,7 +538,7 @@ class TestShutdown:
             db.close()
         assert rows == [(0.5, "shutdown")], rows
 
-    async def test_ctrl_c_drains_pocketsphinx_sessions_too(self, shared_audio) -> None:
+    async def test_ctrl_c_drains_pocketsphinx_sessions_too(self, shared_audio: Path) -> None:
         # A terminal's Ctrl-C signals the whole process group: pocketsphinx's
         # worker processes as well as the server. The server drains; the
         # workers leave that to it (before, one interrupted mid-decode died, its

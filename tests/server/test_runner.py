@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
@@ -21,7 +22,12 @@ async def test_a_signal_nested_in_the_first_handler_forces_rather_than_drains_ag
     server = runner.build_server(Settings(store=StoreSettings(path=str(tmp_path / "s.db"))))
     server._loop = asyncio.get_running_loop()  # as startup() sets it
     drains: list[object] = []
-    monkeypatch.setattr(server, "_drain", lambda: drains.append(None) or asyncio.sleep(0))
+
+    def drain() -> Coroutine[Any, Any, None]:
+        drains.append(None)
+        return asyncio.sleep(0)
+
+    monkeypatch.setattr(server, "_drain", drain)
     real_info = runner.log.info
     nested = False
 

@@ -78,12 +78,12 @@ async def browser(tmp_path: Path, chromium: Path) -> AsyncIterator[object]:
     page's Content-Security-Policy, which forbids what Playwright's polling
     waits do (evaluate strings); the demo's own test runs under it.
     """
-    from playwright.async_api import async_playwright
+    from playwright.async_api import BrowserContext, async_playwright
 
     async with async_playwright() as pw:
-        launched = []
+        launched: list[BrowserContext] = []
 
-        async def launch(wav: Path, *, bypass_csp: bool = True):  # type: ignore[no-untyped-def]
+        async def launch(wav: Path, *, bypass_csp: bool = True) -> BrowserContext:
             profile = tmp_path / f"profile-{len(launched)}"
             profile.mkdir()
             context = await pw.chromium.launch_persistent_context(
