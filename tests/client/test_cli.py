@@ -201,6 +201,9 @@ async def test_a_session_cut_before_session_closed_exits_1(
     captured = capsys.readouterr()
     assert captured.out.splitlines() == ["[0.00-1.00] utterance 0"]  # the finals that came
     assert "1001" in captured.err and "before session.closed" in captured.err, captured.err
+    # Then the summary, as after any stream: what was sent, and the finals' timing.
+    assert "final latency: median" in captured.err and "over 1 final(s)" in captured.err
+    assert "ended without session.closed" in captured.err.splitlines()[-1]
 
 
 @pytest.mark.parametrize(

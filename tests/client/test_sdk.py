@@ -485,6 +485,8 @@ async def test_abnormal_close_raises_after_delivering_events(fake_gateway: FakeG
     assert not isinstance(caught.value, TranscribeUnauthorized)
     assert "internal server error" in str(caught.value)
     assert [type(e) for e in seen][:3] == [SessionCreated, SessionUpdated, SpeechStarted]
+    result = caught.value.result  # what came before the close is kept
+    assert result is not None and result.closed is None and result.events == seen
 
 
 # ---------------------------------------------------------------- streaming
@@ -605,6 +607,10 @@ async def test_a_stream_cut_before_session_closed_raises(
     assert caught.value.before_closed and not caught.value.by_client
     assert "before session.closed" in str(caught.value)
     assert not any(isinstance(e, SessionClosed) for e in seen)
+    # What came before the cut is kept: every message, and the audio sent.
+    result = caught.value.result
+    assert result is not None and result.closed is None and result.events == seen
+    assert 0.3 <= result.audio_seconds <= 1.0
 
 
 # ---------------------------------------------------------------- opening

@@ -11,7 +11,8 @@ when stdout is a terminal (not at all when it is not), and a timing summary
 goes to stderr.  Server ``error`` messages are always reported on stderr too.
 Exit codes: 0 success, 1 server error (any ``error`` message) or a session
 that ended without ``session.closed`` (any abnormal close, 1000 and 1001 too:
-its transcript is incomplete), 2 bad arguments (a malformed ``--url`` too) or
+its transcript is incomplete; the finals that came and the summary are
+still printed), 2 bad arguments (a malformed ``--url`` too) or
 unreadable file, 141 (quietly) when stdout's reader went away
 (``stream --json FILE | head -1``), as for a tool killed by SIGPIPE, 130 after
 Ctrl-C.
@@ -420,6 +421,9 @@ async def _run_stream(args: argparse.Namespace, printer: _Printer, interrupt: _I
         return EXIT_SERVER
     except TranscribeConnectionClosed as exc:
         printer.error(str(exc))
+        if exc.result is not None:  # cut mid-stream: what came, and how fast
+            printer.clear_live()
+            print(_summary(exc.result, args.fast), file=sys.stderr, flush=True)
         return EXIT_SERVER
     except TimeoutError:
         printer.error(f"timed out talking to {args.url}")
@@ -429,9 +433,7 @@ async def _run_stream(args: argparse.Namespace, printer: _Printer, interrupt: _I
         return EXIT_SERVER
     printer.clear_live()
     print(_summary(result, args.fast), file=sys.stderr, flush=True)
-    # No session.closed: the session did not end cleanly (the SDK raises for
-    # that; kept as a guard so a cut transcript never exits 0).
-    return EXIT_SERVER if printer.had_error or result.closed is None else EXIT_OK
+    return EXIT_SERVER if printer.had_error else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,8 @@ gave up, or the server sent a frame the client refused), the code is the one the
 client sent, and the exception says so (:attr:`TranscribeConnectionClosed.by_client`).
 A session is over only at ``session.closed``: :meth:`TranscribeClient.stream_samples`
 raises :class:`TranscribeConnectionClosed` when the socket ends before it, 1000
-and 1001 included (:attr:`TranscribeConnectionClosed.before_closed`).
+and 1001 included (:attr:`TranscribeConnectionClosed.before_closed`), with what
+the stream collected until then in :attr:`TranscribeConnectionClosed.result`.
 
 Keepalive: the client pings the server every ``ping_interval`` seconds and takes
 it for dead when, for ``ping_interval + ping_timeout`` seconds, nothing at all
@@ -203,6 +204,11 @@ class TranscribeConnectionClosed(TranscribeClientError):
         before_closed: raised by :meth:`TranscribeClient.stream_samples` because
             the socket ended before ``session.closed`` (whatever the code, 1000
             and 1001 included): the transcript is incomplete.
+
+    Attributes:
+        result: when raised by :meth:`TranscribeClient.stream_samples`, what
+            the stream collected before the socket ended (``closed`` None):
+            the finals that came, the audio sent and the timings; else None.
     """
 
     def __init__(
@@ -228,6 +234,7 @@ class TranscribeConnectionClosed(TranscribeClientError):
         self.error = error
         self.by_client = by_client
         self.before_closed = before_closed
+        self.result: StreamResult | None = None
 
     @staticmethod
     def for_code(
@@ -957,7 +964,8 @@ class TranscribeClient:
             TranscribeConnectionClosed: the socket closed before
                 ``session.closed``, whatever the code (1000 and 1001 too: its
                 :attr:`~TranscribeConnectionClosed.before_closed` is set), or
-                closed abnormally.
+                closed abnormally; its :attr:`~TranscribeConnectionClosed.result`
+                holds what came before.
             TimeoutError: nothing ended the session within ``finish_timeout``.
         """
         if self._config is None:
@@ -1023,6 +1031,9 @@ class TranscribeClient:
             raise TimeoutError(
                 f"no session.closed within {finish_timeout} s of session.close"
             ) from exc
+        except TranscribeConnectionClosed as exc:  # the socket ended abnormally
+            exc.result = exc.result or self._result(events, None, sent_before, started)
+            raise
         finally:
             armed = False
             if not sender.done():
@@ -1033,17 +1044,26 @@ class TranscribeClient:
         if closed is None:
             # The socket ended (1000 or 1001) before session.closed: the
             # transcript is cut short, which is no success.
-            raise self._ended_exception(before_closed=True)
-        wall = time.monotonic() - started
+            ended = self._ended_exception(before_closed=True)
+            if isinstance(ended, TranscribeConnectionClosed):
+                ended.result = self._result(events, None, sent_before, started)
+            raise ended
+        result = self._result(events, closed, sent_before, started)
         # The server closes right after session.closed; record its code.
         await asyncio.wait({self._reader}, timeout=_CLOSE_WAIT_S)
+        result.close_code = self._close_code
+        return result
+
+    def _result(
+        self, events: list[Event], closed: SessionClosed | None, sent_before: float, started: float
+    ) -> StreamResult:
         return StreamResult(
             session_id=self.session_id,
             events=events,
             closed=closed,
             close_code=self._close_code,
             audio_seconds=(self._sent_ms - sent_before) / 1000.0,
-            wall_seconds=wall,
+            wall_seconds=time.monotonic() - started,
             timings=self.timings,
         )
 
