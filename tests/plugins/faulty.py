@@ -17,6 +17,8 @@ ways a real engine can.  The model name picks the failure:
   ``end_input`` (a provider that dies while finishing);
 * ``count-slow-open``: ``open_stream`` takes 1.5 s (a fallback still
   connecting), then one final at the end, text = the samples it was given;
+* ``refuse-slow-open``: ``open_stream`` takes 1.5 s, then fails (a fallback
+  that cannot connect within its timeout);
 * ``count-slow-finalize``: the same final, 2 s after ``end_input``.
 * ``count-hiccup``: the same final at the end, but the 50th push is held for
   1.5 s (a decoder briefly behind: backpressure).
@@ -89,6 +91,7 @@ class FaultySTT(STT):
             "echo",
             "fail-on-finalize",
             "count-slow-open",
+            "refuse-slow-open",
             "stall-then-fail",
             "count-slow-finalize",
             "count-hiccup",
@@ -112,8 +115,10 @@ class FaultySTT(STT):
             raise RuntimeError("bug in the engine")
         if options.model == "refuse-on-open":
             raise ProviderError("FAULTY", "authentication refused (HTTP 401)", retryable=False)
-        if options.model == "count-slow-open":
+        if options.model in ("count-slow-open", "refuse-slow-open"):
             await asyncio.sleep(1.5)
+        if options.model == "refuse-slow-open":
+            raise ProviderError("FAULTY", "no connection within 1.5 s")
         stream = FaultyStream(self, options)
         stream.start()
         return stream

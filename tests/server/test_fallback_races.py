@@ -308,6 +308,73 @@ async def test_a_failure_to_open_is_counted_as_one_mid_stream_is(server: Server)
     assert counters(server) == (errors + 2, switches + 1)
 
 
+def closed_usage(messages: list[dict[str, Any]]) -> float:
+    assert messages[-1]["type"] == "session.closed", messages
+    return float(messages[-1]["usage"]["audio_seconds"])
+
+
+async def test_a_fallback_that_fails_during_its_replay_serves_nothing(server: Server) -> None:
+    # It failed while the replay waited on it, and was then installed anyway:
+    # session.updated named it, and the live audio after was billed and dropped
+    # without a word (no session_not_configured).
+    errors, switches = counters(server)
+    fallback = {"provider": "FAULTY", "model": "fail-after-audio"}
+    ws, _ = await open_session(
+        server.url, provider="FAULTY", model="fail-after-3s", fallback=fallback
+    )
+    await send_audio(ws, np.ones(16000 * 3, np.int16))  # the primary fails on its last chunk
+    await asyncio.sleep(1.0)
+    await send_audio(ws, np.ones(16000 * 2, np.int16), realtime=4.0)  # no engine takes this
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws, 30)
+    assert not [m for m in messages if m["type"] == "session.updated"], messages
+    codes = [m["error"]["code"] for m in messages if m["type"] == "error"]
+    assert codes[:2] == ["provider_error", "provider_error"], messages
+    assert "session_not_configured" in codes
+    assert closed_usage(messages) <= 3.0 + 1e-6  # what the primary took, not the 2 s after
+    assert counters(server) == (errors + 2, switches)  # no switch was made
+    assert server.unclosed() == set()
+
+
+async def test_a_fallback_whose_open_raises_is_a_provider_error(server: Server) -> None:
+    # A bug in the fallback's open_stream ended the pump task ("Task exception
+    # was never retrieved"): no error for it, and the failed engine's open
+    # utterance got neither its final nor its speech.stopped.
+    fallback = {"provider": "FAULTY", "model": "crash-on-open"}
+    ws, _ = await open_session(
+        server.url, provider="FAULTY", model="um-then-fail", fallback=fallback
+    )
+    await send_audio(ws, ONE_SECOND, realtime=2.0)
+    await asyncio.sleep(0.5)  # it fails 0.3 s after its utterances
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws, 30)
+    errors = [m["error"]["message"] for m in messages if m["type"] == "error"]
+    assert "switching to the fallback FAULTY/crash-on-open" in errors[0], errors
+    assert "internal engine error" in errors[1] and "bug in the engine" in errors[1], errors
+    events = by_utterance(messages)
+    assert all(kinds[-1] == "speech.stopped" for kinds in events.values()), events
+    assert texts(messages) == ["hello wor"]  # the partial shown, kept as its final
+    assert messages[-1]["type"] == "session.closed"
+    assert "never retrieved" not in server.logs()
+
+
+async def test_audio_during_a_switch_that_fails_is_not_billed(server: Server) -> None:
+    # The fallback took 1.5 s to fail to open: the audio that came meanwhile
+    # was dropped but counted in usage and quota, and the switch as a fallback.
+    errors, switches = counters(server)
+    fallback = {"provider": "FAULTY", "model": "refuse-slow-open"}
+    ws, _ = await open_session(
+        server.url, provider="FAULTY", model="fail-after-audio", fallback=fallback
+    )
+    await send_audio(ws, np.ones(16000 * 3, np.int16), realtime=1.0)  # fails at 0.5 s
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws, 30)
+    codes = [m["error"]["code"] for m in messages if m["type"] == "error"]
+    assert codes[:2] == ["provider_error", "provider_error"], messages
+    assert closed_usage(messages) < 1.0  # the 0.5 s the primary took, and its last chunks
+    assert counters(server) == (errors + 2, switches)
+
+
 async def test_an_engine_whose_close_raises_does_not_keep_the_session_open(
     server: Server,
 ) -> None:

@@ -236,6 +236,8 @@ class Connection:
         """Audio since the last final, kept while a fallback is configured."""
         self._switching_from: _Engine | None = None
         """The failed engine whose pump is switching the session to its fallback."""
+        self._switch_s = 0.0
+        """Audio received during that switch: billed once the fallback took it."""
         self._samples_received = 0
         """The session's audio so far, in samples at the configured rate (replay)."""
         self._work: asyncio.Task[None] | None = None
@@ -500,9 +502,9 @@ class Connection:
         metrics.rate_waits.inc()
         await asyncio.sleep(1.0 - time.time() % 1.0)
 
-    def _meter(self, seconds: float, now: float) -> None:
-        """Count received audio (metrics, the key's audio quota)."""
-        self._latency.on_audio(self.timeline_s, now)
+    def _meter(self, seconds: float) -> None:
+        """Count audio an engine is given (usage, metrics, the key's audio quota)."""
+        self.audio_seconds += seconds
         self._unmetered_s += seconds
         if self._unmetered_s >= 1.0:
             self._count_audio()
@@ -599,6 +601,7 @@ class Connection:
                 self._provider_failed(exc2)
                 self._quiet_not_configured()
                 return
+            _count_fallback(exc, plan)
         try:
             serve = await self._make_way()
         except BaseException:  # cancelled (the client left) before the session took it
@@ -666,9 +669,6 @@ class Connection:
         """An engine failed and ``fallback`` takes over: counted, and the client told
         (also of the audio ``lost_ms`` that the fallback cannot be given)."""
         metrics.provider_errors.labels(provider=exc.provider).inc()
-        metrics.fallbacks.labels(
-            from_provider=exc.provider, to_provider=fallback.effective.provider
-        ).inc()
         self._log.warning(
             "provider failed; switching to fallback",
             extra={"reason": exc.reason, "fallback": fallback.effective.provider},
@@ -727,32 +727,52 @@ class Connection:
             plan = serving_instead(plan, exc, self.config)
             try:
                 stream = await plan.resolution.stt.open_stream(plan.options)
-            except ProviderError as exc2:
+            except Exception as error:
+                failure = error if isinstance(error, ProviderError) else None
+                if failure is None:  # a bug in the engine: this session's alone
+                    self._log.exception("fallback engine failed to open")
+                    failure = ProviderError(
+                        plan.effective.provider, f"internal engine error: {error!r}"
+                    )
                 self._close_utterances(failed, finals=True)  # before the error, as in _pump
-                self._provider_failed(exc2)
+                self._provider_failed(failure)
                 return True
             self._close_utterances(failed, finals=False)  # their audio is replayed
             engine = self._start_engine(plan, stream, can_fall_back=False)
             engine.offset_ms = replay.start_ms
             limit = self.settings.drain_timeout_s
+            refused = False
             for chunk in replay.unplayed():  # grows while we wait: caught up when it ends
                 converted = engine.resampler.push(chunk)
                 if len(converted):
                     # A fallback that stops taking audio has failed too (its pump
                     # reports it); unbounded, the session's end waited on it for ever.
-                    with _StallWatch(engine, limit), contextlib.suppress(RuntimeError):
-                        await engine.stream.push_audio(converted)
+                    with _StallWatch(engine, limit):
+                        try:
+                            await engine.stream.push_audio(converted)
+                        except RuntimeError:  # it failed: its pump reports why
+                            refused = True
+                            break
+            assert engine.pump is not None
+            if refused or engine.pump.done():
+                # The fallback failed during the replay: it serves nothing (no
+                # session.updated), and the audio of the switch is dropped.
+                await asyncio.wait({engine.pump})
+                return True
             self._engine, engine = engine, None
+            _count_fallback(exc, plan)
             self._count_audio()
             self.effective = plan.effective
             self.session.announce_config(plan.effective)
+            self._meter(self._switch_s)  # the new provider's (the quota may end it here)
             self._flush()
             return True
         finally:
             self._switching_from = None
+            self._switch_s = 0.0
             self._replay = None
             replay.clear()
-            if engine is not None:  # cancelled before it took over: the session is over
+            if engine is not None:  # failed or cancelled before it took over
                 await self._retire(engine, finalize=False)
 
     async def _switch_done(self) -> None:
@@ -848,13 +868,16 @@ class Connection:
             return None
         if self._replay is not None:
             self._replay.append(first_sample, samples)
-        self.audio_seconds += seconds
-        self._meter(seconds, now)
-        if self.session.close_code is not None:
-            return None  # over the audio quota
+        self._latency.on_audio(self.timeline_s, now)
         self._touch(now)
         if engine is None:
-            return None  # switching: the fallback takes this chunk from the replay buffer
+            # Switching: the fallback takes this chunk from the replay buffer. It
+            # is billed once the fallback has taken it, not if the switch fails.
+            self._switch_s += seconds
+            return None
+        self._meter(seconds)
+        if self.session.close_code is not None:
+            return None  # over the audio quota
         converted = engine.resampler.push(samples)
         if not len(converted):
             return None
@@ -1106,6 +1129,13 @@ class Connection:
         """The client reads again: send what was held back."""
         while self._backlog and self.link.writable and not self._close_sent:
             self.link.send_text(self._backlog.popleft())
+
+
+def _count_fallback(exc: ProviderError, fallback: Plan) -> None:
+    """A session switched to its fallback (it opened) after ``exc``."""
+    metrics.fallbacks.labels(
+        from_provider=exc.provider, to_provider=fallback.effective.provider
+    ).inc()
 
 
 def _completed(utterance_id: str, event: SpeechEvent, offset_ms: int) -> m.TranscriptionCompleted:
