@@ -67,6 +67,7 @@ from transcribe_gateway.server.auth import bearer_token
 from transcribe_gateway.server.limits import Grant, Refusal, SessionLimits
 from transcribe_gateway.server.plan import Plan, plan_for, serving_instead
 from transcribe_gateway.server.replay import ReplayBuffer
+from transcribe_gateway.server.utterances import UtteranceRelay
 
 if TYPE_CHECKING:
     from transcribe_gateway.server.app import Gateway
@@ -76,8 +77,6 @@ log = logging.getLogger(__name__)
 _PARTIAL_PREFIX: Final = '{"type":"transcription.partial"'
 _CLOSE_REASONS: Final = {4001: "unauthorized", 4029: "over_limit", 1008: "policy", 1011: "error"}
 SERVICE_RESTART: Final = 1012
-_FINAL_SENT: Final = 1
-_STOP_SENT: Final = 2
 _ENDING: Final = {
     "shutdown": "the server is shutting down",
     "idle_timeout": "the session timed out idle",
@@ -223,14 +222,6 @@ class Connection:
         self._engine: _Engine | None = None
         self._retired: set[asyncio.Task[None]] = set()
         self._generation = 0
-        self._utterance_ids: dict[tuple[int, int], str] = {}
-        self._said: dict[tuple[int, int], int] = {}
-        """What was sent of each utterance that ended: ``_FINAL_SENT``, ``_STOP_SENT``."""
-        self._open_partials: dict[tuple[int, int], tuple[str, str, int]] = {}
-        """Utterances with a partial but no final yet: (utterance id, text, start ms)."""
-        self._unstopped: dict[tuple[int, int], str] = {}
-        """Utterances started and not yet stopped, by (generation, engine utterance)."""
-        self._utterances = 0
         self._fallback: Plan | None = None
         self._replay: ReplayBuffer | None = None
         """Audio since the last final, kept while a fallback is configured."""
@@ -255,6 +246,7 @@ class Connection:
         self._auth_timer: asyncio.TimerHandle | None = None
         self._last_no_engine_error = 0.0
         self._log = Fields(log, {"session_id": self.session.id})
+        self._relay = UtteranceRelay(self.session.send_event, self._log)
         self.closed = asyncio.Event()
         """Set when the connection is over and its resources are freed."""
 
@@ -931,94 +923,21 @@ class Connection:
 
     def _close_utterances(self, engine: _Engine, *, finals: bool) -> None:
         """``engine`` ends without finishing its utterances (it failed, or was cut
-        off): each still gets its ``speech.stopped``, so none is left open.
-
-        With ``finals`` an utterance's last partial first becomes its final:
-        unconfirmed words are better than lost ones, and the client can tell
-        them from a provider final by the ``error`` that follows.  Without (a
-        fallback replays that audio) the partial is dropped, as the fallback
-        transcribes those words again.
-        """
+        off): each gets its ``speech.stopped`` (with ``finals``, its last partial
+        as its final first; :meth:`UtteranceRelay.close`)."""
+        streaming = self.session.state in (State.STREAMING, State.DRAINING)
         end_ms = round(self.timeline_s * 1000)
-        keys = {**self._unstopped, **self._open_partials}
-        for key in sorted(k for k in keys if k[0] == engine.generation):
-            partial = self._open_partials.pop(key, None)
-            utterance_id = self._unstopped.pop(key, None) or (partial[0] if partial else "")
-            if self.session.state not in (State.STREAMING, State.DRAINING):
-                continue
-            if finals and partial is not None:
-                _, text, start_ms = partial
-                self.session.send_event(
-                    m.TranscriptionCompleted(utterance_id, text, start_ms, end_ms, [])
-                )
-            self.session.send_event(m.SpeechStopped(utterance_id, end_ms))
-        # Nothing more comes of this engine: forget its utterances.
-        for key in [k for k in self._utterance_ids if k[0] == engine.generation]:
-            del self._utterance_ids[key]
-        self._said = {k: v for k, v in self._said.items() if k[0] != engine.generation}
+        self._relay.close(engine.generation, end_ms, finals=finals, send=streaming)
 
     def _forward(self, engine: _Engine, event: SpeechEvent) -> None:
         if self.session.state not in (State.STREAMING, State.DRAINING):
             return
         self._latency.observe(engine.generation, event, engine.offset_ms)
-        key = (engine.generation, event.utterance)
-        utterance_id = self._utterance_ids.get(key)
-        if utterance_id is None:
-            self._utterances += 1
-            utterance_id = self._utterance_ids[key] = f"utt_{self._utterances}"
-        offset = engine.offset_ms
-        kind = event.type
-        said = self._said.get(key, 0)
-        if said & _STOP_SENT or (said and kind is not SpeechEventType.SPEECH_STOPPED):
-            # An engine out of the protocol's order (a plugin's): started,
-            # partials, one final, stopped. Nothing after the final or the stop
-            # joins the utterance; a final's words are kept as an utterance of
-            # their own, a partial is dropped (its final, if any, follows).
-            if kind is SpeechEventType.FINAL:
-                self._forward_apart(engine, event)
-            return
-        if kind is SpeechEventType.PARTIAL:
-            self.session.send_event(m.TranscriptionPartial(utterance_id, event.text))
-            opened = self._open_partials.get(key)
-            start_ms = opened[2] if opened else event.start_ms + offset
-            self._open_partials[key] = (utterance_id, event.text, start_ms)
-        elif kind is SpeechEventType.FINAL:
-            self.session.send_event(_completed(utterance_id, event, offset))
-            self._open_partials.pop(key, None)
+        if self._relay.forward(engine.generation, engine.offset_ms, event):  # a final
             if self._replay is not None and engine is self._engine:
-                self._replay.trim_before(event.end_ms + offset)
+                self._replay.trim_before(event.end_ms + engine.offset_ms)
             if self.settings.log_level == "debug":
                 self._log.debug("final", extra={"text": event.text})
-            self._end_utterance(key, _FINAL_SENT)
-        elif kind is SpeechEventType.SPEECH_STARTED:
-            self.session.send_event(m.SpeechStarted(utterance_id, event.start_ms + offset))
-            self._open_partials.pop(key, None)
-            self._unstopped[key] = utterance_id
-        else:
-            self.session.send_event(m.SpeechStopped(utterance_id, event.end_ms + offset))
-            self._unstopped.pop(key, None)
-            self._open_partials.pop(key, None)  # stopped without a final: it said nothing
-            self._end_utterance(key, _STOP_SENT)
-
-    def _end_utterance(self, key: tuple[int, int], sent: int) -> None:
-        # Remember what was sent of the utterance (its stop may still follow its
-        # final), never more than a few utterances back. Another engine's (one
-        # retired, still finishing) are forgotten when it is closed.
-        self._said[key] = self._said.get(key, 0) | sent
-        generation, number = key
-        for old in [k for k in self._said if k[0] == generation and k[1] < number - 16]:
-            del self._said[old]
-            self._utterance_ids.pop(old, None)
-
-    def _forward_apart(self, engine: _Engine, event: SpeechEvent) -> None:
-        """A final for an utterance already finalized or stopped, as an utterance of its own."""
-        self._log.warning("engine sent a final out of order; sent as a new utterance")
-        self._utterances += 1
-        utterance_id = f"utt_{self._utterances}"
-        completed = _completed(utterance_id, event, engine.offset_ms)
-        self.session.send_event(m.SpeechStarted(utterance_id, completed.start_ms))
-        self.session.send_event(completed)
-        self.session.send_event(m.SpeechStopped(utterance_id, completed.end_ms))
 
     # ----------------------------------------------------------------- ending
 
@@ -1136,14 +1055,3 @@ def _count_fallback(exc: ProviderError, fallback: Plan) -> None:
     metrics.fallbacks.labels(
         from_provider=exc.provider, to_provider=fallback.effective.provider
     ).inc()
-
-
-def _completed(utterance_id: str, event: SpeechEvent, offset_ms: int) -> m.TranscriptionCompleted:
-    """A final as the client gets it: times moved onto the session's timeline."""
-    words = [
-        m.Word(w.word, w.start_ms + offset_ms, w.end_ms + offset_ms, w.confidence)
-        for w in event.words
-    ]
-    return m.TranscriptionCompleted(
-        utterance_id, event.text, event.start_ms + offset_ms, event.end_ms + offset_ms, words
-    )
