@@ -20,6 +20,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from websockets.protocol import State
 
 from tests.conftest import SHARED_AUDIO
 from transcribe_gateway.audio.decode import encode_mulaw
+from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.client import (
     TranscribeClient,
     TranscribeConnectionClosed,
@@ -527,10 +529,28 @@ async def test_stream_real_time_pacing_and_timings(fake_gateway: FakeGateway) ->
 async def test_stream_file_reads_at_session_rate(fake_gateway: FakeGateway) -> None:
     async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
         await client.configure(sample_rate=8000)
-        result = await client.stream_file(SHARED_AUDIO / "goforward.raw", fast=True)
+        # A 16 kHz raw file, said so: resampled to the session's 8 kHz.
+        result = await client.stream_file(SHARED_AUDIO / "goforward.raw", fast=True, raw_rate=16000)
     assert result.audio_seconds == pytest.approx(89160 / 2 / 16000, abs=0.01)
     assert len(result.finals) == 3
     assert {len(c) for c in (await fake_gateway.recorded()).chunks[:-1]} == {320}  # 20 ms at 8 kHz
+
+
+async def test_stream_file_reads_a_raw_file_at_the_session_rate(
+    fake_gateway: FakeGateway, tmp_path: Path
+) -> None:
+    # A headerless file has no rate of its own: the SDK read it as 16 kHz, so an
+    # 8 kHz call on an 8 kHz session went out as half its samples (at twice its
+    # speed: 2.8 s of 5.6). The CLI's --rate reads it at the session's rate.
+    call = read_audio(SHARED_AUDIO / "goforward.raw", rate=8000)
+    path = tmp_path / "call8k.raw"
+    call.astype("<i2").tofile(path)
+    async with TranscribeClient.connect(fake_gateway.url, GOOD_KEY) as client:
+        await client.configure(sample_rate=8000)
+        result = await client.stream_file(path, fast=True)
+    assert result.audio_seconds == pytest.approx(len(call) / 8000)
+    sent = b"".join((await fake_gateway.recorded()).chunks)
+    assert sent == path.read_bytes()  # every sample, as it is in the file
 
 
 async def test_a_server_that_stops_reading_is_not_taken_for_dead(

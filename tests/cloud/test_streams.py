@@ -2,8 +2,10 @@
 
 What the end-to-end tests cannot pin down: how a stream ends when the
 provider closes before answering the finalize, deadlines when the client
-sends faster than real time to a provider that transcribes in real time, and
-what a push held back by a stuck provider leaves behind when the client goes.
+sends faster than real time to a provider that transcribes in real time,
+what a push held back by a stuck provider leaves behind when the client goes,
+and that the gateway's own VAD (Cartesia, ElevenLabs) never stalls the event
+loop on long chunks.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -23,6 +27,7 @@ import soxr
 from tests.cloud.test_common import first_audio
 from tests.emulators.catalog import CASES, CloudCase
 from tests.emulators.server import Emulator, Faults
+from tests.providers.loop_watch import longest_stall, push_all
 from tests.server.wsutil import silence
 from tests.textnorm import normalize
 from transcribe_gateway.config import Settings
@@ -52,6 +57,7 @@ STTS: dict[str, type[CloudSTT]] = {
 }
 TIMEOUT_S = 3.0
 """Response and finalize timeouts (as in the end-to-end cloud tests)."""
+E = TypeVar("E", bound=Emulator)
 
 
 def settings(emulator: Emulator, provider: str) -> Settings:
@@ -251,3 +257,68 @@ async def test_a_push_cancelled_on_a_stuck_provider_leaves_no_task() -> None:
         for task in left:
             task.cancel()
         assert left == []
+
+
+@contextlib.asynccontextmanager
+async def on_own_loop(emulator: E) -> AsyncIterator[E]:
+    """``emulator`` served from a thread and event loop of its own, as a provider
+    is another machine: its work (it hears a backlog of frames with Silero, all
+    at once) does not show in this loop's stalls."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="emulator", daemon=True)
+    thread.start()
+    try:
+        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(emulator.__aenter__(), loop))
+        try:
+            yield emulator
+        finally:
+            stop = emulator.__aexit__(None, None, None)
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(stop, loop))
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        await asyncio.to_thread(thread.join)
+        loop.close()
+
+
+LOCAL_VAD = [c for c in CASES if c.provider in ("CARTESIA", "ELEVENLABS")]
+"""The streams whose utterances the gateway's own Silero VAD cuts."""
+PHONE_CHUNK = 2 * 128 * 1024
+"""The largest chunk a phone client sends (128 KiB of 8 kHz mu-law, 16.4 s), at 16 kHz."""
+
+
+@pytest.mark.parametrize("case", LOCAL_VAD, ids=[c.id for c in LOCAL_VAD])
+async def test_long_chunks_from_phone_lines_never_stall_the_event_loop(case: CloudCase) -> None:
+    # Phone clients sending the largest chunk back to back (a file, or silence,
+    # faster than real time). The stream heard each with Silero on the event
+    # loop (twice: a phone line), ~60 ms per chunk, and eight such streams
+    # stalled every session of the server for 0.46-1.2 s on two cores. Now a
+    # long chunk is heard on a worker thread, as LOCAL's are: 15-110 ms, what
+    # is left being the VAD threads and the emulator busy on the same cores.
+    # Speech in a long chunk is found where it is.
+    streams: list[RecognizeStream] = []
+    async with on_own_loop(case.emulator()) as emulator:
+        stt = STTS[case.provider](settings(emulator, case.provider))
+        try:
+            for _ in range(8):
+                options = StreamOptions(model=case.model, source_rate=8000)
+                streams.append(await stt.open_stream(options))
+            first, *others = streams
+            events = asyncio.create_task(consume(first))
+            flood = [
+                push_all(s, (np.zeros(PHONE_CHUNK, np.int16) for _ in range(2))) for s in streams
+            ]
+            _, stall = await longest_stall(asyncio.gather(*flood))
+            assert stall < 0.2, stall
+            for other in others:
+                await other.aclose()
+            await push_all(first, [np.concatenate([first_audio(), silence(1.0)])])
+            await first.end_input()
+            outcome = await asyncio.wait_for(events, 60)
+        finally:
+            for stream in streams:
+                await stream.aclose()
+    assert outcome.error is None, outcome.error
+    assert normalize(outcome.finals) == FIRST, outcome.events
+    (started,) = [e for e in outcome.events if e.type is SpeechEventType.SPEECH_STARTED]
+    flood_ms = 2 * PHONE_CHUNK * 1000 // 16000
+    assert flood_ms < started.start_ms < flood_ms + 500, started  # speech starts ~0.46 s in

@@ -11,6 +11,9 @@ import soundfile
 from transcribe_gateway.audio.decode import Samples
 from transcribe_gateway.audio.resample import resample
 
+RAW_SUFFIXES = frozenset({".raw", ".pcm", ".s16le"})
+"""Suffixes of headerless pcm16 files (their rate is the caller's to say)."""
+
 _FLOAT_SCALES = {"FLOAT": 32768.0, "DOUBLE": 32768.0, "VORBIS": 32767.0, "OPUS": 32767.0}
 """Codecs whose samples are floats, read as float and scaled here: libsndfile's own
 int16 conversion does not scale float WAV/AIFF (speech becomes ±2, silence) and wraps
@@ -34,8 +37,8 @@ def read_audio(path: str | Path, *, rate: int = 16000, raw_rate: int | None = No
 
     Args:
         path: a file soundfile/libsndfile can read (wav, flac, mp3, ogg...), or a
-            headerless little-endian pcm16 mono file (``.raw``/``.pcm`` or when
-            ``raw_rate`` is given).
+            headerless little-endian pcm16 mono file (:data:`RAW_SUFFIXES`, or
+            any file when ``raw_rate`` is given).
         rate: the sample rate wanted.
         raw_rate: the sample rate of a raw pcm16 file (default 16000).
 
@@ -49,7 +52,7 @@ def read_audio(path: str | Path, *, rate: int = 16000, raw_rate: int | None = No
     # Open it first: an unreadable path is then an OSError naming the path and the
     # reason, where libsndfile says only "System error.".
     with open(path, "rb") as file:
-        if raw_rate is not None or path.suffix.lower() in {".raw", ".pcm", ".s16le"}:
+        if raw_rate is not None or path.suffix.lower() in RAW_SUFFIXES:
             data = np.fromfile(file, dtype="<i2").astype(np.int16)
             return resample(data, raw_rate or 16000, rate)
     try:

@@ -41,7 +41,7 @@ from websockets.exceptions import InvalidHandshake, InvalidURI
 from websockets.uri import parse_uri
 
 from transcribe_gateway.audio.decode import Samples
-from transcribe_gateway.audio.files import read_audio
+from transcribe_gateway.audio.files import RAW_SUFFIXES, read_audio
 from transcribe_gateway.client.sdk import (
     Event,
     StreamResult,
@@ -61,7 +61,6 @@ from transcribe_gateway.protocol.messages import (
 
 DEFAULT_URL = "ws://127.0.0.1:8000/ws"
 DEFAULT_KEY = "dev-key"
-RAW_SUFFIXES = frozenset({".raw", ".pcm", ".s16le"})
 CONFIGURE_TIMEOUT_S = 120.0
 """Bound on waiting for ``session.updated`` (the first load of a local model is slow)."""
 

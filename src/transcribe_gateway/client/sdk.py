@@ -75,7 +75,7 @@ from transcribe_gateway.audio.decode import (
     encode_alaw,
     encode_mulaw,
 )
-from transcribe_gateway.audio.files import read_audio
+from transcribe_gateway.audio.files import RAW_SUFFIXES, read_audio
 from transcribe_gateway.protocol.messages import (
     AudioAppend,
     AudioFormat,
@@ -1080,10 +1080,14 @@ class TranscribeClient:
     ) -> StreamResult:
         """Read an audio file at the session's rate and :meth:`stream_samples` it.
 
+        A headerless pcm16 file is taken to be at the session's ``sample_rate``
+        (as the CLI's ``--rate`` reads it), unless ``raw_rate`` says otherwise.
+
         Args:
-            path: wav, flac, mp3, ogg, or headerless pcm16 (``.raw``/``.pcm``).
+            path: wav, flac, mp3, ogg, or headerless pcm16 (``.raw``/``.pcm``/``.s16le``).
             fast: send as fast as possible instead of in real time.
-            raw_rate: sample rate of a raw pcm16 file (forces raw decoding).
+            raw_rate: sample rate of a raw pcm16 file (forces raw decoding);
+                default: the session's ``sample_rate`` for a ``.raw``/``.pcm``/``.s16le`` file.
             chunk_ms: chunk duration.
             on_event: called synchronously with each message.
             finish_timeout: see :meth:`stream_samples`.
@@ -1103,9 +1107,12 @@ class TranscribeClient:
         """
         if self._config is None:
             raise RuntimeError("call configure() before streaming")
-        samples = await asyncio.to_thread(
-            read_audio, path, rate=self._config.sample_rate, raw_rate=raw_rate
-        )
+        rate = self._config.sample_rate
+        if raw_rate is None and Path(path).suffix.lower() in RAW_SUFFIXES:
+            # No header to say its rate: the session's, as the CLI reads one
+            # (read_audio's own 16 kHz sent an 8 kHz file at twice its speed).
+            raw_rate = rate
+        samples = await asyncio.to_thread(read_audio, path, rate=rate, raw_rate=raw_rate)
         return await self.stream_samples(
             samples,
             fast=fast,

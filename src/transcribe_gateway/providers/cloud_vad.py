@@ -6,7 +6,9 @@ and must work out itself when one is due:
 
 * :class:`LocalEndpointingStream`: providers with no VAD events of their own
   (Cartesia, ElevenLabs).  The gateway's own Silero VAD (the session's ``vad``
-  and ``endpointing`` settings) gives ``speech.started`` / ``speech.stopped``;
+  and ``endpointing`` settings; a long chunk heard on a worker thread, as in
+  LOCAL, see :mod:`transcribe_gateway.audio.vad`) gives ``speech.started`` /
+  ``speech.stopped``;
   at each end of speech the stream sends the provider's flush (or commit),
   whose answer both bounds the wait for the provider (a fallback can take over
   if it never comes) and marks the end of the utterance.
@@ -83,7 +85,16 @@ class LocalEndpointingStream(CloudStream):
 
     async def _on_audio(self, samples: Samples) -> None:
         await super()._on_audio(samples)
-        for event in self._vad.process(samples):
+        # A long chunk (a phone client's 16 s of mu-law: ~60 ms of Silero) is heard
+        # on a worker thread, as LOCAL does, not on the loop every session shares;
+        # a short one inline, where a thread hop would cost more than Silero.
+        # Cancelled once the VAD took the chunk, its boundaries come with the next
+        # chunk's (the provider has the audio already: it was sent first).
+        if self._vad.inline(samples):
+            heard = self._vad.process(samples)
+        else:
+            heard = await self._vad.process_async(samples)
+        for event in heard:
             ms = event.sample * 1000 // VAD_RATE
             if event.kind == "end":
                 # After the audio that ends the utterance: flush it now.
