@@ -35,6 +35,14 @@ export interface ClientOptions {
   WebSocket?: unknown;
   /** Default 15000. */
   connectTimeoutMs?: number;
+  /** Node `ws` only: ms between keepalive pings; default 20000, 0 turns the keepalive off. */
+  pingIntervalMs?: number;
+  /**
+   * Node `ws` only: the server is dropped (`closed` with 1011 `keepalive timeout: ...`) after
+   * `pingIntervalMs + pingTimeoutMs` without a sign of life (no message, no pong, none of the
+   * queued audio read); default 20000.
+   */
+  pingTimeoutMs?: number;
 }
 
 export interface Word {
@@ -71,7 +79,10 @@ export interface SpeechEvent {
 }
 
 export interface ClosedInfo {
-  /** 1000 normal, 4001 unauthorized, 4029 over a limit, 1008 policy, 1011 internal error */
+  /**
+   * 1000 normal, 4001 unauthorized, 4029 over a limit, 1008 policy, 1011 internal error
+   * (or, reason `keepalive timeout: ...`, the client dropped a server that showed no sign of life)
+   */
   code: number;
   /** The WebSocket close reason. */
   reason: string;
@@ -114,14 +125,20 @@ export class TranscribeClient {
   readonly sampleRate: number;
   /** Wire format of the audio sent (from the session). */
   readonly inputAudioFormat: "pcm16" | "mulaw" | "alaw";
+  /**
+   * Whether the socket is open and the session takes audio: `false` once `close()` was
+   * called or the server's `session_closing` error arrived.
+   */
   readonly isOpen: boolean;
   /** Bytes sent but still queued on the socket (0 before `connect()`). */
   readonly bufferedAmount: number;
   /**
-   * Resolves once fewer than `maxBytes` (default 1 MiB) are queued on the socket, or once
-   * the connection is not open. Await it between chunks to pace a file to the link.
+   * Resolves once fewer than `maxBytes` (default 1 MiB) are queued on the socket and, in Node
+   * (`ws`), the server has read all but the last 5 s of audio sent; or once `isOpen` is false.
+   * Await it between chunks to pace a file to the server. With `timeoutMs`, rejects with a
+   * `TranscribeError` `timeout` if not drained by then.
    */
-  drained(maxBytes?: number): Promise<void>;
+  drained(maxBytes?: number, options?: { timeoutMs?: number }): Promise<void>;
   on<K extends keyof ClientEvents>(event: K, listener: (value: ClientEvents[K]) => void): () => void;
   /**
    * Open, authenticate and configure; resolves with the effective configuration.
@@ -131,14 +148,21 @@ export class TranscribeClient {
    * `provider_error` of the switch is not a refusal: it resolves with the fallback's config.
    */
   connect(): Promise<Record<string, unknown>>;
-  /** One chunk in the session's `input_audio_format` (pcm16, or mu-law/A-law bytes), at its rate. */
+  /**
+   * One chunk in the session's `input_audio_format` (pcm16, or mu-law/A-law bytes), at its rate.
+   * Dropped once `close()` was called or the server's `session_closing` arrived; throws a
+   * `TranscribeError` `client_error` when the connection is not open otherwise.
+   */
   sendPcm16(chunk: Int16Array | ArrayBuffer | Uint8Array): void;
   sendFloat32(samples: Float32Array): void;
   update(session: SessionConfig): void;
   /**
    * `session.close`: resolves once the server finalized and closed the socket (every call,
-   * the same promise). After `timeoutMs` (default 20000) the client closes the socket itself
-   * and resolves with `finalized: false`.
+   * the same promise); no audio is sent from the call on. `timeoutMs` (default 20000) is an
+   * inactivity timeout: after that long without a message from the server (in Node `ws`,
+   * while the server still reads audio sent before `session.close`, without any sign of
+   * life) the client drops the socket (close code 1000) and resolves at once with
+   * `finalized: false`.
    */
   close(options?: { timeoutMs?: number }): Promise<ClosedInfo>;
 }

@@ -16,6 +16,8 @@ async function demo(token: string): Promise<void> {
   const mic = await startMicrophone(client, { chunkMs: 20 });
   await client.drained();
   await client.drained(64 * 1024);
+  await client.drained(undefined, { timeoutMs: 30000 });
+  new TranscribeClient({ url: "ws://x", session: { provider: "LOCAL", model: "m" }, pingIntervalMs: 0, pingTimeoutMs: 5000 });
   const queued: number = client.bufferedAmount;
   client.sendPcm16(new Int16Array(320));
   client.sendFloat32(new Float32Array(320));

@@ -7,19 +7,27 @@
 //        node node_client_session.mjs <client index.js> close-timeout <session JSON>
 //        node node_client_session.mjs <client index.js> idle <session JSON>
 //        node node_client_session.mjs <client index.js> drained <session JSON>
-// Env: GATEWAY_URL, GATEWAY_KEY (header auth).
+//        node node_client_session.mjs <client index.js> slow-reader <session JSON>
+//        node node_client_session.mjs <client index.js> frozen-keepalive <session JSON>
+//        node node_client_session.mjs <client index.js> frozen-timeouts <session JSON>
+//        node node_client_session.mjs <client index.js> audio-after-close <session JSON>
+//        node node_client_session.mjs <client index.js> audio-after-server-end <session JSON>
+// Env: GATEWAY_URL, GATEWAY_KEY (header auth), CLIENT_OPTIONS (JSON, more client
+// options), SERVER_PID (the frozen-* scenarios stop that process: the caller resumes it),
+// HANG_MS (how long a wait may last before it reports a hang; default 60000).
 import WebSocket from "ws";
 
 const [clientPath, scenario, sessionJson] = process.argv.slice(2);
 const { TranscribeClient, TranscribeError } = await import(clientPath);
 const print = (obj) => console.log(JSON.stringify(obj));
-const DEADLINE_MS = 60000; // only against a hang: every wait below ends on an event
+const DEADLINE_MS = Number(process.env.HANG_MS || 60000); // only against a hang: every wait below ends on an event
 
 const client = new TranscribeClient({
   url: process.env.GATEWAY_URL,
   apiKey: process.env.GATEWAY_KEY,
   WebSocket,
   session: JSON.parse(sessionJson),
+  ...JSON.parse(process.env.CLIENT_OPTIONS || "{}"),
 });
 client.on("error", (err) => print({ event: "error", code: err.code, message: err.message, retryable: err.retryable, field: err.field }));
 const closed = new Promise((resolve) => client.on("closed", (info) => { print({ event: "closed", value: info }); resolve(info); }));
@@ -116,6 +124,88 @@ if (scenario === "connect") {
   const frame = JSON.stringify({ type: "audio.append", audio: Buffer.from(chunk.buffer).toString("base64") }).length;
   print({ event: "stream", value: { most, limit, frame } });
   print({ event: "done", value: await client.close() });
+} else if (scenario === "slow-reader") {
+  // 10 s of audio through the README's file loop to a key whose message rate (100/s:
+  // 2x real time) makes the server read slower than the file is sent: what the kernel
+  // buffers hold is invisible to bufferedAmount, and close()'s 2 s ran out while the
+  // server still read the backlog (the last finals lost).
+  let finals = 0;
+  client.on("completed", () => { finals++; });
+  await client.connect();
+  const chunk = new Int16Array(client.sampleRate / 50).fill(1000);
+  for (let i = 0; i < 500; i++) {
+    await client.drained();
+    client.sendPcm16(chunk);
+  }
+  const info = await client.close({ timeoutMs: 2000 });
+  print({ event: "done", value: { ...info, finals } });
+} else if (scenario === "frozen-keepalive") {
+  // The README's file loop against a server that freezes (a host gone without a FIN):
+  // drained() waited for ever; the keepalive must drop the server.
+  await client.connect();
+  process.kill(Number(process.env.SERVER_PID), "SIGSTOP");
+  const started = Date.now();
+  const chunk = new Int16Array(client.sampleRate / 50);
+  const loop = async () => {
+    for (let i = 0; i < 30000; i++) {
+      await client.drained();
+      if (!client.isOpen) return `stopped after ${i} chunks`;
+      client.sendPcm16(chunk);
+    }
+    return "all sent";
+  };
+  const outcome = await Promise.race([loop(), hang("drained() never resolved")]);
+  const info = await Promise.race([client.close(), hang("close() never resolved")]);
+  print({ event: "done", value: { outcome, info, ms: Date.now() - started } });
+} else if (scenario === "frozen-timeouts") {
+  // Without keepalive, against a frozen server: drained({timeoutMs}) and close({timeoutMs})
+  // must each give up in time (close() waited for the ws package's 30 s close handshake).
+  await client.connect();
+  process.kill(Number(process.env.SERVER_PID), "SIGSTOP");
+  const chunk = new Int16Array(client.sampleRate / 50);
+  let started = Date.now();
+  const loop = async () => {
+    try {
+      for (let i = 0; i < 30000; i++) {
+        await client.drained(undefined, { timeoutMs: 1000 });
+        client.sendPcm16(chunk);
+      }
+      return "all sent";
+    } catch (err) {
+      return `rejected: ${err.code}`;
+    }
+  };
+  const drained = await Promise.race([loop(), hang("drained() never resolved")]);
+  const drainedMs = Date.now() - started;
+  started = Date.now();
+  const info = await Promise.race([client.close({ timeoutMs: 1000 }), hang("close() never resolved")]);
+  print({ event: "done", value: { drained, drainedMs, info, closeMs: Date.now() - started } });
+} else if (scenario === "audio-after-close") {
+  // A microphone (as startMicrophone does: a chunk every 20 ms while isOpen) still
+  // running while close() waits: each chunk came back as a session_closing error.
+  await client.connect();
+  const chunk = new Int16Array(client.sampleRate / 50).fill(1000);
+  const mic = setInterval(() => { if (client.isOpen) client.sendPcm16(chunk); }, 20);
+  await new Promise((resolve) => setTimeout(resolve, 1000));
+  const closing = client.close({ timeoutMs: 1500 });
+  const isOpen = client.isOpen;
+  client.sendPcm16(chunk); // dropped, not sent (nor thrown)
+  const info = await closing;
+  clearInterval(mic);
+  print({ event: "done", value: { isOpen, info } });
+} else if (scenario === "audio-after-server-end") {
+  // The server ends the session itself (its idle timeout; hang-on-finalize keeps it
+  // finishing) while a microphone sends: after its first session_closing, no more audio.
+  await client.connect();
+  await new Promise((resolve) => setTimeout(resolve, 3500)); // past the 3 s idle timeout
+  const chunk = new Int16Array(client.sampleRate / 50).fill(1000);
+  let sent = 0;
+  let afterError = null;
+  client.on("error", (err) => { if (err.code === "session_closing" && afterError === null) afterError = client.isOpen; });
+  const mic = setInterval(() => { if (client.isOpen) { client.sendPcm16(chunk); sent++; } }, 20);
+  const info = await Promise.race([closed, hang("no closed event")]);
+  clearInterval(mic);
+  print({ event: "done", value: { sent, isOpenAfterError: afterError, info } });
 } else {
   throw new Error(`unknown scenario ${scenario}`);
 }

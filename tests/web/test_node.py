@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from tests.conftest import TEST_KEYS, GatewayProcess
+from tests.conftest import ROOT, TEST_KEYS, GatewayProcess
 from tests.textnorm import normalize, word_errors
 from tests.web.conftest import CLIENT_DIR
 
@@ -140,8 +142,13 @@ SESSION_SCRIPT = Path(__file__).with_name("node_client_session.mjs")
 
 
 def run_session_script(
-    workdir: Path, gateway: GatewayProcess, scenario: str, session: dict[str, Any]
+    workdir: Path,
+    gateway: GatewayProcess,
+    scenario: str,
+    session: dict[str, Any],
+    env: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
+    """``env``: more for the script (``GATEWAY_KEY``, ``CLIENT_OPTIONS``...)."""
     shutil.copy(SESSION_SCRIPT, workdir / SESSION_SCRIPT.name)  # where `import "ws"` resolves
     run = run_node(
         workdir,
@@ -149,7 +156,7 @@ def run_session_script(
         CLIENT_INDEX.as_uri(),
         scenario,
         json.dumps(session),
-        env={"GATEWAY_URL": gateway.url, "GATEWAY_KEY": TEST_KEYS[0]},
+        env={"GATEWAY_URL": gateway.url, "GATEWAY_KEY": TEST_KEYS[0], **(env or {})},
     )
     assert run.returncode == 0, run.stdout + run.stderr
     return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
@@ -352,3 +359,125 @@ def test_client_error_carries_the_field_the_server_named(
     failed = next(e for e in events if e["event"] == "connect_failed")
     assert server_error["code"] == failed["code"] == "invalid_session_config", events
     assert server_error["field"] == failed["field"] == "session.sample_rate", events
+
+
+def create_key(gateway: GatewayProcess, name: str, *options: str) -> str:
+    """``transcribe-gateway keys create NAME OPTIONS`` in the server's store: the key."""
+    done = subprocess.run(
+        [sys.executable, "-m", "transcribe_gateway", "keys", "create", name, *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TRANSCRIBE_STORE_PATH": str(gateway.store_path)},
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[0]
+
+
+def test_client_file_loop_and_close_keep_up_with_a_server_reading_slowly(
+    gateway: GatewayProcess, node_workdir: Path
+) -> None:
+    # A key limited to 100 messages a second: the server reads the 20 ms chunks at 2x
+    # real time and holds the rest unread (backpressure). Before, the whole file sat in
+    # the kernel's buffers (bufferedAmount 0), close()'s 2 s counted from when
+    # session.close was queued, and the client gave up while the server was still
+    # reading: finalized false, the last finals lost. A short keepalive must not take
+    # the server working through the backlog for dead (the pongs come as it reads).
+    key = create_key(gateway, "web-slow-reader", "--rate", "100")
+    session = {"provider": "FAULTY", "model": "echo", "sample_rate": 16000}
+    options = json.dumps({"pingIntervalMs": 500, "pingTimeoutMs": 2000})
+    env = {"GATEWAY_KEY": key, "CLIENT_OPTIONS": options}
+    events = run_session_script(node_workdir, gateway, "slow-reader", session, env=env)
+    done = events[-1]
+    assert done["event"] == "done", events
+    assert done["value"]["finalized"] is True and done["value"]["code"] == 1000, events
+    assert done["value"]["audio_seconds"] == 10 and done["value"]["finals"] == 20, events
+
+
+@pytest.fixture
+def frozen_gateway() -> Iterator[GatewayProcess]:
+    """A server of its own, for a test that freezes it (SIGSTOP: a host gone without a FIN)."""
+    server = GatewayProcess("web-frozen")
+    yield server
+    server.proc.send_signal(signal.SIGCONT)
+    server.stop()
+
+
+def run_frozen(
+    workdir: Path, server: GatewayProcess, scenario: str, options: dict[str, Any]
+) -> dict[str, Any]:
+    session = {"provider": "FAULTY", "model": "echo", "sample_rate": 16000}
+    env = {
+        "SERVER_PID": str(server.proc.pid),
+        "CLIENT_OPTIONS": json.dumps(options),
+        "HANG_MS": "15000",
+    }
+    try:
+        events = run_session_script(workdir, server, scenario, session, env=env)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    assert events and events[-1]["event"] == "done", events
+    done: dict[str, Any] = events[-1]["value"]
+    return done
+
+
+def test_client_keepalive_drops_a_frozen_server(
+    frozen_gateway: GatewayProcess, node_workdir: Path
+) -> None:
+    # The README's file loop: drained() never resolved once the socket stopped taking
+    # data. No message, pong or read audio for pingIntervalMs + pingTimeoutMs: dropped.
+    done = run_frozen(
+        node_workdir,
+        frozen_gateway,
+        "frozen-keepalive",
+        {"pingIntervalMs": 500, "pingTimeoutMs": 1000},
+    )
+    assert done["outcome"].startswith("stopped after"), done
+    assert done["info"]["code"] == 1011 and done["info"]["finalized"] is False, done
+    assert done["info"]["reason"].startswith("keepalive timeout"), done
+    assert done["ms"] < 8000, done
+
+
+def test_client_drained_and_close_give_up_in_time_on_a_frozen_server(
+    frozen_gateway: GatewayProcess, node_workdir: Path
+) -> None:
+    # Without keepalive: drained({timeoutMs}) rejects; close({timeoutMs: 1000}) drops the
+    # socket and resolves after 1 s (it waited for ws's 30 s close handshake: 1006).
+    done = run_frozen(node_workdir, frozen_gateway, "frozen-timeouts", {"pingIntervalMs": 0})
+    assert done["drained"] == "rejected: timeout" and done["drainedMs"] < 5000, done
+    assert done["info"] == {
+        "code": 1000,
+        "reason": "",
+        "finalized": False,
+        "session_reason": None,
+        "audio_seconds": None,
+    }, done
+    assert 900 <= done["closeMs"] < 2000, done
+
+
+def test_client_sends_no_audio_after_close(gateway: GatewayProcess, node_workdir: Path) -> None:
+    # A microphone still running while close() waits (hang-on-finalize: it never
+    # finishes): each chunk was sent, and came back as a session_closing error.
+    session = {"provider": "FAULTY", "model": "hang-on-finalize", "sample_rate": 16000}
+    events = run_session_script(node_workdir, gateway, "audio-after-close", session)
+    done = events[-1]
+    assert done["event"] == "done", events
+    assert done["value"]["isOpen"] is False, events
+    assert done["value"]["info"]["code"] == 1000, events
+    assert [e for e in events if e["event"] == "error"] == [], events
+
+
+def test_client_stops_sending_at_the_servers_session_closing(
+    gateway: GatewayProcess, node_workdir: Path
+) -> None:
+    # The server ends the session (idle timeout) and takes its time finishing
+    # (hang-on-finalize, until its 5 s drain timeout): a microphone sending meanwhile got
+    # one session_closing error per 20 ms chunk.
+    session = {"provider": "FAULTY", "model": "hang-on-finalize", "sample_rate": 16000}
+    events = run_session_script(node_workdir, gateway, "audio-after-server-end", session)
+    done = events[-1]
+    assert done["event"] == "done", events
+    assert done["value"]["isOpenAfterError"] is False, events
+    closing = [e for e in events if e["event"] == "error" and e["code"] == "session_closing"]
+    assert 1 <= len(closing) <= 3 and done["value"]["sent"] <= 3, events

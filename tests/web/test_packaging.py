@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import zipfile
@@ -29,6 +30,21 @@ def test_npm_package_exports_and_types_exist() -> None:
         assert (CLIENT_DIR / target).is_file(), target
     lock = json.loads((CLIENT_DIR / "package-lock.json").read_text())
     assert lock["packages"][""]["devDependencies"] == manifest["devDependencies"]
+
+
+def test_npm_readme_links_only_to_what_the_package_ships() -> None:
+    """npm shows the README without the repository around it: a relative link out of
+    the package (``../../docs/browser.md``) is dead there."""
+    manifest = json.loads((CLIENT_DIR / "package.json").read_text())
+    shipped = [(CLIENT_DIR / name).resolve() for name in manifest["files"]]
+    readme = (CLIENT_DIR / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", readme):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+            continue  # absolute URL, or an anchor in the README itself
+        path = (CLIENT_DIR / target.split("#")[0]).resolve()
+        assert path.exists() and any(path == root or root in path.parents for root in shipped), (
+            f"README.md links to {target}, which the npm package does not ship"
+        )
 
 
 def test_wheel_contains_the_demo_page(tmp_path: Path) -> None:

@@ -12,6 +12,17 @@
  * `closed` (with the close code) and stays closed; reconnecting is the
  * caller's decision (a token is single-use: get a new one first).
  *
+ * A server behind on its work stops reading its socket (backpressure): what is
+ * sent meanwhile waits in the socket's buffers, the kernel's included, which
+ * `bufferedAmount` does not see. In Node (`ws`), as the Python SDK does, the
+ * client pings after every second of audio; a pong comes once the server has read
+ * all that was sent before its ping, so `drained()` keeps at most 5 s of audio
+ * beyond what the server has read, and `close()` knows when the server has read
+ * `session.close`. The same pings are a keepalive: a server that shows no sign of
+ * life (no message, no pong, none of the queued audio read) for `pingIntervalMs +
+ * pingTimeoutMs` is dropped (`closed` with 1011). A browser's WebSocket has no
+ * ping: there, none of this; pace a file yourself.
+ *
  * This file has no dependencies and needs no build step.
  *
  * @module
@@ -43,6 +54,10 @@
  *   when a `WebSocket` class taking headers (Node `ws`) is given, else `message`
  * @property {any} [WebSocket] WebSocket class; default `globalThis.WebSocket`
  * @property {number} [connectTimeoutMs] default 15000
+ * @property {number} [pingIntervalMs] Node `ws` only: ms between keepalive pings, default
+ *   20000; 0 turns the keepalive off
+ * @property {number} [pingTimeoutMs] Node `ws` only: the server is dropped (`closed` with
+ *   1011) after `pingIntervalMs + pingTimeoutMs` without a sign of life; default 20000
  */
 
 /**
@@ -59,7 +74,9 @@
 
 /**
  * @typedef {object} ClosedInfo
- * @property {number} code WebSocket close code (1000 normal, 4001 unauthorized, 4029 over limit)
+ * @property {number} code WebSocket close code (1000 normal, 4001 unauthorized, 4029 over
+ *   limit; 1011 `keepalive timeout: ...` when the client dropped a server that showed no
+ *   sign of life)
  * @property {string} reason the WebSocket close reason
  * @property {boolean} finalized whether `session.closed` arrived: the server finished the
  *   audio. `false` with code 1000 when `close()` gave up waiting (its `timeoutMs`), or
@@ -90,6 +107,11 @@ export class TranscribeError extends Error {
 }
 
 const OPEN = 1;
+
+/** Node `ws`: the most audio (ms) sent beyond what the server has read, in `drained()`. */
+const AUDIO_AHEAD_MS = 5000;
+/** Node `ws`: a ping after this much audio (ms), to learn how far the server has read. */
+const PING_EVERY_AUDIO_MS = 1000;
 
 /** Bytes per sample of each `input_audio_format` (G.711 mu-law and A-law: one). */
 const BYTES_PER_SAMPLE = { pcm16: 2, mulaw: 1, alaw: 1 };
@@ -150,8 +172,27 @@ export class TranscribeClient {
     /** @private @type {ClosedInfo | null} */ this._closed = null;
     /** @private @type {number | null} */ this._audioSeconds = null;
     /** @private @type {any} the `session.closed` message, once it arrived */ this._sessionClosed = null;
-    /** @private @type {((info: ClosedInfo) => void) | null} */ this._onClose = null;
+    /** @private @type {Array<(info: ClosedInfo) => void>} connect()'s and close()'s */
+    this._closeWaiters = [];
     /** @private @type {Promise<ClosedInfo> | null} */ this._closing = null;
+    /** @private The session is ending (close() was called, or the server's `session_closing`):
+     * the server refuses more audio, so none is sent. */
+    this._ending = false;
+    /** @private close()'s inactivity timer, once it runs. @type {any} */ this._closeTimer = null;
+    /** @private */ this._closeTimeoutMs = 20000;
+    /** @private Whether the server has read `session.close` (the pong of the ping after it). */
+    this._closeRead = true;
+    // Node `ws` only (pings and pongs): how far the server has read, and its signs of life.
+    /** @private */ this._pingable = false;
+    /** @private @type {Array<{seq: number, mark: number, then: (() => void) | null}>} pings
+     * not yet answered: `mark` is the audio ms sent before each */
+    this._pings = [];
+    /** @private */ this._pingSeq = 0;
+    /** @private Audio ms sent when the last ping went out. */ this._pingedMs = 0;
+    /** @private Audio ms the server has surely read (its last pong's mark). */ this._ackedMs = 0;
+    /** @private When the server last showed it is alive. */ this._lastAlive = 0;
+    /** @private `bufferedAmount` when last looked at. */ this._queued = 0;
+    /** @private the keepalive timer, while it runs @type {any} */ this._keepalive = null;
   }
 
   /** Sample rate the audio must be sent at (from the session). */
@@ -164,9 +205,10 @@ export class TranscribeClient {
     return (this.effective && this.effective.input_audio_format) || this._opts.session.input_audio_format || "pcm16";
   }
 
-  /** Whether the socket is open. */
+  /** Whether the socket is open and the session takes audio: `false` once `close()` was
+   * called or the server said the session is ending (`session_closing`). */
   get isOpen() {
-    return this._ws !== null && this._ws.readyState === OPEN && this._closed === null;
+    return this._ws !== null && this._ws.readyState === OPEN && this._closed === null && !this._ending;
   }
 
   /**
@@ -179,17 +221,23 @@ export class TranscribeClient {
   }
 
   /**
-   * Resolves once fewer than `maxBytes` are queued on the socket (at once if so already),
-   * or once the connection is not open (nothing more drains; `sendPcm16` then throws).
-   * Await it between chunks to stream a file no faster than the link takes it.
+   * Resolves once fewer than `maxBytes` are queued on the socket and, in Node (`ws`), the
+   * server has read all but the last 5 s of audio sent (at once if so already), or once
+   * the connection is not open or the session is ending (`isOpen` false). Await it
+   * between chunks to stream a file no faster than the server takes it.
    * @param {number} [maxBytes] default 1 MiB
+   * @param {{timeoutMs?: number}} [options] `timeoutMs`: reject with a `TranscribeError`
+   *   `timeout` if not drained by then (default: no limit)
    * @returns {Promise<void>}
    */
-  drained(maxBytes = 1024 * 1024) {
+  drained(maxBytes = 1024 * 1024, options = {}) {
+    const deadline = options.timeoutMs === undefined ? Infinity : now() + options.timeoutMs;
     // Neither the browser WebSocket nor `ws` has a drain event: poll.
-    return new Promise((resolve) => {
+    return new Promise((resolve, reject) => {
       const check = () => {
-        if (!this.isOpen || this.bufferedAmount < maxBytes) resolve();
+        const ahead = this._pings.length > 0 && this._sentMs - this._ackedMs >= AUDIO_AHEAD_MS;
+        if (!this.isOpen || (this.bufferedAmount < maxBytes && !ahead)) resolve();
+        else if (now() >= deadline) reject(new TranscribeError("timeout", `not drained within ${options.timeoutMs} ms`, true));
         else setTimeout(check, 10);
       };
       check();
@@ -239,6 +287,11 @@ export class TranscribeClient {
       ? new this._impl(opts.url, { headers: { Authorization: `Bearer ${credential}` } })
       : new this._impl(opts.url);
     this._ws = ws;
+    if (typeof ws.ping === "function" && typeof ws.on === "function") {
+      this._pingable = true; // Node `ws`: pings, and pongs answered in order
+      ws.on("pong", (/** @type {any} */ data) => this._pong(data));
+      ws.on("ping", () => this._alive(false));
+    }
     return new Promise((resolve, reject) => {
       let settled = false;
       let switching = false;
@@ -256,8 +309,10 @@ export class TranscribeClient {
       };
       ws.onopen = () => {
         if (auth === "message") ws.send(JSON.stringify({ type: "auth", token: credential }));
+        this._startKeepalive();
       };
       ws.onmessage = (/** @type {any} */ ev) => {
+        this._alive(true);
         const raw = typeof ev.data === "string" ? ev.data : String(ev.data);
         let msg;
         try {
@@ -282,25 +337,109 @@ export class TranscribeClient {
         }
       };
       ws.onerror = () => {}; // the close event that follows carries the code
-      ws.onclose = (/** @type {any} */ ev) => {
-        const last = this._sessionClosed;
-        /** @type {ClosedInfo} */
-        const info = {
-          code: ev.code,
-          reason: ev.reason || "",
-          finalized: last !== null,
-          session_reason: last && typeof last.reason === "string" ? last.reason : null,
-          audio_seconds: this._audioSeconds,
-        };
-        this._closed = info;
-        if (!settled) {
-          const code = ev.code === 4001 ? "unauthorized" : ev.code === 4029 ? "over_limit" : "closed";
-          fail(new TranscribeError(code, `connection closed (${ev.code}${ev.reason ? " " + ev.reason : ""})`));
-        }
-        this._emit("closed", info);
-        if (this._onClose) this._onClose(info);
-      };
+      ws.onclose = (/** @type {any} */ ev) => this._finish(ev.code, ev.reason || "");
+      this._closeWaiters.push((info) => {
+        if (settled) return;
+        const code = info.code === 4001 ? "unauthorized" : info.code === 4029 ? "over_limit" : "closed";
+        fail(new TranscribeError(code, `connection closed (${info.code}${info.reason ? " " + info.reason : ""})`));
+      });
     });
+  }
+
+  /** @private The end of the connection, reported once: its close event, or the client's
+   * own drop (which does not wait for a close handshake the server may never answer).
+   * @param {number} code @param {string} reason */
+  _finish(code, reason) {
+    if (this._closed) return;
+    clearTimeout(this._closeTimer);
+    clearInterval(this._keepalive);
+    const last = this._sessionClosed;
+    /** @type {ClosedInfo} */
+    const info = {
+      code,
+      reason,
+      finalized: last !== null,
+      session_reason: last && typeof last.reason === "string" ? last.reason : null,
+      audio_seconds: this._audioSeconds,
+    };
+    this._closed = info;
+    this._emit("closed", info);
+    for (const waiter of this._closeWaiters.splice(0)) waiter(info);
+  }
+
+  /** @private Close the socket now and report `code`: Node `ws` drops it at once rather
+   * than wait up to 30 s for the server's half of the close handshake.
+   * @param {number} code @param {string} reason */
+  _abort(code, reason) {
+    const ws = this._ws;
+    if (ws.readyState <= OPEN) ws.close(code, reason); // the close frame, where it still gets out
+    if (typeof ws.terminate === "function") ws.terminate();
+    this._finish(code, reason);
+  }
+
+  /** @private The server showed it is alive: a message (`message` true), a ping or pong,
+   * or the socket taking more of the queued audio. @param {boolean} message */
+  _alive(message) {
+    this._lastAlive = now();
+    // close()'s timeout counts the server's inactivity: until the server has read
+    // session.close (it may be working through audio queued before it), any sign of
+    // life; then only its messages (a server that answers pings but never finishes).
+    if (this._closeTimer !== null && (message || !this._closeRead)) this._armCloseTimer();
+  }
+
+  /** @private (Re)start close()'s timer. */
+  _armCloseTimer() {
+    if (this._closed) return;
+    clearTimeout(this._closeTimer);
+    this._closeTimer = setTimeout(() => this._abort(1000, ""), this._closeTimeoutMs);
+  }
+
+  /** @private Whether the socket took some of the queued bytes since last looked at: the
+   * server read some (a server that stops reading holds the rest in the buffers). */
+  _noteQueue() {
+    const queued = this.bufferedAmount;
+    if (queued < this._queued) this._alive(false);
+    this._queued = queued;
+  }
+
+  /** @private Node `ws`: ping; `then` runs at its pong, once the server has read all that
+   * was sent before it. @param {(() => void) | null} [then] */
+  _ping(then = null) {
+    if (!this._pingable || this._ws.readyState !== OPEN) return;
+    const seq = ++this._pingSeq;
+    this._pings.push({ seq, mark: this._sentMs, then });
+    this._pingedMs = this._sentMs;
+    this._ws.ping(String(seq));
+  }
+
+  /** @private Pongs come in order; each carries its ping's number. @param {any} data */
+  _pong(data) {
+    this._alive(false);
+    const seq = Number(String(data));
+    while (this._pings.length > 0 && this._pings[0].seq <= seq) {
+      const ping = /** @type {{seq: number, mark: number, then: (() => void) | null}} */ (this._pings.shift());
+      this._ackedMs = ping.mark;
+      if (ping.then) ping.then();
+    }
+  }
+
+  /** @private Node `ws`: a ping every `pingIntervalMs`, and the drop of a server that
+   * showed no sign of life for `pingIntervalMs + pingTimeoutMs` (as the Python SDK). */
+  _startKeepalive() {
+    const interval = this._opts.pingIntervalMs ?? 20000;
+    if (!this._pingable || !(interval > 0)) return;
+    const deadAfter = interval + (this._opts.pingTimeoutMs ?? 20000);
+    this._lastAlive = now();
+    let pinged = now();
+    this._keepalive = setInterval(() => {
+      this._noteQueue();
+      if (now() - this._lastAlive >= deadAfter) {
+        this._abort(1011, `keepalive timeout: no sign of life from the server for ${deadAfter / 1000} s`);
+      } else if (now() - pinged >= interval) {
+        pinged = now();
+        this._ping();
+      }
+    }, Math.min(1000, interval / 4));
   }
 
   /** @private @param {any} msg */
@@ -328,6 +467,8 @@ export class TranscribeClient {
         this._emit("speech_stopped", msg);
         break;
       case "error":
+        // The server is ending the session and refuses more audio: stop sending it.
+        if (msg.error && msg.error.code === "session_closing") this._ending = true;
         this._emit("error", errorFrom(msg.error || {}));
         break;
       case "session.closed":
@@ -366,9 +507,13 @@ export class TranscribeClient {
   /**
    * Send one chunk of audio at the session's sample rate (20 ms recommended), in the
    * session's `input_audio_format`: pcm16, or the encoded bytes of a `mulaw`/`alaw` session.
+   * Once the session is ending (`close()` was called, or the server's `session_closing`
+   * error arrived) the chunk is dropped: the server would refuse it.
    * @param {Int16Array | ArrayBuffer | Uint8Array} chunk
+   * @throws {TranscribeError} `client_error` when the connection is not open (not ending)
    */
   sendPcm16(chunk) {
+    if (this._ending) return;
     if (!this.isOpen) throw new TranscribeError("client_error", "the connection is not open");
     const bytes = chunk instanceof ArrayBuffer
       ? new Uint8Array(chunk)
@@ -377,7 +522,10 @@ export class TranscribeClient {
     this._sentMs += ((bytes.byteLength / width) * 1000) / this.sampleRate;
     this._sent.push([this._sentMs, now()]);
     if (this._sent.length > 3000) this._drop(this._sent.length - 3000); // bounded
+    this._noteQueue();
     this._ws.send(JSON.stringify({ type: "audio.append", audio: toBase64(bytes) }));
+    this._queued = this.bufferedAmount;
+    if (this._sentMs - this._pingedMs >= PING_EVERY_AUDIO_MS) this._ping();
   }
 
   /**
@@ -400,11 +548,14 @@ export class TranscribeClient {
 
   /**
    * End gracefully: the server finalizes the pending audio (last `completed`
-   * events), sends `session.closed` and closes with 1000. Calling it again
+   * events), sends `session.closed` and closes with 1000. From the call on no more
+   * audio is sent (`isOpen` is false, `sendPcm16` drops chunks). Calling it again
    * while it is under way returns the same promise (the first call's timeout holds).
-   * After `timeoutMs` (default 20000) without the server's close the client closes
-   * with 1000 itself: the `ClosedInfo` then has `finalized: false` (the server may
-   * not have finished the audio).
+   * `timeoutMs` (default 20000) is an inactivity timeout: after that long without a
+   * message from the server (in Node `ws`, while the server is still reading audio sent
+   * before `session.close`: without any sign of life) the client drops the socket, closing
+   * with 1000 itself, and resolves at once: the `ClosedInfo` then has `finalized: false`
+   * (the server may not have finished the audio).
    * @param {{timeoutMs?: number}} [options]
    * @returns {Promise<ClosedInfo>}
    */
@@ -417,11 +568,22 @@ export class TranscribeClient {
       });
     }
     if (this._closing) return this._closing;
+    this._ending = true; // audio sent from now on would be refused (session_closing)
+    this._closeTimeoutMs = options.timeoutMs || 20000;
     return (this._closing = new Promise((resolve) => {
-      const timer = setTimeout(() => ws.close(1000), options.timeoutMs || 20000);
-      this._onClose = (info) => { clearTimeout(timer); resolve(info); };
-      if (ws.readyState === OPEN) ws.send(JSON.stringify({ type: "session.close" }));
-      else ws.close(1000);
+      this._closeWaiters.push(resolve);
+      this._armCloseTimer();
+      if (ws.readyState !== OPEN) {
+        ws.close(1000);
+      } else {
+        ws.send(JSON.stringify({ type: "session.close" }));
+        if (this._pingable) {
+          // The server may still be reading audio queued before session.close: until it
+          // has read it (this ping's pong), any sign of life restarts the timer.
+          this._closeRead = false;
+          this._ping(() => { this._closeRead = true; this._armCloseTimer(); });
+        }
+      }
     }));
   }
 }
