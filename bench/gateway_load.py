@@ -23,7 +23,9 @@ the samples it has seen, so each answer's latency is measured from the send of
 the chunk it covers.  Reported per N: latency p50/p99, server CPU (cores),
 server CPU per chunk, RSS per session (each run on a fresh server process,
 after one session has warmed it: RSS with the N sessions streaming less RSS
-before), errors (failed opens, ``error`` events, and sessions that did not end
+before, per session opened), errors (failed opens: refused, or no
+``session.created``/``session.updated`` within ``SETUP_TIMEOUT_S``; ``error``
+events; and sessions that did not end
 with ``session.closed``: one the server closed, with a failure's close code and
 no event, counts), and whether the generator kept its schedule (if it did not,
 that run's latencies are its own lateness: the medians leave them out).
@@ -58,6 +60,9 @@ CHUNK_MS = 20
 CHUNK_SAMPLES = 320
 TICK_GROUPS = 10
 """Sessions send in 10 phase groups, 2 ms apart, as independent clients would."""
+SETUP_TIMEOUT_S = 30.0
+"""How long an opening session waits for each of ``session.created`` and
+``session.updated`` (an open that gets neither counts as an error, never hangs)."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -224,6 +229,19 @@ class Level:
         )
 
 
+class SessionRefused(RuntimeError):
+    """The server refused a session while it opened (``error``, or a close)."""
+
+
+def check_setup_reply(msg: dict[str, Any] | None, expected: str) -> None:
+    """Raise :class:`SessionRefused` unless ``msg`` is the ``expected`` event
+    (``None``: the connection closed first)."""
+    if msg is None:
+        raise SessionRefused(f"closed before {expected}")
+    if msg.get("type") != expected:
+        raise SessionRefused(f"{msg} instead of {expected}")
+
+
 class Client:
     """One generated session: what it sent when, and the latencies of its answers."""
 
@@ -270,7 +288,11 @@ class WebsocketsClient(Client):
             self.done.set_result(None)
 
     async def send(self, text: str) -> None:
-        await self.ws.send(text)
+        # A session the server closed takes nothing more; it did not end with
+        # session.closed, and run_level counts it as an error for that (as the
+        # picows client's, whose send to a closed transport is a no-op).
+        with contextlib.suppress(websockets.ConnectionClosed):
+            await self.ws.send(text)
 
     async def close(self) -> None:
         await self.ws.close()
@@ -283,11 +305,15 @@ class WebsocketsClient(Client):
             ping_interval=None,
             max_queue=None,
         )
-        json.loads(await ws.recv())  # session.created
-        await ws.send(json.dumps({"type": "session.update", "session": server.session}))
-        updated = json.loads(await ws.recv())
-        if updated["type"] != "session.updated":
-            raise RuntimeError(f"session.update refused: {updated}")
+        try:
+            created = json.loads(await asyncio.wait_for(ws.recv(), SETUP_TIMEOUT_S))
+            check_setup_reply(created, "session.created")
+            await ws.send(json.dumps({"type": "session.update", "session": server.session}))
+            updated = json.loads(await asyncio.wait_for(ws.recv(), SETUP_TIMEOUT_S))
+            check_setup_reply(updated, "session.updated")
+        except BaseException:
+            await ws.close()
+            raise
         return cls(ws, level, slots)
 
 
@@ -298,7 +324,8 @@ async def open_picows_client(server: Server, level: Level, slots: int) -> Client
     class PicowsClient(Client, WSListener):  # type: ignore[misc]
         def __init__(self) -> None:
             Client.__init__(self, level, slots)
-            self.setup: asyncio.Queue[bytes] = asyncio.Queue()
+            self.setup: asyncio.Queue[bytes | None] = asyncio.Queue()
+            """The frames before ``ready``; ``None`` once the connection closed."""
             self.ready = False
             self.transport: WSTransport | None = None
 
@@ -314,8 +341,14 @@ async def open_picows_client(server: Server, level: Level, slots: int) -> Client
                 transport.disconnect()
 
         def on_ws_disconnected(self, transport: WSTransport) -> None:
+            if not self.ready:  # a session refused at open: its setup waits no more
+                self.setup.put_nowait(None)
             if not self.done.done():
                 self.done.set_result(None)
+
+        async def setup_reply(self, expected: str) -> None:
+            raw = await asyncio.wait_for(self.setup.get(), SETUP_TIMEOUT_S)
+            check_setup_reply(None if raw is None else json.loads(raw), expected)
 
         async def send(self, text: str) -> None:
             assert self.transport is not None
@@ -331,11 +364,15 @@ async def open_picows_client(server: Server, level: Level, slots: int) -> Client
     client = listener
     assert isinstance(client, PicowsClient)
     client.transport = transport
-    json.loads(await client.setup.get())  # session.created
-    await client.send(json.dumps({"type": "session.update", "session": server.session}))
-    updated = json.loads(await client.setup.get())
-    if updated["type"] != "session.updated":
-        raise RuntimeError(f"session.update refused: {updated}")
+    try:
+        # A session refused at open gets an error, then a close (4029, 1012):
+        # raised here, and counted as an error as the websockets client's.
+        await client.setup_reply("session.created")
+        await client.send(json.dumps({"type": "session.update", "session": server.session}))
+        await client.setup_reply("session.updated")
+    except BaseException:
+        transport.disconnect()
+        raise
     client.ready = True
     return client
 
@@ -388,9 +425,10 @@ async def run_level(
                 await asyncio.sleep(delay)
             elif measuring and delay < -CHUNK_MS / 1000:
                 level.late_ticks += 1
-            now = time.perf_counter()
             for c in group:
-                c.sent_at[c.sent] = now
+                # Stamped as each is sent: a group's later sessions are sent a
+                # little after its first (up to 1-2 ms at 100 per group).
+                c.sent_at[c.sent] = time.perf_counter()
                 c.sent += 1
                 await c.send(payload)
             if measuring:
@@ -403,15 +441,17 @@ async def run_level(
             for c in clients:
                 c.measure = True
             cpu0, window0 = cpu_seconds(server.proc.pid), now
-            level.rss_per_session_kb = (rss_mb(server.proc.pid) - rss_before) * 1024 / max(1, n)
+            # Per session opened: one refused at open holds nothing (counted in errors).
+            level.rss_per_session_kb = (
+                (rss_mb(server.proc.pid) - rss_before) * 1024 / max(1, len(clients))
+            )
         if now >= end:
             break
     level.cpu_s = cpu_seconds(server.proc.pid) - cpu0
     level.window_s = time.perf_counter() - window0
+    with_close = json.dumps({"type": "session.close"})
     for c in clients:
-        with_close = json.dumps({"type": "session.close"})
-        with contextlib.suppress(websockets.ConnectionClosed):  # counted below: not closed
-            await c.send(with_close)
+        await c.send(with_close)  # to one the server closed, nothing: counted below
     await asyncio.wait([c.done for c in clients], timeout=30)
     # A session the server closed (a failure closes with no error event), or that
     # did not end in time, did not end as asked: an error too.

@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -616,6 +617,10 @@ async def stream_one(
     return result
 
 
+def median_or_nan(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -758,6 +763,11 @@ def main() -> None:
     late, finals_seen = 0, 0  # finals more than 0.5 s after the endpointing (held ones)
     latest: list[tuple[float, str, int]] = []  # (latency, clip, words) of every final
     by_position: dict[str, list[float]] = {"first": [], "later": []}  # finals of a session
+    # A failed session (refused, an engine error, closed by the server) loses the
+    # words after its failure (deletions in the WER) and the latency of finals
+    # that never came: reported beside the WER, so the figures are read with it.
+    solo_errors: Counter[str] = Counter()
+    failed, solo_sessions = 0, 0
     proc, url = start_server(workers=0, cpus=None)
     try:
         for _ in range(args.runs):
@@ -772,9 +782,14 @@ def main() -> None:
                 wer_runs[g].append(corpus_wer([(refs[n], texts[n]) for n in names]))
             firsts = [r.first_partial_s for r in solo if r.first_partial_s is not None]
             finals = [f.latency_s for r in solo for f in r.finals]
-            first_runs.append(med(firsts) if firsts else float("nan"))
-            final_runs.append(med(finals))
-            final_p95_runs.append(pct(finals, 0.95))
+            if firsts:
+                first_runs.append(med(firsts))
+            if finals:  # none if every session failed: that run has no latency
+                final_runs.append(med(finals))
+                final_p95_runs.append(pct(finals, 0.95))
+            solo_errors.update(e for r in solo for e in r.errors)
+            failed += sum(bool(r.errors) for r in solo)
+            solo_sessions += len(solo)
             late += sum(x > 0.5 for x in finals)
             finals_seen += len(finals)
             latest += [(f.latency_s, r.name, f.words) for r in solo for f in r.finals]
@@ -788,11 +803,16 @@ def main() -> None:
     streamed = ", ".join(
         f"{g} {med(w):.3f} ({med(w) / max(batch[g], 1e-9):.2f}x batch)" for g, w in wer_runs.items()
     )
-    print(f"streaming (real time, one session at a time): WER {streamed}")
-    print(f"time to first partial after speech onset: median {med(first_runs):.3f} s")
+    codes = ", ".join(f"{code} {n}" for code, n in solo_errors.most_common())
+    solo_failed = f"{solo_errors.total()} ({codes}) in {failed} of {solo_sessions} sessions"
+    print(
+        f"streaming (real time, one session at a time): WER {streamed}; "
+        f"errors {solo_failed if solo_errors else 0}"
+    )
+    print(f"time to first partial after speech onset: median {median_or_nan(first_runs):.3f} s")
     print(
         f"time to final after end of speech, excluding {endpointing} ms endpointing: "
-        f"median {med(final_runs):.3f} s, p95 {med(final_p95_runs):.3f} s "
+        f"median {median_or_nan(final_runs):.3f} s, p95 {median_or_nan(final_p95_runs):.3f} s "
         f"(per run: {', '.join(f'{x:.3f}' for x in final_runs)}); "
         f"{late} of {finals_seen} finals more than 0.5 s after it"
     )
