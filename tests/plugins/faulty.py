@@ -45,6 +45,10 @@ ways a real engine can.  The model name picks the failure:
   provider closing an idle connection while the client pauses).
 * ``stall``: once 0.5 s of audio arrived, stops taking audio for ever without
   failing (its queue of 64 chunks fills, and a push waits).
+* ``count-realtime``: takes audio no faster than it plays (a push waits for
+  its duration), then one final at the end, text = the samples it was given;
+* ``realtime-fail-after-2s``: takes audio no faster than it plays, a final per
+  0.5 s, and raises once 2 s arrived.
 
 With ``FAULTY_STREAM_LOG`` set to a file path, every stream appends
 ``open <id> <model>`` when it opens and ``close <id>`` when it is closed, so a
@@ -107,6 +111,8 @@ class FaultySTT(STT):
             "quit-early",
             "drop-when-quiet",
             "stall",
+            "count-realtime",
+            "realtime-fail-after-2s",
         )
         return [ModelInfo(n, supports_prompt=False) for n in names]
 
@@ -147,6 +153,8 @@ class FaultyStream(RecognizeStream):
 
     async def _on_audio(self, samples: Samples) -> None:
         self._pushes += 1
+        if "realtime" in self.options.model:
+            await asyncio.sleep(len(samples) / self.options.sample_rate)
         if self.options.model == "count-hiccup" and self._pushes == 50:
             await asyncio.sleep(1.5)
         await self._audio.put(len(samples))
@@ -194,6 +202,8 @@ class FaultyStream(RecognizeStream):
                 return
             if model == "fail-after-audio" and self._samples >= HALF_SECOND:
                 raise ProviderError("FAULTY", "connection reset by the engine")
+            if model == "realtime-fail-after-2s" and self._samples >= 4 * HALF_SECOND:
+                raise ProviderError("FAULTY", "connection reset after 2 s")
             if model == "fail-after-3s":
                 if self._samples >= 6 * HALF_SECOND:
                     raise ProviderError("FAULTY", "connection reset after 3 s")

@@ -13,6 +13,7 @@ import asyncio
 import json
 import re
 import signal
+import sqlite3
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -199,7 +200,8 @@ def test_replay_skips_no_chunk_while_a_full_buffer_drops_old_ones() -> None:
     for i in range(3):  # full: three 100 ms chunks
         buffer.append(i * 100, np.full(100, i, np.int16))
     replayed = []
-    for chunk in buffer.unplayed():
+    for first, chunk in buffer.unplayed():
+        assert first == chunk[0] * 100  # where it starts in the session
         replayed.append(int(chunk[0]))
         if len(replayed) < 6:  # a live chunk arrives meanwhile, dropping the oldest
             n = 2 + len(replayed)
@@ -274,7 +276,7 @@ async def test_a_switch_that_begins_while_an_update_opens_comes_before_it(
     assert server.unclosed() == set()
 
 
-def counters(server: Server) -> tuple[float, float]:
+def counters(server: GatewayProcess) -> tuple[float, float]:
     """FAULTY's provider errors and FAULTY -> FAULTY switches so far (/metrics)."""
     with urllib.request.urlopen(f"{server.http}/metrics", timeout=10) as r:
         text = r.read().decode()
@@ -358,6 +360,59 @@ async def test_a_fallback_whose_open_raises_is_a_provider_error(server: Server) 
     assert "never retrieved" not in server.logs()
 
 
+async def test_audio_a_fallback_took_before_failing_in_its_replay_is_billed(
+    server: Server,
+) -> None:
+    # The client sends at twice the pace the fallback takes audio: the switch
+    # lasts until the fallback fails, having taken 2 s (the primary's 0.5 s and
+    # 1.5 s sent during the switch), and finalized them. All 4 s were billed as
+    # they came, though most was dropped; then none of the switch's was.
+    fallback = {"provider": "FAULTY", "model": "realtime-fail-after-2s"}
+    ws, _ = await open_session(
+        server.url, provider="FAULTY", model="fail-after-audio", fallback=fallback
+    )
+    await send_audio(ws, np.ones(16000 * 4, np.int16), realtime=2.0)
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws, 30)
+    assert texts(messages) == ["chunk 0", "chunk 1", "chunk 2"]  # transcribed, then it failed
+    assert abs(closed_usage(messages) - 2.0) < 0.1
+
+
+async def test_audio_a_fallback_took_is_billed_when_the_client_leaves_mid_switch(
+    server: Server,
+) -> None:
+    # The client leaves while the fallback (taking audio in real time) is still
+    # replaying: the audio it took is the session's usage. None of what came
+    # during the switch was billed.
+    ws = await connect(server.url)
+    session_id = (await recv(ws))["session"]["id"]
+    fallback = {"provider": "FAULTY", "model": "count-realtime"}
+    update = {"provider": "FAULTY", "model": "fail-after-audio", "fallback": fallback}
+    await ws.send(json.dumps({"type": "session.update", "session": update}))
+    assert (await recv(ws))["type"] == "session.updated"
+    await send_audio(ws, np.ones(16000 * 4, np.int16), realtime=4.0)  # 1 s
+    await asyncio.sleep(1.0)  # the fallback has taken about 2 s of the 4
+    ws.transport.abort()
+    assert await asyncio.to_thread(server.unclosed) == set()  # the session is over
+    usage = await asyncio.to_thread(usage_of, server, session_id)
+    assert usage is not None and 1.0 < usage < 3.5, usage
+
+
+def usage_of(server: Server, session_id: str, timeout: float = 5.0) -> float | None:
+    """The session's usage record's audio seconds (the store), once written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        db = sqlite3.connect(server.store_path)
+        try:
+            query = "SELECT audio_seconds FROM usage WHERE session_id = ?"
+            row = db.execute(query, (session_id,)).fetchone()
+        finally:
+            db.close()
+        if row is not None or time.monotonic() > deadline:
+            return None if row is None else float(row[0])
+        time.sleep(0.1)
+
+
 async def test_audio_during_a_switch_that_fails_is_not_billed(server: Server) -> None:
     # The fallback took 1.5 s to fail to open: the audio that came meanwhile
     # was dropped but counted in usage and quota, and the switch as a fallback.
@@ -373,6 +428,25 @@ async def test_audio_during_a_switch_that_fails_is_not_billed(server: Server) ->
     assert codes[:2] == ["provider_error", "provider_error"], messages
     assert closed_usage(messages) < 1.0  # the 0.5 s the primary took, and its last chunks
     assert counters(server) == (errors + 2, switches)
+
+
+async def test_a_switch_the_session_s_end_overtook_is_not_counted() -> None:
+    # The primary refused at configuration; the session timed out idle while
+    # its fallback opened (1.5 s), so the update was refused (session_closing):
+    # no switch was made, though the counter of switches counted one.
+    server = GatewayProcess("unmade-switch", env={"TRANSCRIBE_IDLE_TIMEOUT_S": "1"})
+    try:
+        ws = await connect(server.url)
+        await recv(ws)
+        update = {"provider": "FAULTY", "model": "refuse-on-open", "fallback": SLOW_FALLBACK}
+        await ws.send(json.dumps({"type": "session.update", "session": update}))
+        messages = await collect(ws)
+        codes = [m["error"]["code"] for m in messages if m["type"] == "error"]
+        assert codes == ["provider_error", "session_closing"], messages
+        assert messages[-1]["reason"] == "idle_timeout"
+        assert counters(server) == (1, 0)
+    finally:
+        server.stop()
 
 
 async def test_an_engine_whose_close_raises_does_not_keep_the_session_open(

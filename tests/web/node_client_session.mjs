@@ -192,7 +192,10 @@ if (scenario === "connect") {
   client.sendPcm16(chunk); // dropped, not sent (nor thrown)
   const info = await closing;
   clearInterval(mic);
-  print({ event: "done", value: { isOpen, info } });
+  // Once closed, sending is an error again (a file loop must notice the end).
+  let afterClosed = null;
+  try { client.sendPcm16(chunk); } catch (err) { afterClosed = err.code; }
+  print({ event: "done", value: { isOpen, info, afterClosed } });
 } else if (scenario === "audio-after-server-end") {
   // The server ends the session itself (its idle timeout; hang-on-finalize keeps it
   // finishing) while a microphone sends: after its first session_closing, no more audio.

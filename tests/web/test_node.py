@@ -466,6 +466,7 @@ def test_client_sends_no_audio_after_close(gateway: GatewayProcess, node_workdir
     assert done["value"]["isOpen"] is False, events
     assert done["value"]["info"]["code"] == 1000, events
     assert [e for e in events if e["event"] == "error"] == [], events
+    assert done["value"]["afterClosed"] == "client_error", events  # closed: it throws
 
 
 def test_client_stops_sending_at_the_servers_session_closing(

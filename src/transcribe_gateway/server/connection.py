@@ -214,6 +214,8 @@ class Connection:
         """The audio counter's child for the provider now serving (labels() is not free)."""
         self._unmetered_s = 0.0
         """Audio not yet added to that counter (it is fed once a second, not per chunk)."""
+        self._replaying_to: str | None = None
+        """The fallback's provider while the replay feeds it: the audio is its."""
         self.audio_seconds = 0.0
         """Seconds of audio an engine was given or will be (usage, quota)."""
         self.timeline_s = 0.0
@@ -227,8 +229,6 @@ class Connection:
         """Audio since the last final, kept while a fallback is configured."""
         self._switching_from: _Engine | None = None
         """The failed engine whose pump is switching the session to its fallback."""
-        self._switch_s = 0.0
-        """Audio received during that switch: billed once the fallback took it."""
         self._samples_received = 0
         """The session's audio so far, in samples at the configured rate (replay)."""
         self._work: asyncio.Task[None] | None = None
@@ -511,9 +511,9 @@ class Connection:
 
     def _count_audio(self) -> None:
         """Add the audio received since the last call to the provider's counter."""
-        if self.effective is None:
+        provider = self._replaying_to or (self.effective.provider if self.effective else None)
+        if provider is None:
             return
-        provider = self.effective.provider
         if self._audio_counter is None or self._audio_counter[0] != provider:
             self._audio_counter = (provider, metrics.audio_seconds.labels(provider=provider))
         self._audio_counter[1].inc(self._unmetered_s)
@@ -578,6 +578,7 @@ class Connection:
             if fallback is not None
             else None
         )
+        failed: ProviderError | None = None  # the primary's, when the fallback serves
         try:
             stream = await resolution.stt.open_stream(plan.options)
         except ProviderError as exc:
@@ -593,7 +594,7 @@ class Connection:
                 self._provider_failed(exc2)
                 self._quiet_not_configured()
                 return
-            _count_fallback(exc, plan)
+            failed = exc
         try:
             serve = await self._make_way()
         except BaseException:  # cancelled (the client left) before the session took it
@@ -603,6 +604,8 @@ class Connection:
             await stream.aclose()
             self.session.refuse_update()
             return
+        if failed is not None:
+            _count_fallback(failed, plan)
         self.config = config
         self._fallback = fallback_plan
         # The replay's sample positions are at this configuration's rate, which
@@ -733,8 +736,13 @@ class Connection:
             engine = self._start_engine(plan, stream, can_fall_back=False)
             engine.offset_ms = replay.start_ms
             limit = self.settings.drain_timeout_s
+            # Audio from here on is billed as the fallback takes it (the rest was
+            # when the failed engine did): not if the switch fails first.
+            switch_sample = self._samples_received
+            self._count_audio()  # the failed provider's share
+            self._replaying_to = plan.effective.provider
             refused = False
-            for chunk in replay.unplayed():  # grows while we wait: caught up when it ends
+            for first, chunk in replay.unplayed():  # grows while we wait: caught up at its end
                 converted = engine.resampler.push(chunk)
                 if len(converted):
                     # A fallback that stops taking audio has failed too (its pump
@@ -745,6 +753,10 @@ class Connection:
                         except RuntimeError:  # it failed: its pump reports why
                             refused = True
                             break
+                if first >= switch_sample:
+                    self._meter(len(chunk) / replay.rate)
+                    if self.session.close_code is not None:
+                        break  # over the audio quota: the session is ending
             assert engine.pump is not None
             if refused or engine.pump.done():
                 # The fallback failed during the replay: it serves nothing (no
@@ -753,15 +765,14 @@ class Connection:
                 return True
             self._engine, engine = engine, None
             _count_fallback(exc, plan)
-            self._count_audio()
             self.effective = plan.effective
             self.session.announce_config(plan.effective)
-            self._meter(self._switch_s)  # the new provider's (the quota may end it here)
             self._flush()
             return True
         finally:
+            self._count_audio()
+            self._replaying_to = None
             self._switching_from = None
-            self._switch_s = 0.0
             self._replay = None
             replay.clear()
             if engine is not None:  # failed or cancelled before it took over
@@ -863,9 +874,8 @@ class Connection:
         self._latency.on_audio(self.timeline_s, now)
         self._touch(now)
         if engine is None:
-            # Switching: the fallback takes this chunk from the replay buffer. It
-            # is billed once the fallback has taken it, not if the switch fails.
-            self._switch_s += seconds
+            # Switching: the fallback takes this chunk from the replay buffer, and
+            # it is billed then (_fall_back), not if the switch fails.
             return None
         self._meter(seconds)
         if self.session.close_code is not None:

@@ -74,9 +74,10 @@ class ReplayBuffer:
             self._gone += 1
             self._samples -= len(gone)
 
-    def unplayed(self) -> Iterator[Samples]:
+    def unplayed(self) -> Iterator[tuple[int, Samples]]:
         """The chunks in order, from the oldest, until none is left: including those
-        appended while the caller waits between two, each once.
+        appended while the caller waits between two, each once; each with the index
+        of its first sample in the session.
 
         A position, not an index: a full buffer drops its oldest chunks as new
         ones come, which shifts every index, and an index would then skip one
@@ -86,7 +87,7 @@ class ReplayBuffer:
         number = self._gone  # the next chunk's, counted from the session's first
         while (index := max(number - self._gone, 0)) < len(self._chunks):
             number = self._gone + index + 1
-            yield self._chunks[index][1]
+            yield self._chunks[index]
 
     def __iter__(self) -> Iterator[Samples]:
         return (samples for _, samples in self._chunks)

@@ -513,7 +513,7 @@ export class TranscribeClient {
    * @throws {TranscribeError} `client_error` when the connection is not open (not ending)
    */
   sendPcm16(chunk) {
-    if (this._ending) return;
+    if (this._ending && !this._closed) return; // closed: it throws, as docs/browser.md says
     if (!this.isOpen) throw new TranscribeError("client_error", "the connection is not open");
     const bytes = chunk instanceof ArrayBuffer
       ? new Uint8Array(chunk)
