@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import re
+import sqlite3
 import time
 import urllib.request
 from typing import Any
@@ -109,8 +110,100 @@ class TestAudioQuota:
         closed = await recv_type(ws, "session.closed", 30)
         assert closed["usage"]["audio_seconds"] == pytest.approx(2.0)
 
+    async def test_a_key_s_exact_allowance_is_not_over_it(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        # 150 chunks of 20 ms add up to 3.000000000000002 s in floating point:
+        # over a 3 s quota, so the session was cut off (4029) before its last final.
+        key = create_key(sqlite_env, "exactly-three", "--audio-minutes", "0.05", "--period", "day")
+        ws = await connect(store_gateway.url, key)
+        await _configure(ws)
+        await send_audio(ws, silence(3.0))
+        await ws.send(json.dumps({"type": "session.close"}))
+        got = await _drain_until_closed(ws, 30)
+        assert [m for m in got if m["type"] == "error"] == [], got
+        assert got[-1]["type"] == "session.closed"
+        assert got[-1]["usage"]["audio_seconds"] == pytest.approx(3.0)
+
+    async def test_the_chunk_that_would_cross_the_quota_is_not_billed(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        # The session ends at the quota with its pending audio unfinalized: the
+        # chunk that crossed it was never given to the engine, yet it was billed.
+        key = create_key(sqlite_env, "cross-three", "--audio-minutes", "0.05", "--period", "day")
+        ws = await connect(store_gateway.url, key)
+        session_id = (await recv(ws, 5))["session"]["id"]
+        config = {"provider": "LOCAL", "model": "whisper-tiny.en"}
+        await ws.send(json.dumps({"type": "session.update", "session": config}))
+        await recv_type(ws, "session.updated", 30)
+        await send_audio(ws, silence(2.9))
+        await send_audio(ws, silence(1.0), chunk_ms=1000)  # 1 s in one chunk: over 3 s
+        got = await _drain_until_closed(ws, 30)
+        assert [m["error"]["code"] for m in got if m["type"] == "error"] == ["quota_exceeded"]
+        assert ws.close_code == 4029
+        db = sqlite3.connect(sqlite_env["TRANSCRIBE_STORE_PATH"])
+        try:
+            deadline = time.monotonic() + 5
+            while (row := db.execute(USAGE_OF, (session_id,)).fetchone()) is None:
+                assert time.monotonic() < deadline, "no usage record"
+                await asyncio.sleep(0.1)
+        finally:
+            db.close()
+        assert row[0] == pytest.approx(2.9)
+
+
+USAGE_OF = "SELECT audio_seconds FROM usage WHERE session_id = ?"
+
 
 class TestMessageRate:
+    async def test_a_key_s_sessions_share_its_rate(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        # One session uploading fast took the key's whole rate each second (it
+        # woke first and went through its held messages without a pause): a
+        # live call on the same key got nothing through until the upload ended.
+        key = create_key(sqlite_env, "shared-10", "--rate", "10")
+        upload, call = await connect(store_gateway.url, key), await connect(store_gateway.url, key)
+        for ws in (upload, call):
+            assert (await recv(ws, 5))["type"] == "session.created"
+            echo = {"provider": "FAULTY", "model": "echo"}
+            await ws.send(json.dumps({"type": "session.update", "session": echo}))
+            await recv_type(ws, "session.updated", 10)
+        for _ in range(150):  # 15 s of messages at the key's rate
+            await upload.send(CHUNK)
+        start = time.monotonic()
+        for _ in range(4):  # 2 a second, well under its share
+            await send_audio(call, silence(0.5), chunk_ms=500)
+            await asyncio.sleep(0.5)
+        await call.send(json.dumps({"type": "session.close"}))
+        closed = await recv_type(call, "session.closed", 30)
+        took = time.monotonic() - start
+        assert closed["usage"]["audio_seconds"] == pytest.approx(2.0)
+        assert took < 8, took  # not behind the upload's 15 s
+        await upload.close()
+
+    async def test_messages_after_session_close_do_not_hold_it_at_the_rate(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        # Chunks already in flight after session.close are only refused
+        # (session_closing), but each waited for its turn at the key's rate:
+        # 100 of them held session.closed back 17 s at 5 a second.
+        key = create_key(sqlite_env, "rate-5", "--rate", "5")
+        ws = await connect(store_gateway.url, key)
+        assert (await recv(ws, 5))["type"] == "session.created"
+        echo = {"provider": "FAULTY", "model": "echo"}
+        await ws.send(json.dumps({"type": "session.update", "session": echo}))
+        await recv_type(ws, "session.updated", 10)
+        await asyncio.sleep(1.1)  # a fresh second
+        start = time.monotonic()
+        await ws.send(json.dumps({"type": "session.close"}))
+        for _ in range(100):
+            await ws.send(CHUNK)
+        got = await _drain_until_closed(ws, 30)
+        took = time.monotonic() - start
+        assert got[-1]["type"] == "session.closed", got
+        assert took < 5, took
+
     async def test_a_flood_is_slowed_to_the_rate_and_nothing_is_lost(
         self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
     ) -> None:

@@ -173,6 +173,20 @@ class TestLanguages:
             registry.resolve("REGIONAL", "echo", "fr-FR")
         assert refused.value.field == "session.language"
 
+    def test_a_provider_without_its_key_refuses_a_language_it_lacks(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Served by LOCAL instead (development), it took a language its own model
+        # lacks: the request worked in development and failed in production.
+        monkeypatch.delenv("DEEPGRAM_API_KEY", raising=False)
+        registry = ProviderRegistry.discover(Settings())
+        with pytest.raises(ResolutionError) as refused:
+            registry.resolve("DEEPGRAM", "flux-general-en", "de")
+        assert refused.value.field == "session.language"
+        assert "DEEPGRAM/flux-general-en supports language en" in refused.value.message
+        substituted = registry.resolve("DEEPGRAM", "flux-general-en", "en")
+        assert substituted.stt.provider == "LOCAL" and substituted.requested_provider == "DEEPGRAM"
+
 
 async def _nothing() -> None:
     pass

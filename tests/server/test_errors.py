@@ -99,6 +99,15 @@ class TestInvalidSessionConfig:
                 {"provider": "LOCAL", "model": "whisper-tiny.en", "language": "fr"},
                 "session.language",
             ),
+            (  # the primary has the language, its fallback not: the fallback's fault
+                {
+                    "provider": "FAULTY",
+                    "model": "echo",
+                    "language": "de",
+                    "fallback": {"provider": "LOCAL", "model": "whisper-tiny.en"},
+                },
+                "session.fallback.model",
+            ),
             ({"provider": "LOCAL", "model": "whisper-tiny.en", "colour": "blue"}, "session.colour"),
             ({"provider": "LOCAL"}, "session.model"),
             (

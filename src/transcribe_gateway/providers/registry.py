@@ -339,16 +339,18 @@ class ProviderRegistry:
                 f"{', '.join(models)}",
                 "session.model",
             )
+        # "multi" asks for detection where the engine can: elsewhere the model's
+        # language serves (plan_for). Checked whether or not the engine can serve
+        # now: a request refused in production is refused in development too.
+        multi = primary_subtag(language) == "multi"
+        if info is not None and not info.has_language(language) and not multi:
+            raise ResolutionError(
+                "invalid_session_config",
+                f"{provider}/{model} supports language {', '.join(info.languages or ())}, "
+                f"not {clip_echo(language)!r}",
+                "session.language",
+            )
         if stt is not None and info is not None and reason is None:
-            # "multi" asks for detection where the engine can: elsewhere the
-            # model's language serves (plan_for).
-            if not info.has_language(language) and primary_subtag(language) != "multi":
-                raise ResolutionError(
-                    "invalid_session_config",
-                    f"{provider}/{model} supports language {', '.join(info.languages or ())}, "
-                    f"not {clip_echo(language)!r}",
-                    "session.language",
-                )
             return Resolution(stt, info)
         if self.settings.strict_providers or self.settings.profile == "production":
             raise ResolutionError(

@@ -395,9 +395,13 @@ class Connection:
             while self._inbox and self.session.close_code is None:
                 if self._reading_paused and len(self._inbox) <= self.settings.ws_read_ahead // 2:
                     self._resume_reading()
-                if self._rated and not self._admit_message():
-                    await self._next_second()
-                    continue
+                if self._rated:
+                    if not self._admit_message():
+                        await self._next_second()
+                        continue
+                    # The key's other sessions woke at the same second: take turns
+                    # with them, or the first would take the whole rate each second.
+                    await asyncio.sleep(0)
                 events = self._parse(self._inbox.popleft())
                 for event in events:
                     await self._handle(event)
@@ -486,6 +490,10 @@ class Connection:
 
     def _admit_message(self) -> bool:
         """Count a client message against its key's rate; False when it must wait."""
+        if self.session.state is State.DRAINING:
+            # Only refused now (session_closing): held at the rate, they held back
+            # session.closed, which waits for the messages before it.
+            return True
         assert self._limits is not None
         return self.gateway.admission.check_message(self._limits)
 
@@ -495,11 +503,12 @@ class Connection:
         await asyncio.sleep(1.0 - time.time() % 1.0)
 
     def _meter(self, seconds: float) -> None:
-        """Count audio an engine is given (usage, metrics, the key's audio quota)."""
-        self.audio_seconds += seconds
-        self._unmetered_s += seconds
-        if self._unmetered_s >= 1.0:
-            self._count_audio()
+        """Count audio an engine is to be given (usage, metrics, the key's audio quota).
+
+        Audio that would take the key over its quota ends the session instead,
+        and is neither given to the engine nor counted (the caller checks
+        ``session.close_code``).
+        """
         if self._quota and self._limits is not None and self._limits.add_audio(seconds):
             grant = self._limits.grant
             self.terminate(
@@ -508,6 +517,11 @@ class Connection:
                 f"this key used its {grant.limits.audio_minutes:g} audio minutes "
                 f"for {grant.period_id}",
             )
+            return
+        self.audio_seconds += seconds
+        self._unmetered_s += seconds
+        if self._unmetered_s >= 1.0:
+            self._count_audio()
 
     def _count_audio(self) -> None:
         """Add the audio received since the last call to the provider's counter."""
@@ -558,6 +572,8 @@ class Connection:
                 except ResolutionError as exc:
                     if exc.field in ("session.provider", "session.model"):
                         exc.field = exc.field.replace("session.", "session.fallback.")
+                    elif exc.field == "session.language":  # the primary has it
+                        exc.field, exc.message = "session.fallback.model", f"fallback {exc.message}"
                     raise
         except ResolutionError as exc:
             self.session.send_error(exc.code, exc.message, field=exc.field)
@@ -743,6 +759,10 @@ class Connection:
             self._replaying_to = plan.effective.provider
             refused = False
             for first, chunk in replay.unplayed():  # grows while we wait: caught up at its end
+                if first >= switch_sample:
+                    self._meter(len(chunk) / replay.rate)
+                    if self.session.close_code is not None:
+                        break  # over the audio quota: the session is ending
                 converted = engine.resampler.push(chunk)
                 if len(converted):
                     # A fallback that stops taking audio has failed too (its pump
@@ -753,10 +773,6 @@ class Connection:
                         except RuntimeError:  # it failed: its pump reports why
                             refused = True
                             break
-                if first >= switch_sample:
-                    self._meter(len(chunk) / replay.rate)
-                    if self.session.close_code is not None:
-                        break  # over the audio quota: the session is ending
             assert engine.pump is not None
             if refused or engine.pump.done():
                 # The fallback failed during the replay: it serves nothing (no

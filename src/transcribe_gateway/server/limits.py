@@ -114,7 +114,9 @@ class Grant:
 
     def over_quota(self) -> bool:
         limit = self.audio_limit_s
-        return bool(limit) and self.audio_total + self.used - self.metered > limit
+        # Within a microsecond: a sum of 20 ms chunks is not exact in floating
+        # point, and a key's exact allowance is not over it.
+        return bool(limit) and self.audio_total + self.used - self.metered > limit + 1e-6
 
 
 @dataclass(frozen=True, slots=True)
@@ -453,9 +455,13 @@ class SessionLimits:
         self.grant = grant
 
     def add_audio(self, seconds: float) -> bool:
-        """Meter received audio; True when the key is now over its audio quota."""
+        """Meter audio for the engine; True (and not metered) when it would take
+        the key over its audio quota."""
         grant = self.grant
         if not grant.period_id:
             return False
         grant.used += seconds
-        return grant.over_quota()
+        if grant.over_quota():
+            grant.used -= seconds  # never given to an engine: not the key's
+            return True
+        return False
