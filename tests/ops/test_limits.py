@@ -125,11 +125,13 @@ class TestAudioQuota:
         assert got[-1]["type"] == "session.closed"
         assert got[-1]["usage"]["audio_seconds"] == pytest.approx(3.0)
 
-    async def test_the_chunk_that_would_cross_the_quota_is_not_billed(
+    async def test_the_chunk_that_would_cross_the_quota_uses_the_key_up(
         self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
     ) -> None:
         # The session ends at the quota with its pending audio unfinalized: the
-        # chunk that crossed it was never given to the engine, yet it was billed.
+        # chunk that crossed it was never given to the engine, yet it was billed
+        # whole (1 s past the quota). Now the key is metered up to its limit, no
+        # more, and used up: its next session is refused at once.
         key = create_key(sqlite_env, "cross-three", "--audio-minutes", "0.05", "--period", "day")
         ws = await connect(store_gateway.url, key)
         session_id = (await recv(ws, 5))["session"]["id"]
@@ -149,7 +151,10 @@ class TestAudioQuota:
                 await asyncio.sleep(0.1)
         finally:
             db.close()
-        assert row[0] == pytest.approx(2.9)
+        assert row[0] == pytest.approx(3.0)
+        again = await connect(store_gateway.url, key)
+        got = await _drain_until_closed(again)
+        assert [m["error"]["code"] for m in got] == ["quota_exceeded"]
 
 
 USAGE_OF = "SELECT audio_seconds FROM usage WHERE session_id = ?"

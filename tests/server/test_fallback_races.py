@@ -366,16 +366,31 @@ async def test_audio_a_fallback_took_before_failing_in_its_replay_is_billed(
     # The client sends at twice the pace the fallback takes audio: the switch
     # lasts until the fallback fails, having taken 2 s (the primary's 0.5 s and
     # 1.5 s sent during the switch), and finalized them. All 4 s were billed as
-    # they came, though most was dropped; then none of the switch's was.
+    # they came, though most was dropped; then none of the switch's was; then
+    # also the 500 ms chunk it refused as it failed.
     fallback = {"provider": "FAULTY", "model": "realtime-fail-after-2s"}
     ws, _ = await open_session(
         server.url, provider="FAULTY", model="fail-after-audio", fallback=fallback
     )
-    await send_audio(ws, np.ones(16000 * 4, np.int16), realtime=2.0)
+    await send_audio(ws, np.ones(16000 * 4, np.int16), realtime=2.0, chunk_ms=500)
     await ws.send(json.dumps({"type": "session.close"}))
     messages = await collect(ws, 30)
     assert texts(messages) == ["chunk 0", "chunk 1", "chunk 2"]  # transcribed, then it failed
-    assert abs(closed_usage(messages) - 2.0) < 0.1
+    assert closed_usage(messages) == pytest.approx(2.0)
+
+
+async def test_audio_sent_while_the_fallback_opens_is_billed(server: Server) -> None:
+    # The fallback takes 1.5 s to open: the audio that came meanwhile was
+    # replayed into it and transcribed, but billed by no one.
+    ws, _ = await open_session(
+        server.url, provider="FAULTY", model="fail-after-audio", fallback=SLOW_FALLBACK
+    )
+    await send_audio(ws, np.ones(16000 * 3, np.int16), realtime=1.0)
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws, 30)
+    (given,) = texts(messages)  # the samples the fallback was given
+    assert closed_usage(messages) == pytest.approx(int(given) / 16000)
+    assert int(given) >= 2 * 16000  # the replay, and what came during and after the opening
 
 
 async def test_audio_a_fallback_took_is_billed_when_the_client_leaves_mid_switch(

@@ -505,23 +505,32 @@ class Connection:
     def _meter(self, seconds: float) -> None:
         """Count audio an engine is to be given (usage, metrics, the key's audio quota).
 
-        Audio that would take the key over its quota ends the session instead,
-        and is neither given to the engine nor counted (the caller checks
-        ``session.close_code``).
+        Audio that would take the key over its quota ends the session instead
+        (the caller checks ``session.close_code``): it is not given to the
+        engine, and only what fits in the quota is counted, so that the key is
+        used up (its next session is refused at once).
         """
-        if self._quota and self._limits is not None and self._limits.add_audio(seconds):
-            grant = self._limits.grant
-            self.terminate(
-                4029,
-                "quota_exceeded",
-                f"this key used its {grant.limits.audio_minutes:g} audio minutes "
-                f"for {grant.period_id}",
-            )
-            return
+        if self._quota and self._limits is not None:
+            fits = self._limits.add_audio(seconds)
+            if fits < seconds:  # the rest would take the key over its quota
+                self.audio_seconds += fits
+                self._unmetered_s += fits
+                grant = self._limits.grant
+                self.terminate(
+                    4029,
+                    "quota_exceeded",
+                    f"this key used its {grant.limits.audio_minutes:g} audio minutes "
+                    f"for {grant.period_id}",
+                )
+                return
         self.audio_seconds += seconds
         self._unmetered_s += seconds
         if self._unmetered_s >= 1.0:
             self._count_audio()
+
+    def _over_quota_with(self, seconds: float) -> bool:
+        """Whether ``seconds`` more audio would take the key over its quota."""
+        return self._quota and self._limits is not None and self._limits.fits(seconds) < seconds
 
     def _count_audio(self) -> None:
         """Add the audio received since the last call to the provider's counter."""
@@ -732,6 +741,9 @@ class Connection:
         # Whoever ends, frees or reconfigures the session waits for this pump (or
         # cancels it) first: _end, _cleanup, _configure, _drain.
         self._switching_from = failed
+        # Audio from here on (while the fallback opens too) is billed as the
+        # fallback takes it; what came before was when the failed engine took it.
+        switch_sample = self._samples_received
         engine: _Engine | None = None
         try:
             assert self.config is not None
@@ -752,17 +764,14 @@ class Connection:
             engine = self._start_engine(plan, stream, can_fall_back=False)
             engine.offset_ms = replay.start_ms
             limit = self.settings.drain_timeout_s
-            # Audio from here on is billed as the fallback takes it (the rest was
-            # when the failed engine did): not if the switch fails first.
-            switch_sample = self._samples_received
             self._count_audio()  # the failed provider's share
             self._replaying_to = plan.effective.provider
             refused = False
             for first, chunk in replay.unplayed():  # grows while we wait: caught up at its end
-                if first >= switch_sample:
-                    self._meter(len(chunk) / replay.rate)
-                    if self.session.close_code is not None:
-                        break  # over the audio quota: the session is ending
+                seconds = len(chunk) / replay.rate if first >= switch_sample else 0.0
+                if seconds and self._over_quota_with(seconds):
+                    self._meter(seconds)  # ends the session at the quota
+                    break
                 converted = engine.resampler.push(chunk)
                 if len(converted):
                     # A fallback that stops taking audio has failed too (its pump
@@ -773,12 +782,16 @@ class Connection:
                         except RuntimeError:  # it failed: its pump reports why
                             refused = True
                             break
+                if seconds:
+                    self._meter(seconds)
             assert engine.pump is not None
             if refused or engine.pump.done():
                 # The fallback failed during the replay: it serves nothing (no
                 # session.updated), and the audio of the switch is dropped.
                 await asyncio.wait({engine.pump})
                 return True
+            if self.session.close_code is not None:
+                return True  # ended at the quota during the replay: no switch made
             self._engine, engine = engine, None
             _count_fallback(exc, plan)
             self.effective = plan.effective

@@ -87,6 +87,11 @@ def _fields(record: UsageRecord) -> dict[str, object]:
     }
 
 
+QUOTA_SLACK_S = 1e-6
+"""A sum of 20 ms chunks is not exact in floating point: a key's exact
+allowance is neither over it nor short of it."""
+
+
 @dataclass(slots=True)
 class Grant:
     """An accepted key and the limits that apply to the session."""
@@ -113,10 +118,18 @@ class Grant:
         return self.limits.audio_minutes * 60
 
     def over_quota(self) -> bool:
+        return self._over() > QUOTA_SLACK_S
+
+    def used_up(self) -> bool:
+        """Whether the key has no allowance left in the period."""
+        return self._over() >= -QUOTA_SLACK_S
+
+    def _over(self) -> float:
+        """Seconds past the key's allowance (negative: what is left); -inf without one."""
         limit = self.audio_limit_s
-        # Within a microsecond: a sum of 20 ms chunks is not exact in floating
-        # point, and a key's exact allowance is not over it.
-        return bool(limit) and self.audio_total + self.used - self.metered > limit + 1e-6
+        if not limit:
+            return float("-inf")
+        return self.audio_total + self.used - self.metered - limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,7 +223,7 @@ class Admission:
                 grant.audio_total = await self.store.meter_audio(
                     grant.key_id, grant.period_id, session_id, 0.0
                 )
-                if grant.over_quota() or grant.audio_total >= grant.audio_limit_s:
+                if grant.used_up():
                     metrics.refusals.labels(code="quota_exceeded").inc()
                     return Refusal(
                         "quota_exceeded",
@@ -454,14 +467,18 @@ class SessionLimits:
     def __init__(self, grant: Grant) -> None:
         self.grant = grant
 
-    def add_audio(self, seconds: float) -> bool:
-        """Meter audio for the engine; True (and not metered) when it would take
-        the key over its audio quota."""
+    def add_audio(self, seconds: float) -> float:
+        """Meter audio for the engine; returns how much of it fits in the key's
+        audio quota (all of it, or less when it takes the key over: the key is
+        then metered up to its limit, and used up for the period)."""
+        fits = self.fits(seconds)
+        self.grant.used += fits
+        return fits
+
+    def fits(self, seconds: float) -> float:
+        """How much of ``seconds`` more audio the key's quota takes (no metering)."""
         grant = self.grant
         if not grant.period_id:
-            return False
-        grant.used += seconds
-        if grant.over_quota():
-            grant.used -= seconds  # never given to an engine: not the key's
-            return True
-        return False
+            return seconds
+        over = grant._over() + seconds
+        return seconds if over <= QUOTA_SLACK_S else max(0.0, seconds - over)
