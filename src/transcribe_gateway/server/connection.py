@@ -510,22 +510,20 @@ class Connection:
         engine, and only what fits in the quota is counted, so that the key is
         used up (its next session is refused at once).
         """
+        fits = seconds
         if self._quota and self._limits is not None:
             fits = self._limits.add_audio(seconds)
-            if fits < seconds:  # the rest would take the key over its quota
-                self.audio_seconds += fits
-                self._unmetered_s += fits
-                grant = self._limits.grant
-                self.terminate(
-                    4029,
-                    "quota_exceeded",
-                    f"this key used its {grant.limits.audio_minutes:g} audio minutes "
-                    f"for {grant.period_id}",
-                )
-                return
-        self.audio_seconds += seconds
-        self._unmetered_s += seconds
-        if self._unmetered_s >= 1.0:
+        self.audio_seconds += fits
+        self._unmetered_s += fits
+        if fits < seconds and self._limits is not None:  # the rest: over the quota
+            grant = self._limits.grant
+            self.terminate(
+                4029,
+                "quota_exceeded",
+                f"this key used its {grant.limits.audio_minutes:g} audio minutes "
+                f"for {grant.period_id}",
+            )
+        elif self._unmetered_s >= 1.0:
             self._count_audio()
 
     def _over_quota_with(self, seconds: float) -> bool:

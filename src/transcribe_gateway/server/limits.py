@@ -118,13 +118,13 @@ class Grant:
         return self.limits.audio_minutes * 60
 
     def over_quota(self) -> bool:
-        return self._over() > QUOTA_SLACK_S
+        return self.seconds_over() > QUOTA_SLACK_S
 
     def used_up(self) -> bool:
         """Whether the key has no allowance left in the period."""
-        return self._over() >= -QUOTA_SLACK_S
+        return self.seconds_over() >= -QUOTA_SLACK_S
 
-    def _over(self) -> float:
+    def seconds_over(self) -> float:
         """Seconds past the key's allowance (negative: what is left); -inf without one."""
         limit = self.audio_limit_s
         if not limit:
@@ -480,5 +480,5 @@ class SessionLimits:
         grant = self.grant
         if not grant.period_id:
             return seconds
-        over = grant._over() + seconds
+        over = grant.seconds_over() + seconds
         return seconds if over <= QUOTA_SLACK_S else max(0.0, seconds - over)
