@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +14,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tests.ops.conftest import Live, RedisServer
 from transcribe_gateway.config import Settings, StoreSettings
-from transcribe_gateway.server.limits import Admission, Grant, SessionLimits
+from transcribe_gateway.server.limits import Admission, Grant, Refusal, SessionLimits
 from transcribe_gateway.store.keys import KeyLimits
 from transcribe_gateway.store.redis import RedisStore
+from transcribe_gateway.store.sqlite import SqliteStore
 
 
 @pytest.fixture
@@ -285,3 +287,34 @@ class TestSlots:
         land.set()
         await tick
         assert await store.client.zcard("tg:slots:key_renew") == 0
+
+
+class TestQuotaAfterARestart:
+    async def test_a_used_up_key_stays_used_up_after_a_restart(self, tmp_path: Path) -> None:
+        # SQLite counts a key's audio from its usage records when the process starts.
+        # Records stored rounded to 1 ms summed to 2.999 s here: after a restart
+        # the used-up key was let in again, and its session cut at its first chunk.
+        path = tmp_path / "store.db"
+        quota = KeyLimits(audio_minutes=0.05)  # 3 s
+        sessions = [7 / 16000, 7 / 16000, 3.0 - 14 / 16000]  # 7 samples, 7, the rest
+        store = SqliteStore(path)
+        await store.start()
+        try:
+            gate = Admission(Settings(), store)
+            for n, seconds in enumerate(sessions):
+                grant = Grant("key_q", "q", quota, stored=False)
+                assert await gate.admit(grant, f"s{n}") is grant
+                grant.used = seconds
+                await gate.end(grant, f"s{n}", "LOCAL", "m", "closed", seconds)
+            await gate.flush_usage()
+            assert grant.used_up()
+        finally:
+            await store.aclose()
+        again = SqliteStore(path)
+        await again.start()
+        try:
+            grant = Grant("key_q", "q", quota, stored=False)
+            refusal = await Admission(Settings(), again).admit(grant, "s3")
+            assert isinstance(refusal, Refusal) and refusal.code == "quota_exceeded"
+        finally:
+            await again.aclose()

@@ -23,12 +23,29 @@ CHUNK = json.dumps(
 )  # 20 ms of pcm16 silence
 
 
-def quota_refusals(server: GatewayProcess) -> float:
-    """``transcribe_refusals_total{code="quota_exceeded"}`` on ``/metrics``."""
+def counter(server: GatewayProcess, name: str, labels: str) -> float:
+    """One sample of ``/metrics``, e.g. ``transcribe_refusals_total``, ``code="..."``."""
     with urllib.request.urlopen(f"{server.http}/metrics", timeout=10) as r:
         text = r.read().decode()
-    found = re.search(r'^transcribe_refusals_total\{code="quota_exceeded"\} (\S+)$', text, re.M)
+    found = re.search(rf"^{name}\{{{re.escape(labels)}\}} (\S+)$", text, re.M)
     return float(found.group(1)) if found else 0.0
+
+
+def quota_refusals(server: GatewayProcess) -> float:
+    return counter(server, "transcribe_refusals_total", 'code="quota_exceeded"')
+
+
+async def ended_as(server: GatewayProcess, reason: str, before: float) -> bool:
+    """Whether ``transcribe_sessions_total{reason=...}`` went past ``before`` (within 5 s)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        now = await asyncio.to_thread(
+            counter, server, "transcribe_sessions_total", f'reason="{reason}"'
+        )
+        if now > before:
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 async def _drain_until_closed(ws: Any, timeout: float = 10) -> list[dict[str, Any]]:
@@ -55,10 +72,13 @@ class TestConcurrentSessions:
         second = await connect(store_gateway.url, key)
         for ws in (first, second):
             assert (await recv(ws, 5))["type"] == "session.created"
+        ended = counter(store_gateway, "transcribe_sessions_total", 'reason="too_many_sessions"')
         third = await connect(store_gateway.url, key)
         got = await _drain_until_closed(third)
         assert [m["error"]["code"] for m in got] == ["too_many_sessions"]
         assert third.close_code == 4029
+        # Counted under its refusal's code (it was "over_limit", as any 4029).
+        assert await ended_as(store_gateway, "too_many_sessions", ended)
         # A freed slot is usable again.
         await first.close()
         deadline = time.monotonic() + 5
@@ -91,10 +111,12 @@ class TestAudioQuota:
         assert errors == ["quota_exceeded"]
         assert ws.close_code == 4029
         # The period's minutes are used up: a new session is refused at once.
+        ended = counter(store_gateway, "transcribe_sessions_total", 'reason="quota_exceeded"')
         again = await connect(store_gateway.url, key)
         got = await _drain_until_closed(again)
         assert [m["error"]["code"] for m in got] == ["quota_exceeded"]
         assert again.close_code == 4029
+        assert await ended_as(store_gateway, "quota_exceeded", ended)  # as the one it ended
         # Both are refusals by a limit: the session ended by it (uncounted before)
         # and the one refused at auth.
         assert quota_refusals(store_gateway) == refused + 2

@@ -383,7 +383,8 @@ class TestShutdown:
             server.stop()
         db = sqlite3.connect(server.store_path)
         try:
-            assert db.execute("SELECT audio_seconds FROM usage").fetchall() == [(0.5,)]
+            [(seconds,)] = db.execute("SELECT audio_seconds FROM usage").fetchall()
+            assert seconds == pytest.approx(0.5)
         finally:
             db.close()
 

@@ -453,6 +453,9 @@ class Connection:
         if isinstance(outcome, Refusal):
             # Never log the presented key, not even a fingerprint of a wrong one.
             self._log.info("refused", extra={"reason": outcome.code or "unauthorized"})
+            # Counted under its code, as a session the quota ends mid-stream is (a
+            # close code alone reads "over_limit" for a quota and a session limit).
+            self.end_reason = outcome.code
             if not outcome.code:
                 self.session.reject_auth()
             elif outcome.code == "too_many_sessions":

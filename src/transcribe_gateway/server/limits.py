@@ -278,7 +278,9 @@ class Admission:
             session_id=session_id,
             provider=provider,
             model=model,
-            audio_seconds=round(audio, 3),
+            # Unrounded: SQLite sums the records into a key's total at start-up, and
+            # records rounded to 1 ms could leave a used-up key a hair under its quota.
+            audio_seconds=audio,
             started_at=grant.started_at,
             ended_at=time.time(),
             close_reason=reason,
