@@ -53,11 +53,10 @@ import asyncio
 import bisect
 import contextlib
 import logging
-import statistics
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -76,6 +75,16 @@ from transcribe_gateway.audio.decode import (
     encode_mulaw,
 )
 from transcribe_gateway.audio.files import RAW_SUFFIXES, read_audio
+from transcribe_gateway.client.errors import (
+    TranscribeClientError,
+    TranscribeConnectionClosed,
+    TranscribeError,
+    TranscribeQuotaExceeded,
+    TranscribeUnauthorized,
+    _close_of,
+)
+from transcribe_gateway.client.events import Event, UnknownEvent, _decode_frame, event_to_dict
+from transcribe_gateway.client.results import StreamResult, Timings
 from transcribe_gateway.protocol.messages import (
     AudioAppend,
     AudioFormat,
@@ -84,7 +93,6 @@ from transcribe_gateway.protocol.messages import (
     Error,
     ErrorInfo,
     FallbackConfig,
-    ServerMessage,
     SessionClose,
     SessionClosed,
     SessionCreated,
@@ -93,7 +101,6 @@ from transcribe_gateway.protocol.messages import (
     TranscriptionPartial,
     VadConfig,
     encode,
-    parse_server_message,
 )
 
 __all__ = [
@@ -119,21 +126,6 @@ NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001})
 AUDIO_ERROR_CODES: Final = frozenset({"invalid_audio", "audio_too_large", "session_not_configured"})
 """``error`` codes about audio chunks: never taken as the answer to ``configure``."""
 
-_CLOSE_MEANINGS: Final = {
-    1000: "normal close",
-    1001: "going away",
-    1002: "protocol error",
-    1006: "connection lost without a close frame",
-    1007: "invalid data",
-    1008: "policy violation",
-    1009: "message too big",
-    1011: "internal server error",
-    1012: "service restart",
-    4001: "unauthorized",
-    4029: "too many sessions or over quota",
-}
-_CLIENT_CLOSE_MEANINGS: Final = {1011: "internal error"}
-"""Meanings that differ when the client sent the code (its keepalive gave up: 1011)."""
 _REFUSAL_CLOSE_CODES: Final = {
     "too_many_sessions": 4029,
     "quota_exceeded": 4029,
@@ -151,265 +143,6 @@ FAST_AUDIO_AHEAD_S: Final = 5.0
 """Sending fast: the most audio (seconds) sent beyond what the server has read."""
 _FAST_PING_EVERY_S: Final = 1.0
 """Sending fast: a ping after this much audio, to learn how far the server has read."""
-
-
-# ---------------------------------------------------------------- exceptions
-
-
-class TranscribeClientError(Exception):
-    """Base class of the exceptions this SDK raises on purpose."""
-
-
-class TranscribeError(TranscribeClientError):
-    """The server answered with an ``error`` message.
-
-    Args:
-        code: the protocol error code, e.g. ``invalid_session_config``.
-        message: the server's human-readable explanation.
-        field: dotted path of the offending field, when the server names one.
-        retryable: whether the server says trying again may help.
-    """
-
-    def __init__(
-        self, code: str, message: str, field: str | None = None, *, retryable: bool = False
-    ) -> None:
-        where = f" (field {field})" if field else ""
-        super().__init__(f"{code}: {message}{where}")
-        self.code = code
-        self.message = message
-        self.field = field
-        self.retryable = retryable
-
-    @classmethod
-    def from_info(cls, info: ErrorInfo) -> TranscribeError:
-        """Build the exception from the ``error`` object of a server message."""
-        field = info.field if isinstance(info.field, str) else None
-        return cls(info.code, info.message, field, retryable=info.retryable)
-
-
-class TranscribeConnectionClosed(TranscribeClientError):
-    """The WebSocket ended abnormally (any close code but 1000/1001).
-
-    Use :meth:`for_code` to get the most specific subclass.
-
-    Args:
-        code: the WebSocket close code (1006 when the connection dropped).
-        reason: the close reason sent by the server, possibly empty.
-        error: the ``error`` the server sent to explain the close, if any
-            (e.g. ``too_many_sessions`` before 4029).
-        by_client: no close frame came from the server, and ``code`` and
-            ``reason`` are those the client sent (1011 ``keepalive timeout...``
-            when the server stopped answering; 1002/1007/1009 when the server
-            sent a frame the client refused).
-        before_closed: raised by :meth:`TranscribeClient.stream_samples` because
-            the socket ended before ``session.closed`` (whatever the code, 1000
-            and 1001 included): the transcript is incomplete.
-
-    Attributes:
-        result: when raised by :meth:`TranscribeClient.stream_samples`, what
-            the stream collected before the socket ended (``closed`` None):
-            the finals that came, the audio sent and the timings; else None.
-    """
-
-    def __init__(
-        self,
-        code: int,
-        reason: str = "",
-        *,
-        error: ErrorInfo | None = None,
-        by_client: bool = False,
-        before_closed: bool = False,
-    ) -> None:
-        meanings = _CLIENT_CLOSE_MEANINGS if by_client else {}
-        meaning = meanings.get(code) or _CLOSE_MEANINGS.get(code, "abnormal close")
-        who = " sent by the client (none came from the server)" if by_client else ""
-        early = " before session.closed" if before_closed else ""
-        detail = f": {reason}" if reason else ""
-        cause = f" after error {error.code}: {error.message}" if error is not None else ""
-        super().__init__(
-            f"connection closed with code {code} ({meaning}){who}{early}{detail}{cause}"
-        )
-        self.code = code
-        self.reason = reason
-        self.error = error
-        self.by_client = by_client
-        self.before_closed = before_closed
-        self.result: StreamResult | None = None
-
-    @staticmethod
-    def for_code(
-        code: int,
-        reason: str = "",
-        *,
-        error: ErrorInfo | None = None,
-        by_client: bool = False,
-        before_closed: bool = False,
-    ) -> TranscribeConnectionClosed:
-        """Return the exception matching a close code.
-
-        Args:
-            code: the WebSocket close code.
-            reason: the close reason.
-            error: the ``error`` the server sent before closing, if any.
-            by_client: the client sent the code and none came from the server.
-            before_closed: the socket ended before ``session.closed``.
-
-        Returns:
-            :class:`TranscribeUnauthorized` for 4001,
-            :class:`TranscribeQuotaExceeded` for 4029, else the base class.
-        """
-        cls: type[TranscribeConnectionClosed] = TranscribeConnectionClosed
-        if code == 4001:
-            cls = TranscribeUnauthorized
-        elif code == 4029:
-            cls = TranscribeQuotaExceeded
-        return cls(code, reason, error=error, by_client=by_client, before_closed=before_closed)
-
-
-class TranscribeUnauthorized(TranscribeConnectionClosed):
-    """The key or token was refused (close 4001, or HTTP 401/403 on the upgrade).
-
-    When the server explained it (``error`` ``forbidden`` or ``unauthorized``
-    before the close, at the start or mid-stream: a revoked key),
-    :attr:`error` holds that error's code and message.
-    """
-
-
-class TranscribeQuotaExceeded(TranscribeConnectionClosed):
-    """Too many concurrent sessions or over quota (close 4029, or HTTP 429).
-
-    :attr:`error` holds the server's ``too_many_sessions`` or
-    ``quota_exceeded`` error (code and message) when it sent one, at the start
-    or mid-stream.
-    """
-
-
-# ---------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class UnknownEvent:
-    """A server frame this SDK cannot decode into a known message.
-
-    Attributes:
-        type: the frame's ``type`` field.
-        payload: the whole decoded JSON object, ``type`` included.
-    """
-
-    type: str
-    payload: dict[str, Any]
-
-
-Event = ServerMessage | UnknownEvent
-"""What :meth:`TranscribeClient.events` yields."""
-
-
-def event_to_dict(event: Event) -> dict[str, Any]:
-    """Turn an event back into its JSON object (``type`` included).
-
-    Args:
-        event: a message yielded by :meth:`TranscribeClient.events`.
-
-    Returns:
-        A JSON-serializable dict.
-    """
-    if isinstance(event, UnknownEvent):
-        return dict(event.payload)
-    result: dict[str, Any] = msgspec.to_builtins(event)
-    return result
-
-
-def _decode_frame(frame: str | bytes) -> Event | None:
-    try:
-        return parse_server_message(frame)
-    except msgspec.ValidationError as exc:
-        try:
-            raw: Any = msgspec.json.decode(frame)
-        except msgspec.DecodeError:  # pragma: no cover - the first decode parsed it
-            raw = None
-        if isinstance(raw, dict) and isinstance(raw.get("type"), str):
-            logger.debug("unknown or invalid server message %r: %s", raw["type"], exc)
-            return UnknownEvent(type=raw["type"], payload=raw)
-        logger.warning("skipping a server frame without a string 'type': %s", exc)
-        return None
-    except msgspec.DecodeError:
-        logger.warning("skipping a server frame that is not JSON")
-        return None
-
-
-# ---------------------------------------------------------------- results
-
-
-@dataclass(slots=True)
-class Timings:
-    """Latency figures measured on the client's monotonic clock.
-
-    Attributes:
-        first_partial_s: seconds from the first audio chunk sent to the first
-            ``transcription.partial`` received; None if none came.
-        first_final_s: same for the first ``transcription.completed``.
-        final_latencies_s: for each ``transcription.completed``, seconds from
-            the moment the chunk holding its ``end_ms`` was sent to its arrival.
-    """
-
-    first_partial_s: float | None = None
-    first_final_s: float | None = None
-    final_latencies_s: list[float] = field(default_factory=list)
-
-    @property
-    def median_final_latency_s(self) -> float | None:
-        """Median of :attr:`final_latencies_s`, None when there is no final."""
-        return statistics.median(self.final_latencies_s) if self.final_latencies_s else None
-
-    @property
-    def max_final_latency_s(self) -> float | None:
-        """Largest of :attr:`final_latencies_s`, None when there is no final."""
-        return max(self.final_latencies_s) if self.final_latencies_s else None
-
-
-@dataclass(slots=True)
-class StreamResult:
-    """What :meth:`TranscribeClient.stream_samples` collected.
-
-    Attributes:
-        session_id: the server's session id.
-        events: every server message received during the stream, in order.
-        closed: the ``session.closed`` message.  Never None from
-            :meth:`TranscribeClient.stream_samples`: without one the session
-            did not end cleanly, and it raises :class:`TranscribeConnectionClosed`.
-        close_code: the WebSocket close code, None if the server had not
-            closed the socket shortly after ``session.closed``.
-        audio_seconds: seconds of audio this stream sent: all of the samples,
-            or less when the session ended first (e.g. a server shutdown).
-        wall_seconds: seconds from the start of sending to the end of the stream.
-        timings: first-partial and per-final latencies.
-    """
-
-    session_id: str
-    events: list[Event]
-    closed: SessionClosed | None
-    close_code: int | None
-    audio_seconds: float
-    wall_seconds: float
-    timings: Timings
-
-    @property
-    def finals(self) -> list[TranscriptionCompleted]:
-        """The ``transcription.completed`` messages, in order."""
-        return [e for e in self.events if isinstance(e, TranscriptionCompleted)]
-
-    @property
-    def errors(self) -> list[ErrorInfo]:
-        """The ``error`` payloads received during the stream."""
-        return [e.error for e in self.events if isinstance(e, Error)]
-
-    @property
-    def transcript(self) -> str:
-        """The final texts joined by spaces."""
-        return " ".join(f.text.strip() for f in self.finals if f.text.strip())
-
-
-# ---------------------------------------------------------------- client
 
 
 class _Connection(ClientConnection):
@@ -1349,20 +1082,6 @@ class _AckWindow:
             self._pending.popleft()
             self._acked_ms = mark
         return True
-
-
-def _close_of(exc: ConnectionClosed) -> tuple[int, str, bool]:
-    """Close code and reason, and whether the client sent them.
-
-    The server's when it sent a close frame; else the client's own when it had
-    sent one (its keepalive gave up: 1011, or it refused a frame: 1002, 1007,
-    1009...); else 1006 (the connection was lost).
-    """
-    if exc.rcvd is not None:
-        return int(exc.rcvd.code), exc.rcvd.reason, False
-    if exc.sent is not None:
-        return int(exc.sent.code), exc.sent.reason, True
-    return 1006, "", False
 
 
 def _encode_samples(samples: Samples, audio_format: AudioFormat) -> bytes:
