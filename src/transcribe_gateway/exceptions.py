@@ -8,6 +8,7 @@
      │    └── PayloadTooBig           a frame far over the size limit (close 1008)
      └── ProviderError                a speech engine failed
           ├── ProviderUnavailable     not configured, unknown model, at capacity
+          │    └── ProviderAtCapacity the embedded engine is full (a limit, not a failure)
           ├── ProviderConnectionError could not reach the engine
           └── ProviderTimeout         the engine stopped answering
 
@@ -58,6 +59,14 @@ class ProviderUnavailable(ProviderError):
     """The engine cannot serve this session now (not configured, at capacity, no model)."""
 
     code = "provider_unavailable"
+
+
+class ProviderAtCapacity(ProviderUnavailable):
+    """The embedded engine has all the sessions it can serve in real time.
+
+    Counted as a refusal by a limit (``transcribe_refusals_total``), not as an
+    engine failure: an alert on failures must not fire on load.
+    """
 
 
 class ProviderConnectionError(ProviderError):

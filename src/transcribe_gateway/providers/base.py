@@ -193,7 +193,9 @@ class STT(abc.ABC):
             return stream
 
         Raises:
-            ProviderUnavailable: the engine cannot take another session now.
+            ProviderAtCapacity: the engine has all the sessions it can serve
+                (counted as a refusal by a limit, not as a failure).
+            ProviderUnavailable: the engine cannot take this session (not set up).
             ProviderError: the engine could not be reached or refused.
         """
 

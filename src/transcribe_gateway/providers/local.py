@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from transcribe_gateway.audio.vad import load_vad_model
-from transcribe_gateway.exceptions import ProviderUnavailable
+from transcribe_gateway.exceptions import ProviderAtCapacity, ProviderUnavailable
 from transcribe_gateway.providers.base import STT, ModelInfo, RecognizeStream, StreamOptions
 from transcribe_gateway.providers.local_whisper import WhisperStream
 from transcribe_gateway.providers.pool import DecodePool
@@ -169,13 +169,13 @@ class LocalSTT(STT):
             return
         active = self._holders[family].total()
         if active >= capacity:
-            raise ProviderUnavailable(
+            raise ProviderAtCapacity(
                 "LOCAL",
                 f"the embedded engine is at capacity ({active} sessions on "
                 f"{self.pool.workers} decode workers); try again later or use another provider",
             )
         if self.pool.saturated:
-            raise ProviderUnavailable(
+            raise ProviderAtCapacity(
                 "LOCAL",
                 "the embedded engine is saturated (behind real time: its finals come over a "
                 "second late, or decodes wait for a worker); try again later or use another "

@@ -41,7 +41,7 @@ from prometheus_client import Counter
 
 from transcribe_gateway.audio.decode import Samples, decode_audio
 from transcribe_gateway.audio.resample import Resampler
-from transcribe_gateway.exceptions import ProviderError
+from transcribe_gateway.exceptions import ProviderAtCapacity, ProviderError
 from transcribe_gateway.logfields import Fields
 from transcribe_gateway.protocol import messages as m
 from transcribe_gateway.protocol.session import (
@@ -82,6 +82,14 @@ _ENDING: Final = {
     "idle_timeout": "the session timed out idle",
 }
 """What the session_closing errors of a server-side end say (by session.closed reason)."""
+
+
+def _count_failure(exc: ProviderError) -> None:
+    """An engine's failure, or its refusal for want of capacity (a limit, as a quota is)."""
+    if isinstance(exc, ProviderAtCapacity):
+        metrics.refusals.labels(code="engine_at_capacity").inc()
+    else:
+        metrics.provider_errors.labels(provider=exc.provider).inc()
 
 
 def new_session_id() -> str:
@@ -669,7 +677,7 @@ class Connection:
 
     def _provider_failed(self, exc: ProviderError) -> None:
         """An engine failed and nothing takes over: counted, and the client told."""
-        metrics.provider_errors.labels(provider=exc.provider).inc()
+        _count_failure(exc)
         self.session.send_error(exc.code, str(exc), retryable=exc.retryable)
 
     def _quiet_not_configured(self) -> None:
@@ -689,7 +697,7 @@ class Connection:
     def _report_failure(self, exc: ProviderError, fallback: Plan, *, lost_ms: int = 0) -> None:
         """An engine failed and ``fallback`` takes over: counted, and the client told
         (also of the audio ``lost_ms`` that the fallback cannot be given)."""
-        metrics.provider_errors.labels(provider=exc.provider).inc()
+        _count_failure(exc)
         self._log.warning(
             "provider failed; switching to fallback",
             extra={"reason": exc.reason, "fallback": fallback.effective.provider},
