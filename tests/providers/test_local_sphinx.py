@@ -26,7 +26,7 @@ from tests.textnorm import SHARED_AUDIO, normalize, references, word_errors
 from transcribe_gateway.audio.decode import Samples
 from transcribe_gateway.audio.files import read_audio
 from transcribe_gateway.config import Settings
-from transcribe_gateway.exceptions import ProviderError
+from transcribe_gateway.exceptions import ProviderAtCapacity, ProviderError
 from transcribe_gateway.providers import pool as pool_module
 from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, StreamOptions
 from transcribe_gateway.providers.local import LocalSTT
@@ -512,3 +512,20 @@ async def test_keyterms_are_reported_without_speech(stt: LocalSTT) -> None:
     assert run.events == []
     assert run.stream.keyterms == ("spades",)
     assert run.stream.ignored_keyterms == ("zyxwvut",)
+
+
+async def test_a_session_moving_between_local_engines_keeps_its_place(
+    stt: LocalSTT, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A session's update from pocketsphinx to Whisper (or back) was refused as
+    # "saturated", though its one stream's load only moves (docs/protocol.md:
+    # a session already on the engine keeps its place through an update).
+    stream = await stt.open_stream(StreamOptions(model=MODEL, session_id="s1"))
+    monkeypatch.setattr(type(stt.pool), "saturated", property(lambda self: True))
+    try:
+        moved = await stt.open_stream(StreamOptions(model="whisper-tiny.en", session_id="s1"))
+        await moved.aclose()
+        with pytest.raises(ProviderAtCapacity, match="saturated"):  # a new session is not
+            await stt.open_stream(StreamOptions(model="whisper-tiny.en", session_id="s2"))
+    finally:
+        await stream.aclose()

@@ -289,6 +289,20 @@ class TestProviderErrors:
         assert 1 <= codes.count("session_not_configured") <= 2, codes
         assert messages[-1]["type"] == "session.closed"
 
+    async def test_audio_after_session_close_gets_one_error_a_second(
+        self, gateway: GatewayProcess
+    ) -> None:
+        # A real-time client that goes on streaming while its session finishes
+        # got one session_closing per chunk (50 a second, as long as the drain).
+        ws, _ = await open_session(gateway.url, provider="FAULTY", model="count-slow-finalize")
+        await send_audio(ws, np.zeros(1600, dtype=np.int16))
+        await ws.send(json.dumps({"type": "session.close"}))
+        await send_audio(ws, np.zeros(16000, dtype=np.int16), realtime=1.0)  # in the 2 s drain
+        messages = await collect(ws, 30)
+        codes = [m["error"]["code"] for m in messages if m["type"] == "error"]
+        assert 1 <= codes.count("session_closing") <= 2, codes
+        assert messages[-1]["type"] == "session.closed"
+
     async def test_audio_dropped_after_a_failure_is_not_billed_but_keeps_the_clock(
         self, gateway: GatewayProcess
     ) -> None:

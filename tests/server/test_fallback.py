@@ -201,3 +201,23 @@ def test_replay_buffer_is_bounded() -> None:
     later = ReplayBuffer(rate=1000, max_seconds=0.3)  # a reconfigured session's, 60 s in
     later.append(60_000, np.full(100, 1, np.int16))
     assert later.lost_ms == 0
+
+
+async def test_the_fallback_s_events_come_after_the_session_updated_naming_it(
+    gateway: GatewayProcess,
+) -> None:
+    # The replay's speech.started came before session.updated: a client that
+    # tags transcripts with the last session.updated put them under the failed
+    # provider.
+    ws, _ = await open_session(
+        gateway.url, provider="FAULTY", model="fail-after-3s", fallback=LOCAL
+    )
+    audio = np.concatenate([read_audio(SHARED_AUDIO / "goforward.raw"), silence(2.0)])
+    await send_audio(ws, audio)  # as fast as it goes: the replay holds all its speech
+    await ws.send(json.dumps({"type": "session.close"}))
+    messages = await collect(ws)
+    kinds = [m["type"] for m in messages]
+    after = kinds[kinds.index("error") :]
+    assert after.index("session.updated") < after.index("speech.started"), after
+    finals = [m for m in messages if m["type"] == "transcription.completed"]
+    assert [normalize(f["text"]) for f in finals] == ["go forward ten meters"]

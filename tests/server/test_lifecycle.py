@@ -489,7 +489,7 @@ class TestShutdown:
             rows = db.execute("SELECT audio_seconds FROM usage").fetchall()
         finally:
             db.close()
-        assert rows == [(0.5,), (0.5,)]
+        assert [seconds for (seconds,) in rows] == [pytest.approx(0.5), pytest.approx(0.5)]
 
     async def test_an_update_still_opening_at_sigterm_is_answered(self) -> None:
         # Its engine opens in 1.5 s, after the drain began: the update was dropped
@@ -537,7 +537,7 @@ class TestShutdown:
             rows = db.execute("SELECT audio_seconds, close_reason FROM usage").fetchall()
         finally:
             db.close()
-        assert rows == [(0.5, "shutdown")], rows
+        assert rows == [(pytest.approx(0.5), "shutdown")], rows
 
     async def test_ctrl_c_drains_pocketsphinx_sessions_too(self, shared_audio: Path) -> None:
         # A terminal's Ctrl-C signals the whole process group: pocketsphinx's

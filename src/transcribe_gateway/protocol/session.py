@@ -103,6 +103,8 @@ class Session:
         self.not_configured_gate: Callable[[], bool] | None = None
         """Whether to answer an unconfigured session's chunk with an error (None:
         always); the caller sets a clock-based one once a provider error said why."""
+        self.closing_gate: Callable[[], bool] | None = None
+        """The same for a chunk that comes while the session ends (None: always)."""
         if authenticated:
             self.accept_auth()
 
@@ -172,7 +174,8 @@ class Session:
                 )
             return True
         if self.state is State.DRAINING:
-            self.send_error("session_closing", f"{self._ending}; chunk dropped")
+            if self.closing_gate is None or self.closing_gate():
+                self.send_error("session_closing", f"{self._ending}; chunk dropped")
             return True
         return False
 

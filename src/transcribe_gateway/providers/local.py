@@ -174,7 +174,10 @@ class LocalSTT(STT):
                 f"the embedded engine is at capacity ({active} sessions on "
                 f"{self.pool.workers} decode workers); try again later or use another provider",
             )
-        if self.pool.saturated:
+        # A session moving between Whisper and pocketsphinx takes its one stream's
+        # load with it: it needs room in the other's count, not an idle pool.
+        moving = bool(session_id) and sum(h[session_id] for h in self._holders.values()) == 1
+        if self.pool.saturated and not moving:
             raise ProviderAtCapacity(
                 "LOCAL",
                 "the embedded engine is saturated (behind real time: its finals come over a "

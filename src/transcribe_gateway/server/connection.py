@@ -84,6 +84,20 @@ _ENDING: Final = {
 """What the session_closing errors of a server-side end say (by session.closed reason)."""
 
 
+class _OneASecond:
+    """True at most once a second: the errors of a stream of refused chunks."""
+
+    def __init__(self) -> None:
+        self._last = float("-inf")
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self._last <= 1.0:
+            return False
+        self._last = now
+        return True
+
+
 def _count_failure(exc: ProviderError) -> None:
     """An engine's failure, or its refusal for want of capacity (a limit, as a quota is)."""
     if isinstance(exc, ProviderAtCapacity):
@@ -252,7 +266,10 @@ class Connection:
         self._pushing = False
         self._idle_timer: asyncio.TimerHandle | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
-        self._last_no_engine_error = 0.0
+        self._no_engine_error_due = _OneASecond()
+        """Whether audio no engine takes gets its error now: one a second, not one a chunk."""
+        # A client streaming in real time through the drain: one error a second too.
+        self.session.closing_gate = _OneASecond()
         self._log = Fields(log, {"session_id": self.session.id})
         self._relay = UtteranceRelay(self.session.send_event, self._log)
         self.closed = asyncio.Event()
@@ -686,14 +703,6 @@ class Connection:
         failure mid-stream: the ``provider_error`` said why."""
         self.session.not_configured_gate = self._no_engine_error_due
 
-    def _no_engine_error_due(self) -> bool:
-        """Whether audio no engine takes gets its error now: one a second, not one a chunk."""
-        now = time.monotonic()
-        if now - self._last_no_engine_error <= 1.0:
-            return False
-        self._last_no_engine_error = now
-        return True
-
     def _report_failure(self, exc: ProviderError, fallback: Plan, *, lost_ms: int = 0) -> None:
         """An engine failed and ``fallback`` takes over: counted, and the client told
         (also of the audio ``lost_ms`` that the fallback cannot be given)."""
@@ -770,6 +779,11 @@ class Connection:
                 self._provider_failed(failure)
                 return True
             self._close_utterances(failed, finals=False)  # their audio is replayed
+            # Announced before the replay's first event (a client tags what follows
+            # with it); one that fails in the replay then gets its own provider_error.
+            self.effective = plan.effective
+            self.session.announce_config(plan.effective)
+            self._flush()
             engine = self._start_engine(plan, stream, can_fall_back=False)
             engine.offset_ms = replay.start_ms
             limit = self.settings.drain_timeout_s
@@ -795,17 +809,14 @@ class Connection:
                     self._meter(seconds)
             assert engine.pump is not None
             if refused or engine.pump.done():
-                # The fallback failed during the replay: it serves nothing (no
-                # session.updated), and the audio of the switch is dropped.
+                # The fallback failed during the replay: its pump reported it, and
+                # the audio of the switch it did not take is dropped.
                 await asyncio.wait({engine.pump})
                 return True
             if self.session.close_code is not None:
                 return True  # ended at the quota during the replay: no switch made
             self._engine, engine = engine, None
             _count_fallback(exc, plan)
-            self.effective = plan.effective
-            self.session.announce_config(plan.effective)
-            self._flush()
             return True
         finally:
             self._count_audio()
