@@ -25,7 +25,7 @@ from tests.providers.loop_watch import longest_stall, push_all
 from tests.textnorm import SHARED_AUDIO, normalize, references, word_errors
 from transcribe_gateway.audio.decode import Samples
 from transcribe_gateway.audio.files import read_audio
-from transcribe_gateway.config import Settings
+from transcribe_gateway.config import LocalSettings, Settings
 from transcribe_gateway.exceptions import ProviderAtCapacity, ProviderError
 from transcribe_gateway.providers import pool as pool_module
 from transcribe_gateway.providers.base import SpeechEvent, SpeechEventType, StreamOptions
@@ -529,3 +529,29 @@ async def test_a_session_moving_between_local_engines_keeps_its_place(
             await stt.open_stream(StreamOptions(model="whisper-tiny.en", session_id="s2"))
     finally:
         await stream.aclose()
+
+
+async def test_whisper_and_pocketsphinx_sessions_share_the_workers() -> None:
+    # Each family was admitted up to its own cap as if the other took nothing:
+    # 16 Whisper and 4 pocketsphinx sessions on two workers, all far behind.
+    stt = LocalSTT(Settings(local=LocalSettings(workers=1, max_sessions_per_worker=2)))
+    streams = []
+    try:
+        streams.append(await stt.open_stream(StreamOptions(model=MODEL, session_id="s1")))
+        # pocketsphinx takes half the worker (2 a worker), Whisper a half for each
+        # (2 a worker): one Whisper session fits beside it, not two.
+        streams.append(
+            await stt.open_stream(StreamOptions(model="whisper-tiny.en", session_id="s2"))
+        )
+        with pytest.raises(ProviderAtCapacity, match="1 Whisper and 1 pocketsphinx"):
+            await stt.open_stream(StreamOptions(model="whisper-tiny.en", session_id="s3"))
+        with pytest.raises(ProviderAtCapacity):
+            await stt.open_stream(StreamOptions(model=MODEL, session_id="s3"))
+        # A session moving between them keeps its place.
+        moved = await stt.open_stream(StreamOptions(model="whisper-tiny.en", session_id="s1"))
+        await streams.pop(0).aclose()
+        streams.append(moved)
+    finally:
+        for stream in streams:
+            await stream.aclose()
+        await stt.aclose()

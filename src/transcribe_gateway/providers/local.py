@@ -162,21 +162,30 @@ class LocalSTT(STT):
         log.info("loaded whisper model", extra={"model": name, "path": path})
         return engine
 
-    def _admit(self, family: str, capacity: int, session_id: str) -> None:
-        if session_id and self._holders[family][session_id] == 1:
+    def _admit(self, family: str, session_id: str) -> None:
+        holders = self._holders
+        if session_id and holders[family][session_id] == 1:
             # The session's update: its one stream finishes while the new one starts,
             # and it keeps its place (refused, it could never be served by retrying).
             return
-        active = self._holders[family].total()
-        if active >= capacity:
+        # Both families decode on the same workers: each stream takes its share of
+        # them (a Whisper one 1/max_sessions_per_worker of a worker, a pocketsphinx
+        # one 1/sphinx_sessions_per_worker). A session moving between them takes
+        # its one stream's share with it.
+        capacity = self._capacity()
+        mine = {f: h[session_id] for f, h in holders.items()} if session_id else {}
+        moving = sum(mine.values()) == 1
+        load = sum(
+            (h.total() - (mine[f] if moving else 0)) / capacity[f] for f, h in holders.items()
+        )
+        if load + 1 / capacity[family] > 1 + 1e-9:
+            whisper, sphinx = holders["whisper"].total(), holders["sphinx"].total()
             raise ProviderAtCapacity(
                 "LOCAL",
-                f"the embedded engine is at capacity ({active} sessions on "
-                f"{self.pool.workers} decode workers); try again later or use another provider",
+                f"the embedded engine is at capacity ({whisper} Whisper and {sphinx} "
+                f"pocketsphinx sessions on {self.pool.workers} decode workers); try again "
+                "later or use another provider",
             )
-        # A session moving between Whisper and pocketsphinx takes its one stream's
-        # load with it: it needs room in the other's count, not an idle pool.
-        moving = bool(session_id) and sum(h[session_id] for h in self._holders.values()) == 1
         if self.pool.saturated and not moving:
             raise ProviderAtCapacity(
                 "LOCAL",
@@ -184,6 +193,10 @@ class LocalSTT(STT):
                 "second late, or decodes wait for a worker); try again later or use another "
                 "provider",
             )
+
+    def _capacity(self) -> dict[str, int]:
+        """Sessions each family could have with the workers to itself."""
+        return {"whisper": self.whisper_capacity, "sphinx": self.sphinx_capacity}
 
     def _hold(self, family: str, session_id: str) -> None:
         self._holders[family][session_id] += 1
@@ -200,7 +213,7 @@ class LocalSTT(STT):
         if options.model == SPHINX_MODEL:
             from transcribe_gateway.providers.local_sphinx import SphinxProcesses, SphinxStream
 
-            self._admit("sphinx", self.sphinx_capacity, session)
+            self._admit("sphinx", session)
             if self._sphinx_processes is None:
                 self._sphinx_processes = SphinxProcesses(self.pool.workers)
             stream = SphinxStream(
@@ -213,9 +226,9 @@ class LocalSTT(STT):
             )
             self._hold("sphinx", session)
         else:
-            self._admit("whisper", self.whisper_capacity, session)
+            self._admit("whisper", session)
             engine = await self._whisper(options.model)
-            self._admit("whisper", self.whisper_capacity, session)  # again after a slow load
+            self._admit("whisper", session)  # again after a slow load
             stream = WhisperStream(
                 self,
                 options,
