@@ -178,6 +178,25 @@ class TestAudioQuota:
         got = await _drain_until_closed(again)
         assert [m["error"]["code"] for m in got] == ["quota_exceeded"]
 
+    async def test_the_quota_leaves_no_utterance_open(
+        self, store_gateway: GatewayProcess, sqlite_env: dict[str, str]
+    ) -> None:
+        # The engine's utterance was open ("hello wor") when the quota ended the
+        # session: its speech.started never got a speech.stopped.
+        key = create_key(sqlite_env, "open-three", "--audio-minutes", "0.05", "--period", "day")
+        ws = await connect(store_gateway.url, key)
+        assert (await recv(ws, 5))["type"] == "session.created"
+        config = {"provider": "FAULTY", "model": "um-then-hang"}
+        await ws.send(json.dumps({"type": "session.update", "session": config}))
+        await recv_type(ws, "session.updated", 30)
+        await send_audio(ws, silence(1.0))
+        await recv_type(ws, "transcription.partial", 10)  # the open utterance
+        await send_audio(ws, silence(3.0), chunk_ms=1000)  # over the 3 s
+        got = await _drain_until_closed(ws, 30)
+        assert ws.close_code == 4029
+        kinds = [m["type"] for m in got]
+        assert kinds[-2:] == ["speech.stopped", "error"], kinds
+
 
 USAGE_OF = "SELECT audio_seconds FROM usage WHERE session_id = ?"
 

@@ -512,6 +512,9 @@ class Connection:
         if code == TOO_MANY:  # a limit ended it (quota): a refusal, as one at auth is
             metrics.refusals.labels(code=error_code).inc()
         self.end_reason = error_code
+        if self.session.state in (State.STREAMING, State.DRAINING):
+            # Not finalized (the key may not pay for it), but none is left open.
+            self._relay.close_all(round(self.timeline_s * 1000), finals=False)
         self.session.send_error(error_code, message)
         self.session.fail(code, "Unauthorized" if code == UNAUTHORIZED else "Over quota")
         self._flush()

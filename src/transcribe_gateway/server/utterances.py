@@ -122,6 +122,11 @@ class UtteranceRelay:
             del self._ids[key]
         self._said = {k: v for k, v in self._said.items() if k[0] != generation}
 
+    def close_all(self, end_ms: int, *, finals: bool) -> None:
+        """Every stream's utterances end at ``end_ms`` (the session is cut off)."""
+        for generation in sorted({key[0] for key in (*self._unstopped, *self._open_partials)}):
+            self.close(generation, end_ms, finals=finals)
+
     def _ended(self, key: Key, sent: int) -> None:
         # Remember what was sent of the utterance (its stop may still follow its
         # final), never more than a few utterances back. Another stream's (one
