@@ -225,6 +225,8 @@ class TestAudioAppend:
         err = parse_error('{"type": "audio.append", "audio": ' + audio + "}")
         assert err.code == "invalid_audio"
         assert err.field == "audio"
+        # In the wire's words, not the decoder's ("Expected `bytes`, got `int`").
+        assert err.message == "audio must be a base64 string; chunk dropped"
 
     @pytest.mark.parametrize(
         "frame",
@@ -273,6 +275,7 @@ class TestFraming:
         assert err.field == "type"
         for kind in m.CLIENT_TYPES:
             assert kind in err.message
+        assert "None" not in err.message  # a missing type is not "unknown type None"
 
 
 # --------------------------------------------------------------- server side

@@ -216,11 +216,9 @@ def _diagnose(text: str | bytes, detail: str) -> ParseError:
         return ParseError("invalid_message", "a message must be a JSON object with a 'type'")
     kind = raw.get("type")
     if not isinstance(kind, str) or kind not in CLIENT_TYPES:
-        shown = repr(kind)[:60]
+        what = "no 'type'" if kind is None else f"unknown message type {repr(kind)[:60]}"
         return ParseError(
-            "invalid_message",
-            f"unknown message type {shown}; expected one of {', '.join(CLIENT_TYPES)}",
-            "type",
+            "invalid_message", f"{what}; expected one of {', '.join(CLIENT_TYPES)}", "type"
         )
     match = _PATH.search(detail)
     field = match.group("path") if match else None
@@ -239,6 +237,9 @@ def _diagnose(text: str | bytes, detail: str) -> ParseError:
     if kind == "audio.append":
         if field == "audio" and reason.startswith("Invalid base64"):
             return ParseError("invalid_audio", "audio is not valid base64; chunk dropped", field)
+        if field == "audio" and reason.startswith("Expected"):  # a number, null, an object
+            message = "audio must be a base64 string; chunk dropped"
+            return ParseError("invalid_audio", message, field)
         return ParseError("invalid_audio", f"invalid audio.append: {reason}", field)
     return ParseError("invalid_message", f"invalid {kind}: {reason}", field)
 
