@@ -8,7 +8,10 @@ their emulators in tests/cloud/.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
+import urllib.request
 
 import numpy as np
 
@@ -176,6 +179,31 @@ async def test_a_fallback_that_stops_taking_the_replay_has_failed(gateway: Gatew
     assert "switching to the fallback FAULTY/stall" in errors[0], errors
     assert "took no audio and showed no progress" in errors[-1], errors
     assert messages[-1]["type"] == "session.closed"
+
+
+def audio_seconds(server: GatewayProcess, provider: str) -> float:
+    """``transcribe_audio_seconds_total`` of ``provider`` on ``/metrics``."""
+    with urllib.request.urlopen(f"{server.http}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    pattern = rf'^transcribe_audio_seconds_total\{{provider="{provider}"\}} (\S+)$'
+    found = re.search(pattern, text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+async def test_the_failed_provider_keeps_its_audio_in_the_metrics(
+    gateway: GatewayProcess,
+) -> None:
+    # The fallback was announced (and made the session's provider) before the
+    # failed one's last audio was counted: its 0.5 s went to LOCAL.
+    before = await asyncio.to_thread(audio_seconds, gateway, "FAULTY")
+    ws, _ = await open_session(
+        gateway.url, provider="FAULTY", model="fail-after-audio", fallback=LOCAL
+    )
+    await send_audio(ws, silence(1.5), realtime=4.0)
+    await ws.send(json.dumps({"type": "session.close"}))
+    assert (await collect(ws))[-1]["type"] == "session.closed"
+    took = await asyncio.to_thread(audio_seconds, gateway, "FAULTY") - before
+    assert 0.5 <= took < 0.6, took  # it fails once 0.5 s arrived
 
 
 def test_replay_buffer_keeps_only_audio_not_yet_final() -> None:

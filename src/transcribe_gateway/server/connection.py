@@ -782,6 +782,7 @@ class Connection:
                 self._provider_failed(failure)
                 return True
             self._close_utterances(failed, finals=False)  # their audio is replayed
+            self._count_audio()  # the failed provider's share, before it is replaced
             # Announced before the replay's first event (a client tags what follows
             # with it); one that fails in the replay then gets its own provider_error.
             self.effective = plan.effective
@@ -790,7 +791,6 @@ class Connection:
             engine = self._start_engine(plan, stream, can_fall_back=False)
             engine.offset_ms = replay.start_ms
             limit = self.settings.drain_timeout_s
-            self._count_audio()  # the failed provider's share
             self._replaying_to = plan.effective.provider
             refused = False
             for first, chunk in replay.unplayed():  # grows while we wait: caught up at its end
