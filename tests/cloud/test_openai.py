@@ -98,9 +98,10 @@ async def test_client_sends_documented_events(cloud: CloudWorld, openai: OpenAIE
     assert {e["type"] for e in appends} == {"input_audio_buffer.append"}
     assert last["type"] == "input_audio_buffer.commit"
     assert record.finalized
-    # Base64 pcm16 at 24 kHz in 50 ms frames; the emulator heard all of it.
+    # Base64 pcm16 at 24 kHz in 20 ms frames, each client chunk at once (it waited
+    # for 50 ms); the emulator heard all of it.
     sizes = [len(base64.b64decode(e["audio"])) for e in appends]
-    assert set(sizes[:-1]) == {24000 * 2 // 20}, sizes
+    assert set(sizes[:-1]) == {24000 * 2 // 50}, sizes
     assert abs(record.audio_ms - ms(audio)) < 120, (record.audio_ms, ms(audio))
 
 

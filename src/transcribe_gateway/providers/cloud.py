@@ -75,7 +75,11 @@ log = logging.getLogger(__name__)
 
 Frame = str | bytes
 OUTBOX_FRAMES = 64
-"""Frames waiting to be sent to the provider before ``push_audio`` waits."""
+"""Frames waiting to be sent to the provider before ``push_audio`` waits (at
+least; an adapter with short frames holds :data:`OUTBOX_MS` of them)."""
+OUTBOX_MS = 3200
+"""Audio waiting to be sent before ``push_audio`` waits, for short frames: a
+client's long chunk (up to this) is still taken without waiting."""
 REFUSED_STATUSES = frozenset({401, 403})
 """HTTP statuses (at the upgrade or in a provider's error) that refuse the key."""
 
@@ -314,7 +318,9 @@ class CloudStream(RecognizeStream):
         self.settings = stt.settings
         self.utterances = Utterances(self._emit)
         self._ws: ClientConnection | None = None
-        self._outbox: asyncio.Queue[tuple[Frame, float] | None] = asyncio.Queue(OUTBOX_FRAMES)
+        self._outbox: asyncio.Queue[tuple[Frame, float] | None] = asyncio.Queue(
+            max(OUTBOX_FRAMES, OUTBOX_MS // self.chunk_ms)
+        )
         """Frames for the sender, each with the milliseconds of audio it carries."""
         self._batch = bytearray()
         self._batch_bytes = max(2, options.sample_rate * self.chunk_ms // 1000 * 2)
