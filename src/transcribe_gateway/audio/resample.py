@@ -39,8 +39,7 @@ class Resampler:
     def __init__(self, in_rate: int, out_rate: int) -> None:
         self.in_rate = in_rate
         self.out_rate = out_rate
-        whole = out_rate > in_rate and out_rate % in_rate == 0
-        self._upsampler = _Upsampler(in_rate, out_rate) if whole else None
+        self._upsampler = _Upsampler(in_rate, out_rate) if _whole_up(in_rate, out_rate) else None
         self._stream = (
             None
             if in_rate == out_rate or self._upsampler is not None
@@ -59,6 +58,11 @@ class Resampler:
     def flush(self) -> Samples:
         """Return the samples still held in the filter (end of stream)."""
         return self.push(np.zeros(0, dtype=np.int16), last=True)
+
+
+def _whole_up(in_rate: int, out_rate: int) -> bool:
+    """Whether this is the upsampling by a whole number that :class:`_Upsampler` does."""
+    return out_rate > in_rate and out_rate % in_rate == 0
 
 
 @functools.cache
@@ -133,7 +137,7 @@ def resample(samples: Samples, in_rate: int, out_rate: int) -> Samples:
     """Resample a whole signal at once (as a :class:`Resampler` would, in one chunk)."""
     if in_rate == out_rate:
         return samples
-    if out_rate > in_rate and out_rate % in_rate == 0:
+    if _whole_up(in_rate, out_rate):
         return Resampler(in_rate, out_rate).push(samples, last=True)
     out = soxr.resample(samples, in_rate, out_rate)
     return np.asarray(out, dtype=np.int16)
