@@ -102,6 +102,14 @@ class GatewayProcess:
             data: dict[str, Any] = json.loads(r.read())
             return data
 
+    def metric(self, sample: str) -> float | None:
+        """One sample of ``/metrics``, named as exposed (``name{labels}``); None if absent."""
+        with urllib.request.urlopen(f"{self.http}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(sample + " "):
+                    return float(line.split()[-1])
+        return None
+
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 

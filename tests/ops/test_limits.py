@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import sqlite3
 import time
-import urllib.request
 from typing import Any
 
 import pytest
@@ -25,10 +23,7 @@ CHUNK = json.dumps(
 
 def counter(server: GatewayProcess, name: str, labels: str) -> float:
     """One sample of ``/metrics``, e.g. ``transcribe_refusals_total``, ``code="..."``."""
-    with urllib.request.urlopen(f"{server.http}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    found = re.search(rf"^{name}\{{{re.escape(labels)}\}} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return server.metric(f"{name}{{{labels}}}") or 0.0
 
 
 def quota_refusals(server: GatewayProcess) -> float:

@@ -21,7 +21,6 @@ import contextlib
 import json
 import signal
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,11 +50,7 @@ def two_utterances() -> np.ndarray:
 
 
 def metric(gateway: GatewayProcess, sample: str) -> float:
-    with urllib.request.urlopen(f"{gateway.http}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(sample + " "):
-                return float(line.split()[-1])
-    return 0.0
+    return gateway.metric(sample) or 0.0
 
 
 def assert_ended_gracefully(messages: list[dict[str, Any]], reason: str) -> None:

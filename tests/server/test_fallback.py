@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import urllib.request
 
 import numpy as np
 
@@ -183,11 +181,7 @@ async def test_a_fallback_that_stops_taking_the_replay_has_failed(gateway: Gatew
 
 def audio_seconds(server: GatewayProcess, provider: str) -> float:
     """``transcribe_audio_seconds_total`` of ``provider`` on ``/metrics``."""
-    with urllib.request.urlopen(f"{server.http}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    pattern = rf'^transcribe_audio_seconds_total\{{provider="{provider}"\}} (\S+)$'
-    found = re.search(pattern, text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return server.metric(f'transcribe_audio_seconds_total{{provider="{provider}"}}') or 0.0
 
 
 async def test_the_failed_provider_keeps_its_audio_in_the_metrics(

@@ -151,11 +151,6 @@ class TestOptions:
         assert counts[300] >= 4 > counts[2000] >= 1
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as r:
-        return str(r.read().decode())
-
-
 class TestCapacity:
     async def test_saturated_engine_refuses_new_sessions_with_a_retryable_error(self) -> None:
         server = GatewayProcess(
@@ -175,9 +170,10 @@ class TestCapacity:
             assert "capacity" in err["error"]["message"]
             # A refusal by a limit, not a failing engine (an alert on the engine's
             # errors must not fire on load).
-            text = await asyncio.to_thread(_get, f"{server.http}/metrics")
-            assert 'transcribe_refusals_total{code="engine_at_capacity"} 1.0' in text
-            assert 'transcribe_provider_errors_total{provider="LOCAL"}' not in text
+            refused = 'transcribe_refusals_total{code="engine_at_capacity"}'
+            assert await asyncio.to_thread(server.metric, refused) == 1.0
+            errors = 'transcribe_provider_errors_total{provider="LOCAL"}'
+            assert await asyncio.to_thread(server.metric, errors) is None
             # Once a session ends, the same client is admitted.
             await held[0].close()
             for _ in range(50):
